@@ -1,0 +1,2441 @@
+#!/usr/bin/env python3
+"""LM Arena Bridge: an OpenAI-compatible endpoint for the models on LM Arena (https://arena.ai).
+
+One file, read top to bottom in the order a request's data flows:
+
+    1. Settings         flags and environment, one frozen object
+    2. Store            the one SQLite file: accounts, keys, usage, models, site parameters, conversations
+    3. LM Arena client  site discovery, accounts (cookies, expiry, refresh), the stream parser, upstream calls
+    4. Sidecar client   the lazily started Playwright helper (sidecar.py) behind a Unix socket
+    5. OpenAI           request validation, messages -> LM Arena turns, events -> OpenAI chunks and errors
+    6. Rate limiting    per-key requests-per-minute and usage recording
+    7. Dashboard        the admin pages (server-rendered, no external assets)
+    8. Routes           the Starlette app
+    9. CLI              serve, keys, tokens, models
+
+Run `python bridge.py --help` for every flag and environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import codecs
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import html
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import time
+import urllib.parse
+import uuid
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import sqlite_utils
+from curl_cffi.requests import AsyncSession
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+log = logging.getLogger("bridge")
+
+
+# =====================================================================================================
+# 1. Settings
+# =====================================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its flag, the environment variables that can set it, and its help text.
+
+    The table below is the single source for argparse, the environment, and the README's configuration
+    table, so the three cannot drift apart."""
+    name: str
+    flag: str | None          # None: secrets are taken from the environment only, never from argv (ps shows it)
+    env: tuple[str, ...]
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _bool(text: str) -> bool:
+    return str(text).strip().lower() in {"1", "true", "yes", "on"}
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "--host", ("BRIDGE_HOST",), str, "127.0.0.1", "address to listen on"),
+    Option("port", "--port", ("BRIDGE_PORT", "PORT"), int, 8000, "port to listen on"),
+    Option("db", "--db", ("BRIDGE_DB",), str, "bridge.db", "SQLite file holding all state"),
+    Option("arena_url", "--arena-url", ("ARENA_URL",), str, "https://arena.ai", "LM Arena origin"),
+    Option("log_level", "--log-level", ("BRIDGE_LOG_LEVEL",), str, "info", "info or debug (request traces)"),
+    Option("admin_password", None, ("BRIDGE_ADMIN_PASSWORD",), str, None,
+           "dashboard password; generated and printed once when unset and none is stored"),
+    Option("auth_tokens", None, ("ARENA_AUTH_TOKENS",), str, "",
+           "arena accounts to import at start (comma or newline separated)"),
+    Option("sidecar", "--sidecar", ("BRIDGE_SIDECAR",), str, "auto", "auto (start the browser when needed) or off"),
+    Option("browser", "--browser", ("BRIDGE_BROWSER",), str, None, "Chromium/Chrome binary for the sidecar"),
+    Option("sidecar_socket", "--sidecar-socket", ("BRIDGE_SIDECAR_SOCKET",), str, None,
+           "Unix socket of the sidecar (default: beside the database)"),
+    Option("sidecar_idle", "--sidecar-idle", ("BRIDGE_SIDECAR_IDLE",), float, 300.0,
+           "seconds without use before the sidecar (and its browser) is stopped"),
+    Option("sidecar_timeout", "--sidecar-timeout", ("BRIDGE_SIDECAR_TIMEOUT",), float, 45.0,
+           "seconds a request waits for the sidecar before failing with 503"),
+    Option("headful", "--headful", ("BRIDGE_HEADFUL",), _bool, False,
+           "run the sidecar's Chromium with a window (under Xvfb when there is no display)"),
+    Option("request_timeout", "--request-timeout", ("BRIDGE_REQUEST_TIMEOUT",), float, 120.0,
+           "seconds a chat request may take until LM Arena starts answering (all attempts together)"),
+    Option("stream_idle_timeout", "--stream-idle-timeout", ("BRIDGE_STREAM_IDLE_TIMEOUT",), float, 180.0,
+           "seconds of upstream silence after which a stream is given up"),
+    Option("ping_interval", "--ping-interval", ("BRIDGE_PING_INTERVAL",), float, 5.0,
+           "seconds between SSE keep-alive comments while waiting"),
+    Option("discovery_interval", "--discovery-interval", ("BRIDGE_DISCOVERY_INTERVAL",), float, 3600.0,
+           "seconds between refreshes of the model list and site parameters"),
+    Option("conversation_ttl", "--conversation-ttl", ("BRIDGE_CONVERSATION_TTL",), float, 7 * 86400.0,
+           "seconds an idle conversation stays reusable for follow-ups"),
+    Option("default_rpm", "--default-rpm", ("BRIDGE_DEFAULT_RPM",), int, 60, "requests per minute for new API keys"),
+    Option("max_body", "--max-body", ("BRIDGE_MAX_BODY",), int, 20 * 1024 * 1024, "largest request body in bytes"),
+    Option("max_prompt_chars", "--max-prompt-chars", ("BRIDGE_MAX_PROMPT_CHARS",), int, 100_000,
+           "largest message sent to LM Arena; older turns of a long history are dropped first"),
+    Option("allow_private_urls", "--allow-private-urls", ("BRIDGE_ALLOW_PRIVATE_URLS",), _bool, False,
+           "let image URLs point at private and loopback addresses"),
+    Option("anonymous", "--anonymous", ("BRIDGE_ANONYMOUS",), str, "auto",
+           "auto (create an anonymous arena account when none is usable) or off"),
+    Option("signup_interval", "--signup-interval", ("BRIDGE_SIGNUP_INTERVAL",), float, 3600.0,
+           "least seconds between two anonymous sign-ups"),
+    Option("arena_mode", "--arena-mode", ("BRIDGE_ARENA_MODE",), str, "direct-battle",
+           "mode sent for new conversations (direct-battle or direct; the other is tried on a mode error)"),
+    Option("impersonate", "--impersonate", ("BRIDGE_IMPERSONATE",), str, "chrome",
+           "browser whose TLS/HTTP2 fingerprint curl_cffi imitates"),
+    Option("account_min_interval", "--account-min-interval", ("BRIDGE_ACCOUNT_MIN_INTERVAL",), float, 0.0,
+           "least seconds between two chat requests on one arena account (0 = no pacing)"),
+    Option("trusted_proxy", "--trusted-proxy", ("BRIDGE_TRUSTED_PROXY",), _bool, False,
+           "trust X-Forwarded-For/-Proto from a reverse proxy"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = "bridge.db"
+    arena_url: str = "https://arena.ai"
+    log_level: str = "info"
+    admin_password: str | None = None
+    auth_tokens: str = ""
+    sidecar: str = "auto"
+    browser: str | None = None
+    sidecar_socket: str | None = None
+    sidecar_idle: float = 300.0
+    sidecar_timeout: float = 45.0
+    headful: bool = False
+    request_timeout: float = 120.0
+    stream_idle_timeout: float = 180.0
+    ping_interval: float = 5.0
+    discovery_interval: float = 3600.0
+    conversation_ttl: float = 7 * 86400.0
+    default_rpm: int = 60
+    max_body: int = 20 * 1024 * 1024
+    max_prompt_chars: int = 100_000
+    allow_private_urls: bool = False
+    anonymous: str = "auto"
+    signup_interval: float = 3600.0
+    arena_mode: str = "direct-battle"
+    impersonate: str = "chrome"
+    account_min_interval: float = 0.0
+    trusted_proxy: bool = False
+
+    @classmethod
+    def load(cls, args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> "Settings":
+        """Defaults, then the environment, then flags: a flag wins over the environment."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for opt in OPTIONS:
+            value = getattr(args, opt.name, None) if args is not None else None
+            if value is None:
+                raw = next((env[name] for name in opt.env if env.get(name, "") != ""), None)
+                value = opt.kind(raw) if raw is not None else opt.default
+            values[opt.name] = value
+        values["arena_url"] = values["arena_url"].rstrip("/")
+        return cls(**values)
+
+    @property
+    def socket_path(self) -> str:
+        if self.sidecar_socket:
+            return self.sidecar_socket
+        folder = os.path.dirname(os.path.abspath(self.db))
+        return os.path.join(folder, "bridge-sidecar.sock")
+
+
+# =====================================================================================================
+# 2. Store
+# =====================================================================================================
+
+def now() -> float:
+    return time.time()
+
+
+def sha256_hex(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
+
+
+def _migrate_v1(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["accounts"].create({
+        "id": int, "label": str, "kind": str, "auth": str, "form": str, "cookies": str, "user_agent": str,
+        "expires_at": float, "state": str, "cooldown_until": float, "cooldown_reason": str, "failures": int,
+        "last_error": str, "last_used": float, "created": float, "needs_browser": int, "direct_retry_at": float,
+    }, pk="id", not_null={"auth"}, defaults={"state": "ok", "failures": 0, "last_used": 0.0, "needs_browser": 0})
+    db["api_keys"].create({
+        "id": int, "name": str, "prefix": str, "hash": str, "rpm": int, "created": float, "revoked": float,
+    }, pk="id")
+    db["api_keys"].create_index(["hash"], unique=True)
+    db["usage"].create({
+        "id": int, "ts": float, "key_id": int, "model": str, "status": int, "latency_ms": float,
+        "prompt_tokens": int, "completion_tokens": int, "error": str,
+    }, pk="id")
+    db["usage"].create_index(["ts"])
+    db["models"].create({"position": int, "id": str, "public_name": str, "data": str}, pk="position")
+    db["site_params"].create({"key": str, "value": str, "updated": float}, pk="key")
+    db["conversations"].create({
+        "evaluation_id": str, "account_id": int, "model_id": str, "key_id": int, "turns": int, "updated": float,
+    }, pk="evaluation_id")
+    db["conversation_keys"].create({
+        "fingerprint": str, "evaluation_id": str, "turns": int, "updated": float,
+    }, pk="fingerprint")
+    db["uploads"].create({"key": str, "account_id": int, "attachment": str, "expires": float}, pk="key")
+    db["admin_sessions"].create({"token_hash": str, "csrf": str, "expires": float}, pk="token_hash")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1,)
+
+ACCOUNT_PUBLIC_FIELDS = ("id", "label", "kind", "form", "expires_at", "state", "cooldown_until",
+                         "cooldown_reason", "failures", "last_error", "last_used", "needs_browser")
+
+
+class Store:
+    """All durable state. Short transactions on one connection; WAL so that the CLI can write beside a
+    running server without either of them seeing a half-written row."""
+
+    def __init__(self, path: str):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=15)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=15000")
+        self.migrate()
+
+    def migrate(self) -> None:
+        with self.db.conn:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+                step(self.db)
+                self.db.execute(f"PRAGMA user_version = {number}")
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def rows(self, sql: str, params: Iterable[Any] = ()) -> list[dict]:
+        cursor = self.db.execute(sql, tuple(params))
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def write(self, sql: str, params: Iterable[Any] = ()) -> int:
+        with self.db.conn:
+            return self.db.execute(sql, tuple(params)).rowcount
+
+    # --- meta and site parameters -------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self.rows("SELECT value FROM meta WHERE key = ?", [key])
+        return row[0]["value"] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.db.conn:
+            self.db["meta"].upsert({"key": key, "value": value}, pk="key")
+
+    def site_params(self) -> dict[str, Any]:
+        return {r["key"]: json.loads(r["value"]) for r in self.rows("SELECT key, value FROM site_params")}
+
+    def site_params_with_times(self) -> list[dict]:
+        return self.rows("SELECT key, value, updated FROM site_params ORDER BY key")
+
+    def set_site_params(self, **values: Any) -> None:
+        stamp = now()
+        with self.db.conn:
+            self.db["site_params"].upsert_all(
+                [{"key": k, "value": json.dumps(v), "updated": stamp} for k, v in values.items()], pk="key")
+
+    # --- models ---------------------------------------------------------------------------------------
+    def replace_models(self, models: list[dict]) -> None:
+        with self.db.conn:
+            self.db.execute("DELETE FROM models")
+            self.db["models"].insert_all(
+                [{"position": i, "id": m.get("id"), "public_name": m.get("publicName"), "data": json.dumps(m)}
+                 for i, m in enumerate(models)], pk="position")
+
+    def models(self) -> list[dict]:
+        return [json.loads(r["data"]) for r in self.rows("SELECT data FROM models ORDER BY position")]
+
+    # --- arena accounts -------------------------------------------------------------------------------
+    def add_account(self, **fields: Any) -> int:
+        fields.setdefault("created", now())
+        with self.db.conn:
+            return self.db["accounts"].insert(fields).last_pk
+
+    def accounts(self) -> list[dict]:
+        return self.rows("SELECT * FROM accounts ORDER BY id")
+
+    def account(self, account_id: int) -> dict | None:
+        rows = self.rows("SELECT * FROM accounts WHERE id = ?", [account_id])
+        return rows[0] if rows else None
+
+    def update_account(self, account_id: int, **fields: Any) -> None:
+        with self.db.conn:
+            self.db["accounts"].update(account_id, fields)
+
+    def swap_account_auth(self, account_id: int, old_auth: str, **fields: Any) -> bool:
+        """Store a refreshed session only if nobody stored a newer one meanwhile (compare-and-swap)."""
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        return self.write(f"UPDATE accounts SET {sets} WHERE id = ? AND auth = ?",
+                          [*fields.values(), account_id, old_auth]) == 1
+
+    def remove_account(self, account_id: int) -> bool:
+        with self.db.conn:
+            self.db.execute("DELETE FROM conversations WHERE account_id = ?", [account_id])
+            return self.db.execute("DELETE FROM accounts WHERE id = ?", [account_id]).rowcount == 1
+
+    # --- API keys -------------------------------------------------------------------------------------
+    def create_key(self, name: str, rpm: int) -> tuple[int, str]:
+        key = "sk-arena-" + secrets.token_urlsafe(32)
+        with self.db.conn:
+            key_id = self.db["api_keys"].insert({
+                "name": name, "prefix": key[:13], "hash": sha256_hex(key), "rpm": rpm, "created": now(),
+                "revoked": None}).last_pk
+        return key_id, key
+
+    def key_by_secret(self, key: str) -> dict | None:
+        rows = self.rows("SELECT * FROM api_keys WHERE hash = ? AND revoked IS NULL", [sha256_hex(key)])
+        return rows[0] if rows else None
+
+    def keys(self) -> list[dict]:
+        return self.rows("SELECT id, name, prefix, rpm, created, revoked FROM api_keys ORDER BY id")
+
+    def revoke_key(self, key_id: int) -> bool:
+        return self.write("UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", [now(), key_id]) == 1
+
+    # --- usage ----------------------------------------------------------------------------------------
+    def record_usage(self, rows: list[dict]) -> None:
+        if rows:
+            with self.db.conn:
+                self.db["usage"].insert_all(rows)
+
+    # --- conversations --------------------------------------------------------------------------------
+    def conversation_for(self, fingerprint: str, ttl: float) -> dict | None:
+        """The evaluation that holds exactly this history, if it has not moved on since."""
+        rows = self.rows(
+            "SELECT c.*, k.turns AS key_turns FROM conversation_keys k JOIN conversations c "
+            "ON c.evaluation_id = k.evaluation_id WHERE k.fingerprint = ? AND c.updated > ?",
+            [fingerprint, now() - ttl])
+        if not rows or rows[0]["key_turns"] != rows[0]["turns"]:
+            return None
+        return rows[0]
+
+    def remember_conversation(self, fingerprint: str, evaluation_id: str, account_id: int, model_id: str,
+                              key_id: int, turns: int) -> None:
+        stamp = now()
+        with self.db.conn:
+            self.db["conversations"].upsert({
+                "evaluation_id": evaluation_id, "account_id": account_id, "model_id": model_id,
+                "key_id": key_id, "turns": turns, "updated": stamp}, pk="evaluation_id")
+            self.db["conversation_keys"].upsert({
+                "fingerprint": fingerprint, "evaluation_id": evaluation_id, "turns": turns, "updated": stamp},
+                pk="fingerprint")
+
+    # --- uploaded images ------------------------------------------------------------------------------
+    def cached_upload(self, key: str) -> dict | None:
+        rows = self.rows("SELECT attachment FROM uploads WHERE key = ? AND expires > ?", [key, now()])
+        return json.loads(rows[0]["attachment"]) if rows else None
+
+    def remember_upload(self, key: str, account_id: int, attachment: dict, expires: float) -> None:
+        with self.db.conn:
+            self.db["uploads"].upsert({"key": key, "account_id": account_id, "attachment": json.dumps(attachment),
+                                       "expires": expires}, pk="key")
+
+    def forget_old_conversations(self, ttl: float) -> None:
+        cutoff = now() - ttl
+        with self.db.conn:
+            self.db.execute("DELETE FROM conversation_keys WHERE updated < ?", [cutoff])
+            self.db.execute("DELETE FROM conversations WHERE updated < ?", [cutoff])
+            self.db.execute("DELETE FROM uploads WHERE expires < ?", [now()])
+
+
+# =====================================================================================================
+# 3. LM Arena client
+# =====================================================================================================
+
+# --- 3a. Site discovery (pure: HTML and JS text in, parameters out) ----------------------------------
+
+FALLBACK_SITEKEY = "6LeTGMcsAAAAALuIlkVwIxaAuZA8VledA6d3Nnb0"
+PUSH_RE = re.compile(r'self\.__next_f\.push\(\[\s*1\s*,\s*("(?:[^"\\]|\\.)*")\s*\]\)', re.S)
+CHUNK_RE = re.compile(r'(?:/_next/)?static/chunks/[\w./~-]+?\.js(?:\?dpl=[\w-]+)?')
+SITEKEY_CALL_RE = re.compile(r'\.execute\(\s*["\'](6L[0-9A-Za-z_-]{38})["\']\s*,\s*\{\s*action\s*:\s*["\'](\w+)["\']')
+SITEKEY_SCRIPT_RE = re.compile(r'recaptcha/(?:enterprise|api)\.js\?render=(6L[0-9A-Za-z_-]{38})')
+SERVER_ACTION_RE = re.compile(
+    r'createServerReference\)\(\s*"([0-9a-f]{42})"\s*,[^;]*?,\s*"(\w+)"\s*\)')
+JWT_RE = re.compile(r'eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+')
+BUILD_RE = re.compile(r'dpl=(dpl_[\w-]+)')
+
+
+def flight_text(page: str) -> str:
+    """The Next.js flight data: every `self.__next_f.push([1,"…"])` string, decoded and joined, so that a
+    payload split across two pushes reads as one."""
+    parts = []
+    for literal in PUSH_RE.findall(page):
+        try:
+            parts.append(json.loads(literal))
+        except ValueError:
+            continue
+    return "".join(parts)
+
+
+def extract_models(page: str) -> list[dict] | None:
+    text = flight_text(page)
+    marker = '"initialModels":'
+    at = text.find(marker)
+    if at < 0:
+        return None
+    try:
+        models, _ = json.JSONDecoder().raw_decode(text, at + len(marker))
+    except ValueError:
+        return None
+    return models if isinstance(models, list) else None
+
+
+def extract_chunk_urls(page: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for found in CHUNK_RE.findall(page + flight_text(page)):
+        path = found if found.startswith("/_next/") else "/_next/" + found
+        seen.setdefault(path, None)
+    return list(seen)
+
+
+def extract_sitekey(text: str) -> tuple[str, str | None] | None:
+    call = SITEKEY_CALL_RE.search(text)
+    if call:
+        return call.group(1), call.group(2)
+    script = SITEKEY_SCRIPT_RE.search(text)
+    return (script.group(1), None) if script else None
+
+
+def extract_server_actions(text: str) -> dict[str, str]:
+    return {name: action_id for action_id, name in SERVER_ACTION_RE.findall(text)}
+
+
+def extract_anon_key(text: str) -> str | None:
+    for candidate in JWT_RE.findall(text):
+        claims = jwt_claims(candidate)
+        if claims and claims.get("role") == "anon":
+            return candidate
+    return None
+
+
+def discover_site(page: str, scripts: Iterable[str]) -> dict[str, Any]:
+    """Everything the bridge learns from the site's HTML and JS chunks; keys left out when not found."""
+    found: dict[str, Any] = {}
+    models = extract_models(page)
+    if models is not None:
+        found["models"] = models
+    actions: dict[str, str] = {}
+    for text in (page, *scripts):
+        if "sitekey" not in found and (key := extract_sitekey(text)):
+            found["sitekey"] = key[0]
+            if key[1]:
+                found["recaptcha_action"] = key[1]
+        actions.update(extract_server_actions(text))
+        if "anon_key" not in found and (anon := extract_anon_key(text)):
+            found["anon_key"] = anon
+    if actions:
+        found["server_actions"] = actions
+    if build := BUILD_RE.search(page):
+        found["build_id"] = build.group(1)
+    return found
+
+
+def is_cloudflare_challenge(status: int, headers: dict[str, str], body: str) -> bool:
+    if headers.get("cf-mitigated", "").lower() == "challenge":
+        return True
+    return status in (403, 503) and ("Just a moment..." in body or "Enable JavaScript and cookies to continue" in body)
+
+
+# --- 3b. Accounts: what users paste, session decoding, expiry -----------------------------------------
+
+AUTH_COOKIE = "arena-auth-prod-v1"
+CHUNK_SIZE = 3180
+CLEARANCE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid", "provisional_user_id")
+EXPIRY_MARGIN = 30.0
+ACCOUNT_INPUT_HELP = ("expected the arena-auth-prod-v1 cookie value (base64-…), its arena-auth-prod-v1.0/.1 "
+                      "chunks, a Cookie: header that contains them, or an access-token JWT")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict base64 decoding that accepts both alphabets, with or without padding."""
+    text = text.strip().replace("-", "+").replace("_", "/")
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def jwt_claims(token: str) -> dict | None:
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(b64url_decode(parts[1]))
+    except (ValueError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def decode_session(value: str) -> dict | None:
+    if not value.startswith("base64-"):
+        return None
+    try:
+        session = json.loads(b64url_decode(value[len("base64-"):]))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return session if isinstance(session, dict) and "access_token" in session else None
+
+
+def encode_session(session: dict) -> str:
+    return "base64-" + b64url_encode(json.dumps(session, separators=(",", ":")).encode())
+
+
+def session_expiry(value: str) -> float | None:
+    """expires_at of the session, else the JWT's exp; None for an opaque value (learned from a 401)."""
+    session = decode_session(value)
+    if session is not None:
+        if isinstance(session.get("expires_at"), (int, float)):
+            return float(session["expires_at"])
+        claims = jwt_claims(session.get("access_token", ""))
+    else:
+        claims = jwt_claims(value)
+    exp = claims.get("exp") if claims else None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+def is_expired(value: str, at: float | None = None) -> bool:
+    expiry = session_expiry(value)
+    return expiry is not None and (at or now()) >= expiry - EXPIRY_MARGIN
+
+
+def session_user_id(value: str) -> str | None:
+    session = decode_session(value)
+    claims = jwt_claims(session["access_token"]) if session else jwt_claims(value)
+    return ((claims or {}).get("user_metadata") or {}).get("id")
+
+
+@dataclasses.dataclass(frozen=True)
+class AccountInput:
+    auth: str
+    form: str  # "whole", "chunks" or "jwt"
+    cookies: dict[str, str]
+    anonymous: bool
+
+
+def parse_cookie_pairs(text: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for piece in re.split(r"[;\n]", text):
+        name, sep, value = piece.strip().partition("=")
+        if sep and name.strip():
+            pairs[name.strip()] = value.strip().strip('"')
+    return pairs
+
+
+def join_chunks(cookies: dict[str, str]) -> str:
+    numbered = sorted((int(name.rsplit(".", 1)[1]), value) for name, value in cookies.items()
+                      if re.fullmatch(re.escape(AUTH_COOKIE) + r"\.\d+", name))
+    return "".join(value for _, value in numbered)
+
+
+def split_chunks(value: str) -> dict[str, str]:
+    return {f"{AUTH_COOKIE}.{i}": value[start:start + CHUNK_SIZE]
+            for i, start in enumerate(range(0, len(value), CHUNK_SIZE))}
+
+
+def parse_account_input(text: str) -> AccountInput:
+    """Normalise anything a user may paste (arena-protocol §4.4) into one session value.
+
+    Raises ValueError naming what was expected; nothing half-parsed comes out."""
+    text = text.strip()
+    if text.lower().startswith("cookie:"):
+        text = text[len("cookie:"):].strip()
+    if "%" in text:
+        text = urllib.parse.unquote(text)
+    cookies: dict[str, str] = {}
+    if "=" in text.split("base64-", 1)[0] or text.startswith(AUTH_COOKIE):
+        cookies = parse_cookie_pairs(text)
+        whole = cookies.get(AUTH_COOKIE, "")
+        chunked = join_chunks(cookies)
+        candidates = [(v, f) for v, f in ((whole, "whole"), (chunked, "chunks")) if v]
+        if not candidates:
+            raise ValueError(f"no {AUTH_COOKIE} cookie found: {ACCOUNT_INPUT_HELP}")
+        value, form = max(candidates, key=lambda c: session_expiry(c[0]) or 0)
+    else:
+        pieces = text.split()
+        value = "".join(p.strip('"\'') for p in pieces)
+        form = "chunks" if len(pieces) > 1 else "whole"
+    if decode_session(value) is not None:
+        pass
+    elif jwt_claims(value) is not None and "exp" in (jwt_claims(value) or {}):
+        form = "jwt"
+    else:
+        raise ValueError(f"not a valid LM Arena session: {ACCOUNT_INPUT_HELP}")
+    extras = {name: cookies[name] for name in CLEARANCE_COOKIES if cookies.get(name)}
+    session = decode_session(value) or {}
+    claims = jwt_claims(session.get("access_token", value)) or {}
+    anonymous = bool(claims.get("is_anonymous") or (session.get("user") or {}).get("is_anonymous"))
+    return AccountInput(auth=value, form=form, cookies=extras, anonymous=anonymous)
+
+
+def auth_cookies(auth: str, form: str) -> dict[str, str]:
+    """The cookies that carry a session, in the form the site gave it to us."""
+    return split_chunks(auth) if form == "chunks" else {AUTH_COOKIE: auth}
+
+
+def refreshed_auth_from_set_cookie(set_cookies: list[str]) -> tuple[str, str] | None:
+    """A fresh session from a page's Set-Cookie headers, whole or chunked; None unless it decodes and is
+    not expired."""
+    jar: dict[str, str] = {}
+    for header in set_cookies:
+        name, _, rest = header.partition("=")
+        name = name.strip()
+        if name == AUTH_COOKIE or name.startswith(AUTH_COOKIE + "."):
+            jar[name] = rest.split(";", 1)[0].strip().strip('"')
+    for value, form in ((jar.get(AUTH_COOKIE, ""), "whole"), (join_chunks(jar), "chunks")):
+        if value and decode_session(value) is not None and not is_expired(value):
+            return value, form
+    return None
+
+
+def merge_refreshed_session(old: dict, fresh: dict) -> dict:
+    merged = {**old, **fresh}
+    if not isinstance(merged.get("expires_at"), (int, float)):
+        exp = (jwt_claims(merged.get("access_token", "")) or {}).get("exp")
+        merged["expires_at"] = int(exp if exp else now() + int(merged.get("expires_in") or 3600))
+    return merged
+
+
+# --- 3c. Stream parser (pure: bytes in, events out) ---------------------------------------------------
+
+LINE_RE = re.compile(r"([ab])([0-9a-z]):(.*)", re.S)
+CITATION_MARKER_RE = re.compile(r"<!--citation:([^-\s>]+)-->")
+
+
+@dataclasses.dataclass(slots=True)
+class Event:
+    """One thing LM Arena said about model A's reply.
+
+    kind: text | reasoning | citation | image | error | finish | heartbeat."""
+    kind: str
+    value: Any = None
+    usage: dict | None = None
+
+
+def parse_part(code: str, payload: Any) -> Event | None:
+    if code == "0":
+        if payload == "hasArenaError":
+            return Event("error", "LM Arena reported an error while generating the reply")
+        return Event("text", payload) if isinstance(payload, str) else None
+    if code == "g":
+        return Event("reasoning", payload) if isinstance(payload, str) else None
+    if code == "3":
+        return Event("error", payload if isinstance(payload, str) else json.dumps(payload))
+    if code == "d":
+        payload = payload if isinstance(payload, dict) else {}
+        return Event("finish", payload.get("finishReason") or "stop", normalise_usage(payload.get("usage")))
+    if code == "2":
+        return parse_data_part(payload)
+    if code == "c":
+        return parse_citation(payload)
+    if code == "k" and isinstance(payload, dict) and str(payload.get("mimeType", "")).startswith("image/"):
+        return Event("image", [f"data:{payload['mimeType']};base64,{payload.get('data', '')}"])
+    return None
+
+
+def parse_data_part(payload: Any) -> Event | None:
+    images = []
+    heartbeat = False
+    for item in payload if isinstance(payload, list) else []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "heartbeat":
+            heartbeat = True
+        elif item.get("type") == "image":
+            if item.get("image"):
+                images.append(item["image"])
+            elif item.get("data"):
+                images.append(f"data:{item.get('mimeType', 'image/png')};base64,{item['data']}")
+    if images:
+        return Event("image", images)
+    return Event("heartbeat") if heartbeat else None
+
+
+def parse_citation(payload: Any) -> Event | None:
+    if not isinstance(payload, dict) or payload.get("toolCallId") != "citation-source":
+        return None
+    try:
+        source = json.loads(payload.get("argsTextDelta") or "").get("source")
+    except (ValueError, AttributeError):
+        return None
+    sources = source if isinstance(source, list) else [source]
+    found = [s for s in sources if isinstance(s, dict) and s.get("url")]
+    return Event("citation", found) if found else None
+
+
+def normalise_usage(usage: Any) -> dict | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("promptTokens", usage.get("prompt_tokens"))
+    completion = usage.get("completionTokens", usage.get("completion_tokens"))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def parse_stream_line(line: str) -> tuple[str, Event | None] | None:
+    """One line of LM Arena's data stream -> (participant, event). None for lines that are not part of
+    the protocol (counted by the caller, never fatal)."""
+    line = line.strip()
+    if line.startswith("data:"):
+        line = line[5:].lstrip()
+    if not line:
+        return None
+    match = LINE_RE.fullmatch(line)
+    if match is None:
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict) and "error" in obj:
+                    return "a", Event("error", str(obj["error"]))
+        return None
+    participant, code, raw = match.groups()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return None
+    return participant, parse_part(code, payload)
+
+
+class StreamParser:
+    """Bytes from the network in, events for model A out.
+
+    UTF-8 is decoded incrementally (a character may span reads), lines are split on LF with CR stripped,
+    the last incomplete line waits for the next read, and close() flushes a final line without newline."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.pending = ""
+        self.skipped = 0
+        self.finished_b = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        text = self.pending + self.decoder.decode(data)
+        *lines, self.pending = text.split("\n")
+        return self._events(lines)
+
+    def close(self) -> list[Event]:
+        lines = [self.pending + self.decoder.decode(b"", final=True)]
+        self.pending = ""
+        return self._events(lines)
+
+    def _events(self, lines: list[str]) -> list[Event]:
+        events = []
+        for line in lines:
+            parsed = parse_stream_line(line)
+            if parsed is None:
+                self.skipped += bool(line.strip())
+                continue
+            participant, event = parsed
+            if participant == "b":
+                self.finished_b = self.finished_b or (event is not None and event.kind == "finish")
+            elif event is not None:
+                events.append(event)
+        return events
+
+
+def parse_stream(data: bytes | Iterable[bytes]) -> list[Event]:
+    """All events of a whole response body (for tests and non-streaming use)."""
+    parser = StreamParser()
+    chunks = [data] if isinstance(data, bytes) else data
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    return events + parser.close()
+
+
+# --- 3d. Ids and request bodies ------------------------------------------------------------------------
+
+def uuid7() -> str:
+    """RFC 9562 UUIDv7: 48 bits of Unix milliseconds, version 7, variant 10, random rest."""
+    ms = int(time.time() * 1000)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+def choose_modality(model: dict) -> str | None:
+    out = (model.get("capabilities") or {}).get("outputCapabilities") or {}
+    if out.get("image"):
+        return "image"
+    if out.get("search"):
+        return "search"
+    if out.get("text"):
+        return "chat"
+    return None
+
+
+def accepts_images(model: dict) -> bool:
+    return bool(((model.get("capabilities") or {}).get("inputCapabilities") or {}).get("image"))
+
+
+def is_stealth(model: dict) -> bool:
+    return not model.get("organization")
+
+
+def chat_body(*, evaluation_id: str, model_id: str, content: str, modality: str, attachments: list[dict],
+              mode: str | None, token: str | None) -> dict:
+    """The 2026 compact body (§6.1/§6.2): `mode` only on a new conversation, token only when minted."""
+    body: dict[str, Any] = {"id": evaluation_id}
+    if mode:
+        body["mode"] = mode
+    body.update({
+        "modelAId": model_id, "userMessageId": uuid7(), "modelAMessageId": uuid7(),
+        "userMessage": {"content": content, "experimental_attachments": attachments, "metadata": {}},
+        "modality": modality,
+    })
+    if token:
+        body["recaptchaV3Token"] = token
+    return body
+
+
+# --- 3e. Talking to LM Arena ----------------------------------------------------------------------------
+
+MAX_UPSTREAM_ATTEMPTS = 3
+RECAPTCHA_COOLDOWN = (20 * 60.0, 2 * 3600.0)   # first cool-down, cap; doubles per consecutive failure
+RATE_LIMIT_COOLDOWN = 60.0                      # when a 429 names no wait
+OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
+
+
+class UpstreamError(Exception):
+    """A failure that ends a chat request; the routes turn it into an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, code: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
+
+
+@dataclasses.dataclass
+class TurnPlan:
+    """What to send for one chat request: a follow-up on a held evaluation when possible, else a new
+    evaluation whose first message carries the history."""
+    model: dict
+    modality: str
+    new_content: str
+    images: list["ImageInput"]
+    followup: dict | None = None        # conversations row: evaluation_id, account_id
+    followup_content: str = ""
+
+
+@dataclasses.dataclass
+class OpenedTurn:
+    response: Any
+    account_id: int
+    evaluation_id: str
+    turns: int
+
+
+def account_state(account: dict, at: float | None = None) -> str:
+    """The state a request sees: a finished cool-down reads as ok."""
+    at = at or now()
+    if account["state"] == "cooling_down" and (account["cooldown_until"] or 0) <= at:
+        return "ok"
+    return account["state"]
+
+
+def classify_failure(status: int, headers: dict[str, str], body: str) -> str:
+    """Name what an LM Arena error answer means, so the retry policy can be one table."""
+    lowered = body.lower()
+    if is_cloudflare_challenge(status, headers, body):
+        return "cloudflare"
+    if status == 403 and "recaptcha" in lowered:
+        return "recaptcha"
+    if status == 429 and "prompt failed" in lowered:
+        return "recaptcha"
+    if status == 401:
+        return "unauthorized"
+    if status == 429:
+        return "rate_limited"
+    if status == 400 and "mode" in lowered and "not allowed" in lowered:
+        return "mode"
+    if status == 404:
+        return "not_found"
+    if status >= 500:
+        return "server"
+    return "client"
+
+
+def error_text(body: str) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(body)["error"])
+    title = re.search(r"<title>(.*?)</title>", body, re.S)
+    return title.group(1).strip() if title else body.strip()[:200]
+
+
+def retry_after_seconds(headers: dict[str, str], body: str) -> float | None:
+    value = headers.get("retry-after")
+    if value:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(value))
+        with contextlib.suppress(TypeError, ValueError):
+            from email.utils import parsedate_to_datetime
+            return max(0.0, parsedate_to_datetime(value).timestamp() - now())
+    if headers.get("ratelimit-modality") and headers.get("ratelimit-remaining"):
+        with contextlib.suppress(ValueError):
+            return float(headers["ratelimit-remaining"])
+    if "modelid" in body.lower():
+        remaining = re.search(r"remaining=(\d+)", headers.get("ratelimit", ""))
+        if remaining:
+            return float(remaining.group(1))
+    return None
+
+
+class ArenaClient:
+    """Everything that crosses the network to LM Arena goes through here, with curl_cffi imitating a
+    browser's TLS and HTTP/2 fingerprint."""
+
+    def __init__(self, settings: Settings, store: Store, sidecar: "SidecarClient"):
+        self.settings = settings
+        self.store = store
+        self.sidecar = sidecar
+        self.origin = settings.arena_url
+        self.http = AsyncSession(impersonate=settings.impersonate, max_clients=2048)
+        self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.discovery_lock = asyncio.Lock()
+        self.clearance_lock = asyncio.Lock()
+        self.last_discovery = 0.0
+        self.params: dict[str, Any] = store.site_params()
+
+    async def aclose(self) -> None:
+        await self.http.close()
+
+    # --- headers and cookies ------------------------------------------------------------------------
+    def request_headers(self, account: dict | None, *, referer: str = "/?mode=direct",
+                        content_type: str | None = "text/plain;charset=UTF-8", accept: str = "*/*") -> dict:
+        clearance = self.params.get("clearance") or {}
+        cookies = dict(clearance.get("cookies") or {})
+        user_agent = clearance.get("user_agent")
+        if account is not None:
+            cookies.update(json.loads(account.get("cookies") or "{}"))
+            cookies.update(auth_cookies(account["auth"], account["form"]))
+            user_agent = user_agent or account.get("user_agent")
+        headers = {"Accept": accept, "Origin": self.origin, "Referer": self.origin + referer,
+                   "Accept-Language": "en-US,en;q=0.9", "Sec-Fetch-Dest": "empty", "Sec-Fetch-Mode": "cors",
+                   "Sec-Fetch-Site": "same-origin"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        if user_agent:
+            headers["User-Agent"] = user_agent
+        return headers
+
+    async def get(self, path: str, account: dict | None = None, timeout: float = 20.0):
+        return await self.http.get(self.origin + path, headers=self.request_headers(
+            account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
+            timeout=timeout, discard_cookies=True, allow_redirects=False)
+
+    # --- site discovery -----------------------------------------------------------------------------
+    async def discover(self, min_age: float = 30.0) -> dict[str, Any]:
+        """Fetch the page and its JS chunks; store the model list and site parameters. One at a time, and
+        not again within `min_age` seconds, so that a burst of failures cannot become a burst of page
+        loads."""
+        async with self.discovery_lock:
+            if now() - self.last_discovery < min_age:
+                return self.params
+            self.last_discovery = now()
+            page = await self.get("/")
+            if is_cloudflare_challenge(page.status_code, dict(page.headers), page.text):
+                await self.clear_cloudflare()
+                page = await self.get("/")
+            if page.status_code != 200:
+                raise UpstreamError(502, f"LM Arena page answered {page.status_code}", "discovery_failed")
+            chunk_urls = extract_chunk_urls(page.text)
+            semaphore = asyncio.Semaphore(8)
+
+            async def fetch(path: str) -> str:
+                async with semaphore:
+                    with contextlib.suppress(Exception):
+                        response = await self.get(path)
+                        if response.status_code == 200:
+                            return response.text
+                return ""
+
+            scripts = await asyncio.gather(*(fetch(p) for p in chunk_urls))
+            found = discover_site(page.text, scripts)
+            models = found.pop("models", None)
+            if models:
+                self.store.replace_models(models)
+            if found:
+                self.store.set_site_params(**found)
+            self.params = self.store.site_params()
+            log.info("discovered LM Arena: %d models, sitekey %s, %d server actions",
+                     len(models or []), "found" if found.get("sitekey") else "not found",
+                     len(found.get("server_actions") or {}))
+            return self.params
+
+    def arena_mode(self) -> str:
+        return self.params.get("arena_mode") or self.settings.arena_mode
+
+    # --- anti-bot -----------------------------------------------------------------------------------
+    async def recaptcha_token(self, action: str) -> str | None:
+        """A fresh v3 token from the sidecar, or None when the sidecar is off (the request then goes
+        without one and the site decides)."""
+        if self.settings.sidecar == "off":
+            return None
+        sitekey = self.params.get("sitekey") or FALLBACK_SITEKEY
+        return await self.sidecar.token(sitekey, action)
+
+    async def clear_cloudflare(self) -> None:
+        async with self.clearance_lock:
+            cookies, user_agent = await self.sidecar.clearance()
+            self.store.set_site_params(clearance={"cookies": cookies, "user_agent": user_agent})
+            self.params = self.store.site_params()
+
+    # --- accounts -----------------------------------------------------------------------------------
+    def pick_account(self, exclude: set[int]) -> dict | None:
+        """The least recently used account that can serve now."""
+        at = now()
+        usable = [a for a in self.store.accounts()
+                  if a["id"] not in exclude and account_state(a, at) == "ok"
+                  and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
+        if not usable:
+            return None
+        account = min(usable, key=lambda a: a["last_used"] or 0)
+        self.store.update_account(account["id"], last_used=at)
+        return account
+
+    def unavailable_error(self) -> UpstreamError:
+        """Why no account can serve, with the soonest recovery as Retry-After."""
+        accounts = self.store.accounts()
+        if not accounts:
+            return UpstreamError(503, "No LM Arena account is configured. Add one in the dashboard or with "
+                                      "`python bridge.py tokens add VALUE`.", "no_account")
+        at = now()
+        waits = [a["cooldown_until"] - at for a in accounts if a["state"] == "cooling_down"
+                 and (a["cooldown_until"] or 0) > at]
+        paced = [self.settings.account_min_interval - (at - (a["last_used"] or 0)) for a in accounts
+                 if account_state(a, at) == "ok"]
+        waits += [w for w in paced if w > 0]
+        if waits:
+            wait = max(1.0, min(waits))
+            return UpstreamError(503, f"Every LM Arena account is cooling down; the first is usable again in "
+                                      f"{int(wait)} s.", "accounts_cooling_down", retry_after=wait)
+        return UpstreamError(503, "No LM Arena account is usable (all expired or invalid); add a fresh one.",
+                             "no_usable_account")
+
+    def cool_down(self, account: dict, seconds: float, reason: str) -> None:
+        self.store.update_account(account["id"], state="cooling_down", cooldown_until=now() + seconds,
+                                  cooldown_reason=reason, last_error=reason)
+        log.warning("account %s cooling down for %d s: %s", account["id"], seconds, reason)
+
+    def recaptcha_backoff(self, account: dict) -> float:
+        first, cap = RECAPTCHA_COOLDOWN
+        return min(cap, first * 2 ** (account.get("failures") or 0))
+
+    async def fresh_account(self, account: dict) -> dict | None:
+        """The account with a session that is not about to expire, refreshing it when needed."""
+        if not is_expired(account["auth"]):
+            return account
+        return await self.refresh(account)
+
+    async def refresh(self, account: dict) -> dict | None:
+        """Refresh one account's session: the page's Set-Cookie first, then the Supabase refresh grant.
+
+        Refreshes of one account are serialised, and the result is stored with compare-and-swap, so two
+        requests racing here end with the newest session stored and both using it."""
+        async with self.refresh_locks[account["id"]]:
+            current = self.store.account(account["id"])
+            if current is None:
+                return None
+            if current["auth"] != account["auth"] and not is_expired(current["auth"]):
+                return current
+            self.store.update_account(current["id"], state="refreshing")
+            fresh = await self.refresh_by_page(current) or await self.refresh_by_grant(current)
+            if fresh is None:
+                self.store.update_account(current["id"], state="expired",
+                                          last_error="session expired and could not be refreshed")
+                log.warning("account %s expired: refresh failed", current["id"])
+                return None
+            value, form = fresh
+            self.store.swap_account_auth(current["id"], current["auth"], auth=value, form=form,
+                                         expires_at=session_expiry(value), state="ok", last_error=None)
+            log.info("account %s refreshed", current["id"])
+            return self.store.account(current["id"])
+
+    async def refresh_by_page(self, account: dict) -> tuple[str, str] | None:
+        if decode_session(account["auth"]) is None:
+            return None
+        with contextlib.suppress(Exception):
+            response = await self.get("/", account)
+            return refreshed_auth_from_set_cookie(response.headers.get_list("set-cookie"))
+        return None
+
+    async def refresh_by_grant(self, account: dict) -> tuple[str, str] | None:
+        session = decode_session(account["auth"])
+        anon_key = self.params.get("anon_key")
+        if session is None or not session.get("refresh_token") or not anon_key:
+            return None
+        issuer = (jwt_claims(session.get("access_token", "")) or {}).get("iss")
+        if not issuer:
+            return None
+        try:
+            response = await self.http.post(
+                issuer.rstrip("/") + "/token?grant_type=refresh_token",
+                headers={"apikey": anon_key, "Authorization": f"Bearer {anon_key}",
+                         "Content-Type": "application/json", "Accept": "application/json"},
+                data=json.dumps({"refresh_token": session["refresh_token"]}), timeout=20, discard_cookies=True)
+            if response.status_code != 200:
+                log.warning("refresh grant answered %s", response.status_code)
+                return None
+            value = encode_session(merge_refreshed_session(session, response.json()))
+        except Exception as exc:  # network or JSON failure: the account is simply not refreshed
+            log.warning("refresh grant failed: %s", type(exc).__name__)
+            return None
+        return value, account["form"] if account["form"] != "jwt" else "whole"
+
+    # --- chat -----------------------------------------------------------------------------------------
+    async def open_turn(self, plan: TurnPlan, deadline: float) -> OpenedTurn:
+        """Send one chat turn, moving between accounts and retrying by arena-protocol §8, within a
+        bounded number of attempts; returns once LM Arena answers 200."""
+        excluded: set[int] = set()
+        followup = plan.followup
+        recaptcha_retried: set[int] = set()
+        refreshed: set[int] = set()
+        cloudflare_cleared = server_retried = False
+        last: UpstreamError | None = None
+        for _ in range(MAX_UPSTREAM_ATTEMPTS):
+            if now() >= deadline:
+                break
+            account = await self.account_for(followup, excluded)
+            if account is None and followup is not None:
+                followup = None
+                account = await self.account_for(None, excluded)
+            if account is None:
+                raise last if last and last.code != "rate_limited" else self.unavailable_error()
+            attachments = await upload_images(self, account, plan.images) if plan.images else []
+            evaluation_id = followup["evaluation_id"] if followup else uuid7()
+            path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
+                    else "/nextjs-api/stream/create-evaluation")
+            token = await self.recaptcha_token(self.params.get("recaptcha_action") or "chat_submit")
+            body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"],
+                             content=plan.followup_content if followup else plan.new_content,
+                             modality=plan.modality, attachments=attachments,
+                             mode=None if followup else self.arena_mode(), token=token)
+            response = await self.post_stream(path, body, account, deadline)
+            if response.status_code == 200:
+                self.store.update_account(account["id"], failures=0, last_error=None)
+                turns = followup["turns"] + 1 if followup else 1
+                return OpenedTurn(response, account["id"], evaluation_id, turns)
+            text = (await response.acontent()).decode("utf-8", "replace")[:4000]
+            await response.aclose()
+            headers = {k.lower(): v for k, v in response.headers.items()}
+            kind = classify_failure(response.status_code, headers, text)
+            message = error_text(text)
+            log.info("LM Arena answered %s (%s) on account %s", response.status_code, kind, account["id"])
+            last = UpstreamError(502, f"LM Arena answered {response.status_code}: {message}", kind)
+            if kind == "cloudflare" and not cloudflare_cleared:
+                cloudflare_cleared = True
+                await self.clear_cloudflare()
+            elif kind == "cloudflare":
+                raise UpstreamError(503, "LM Arena's Cloudflare challenge was not passed", "cloudflare")
+            elif kind == "recaptcha" and account["id"] not in recaptcha_retried:
+                recaptcha_retried.add(account["id"])
+                await self.discover(min_age=2.0)   # a rotated sitekey heals here
+            elif kind == "recaptcha":
+                self.store.update_account(account["id"], failures=(account.get("failures") or 0) + 1)
+                self.cool_down(account, self.recaptcha_backoff(account), "reCAPTCHA validation failed twice")
+                excluded.add(account["id"])
+                last = UpstreamError(503, "LM Arena rejected the reCAPTCHA token; the account is cooling down",
+                                     "recaptcha_failed")
+            elif kind == "unauthorized" and account["id"] not in refreshed:
+                refreshed.add(account["id"])
+                if await self.refresh(account) is None:
+                    excluded.add(account["id"])
+            elif kind == "unauthorized":
+                self.store.update_account(account["id"], state="expired", last_error=message)
+                excluded.add(account["id"])
+            elif kind == "rate_limited":
+                wait = retry_after_seconds(headers, text) or RATE_LIMIT_COOLDOWN
+                self.cool_down(account, wait, f"rate limited by LM Arena: {message}")
+                excluded.add(account["id"])
+                last = UpstreamError(429, f"LM Arena rate limit: {message}", "rate_limited", retry_after=wait)
+            elif kind == "mode" and not followup:
+                mode = OTHER_MODE.get(self.arena_mode(), "direct")
+                self.store.set_site_params(arena_mode=mode)
+                self.params["arena_mode"] = mode
+                log.info("LM Arena refused the mode; switching to %s", mode)
+            elif kind == "not_found" and followup:
+                followup = None
+            elif kind == "server" and not server_retried:
+                server_retried = True
+                await asyncio.sleep(0.5)
+            else:
+                raise upstream_client_error(response.status_code, message, kind)
+        if last is not None:
+            raise last
+        raise UpstreamError(504, "LM Arena did not answer in time", "upstream_timeout")
+
+    async def account_for(self, followup: dict | None, excluded: set[int]) -> dict | None:
+        """The account that owns the held conversation (the site refuses follow-ups from another), or
+        any usable account for a new one."""
+        if followup is not None:
+            account = self.store.account(followup["account_id"])
+            if account is None or account["id"] in excluded or account_state(account) != "ok":
+                return None
+        else:
+            account = self.pick_account(excluded)
+        while account is not None:
+            fresh = await self.fresh_account(account)
+            if fresh is not None or followup is not None:
+                return fresh
+            excluded.add(account["id"])
+            account = self.pick_account(excluded)
+        return None
+
+    async def post_stream(self, path: str, body: dict, account: dict, deadline: float):
+        try:
+            return await asyncio.wait_for(self.http.post(
+                self.origin + path, data=json.dumps(body, ensure_ascii=False).encode(),
+                headers=self.request_headers(account), stream=True, timeout=None, discard_cookies=True,
+                allow_redirects=False), timeout=max(0.1, deadline - now()))
+        except asyncio.TimeoutError:
+            raise UpstreamError(504, "LM Arena did not answer in time", "upstream_timeout") from None
+        except Exception as exc:
+            raise UpstreamError(502, f"could not reach LM Arena ({type(exc).__name__})", "upstream_unreachable")
+
+    async def stream_events(self, opened: OpenedTurn) -> AsyncIterator[Event]:
+        """Model A's events as they arrive; the upstream response is closed however this ends (including
+        when the client goes away and the task is cancelled)."""
+        parser = StreamParser()
+        chunks = opened.response.aiter_content()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), self.settings.stream_idle_timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    yield Event("error", "LM Arena went silent mid-reply")
+                    return
+                except Exception as exc:
+                    yield Event("error", f"the connection to LM Arena broke mid-reply ({type(exc).__name__})")
+                    return
+                for event in parser.feed(chunk):
+                    yield event
+                    if event.kind == "finish":
+                        return
+            for event in parser.close():
+                yield event
+        finally:
+            await opened.response.aclose()
+
+
+def upstream_client_error(status: int, message: str, kind: str) -> UpstreamError:
+    """LM Arena refused the request itself: pass on a fitting status, never retry."""
+    lowered = message.lower()
+    if "private models" in lowered:
+        return UpstreamError(403, f"LM Arena serves this model only in anonymous battles: {message}",
+                             "model_not_available")
+    if status == 422 or "flagged" in lowered:
+        return UpstreamError(422, f"LM Arena's moderation flagged the message: {message}", "content_filter")
+    if status == 413:
+        return UpstreamError(413, f"LM Arena refused the attachment as too large: {message}", "attachment_too_large")
+    if status == 404:
+        return UpstreamError(404, f"LM Arena does not serve this model here: {message}", "model_not_found")
+    if status == 403:
+        return UpstreamError(403, f"LM Arena refused the request: {message}", "upstream_forbidden")
+    return UpstreamError(400 if status < 500 else 502, f"LM Arena refused the request: {message}",
+                         f"upstream_{status}")
+
+
+# =====================================================================================================
+# 4. Sidecar client
+# =====================================================================================================
+
+class SidecarError(Exception):
+    """The browser sidecar could not do its job; the message is shown to the API caller with a 503."""
+
+
+class SidecarClient:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state = "off" if settings.sidecar == "off" else "stopped"
+
+    async def status(self) -> dict:
+        return {"state": self.state}
+
+    async def token(self, sitekey: str, action: str) -> str:
+        raise SidecarError("the browser sidecar is not available")
+
+    async def clearance(self) -> tuple[dict, str]:
+        raise SidecarError("the browser sidecar is not available")
+
+    async def aclose(self) -> None:
+        return None
+
+
+# =====================================================================================================
+# 5. OpenAI translation
+# =====================================================================================================
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 502: "upstream_error", 503: "service_unavailable",
+               504: "timeout_error"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "content-filter": "content_filter",
+                  "content_filter": "content_filter"}
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+SOURCES_HEADING = "\n\nSources:\n"
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}} with its HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "api_error"),
+                          "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_upstream(cls, error: UpstreamError) -> "ApiError":
+        headers = {}
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
+            if error.retry_after > 120:
+                headers["x-should-retry"] = "false"
+        elif error.status == 503:
+            headers["x-should-retry"] = "false"
+        return cls(error.status, error.message, error.code, headers=headers)
+
+
+def sidecar_api_error(error: Exception) -> ApiError:
+    return ApiError(503, f"The browser sidecar could not help: {error}", "sidecar_unavailable",
+                    headers={"x-should-retry": "false"})
+
+
+# --- 5a. Requests in ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Message:
+    role: str
+    text: str
+    images: list[str]                   # image_url values as sent: data: URIs or http(s) URLs
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    model: str
+    messages: list[Message]
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", "invalid_body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ApiError(400, "`model` is required and must be a string.", "missing_required_parameter", "model")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise ApiError(400, "`messages` is required and must be a non-empty array.", "missing_required_parameter",
+                       "messages")
+    messages = [parse_message(m, i) for i, m in enumerate(raw_messages)]
+    if not any(m.role == "user" for m in messages):
+        raise ApiError(400, "`messages` must contain at least one user message.", "invalid_value", "messages")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "`stream` must be a boolean.", "invalid_type", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "`stream_options` must be an object.", "invalid_type", "stream_options")
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise ApiError(400, "`n` must be 1: LM Arena gives one reply per request.", "unsupported_value", "n")
+    return ChatRequest(model=model.strip(), messages=messages, stream=bool(stream),
+                       include_usage=bool(options.get("include_usage")))
+
+
+def parse_message(raw: Any, index: int) -> Message:
+    param = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"{param} must be an object.", "invalid_type", param)
+    role = raw.get("role")
+    if role not in ROLES:
+        raise ApiError(400, f"{param}.role must be one of system, user, assistant, tool.", "invalid_value",
+                       f"{param}.role")
+    content = raw.get("content")
+    texts: list[str] = []
+    images: list[str] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            part_param = f"{param}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url:
+                    raise ApiError(400, f"{part_param}.image_url.url must be a string.", "invalid_value", part_param)
+                images.append(url)
+            else:
+                raise ApiError(400, f"{part_param} has an unsupported type {kind!r}; use text or image_url.",
+                               "unsupported_content", part_param)
+    elif content is None and role in ("assistant", "tool", "function"):
+        pass
+    else:
+        raise ApiError(400, f"{param}.content must be a string or an array of content parts.", "invalid_type",
+                       f"{param}.content")
+    role = "system" if role == "developer" else "tool" if role == "function" else role
+    return Message(role=role, text="\n".join(texts), images=images)
+
+
+def usable_models(models: list[dict]) -> list[dict]:
+    """Models a chat bridge can serve: not stealth, and with text, image or search output."""
+    return [m for m in models if not is_stealth(m) and choose_modality(m) is not None]
+
+
+def resolve_model(models: list[dict], name: str, with_images: bool = False) -> dict:
+    """The entry for a public name. Names are not unique: prefer one we can serve, and with images in the
+    request, one that takes image input."""
+    entries = [m for m in models if m.get("publicName") == name]
+    if not entries:
+        raise ApiError(404, f"The model `{name}` does not exist on LM Arena (see /v1/models).", "model_not_found",
+                       "model")
+    servable = [m for m in entries if choose_modality(m) is not None]
+    if not servable:
+        raise ApiError(404, f"The model `{name}` outputs neither text, images nor search results; this bridge "
+                            "cannot serve it.", "model_not_found", "model")
+    public = [m for m in servable if not is_stealth(m)]
+    if not public:
+        raise ApiError(403, f"The model `{name}` is a stealth model: LM Arena only serves it in anonymous "
+                            "battles, not by name.", "model_not_available", "model")
+    if with_images:
+        public.sort(key=lambda m: not accepts_images(m))
+    return public[0]
+
+
+# --- 5b. Messages -> one LM Arena turn ----------------------------------------------------------------
+
+ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool result"}
+
+
+def render_message(message: Message, describe_images: bool) -> str:
+    text = message.text
+    if describe_images and message.images:
+        text = (text + "\n" if text else "") + " ".join("[image]" for _ in message.images)
+    return text
+
+
+def render_transcript(messages: list[Message], limit: int) -> tuple[str, int]:
+    """The whole history as one role-labelled message, system prompts first and once, newest turns kept
+    when it would exceed `limit` characters. Returns the text and how many turns were dropped."""
+    system = [m for m in messages if m.role == "system"]
+    turns = [m for m in messages if m.role != "system"]
+    if len(turns) == 1 and not system:
+        return render_message(turns[0], describe_images=False), 0
+
+    def block(m: Message, last: bool) -> str:
+        return f"[{ROLE_LABELS[m.role]}]\n{render_message(m, describe_images=not last)}"
+
+    head = [block(m, False) for m in system]
+    body = [block(m, i == len(turns) - 1) for i, m in enumerate(turns)]
+    dropped = 0
+    while len(body) > 1 and len("\n\n".join(head + body)) > limit:
+        body.pop(0)
+        dropped += 1
+    return "\n\n".join(head + body), dropped
+
+
+def normalise_for_match(message: Message) -> list[str]:
+    """What must be equal for two histories to be the same conversation. Clients trim whitespace and
+    drop or keep the Sources footer the bridge added, so neither counts."""
+    text = message.text
+    if message.role == "assistant":
+        text = text.split(SOURCES_HEADING.strip("\n"), 1)[0]
+    images = [sha256_hex(url)[:16] for url in message.images]
+    return [message.role, " ".join(text.split()), *images]
+
+
+def conversation_fingerprint(key_id: int, model: str, messages: list[Message]) -> str:
+    payload = [key_id, model, [normalise_for_match(m) for m in messages]]
+    return sha256_hex(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+
+# --- 5c. Events out -------------------------------------------------------------------------------------
+
+MARKER_START = "<!--citation:"
+
+
+def partial_marker_start(text: str) -> int:
+    """Where an unfinished citation marker begins at the end of `text`, or -1."""
+    cut = text.rfind("<")
+    if cut < 0 or "-->" in text[cut:]:
+        return -1
+    tail = text[cut:]
+    return cut if MARKER_START.startswith(tail) or tail.startswith(MARKER_START) else -1
+
+
+class ReplyBuilder:
+    """Turns LM Arena events into OpenAI content: citation markers become [n], images become Markdown
+    after the text, sources become a footer and `url_citation` annotations.
+
+    A citation marker can be split across text parts, so text that may be the start of a marker is held
+    back until the next part decides it."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.sources: list[dict] = []
+        self.source_numbers: dict[str, int] = {}
+        self.images: list[str] = []
+        self.held = ""
+        self.finish_reason = "stop"
+        self.usage: dict | None = None
+        self.error: str | None = None
+        self.annotations: list[dict] = []
+        self.has_output = False
+
+    def text(self, delta: str) -> str:
+        text = self.held + delta
+        cut = partial_marker_start(text)
+        self.held, text = (text[cut:], text[:cut]) if cut >= 0 else ("", text)
+        text = CITATION_MARKER_RE.sub(self._marker, text)
+        self.content.append(text)
+        self.has_output = self.has_output or bool(text)
+        return text
+
+    def _marker(self, match: re.Match) -> str:
+        number = self.source_numbers.get(match.group(1))
+        return f"[{number}]" if number else ""
+
+    def add_sources(self, sources: list[dict]) -> None:
+        for source in sources:
+            known = next((i for i, s in enumerate(self.sources, 1) if s["url"] == source["url"]), None)
+            if known is None:
+                self.sources.append({"url": source["url"], "title": source.get("title") or source["url"]})
+                known = len(self.sources)
+            if source.get("id") is not None:
+                self.source_numbers[str(source["id"])] = known
+
+    def finish(self) -> str:
+        """The text that closes the reply: held-back text, images, and the Sources footer."""
+        tail = CITATION_MARKER_RE.sub(self._marker, self.held)
+        self.held = ""
+        body = "".join(self.content) + tail
+        for url in self.images:
+            tail += ("\n\n" if body or tail else "") + f"![image]({url})"
+        if self.sources:
+            tail += SOURCES_HEADING
+            offset = len(body) + len(tail)
+            for number, source in enumerate(self.sources, 1):
+                link = f"[{source['title']}]({source['url']})"
+                line = f"{number}. {link}\n"
+                start = offset + len(f"{number}. ")
+                self.annotations.append({"type": "url_citation", "url_citation": {
+                    "start_index": start, "end_index": start + len(link), "url": source["url"],
+                    "title": source["title"]}})
+                tail += line
+                offset += len(line)
+            tail = tail.rstrip("\n")
+        self.content.append(tail)
+        self.has_output = self.has_output or bool(self.images)
+        return tail
+
+    @property
+    def full_content(self) -> str:
+        return "".join(self.content)
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4) if text else 0
+
+
+def openai_finish_reason(reason: str) -> str:
+    return FINISH_REASONS.get(reason, "stop")
+
+
+class ChunkEncoder:
+    """Pre-renders the constant part of every `chat.completion.chunk`, so that relaying a delta costs one
+    small json.dumps of the text: the hot path of a stream."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+        head = json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                           "model": model}, ensure_ascii=False)[:-1]
+        self.head = "data: " + head + ',"choices":[{"index":0,"delta":'
+        self.tail = ',"logprobs":null,"finish_reason":null}]' + (',"usage":null' if include_usage else "") + "}\n\n"
+        self.bare = "data: " + head
+        self.include_usage = include_usage
+
+    def delta(self, **fields: Any) -> str:
+        return self.head + json.dumps(fields, ensure_ascii=False) + self.tail
+
+    def content(self, text: str) -> str:
+        return self.head + '{"content":' + json.dumps(text, ensure_ascii=False) + "}" + self.tail
+
+    def reasoning(self, text: str) -> str:
+        return self.head + '{"reasoning_content":' + json.dumps(text, ensure_ascii=False) + "}" + self.tail
+
+    def finish(self, reason: str) -> str:
+        return (self.head + "{}" + ',"logprobs":null,"finish_reason":' + json.dumps(reason) + "}]"
+                + (',"usage":null' if self.include_usage else "") + "}\n\n")
+
+    def usage(self, usage: dict) -> str:
+        return self.bare + ',"choices":[],"usage":' + json.dumps(usage) + "}\n\n"
+
+
+def sse_error(error: ApiError) -> str:
+    return "data: " + json.dumps(error.body(), ensure_ascii=False) + "\n\ndata: [DONE]\n\n"
+
+
+def completion_usage(prompt_text: str, builder: ReplyBuilder) -> dict:
+    if builder.usage:
+        prompt, completion = builder.usage["prompt_tokens"], builder.usage["completion_tokens"]
+    else:
+        prompt = estimate_tokens(prompt_text)
+        completion = estimate_tokens(builder.full_content) + estimate_tokens("".join(builder.reasoning))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_object(completion_id: str, created: int, model: str, builder: ReplyBuilder, usage: dict) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": builder.full_content, "refusal": None,
+                               "annotations": builder.annotations}
+    if builder.reasoning:
+        message["reasoning_content"] = "".join(builder.reasoning)
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": openai_finish_reason(builder.finish_reason)}],
+            "usage": usage}
+
+
+# --- 5d. Images in: checked, fetched, uploaded ----------------------------------------------------------
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+UPLOAD_REUSE_SECONDS = 3000.0     # signed URLs live 3600 s; reuse an upload until shortly before that
+
+
+@dataclasses.dataclass
+class ImageInput:
+    data: bytes
+    mime: str
+    where: str                      # e.g. "messages[2].content[1]", for error messages
+
+    @property
+    def digest(self) -> str:
+        return sha256_hex(self.data)
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The image type from its first bytes; the declared type is not trusted."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def check_image(data: bytes, where: str) -> ImageInput:
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ApiError(400, f"{where}: the image is {len(data)} bytes; the limit is 10 MiB.", "image_too_large", where)
+    mime = sniff_image_type(data)
+    if mime is None:
+        raise ApiError(400, f"{where}: not a PNG, JPEG, WebP or GIF image.", "invalid_image", where)
+    return ImageInput(data=data, mime=mime, where=where)
+
+
+def decode_data_uri(url: str, where: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+        raise ApiError(400, f"{where}: a data: URI must be base64 encoded.", "invalid_image", where)
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 8:
+        raise ApiError(400, f"{where}: the image is larger than 10 MiB.", "image_too_large", where)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: the data: URI is not valid base64.", "invalid_image", where) from None
+
+
+def is_public_host(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_global for info in infos)
+
+
+async def fetch_image_url(url: str, where: str, settings: Settings, http: AsyncSession) -> bytes:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ApiError(400, f"{where}: image URLs must be data:, http: or https:.", "invalid_image_url", where)
+    if not settings.allow_private_urls and not await asyncio.to_thread(is_public_host, parsed.hostname):
+        raise ApiError(400, f"{where}: the image URL points at a private or unknown address.", "invalid_image_url",
+                       where)
+    try:
+        response = await http.get(url, timeout=10, stream=True, discard_cookies=True, allow_redirects=False)
+        try:
+            if response.status_code != 200:
+                raise ApiError(400, f"{where}: fetching the image URL gave HTTP {response.status_code}.",
+                               "image_url_unreachable", where)
+            data = bytearray()
+            async for chunk in response.aiter_content():
+                data += chunk
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise ApiError(400, f"{where}: the image is larger than 10 MiB.", "image_too_large", where)
+            return bytes(data)
+        finally:
+            await response.aclose()
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise ApiError(400, f"{where}: the image URL could not be fetched ({type(exc).__name__}).",
+                       "image_url_unreachable", where) from None
+
+
+async def load_images(messages: list[Message], model: dict, settings: Settings, http: AsyncSession) -> list[ImageInput]:
+    """The newest user turn's images, checked and read into memory. Earlier images stay in the transcript
+    as [image]; nothing goes upstream when any image is refused."""
+    last = len(messages) - 1
+    if not messages[last].images:
+        return []
+    if not accepts_images(model):
+        raise ApiError(400, f"The model `{model.get('publicName')}` does not accept image input.",
+                       "model_without_vision", "messages")
+    image_caps = model["capabilities"]["inputCapabilities"]["image"]
+    if isinstance(image_caps, dict) and image_caps.get("multipleImages") is False and len(messages[last].images) > 1:
+        raise ApiError(400, f"The model `{model.get('publicName')}` takes one image per message.",
+                       "too_many_images", "messages")
+    images = []
+    for j, url in enumerate(messages[last].images):
+        where = f"messages[{last}] image {j + 1}"
+        data = decode_data_uri(url, where) if url.startswith("data:") else await fetch_image_url(url, where, settings, http)
+        images.append(check_image(data, where))
+    return images
+
+
+def parse_action_response(text: str) -> dict | None:
+    """The `1:` line of a server action's text/x-component answer, if it says success."""
+    for line in text.splitlines():
+        ident, sep, payload = line.partition(":")
+        if sep and ident == "1":
+            with contextlib.suppress(ValueError):
+                value = json.loads(payload)
+                if isinstance(value, dict) and value.get("success") is True:
+                    return value.get("data") or {}
+    return None
+
+
+async def call_server_action(arena: ArenaClient, account: dict, name: str, args: list) -> dict:
+    """POST a Next.js server action; on an unknown id, rediscover the ids once and try again."""
+    for attempt in range(2):
+        action_id = (arena.params.get("server_actions") or {}).get(name)
+        if not action_id or attempt:
+            await arena.discover(min_age=2.0)
+            action_id = (arena.params.get("server_actions") or {}).get(name)
+        if not action_id:
+            raise UpstreamError(502, f"LM Arena's {name} server action was not found on the site", "site_changed")
+        headers = arena.request_headers(account, referer="/", accept="text/x-component")
+        headers["Next-Action"] = action_id
+        response = await arena.http.post(arena.origin + "/?mode=direct", data=json.dumps(args), headers=headers,
+                                         timeout=30, discard_cookies=True, allow_redirects=False)
+        if response.status_code == 404:
+            continue
+        data = parse_action_response(response.text) if response.status_code == 200 else None
+        if data is not None:
+            return data
+        raise UpstreamError(502, f"LM Arena's {name} answered {response.status_code}", "upload_failed")
+    raise UpstreamError(502, f"LM Arena's {name} server action id is stale even after rediscovery", "site_changed")
+
+
+async def upload_image(arena: ArenaClient, account: dict, image: ImageInput) -> dict:
+    """generateUploadUrl -> PUT -> getSignedUrl (arena-protocol §12.1), each step retried once."""
+    extension = image.mime.split("/")[1].replace("jpeg", "jpg")
+    filename = f"upload-{image.digest[:12]}.{extension}"
+    last: Exception | None = None
+    for _ in range(2):
+        try:
+            target = await call_server_action(arena, account, "generateUploadUrl", [filename, image.mime])
+            put = await arena.http.put(target["uploadUrl"], data=image.data, headers={"Content-Type": image.mime},
+                                       timeout=60, discard_cookies=True)
+            if put.status_code not in (200, 201, 204):
+                raise UpstreamError(502, f"the image upload answered {put.status_code}", "upload_failed")
+            signed = await call_server_action(arena, account, "getSignedUrl", [target["key"]])
+            return {"name": target["key"], "contentType": image.mime, "url": signed["url"]}
+        except (UpstreamError, KeyError, TypeError) as exc:
+            last = exc
+    if isinstance(last, UpstreamError):
+        raise last
+    raise UpstreamError(502, "LM Arena's upload answer had an unexpected shape", "upload_failed")
+
+
+async def upload_images(arena: ArenaClient, account: dict, images: list[ImageInput]) -> list[dict]:
+    """Attachments for a chat turn; an image this account uploaded recently is not uploaded again."""
+    attachments = []
+    for image in images:
+        cache_key = f"{account['id']}:{image.digest}"
+        attachment = arena.store.cached_upload(cache_key)
+        if attachment is None:
+            attachment = await upload_image(arena, account, image)
+            arena.store.remember_upload(cache_key, account["id"], attachment, now() + UPLOAD_REUSE_SECONDS)
+        attachments.append(attachment)
+    return attachments
+
+
+# =====================================================================================================
+# 6. Rate limiting and usage
+# =====================================================================================================
+
+class RateLimiter:
+    """Requests per minute per API key, over a sliding 60-second window (in memory: a restart forgives)."""
+
+    def __init__(self) -> None:
+        self.windows: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+
+    def check(self, key: dict) -> None:
+        rpm = key.get("rpm") or 0
+        if rpm <= 0:
+            return
+        at = time.monotonic()
+        window = self.windows[key["id"]]
+        while window and at - window[0] >= 60:
+            window.popleft()
+        if len(window) >= rpm:
+            wait = max(1, int(60 - (at - window[0]) + 0.999))
+            raise ApiError(429, f"This API key is limited to {rpm} requests per minute; retry in {wait} s.",
+                           "rate_limit_exceeded", headers={"Retry-After": str(wait)})
+        window.append(at)
+
+
+class UsageRecorder:
+    """Usage rows are buffered and written in batches by a background task, so that no request waits on
+    an SQLite write."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pending: list[dict] = []
+
+    def add(self, key_id: int | None, model: str, status: int, started: float, prompt_tokens: int = 0,
+            completion_tokens: int = 0, error: str | None = None) -> None:
+        self.pending.append({"ts": now(), "key_id": key_id, "model": model, "status": status,
+                             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "error": error})
+
+    def flush(self) -> None:
+        rows, self.pending = self.pending, []
+        self.store.record_usage(rows)
+
+
+# =====================================================================================================
+# 7. Dashboard
+# =====================================================================================================
+
+
+# =====================================================================================================
+# 8. Routes
+# =====================================================================================================
+
+@dataclasses.dataclass
+class BridgeState:
+    """Everything a request handler needs; one per app, kept on `app.state.bridge`."""
+    settings: Settings
+    store: Store
+    arena: ArenaClient
+    sidecar: SidecarClient
+    limiter: RateLimiter
+    usage: UsageRecorder
+    tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
+
+    async def models(self) -> list[dict]:
+        """The stored model list; on a first start with none stored yet, wait (bounded) for discovery."""
+        models = self.store.models()
+        if not models:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.arena.discover(min_age=0), 30)
+            models = self.store.models()
+        if not models:
+            raise ApiError(503, "The model list is not known yet: LM Arena could not be reached.", "models_unknown")
+        return models
+
+
+def bridge(request: Request) -> BridgeState:
+    return request.app.state.bridge
+
+
+def authenticate(request: Request) -> dict:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", "missing_api_key")
+    key = bridge(request).store.key_by_secret(secret.strip())
+    if key is None:
+        raise ApiError(401, "Invalid API key.", "invalid_api_key")
+    return key
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ApiError(400, "The request body is not valid JSON.", "invalid_json") from None
+
+
+def model_created(model: dict, default: int) -> int:
+    """A uuid7 id carries its creation time; older uuid4 ids get the discovery time."""
+    with contextlib.suppress(ValueError, TypeError):
+        parsed = uuid.UUID(model["id"])
+        if parsed.version == 7:
+            return (parsed.int >> 80) // 1000
+    return default
+
+
+async def list_models(request: Request) -> Response:
+    authenticate(request)
+    state = bridge(request)
+    updated = int(state.store.rows("SELECT MAX(updated) AS t FROM site_params")[0]["t"] or now())
+    seen: set[str] = set()
+    data = []
+    for model in usable_models(await state.models()):
+        if model["publicName"] in seen:
+            continue
+        seen.add(model["publicName"])
+        data.append({"id": model["publicName"], "object": "model", "created": model_created(model, updated),
+                     "owned_by": model["organization"]})
+    return JSONResponse({"object": "list", "data": data})
+
+
+class EventPump:
+    """Pulls events from a generator while letting the caller wake up every `interval` seconds to send a
+    keep-alive, without ever cancelling the pending pull."""
+    END = object()
+
+    def __init__(self, events: AsyncIterator[Event]):
+        self.events = events
+        self.pending: asyncio.Future | None = None
+
+    async def next(self, timeout: float | None) -> Any:
+        """The next event, None when `timeout` passed first, or END."""
+        if self.pending is None:
+            self.pending = asyncio.ensure_future(self.events.__anext__())
+        done, _ = await asyncio.wait({self.pending}, timeout=timeout)
+        if not done:
+            return None
+        pending, self.pending = self.pending, None
+        try:
+            return pending.result()
+        except StopAsyncIteration:
+            return self.END
+
+    async def aclose(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            with contextlib.suppress(BaseException):
+                await self.pending
+        with contextlib.suppress(RuntimeError):
+            await self.events.aclose()
+
+
+OUTPUT_KINDS = {"text", "reasoning", "image", "citation"}
+
+
+@dataclasses.dataclass
+class ChatJob:
+    """One chat request from validation to the recorded result."""
+    state: BridgeState
+    key: dict
+    chat: ChatRequest
+    plan: TurnPlan
+    started: float
+    completion_id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
+    created: int = dataclasses.field(default_factory=lambda: int(now()))
+    opened: OpenedTurn | None = None
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Model A's events, after retries. A 200 that carries no reply (empty body, only a finish or an
+        error line) is retried once, in a new evaluation carrying the history, before anything reaches
+        the client."""
+        deadline = now() + self.state.settings.request_timeout
+        for attempt in range(2):
+            self.opened = await self.state.arena.open_turn(self.plan, deadline)
+            held: list[Event] = []
+            stream = self.state.arena.stream_events(self.opened)
+            try:
+                async for event in stream:
+                    if held is not None and event.kind not in OUTPUT_KINDS:
+                        if event.kind == "error" or event.kind == "finish":
+                            held.append(event)
+                            break
+                        yield event
+                        continue
+                    if held is not None:
+                        held = None
+                    yield event
+            finally:
+                await stream.aclose()
+            if held is None:
+                return
+            reason = next((e.value for e in held if e.kind == "error"), "an empty reply")
+            log.warning("LM Arena answered without content (%s); attempt %d", reason, attempt + 1)
+            self.plan.followup = None
+        raise UpstreamError(502, f"LM Arena returned no content: {reason}", "empty_reply")
+
+    def apply(self, builder: ReplyBuilder, event: Event) -> tuple[str, str] | None:
+        """Fold one event into the reply; returns a ("content"|"reasoning", text) delta to relay."""
+        if event.kind == "text":
+            text = builder.text(event.value)
+            return ("content", text) if text else None
+        if event.kind == "reasoning":
+            builder.reasoning.append(event.value)
+            return "reasoning", event.value
+        if event.kind == "citation":
+            builder.add_sources(event.value)
+        elif event.kind == "image":
+            builder.images.extend(event.value)
+        elif event.kind == "finish":
+            if event.value == "error":
+                raise UpstreamError(502, "LM Arena reported an error while generating the reply", "upstream_error")
+            builder.finish_reason, builder.usage = event.value, event.usage
+        elif event.kind == "error":
+            raise UpstreamError(502, f"LM Arena error: {event.value}", "upstream_error")
+        return None
+
+    def succeeded(self, builder: ReplyBuilder) -> None:
+        """Remember which evaluation now holds this exact history, for the next turn's follow-up."""
+        opened = self.opened
+        if opened is None:
+            return
+        history = [*self.chat.messages, Message("assistant", builder.full_content, [])]
+        fingerprint = conversation_fingerprint(self.key["id"], self.chat.model, history)
+        self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
+                                               self.plan.model["id"], self.key["id"], opened.turns)
+
+    def record(self, status: int, usage: dict | None = None, error: str | None = None) -> None:
+        usage = usage or {}
+        self.state.usage.add(self.key["id"], self.chat.model, status, self.started,
+                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error)
+
+
+def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict, images: list[ImageInput]) -> TurnPlan:
+    settings = state.settings
+    content, dropped = render_transcript(chat.messages, settings.max_prompt_chars)
+    if dropped:
+        log.info("history longer than %d characters: the %d earliest turns were left out",
+                 settings.max_prompt_chars, dropped)
+    followup = None
+    last = chat.messages[-1]
+    if len(chat.messages) > 1 and last.role == "user":
+        fingerprint = conversation_fingerprint(key["id"], chat.model, chat.messages[:-1])
+        followup = state.store.conversation_for(fingerprint, settings.conversation_ttl)
+    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=images,
+                    followup=followup, followup_content=render_message(last, describe_images=False))
+
+
+async def chat_completions(request: Request) -> Response:
+    state = bridge(request)
+    key = authenticate(request)
+    state.limiter.check(key)
+    started = time.perf_counter()
+    chat = parse_chat_request(await read_json(request, state.settings.max_body))
+    try:
+        model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
+        images = await load_images(chat.messages, model, state.settings, state.arena.http)
+        job = ChatJob(state, key, chat, plan_turn(state, key, chat, model, images), started)
+        if chat.stream:
+            return await stream_chat(job)
+        return await complete_chat(job)
+    except ApiError as error:
+        state.usage.add(key["id"], chat.model, error.status, started, error=error.code)
+        raise
+
+
+async def complete_chat(job: ChatJob) -> Response:
+    builder = ReplyBuilder()
+    events = job.events()
+    try:
+        async for event in events:
+            job.apply(builder, event)
+    except UpstreamError as error:
+        job.record(error.status, error=error.code)
+        raise ApiError.from_upstream(error) from None
+    except SidecarError as error:
+        job.record(503, error="sidecar_unavailable")
+        raise sidecar_api_error(error) from None
+    finally:
+        await events.aclose()
+    builder.finish()
+    prompt = job.plan.new_content
+    usage = completion_usage(prompt, builder)
+    job.succeeded(builder)
+    job.record(200, usage)
+    return JSONResponse(completion_object(job.completion_id, job.created, job.chat.model, builder, usage))
+
+
+async def stream_chat(job: ChatJob) -> Response:
+    """Wait (up to one ping interval) for the first event, so that a failure before any byte is a plain
+    HTTP error; after that, errors become an SSE error event followed by [DONE]."""
+    pump = EventPump(job.events())
+    interval = job.state.settings.ping_interval
+    try:
+        first = await pump.next(interval)
+    except UpstreamError as error:
+        await pump.aclose()
+        job.record(error.status, error=error.code)
+        raise ApiError.from_upstream(error) from None
+    except SidecarError as error:
+        await pump.aclose()
+        job.record(503, error="sidecar_unavailable")
+        raise sidecar_api_error(error) from None
+    except BaseException:
+        await pump.aclose()
+        raise
+    return StreamingResponse(sse_body(job, pump, first), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def sse_body(job: ChatJob, pump: EventPump, first: Any) -> AsyncIterator[str]:
+    encoder = ChunkEncoder(job.completion_id, job.created, job.chat.model, job.chat.include_usage)
+    builder = ReplyBuilder()
+    interval = job.state.settings.ping_interval
+    status, error_code = 200, None
+    yield encoder.delta(role="assistant", content="")
+    try:
+        event = first
+        while event is not EventPump.END:
+            if event is None or event.kind == "heartbeat":
+                yield ": ping\n\n"
+            else:
+                delta = job.apply(builder, event)
+                if delta is not None:
+                    yield encoder.content(delta[1]) if delta[0] == "content" else encoder.reasoning(delta[1])
+            event = await pump.next(interval)
+        tail = builder.finish()
+        if tail:
+            yield encoder.delta(content=tail, annotations=builder.annotations) if builder.annotations else encoder.content(tail)
+        yield encoder.finish(openai_finish_reason(builder.finish_reason))
+        usage = completion_usage(job.plan.new_content, builder)
+        if job.chat.include_usage:
+            yield encoder.usage(usage)
+        yield "data: [DONE]\n\n"
+        job.succeeded(builder)
+        job.record(200, usage)
+    except UpstreamError as error:
+        status, error_code = error.status, error.code
+        yield sse_error(ApiError.from_upstream(error))
+    except SidecarError as error:
+        status, error_code = 503, "sidecar_unavailable"
+        yield sse_error(sidecar_api_error(error))
+    except asyncio.CancelledError:
+        status, error_code = 499, "client_disconnected"
+        raise
+    finally:
+        await pump.aclose()
+        if error_code:
+            job.record(status, error=error_code)
+
+
+async def health(request: Request) -> Response:
+    """Liveness and readiness from local state only: never calls LM Arena, never starts a browser."""
+    state = bridge(request)
+    at = now()
+    accounts = state.store.accounts()
+    usable = [a for a in accounts if account_state(a, at) == "ok"]
+    models = state.store.rows("SELECT COUNT(*) AS n FROM models")[0]["n"]
+    checks = {
+        "accounts": {"usable": len(usable), "total": len(accounts),
+                     "items": [{f: a[f] for f in ACCOUNT_PUBLIC_FIELDS} | {"state": account_state(a, at)}
+                               for a in accounts]},
+        "models": {"known": models},
+        "sidecar": await state.sidecar.status(),
+    }
+    status = "ok" if usable and models else "degraded"
+    return JSONResponse({"status": status, "checks": checks})
+
+
+async def api_error_handler(request: Request, error: ApiError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def not_found_handler(request: Request, error: Exception) -> Response:
+    status = getattr(error, "status_code", 404)
+    message = "Method not allowed." if status == 405 else f"No route {request.url.path}."
+    return JSONResponse(ApiError(status, message, "not_found" if status == 404 else "method_not_allowed").body(),
+                        status_code=status)
+
+
+def import_env_accounts(store: Store, values: str) -> None:
+    """ARENA_AUTH_TOKENS: add each account not stored yet; a bad value is reported, never fatal."""
+    known = {a["auth"] for a in store.accounts()}
+    for raw in filter(None, (v.strip() for v in re.split(r"[,\n]", values))):
+        try:
+            parsed = parse_account_input(raw)
+        except ValueError as exc:
+            log.error("ARENA_AUTH_TOKENS: skipped one value: %s", exc)
+            continue
+        if parsed.auth not in known:
+            add_account(store, parsed, label="from ARENA_AUTH_TOKENS")
+            known.add(parsed.auth)
+
+
+def add_account(store: Store, parsed: AccountInput, label: str = "", kind: str | None = None) -> int:
+    return store.add_account(
+        label=label, kind=kind or ("anonymous" if parsed.anonymous else "jwt" if parsed.form == "jwt" else "user"),
+        auth=parsed.auth, form=parsed.form, cookies=json.dumps(parsed.cookies), user_agent=None,
+        expires_at=session_expiry(parsed.auth), state="ok", failures=0, last_used=0.0)
+
+
+async def every(seconds: float, job: Callable[[], Any], first_delay: float = 0.0) -> None:
+    """Run `job` forever, `seconds` apart; a failing run is logged and the loop goes on."""
+    await asyncio.sleep(first_delay)
+    while True:
+        try:
+            result = job()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as exc:
+            log.warning("background job %s failed: %s", getattr(job, "__name__", job), exc)
+        await asyncio.sleep(seconds)
+
+
+def create_app(settings: Settings) -> Starlette:
+    store = Store(settings.db)
+    sidecar = SidecarClient(settings)
+    state = BridgeState(settings=settings, store=store, arena=ArenaClient(settings, store, sidecar),
+                        sidecar=sidecar, limiter=RateLimiter(), usage=UsageRecorder(store))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.auth_tokens:
+            import_env_accounts(store, settings.auth_tokens)
+        state.tasks = [
+            asyncio.create_task(every(settings.discovery_interval, lambda: state.arena.discover(min_age=0))),
+            asyncio.create_task(every(2.0, state.usage.flush, first_delay=2.0)),
+            asyncio.create_task(every(3600.0, lambda: store.forget_old_conversations(settings.conversation_ttl))),
+        ]
+        try:
+            yield
+        finally:
+            for task in state.tasks:
+                task.cancel()
+            await asyncio.gather(*state.tasks, return_exceptions=True)
+            state.usage.flush()
+            await sidecar.aclose()
+            await state.arena.aclose()
+            store.close()
+
+    routes = [Route("/health", health), Route("/api/v1/health", health)]
+    for prefix in ("/v1", "/api/v1"):
+        routes += [Route(f"{prefix}/models", list_models),
+                   Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: api_error_handler, 404: not_found_handler, 405: not_found_handler})
+    app.state.bridge = state
+    return app
+
+
+# =====================================================================================================
+# 9. CLI
+# =====================================================================================================
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=logging.DEBUG if level == "debug" else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Third-party debug logs can print headers (cookies, tokens): keep them quiet at every level.
+    for noisy in ("hpack", "httpx", "httpcore", "curl_cffi", "asyncio", "hypercorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    for opt in OPTIONS:
+        if opt.flag is None:
+            continue
+        env = ", ".join(opt.env)
+        default = "" if opt.default in (None, "") else f"; default {opt.default}"
+        kwargs: dict[str, Any] = {"dest": opt.name, "default": argparse.SUPPRESS,
+                                  "help": f"{opt.help} (env {env}{default})"}
+        if opt.kind is _bool:
+            kwargs.update(action="store_const", const=True)
+        else:
+            kwargs.update(type=opt.kind, metavar=opt.name.upper())
+        common.add_argument(opt.flag, **kwargs)
+    env_only = "\n".join(f"  {', '.join(o.env)}: {o.help}" for o in OPTIONS if o.flag is None)
+    parser = argparse.ArgumentParser(prog="bridge.py", parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="OpenAI-compatible bridge to LM Arena. Without a command: serve.",
+                                     epilog=f"environment only (secrets never go on the command line):\n{env_only}")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", parents=[common], help="serve the API and dashboard (the default)")
+    keys = commands.add_parser("keys", parents=[common], help="manage API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", parents=[common], help="create a key; prints it alone on the last line")
+    create.add_argument("name")
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute (default BRIDGE_DEFAULT_RPM)")
+    keys.add_parser("list", parents=[common], help="list keys (never the secret)")
+    revoke = keys.add_parser("revoke", parents=[common], help="revoke a key")
+    revoke.add_argument("id", type=int)
+    tokens = commands.add_parser("tokens", parents=[common], help="manage arena accounts").add_subparsers(dest="action", required=True)
+    add = tokens.add_parser("add", parents=[common], help="add an account: cookie value, .0/.1 chunks, Cookie: header or JWT")
+    add.add_argument("value", nargs="+")
+    tokens.add_parser("list", parents=[common], help="list accounts with their state (never the secret)")
+    remove = tokens.add_parser("remove", parents=[common], help="remove an account")
+    remove.add_argument("id", type=int)
+    models = commands.add_parser("models", parents=[common], help="the LM Arena model list").add_subparsers(dest="action", required=True)
+    models.add_parser("refresh", parents=[common], help="fetch the model list and site parameters now")
+    models.add_parser("list", parents=[common], help="list the usable models")
+    return parser
+
+
+def format_time(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def run_cli(settings: Settings, args: argparse.Namespace) -> int:
+    store = Store(settings.db)
+    command, action = args.command, getattr(args, "action", None)
+    if command == "keys" and action == "create":
+        key_id, key = store.create_key(args.name, args.rpm if args.rpm is not None else settings.default_rpm)
+        print(f"created key {key_id} ({args.name}); it is shown only now:")
+        print(key)
+    elif command == "keys" and action == "list":
+        for key in store.keys():
+            state = f"revoked {format_time(key['revoked'])}" if key["revoked"] else "active"
+            print(f"{key['id']}\t{key['name']}\t{key['prefix']}…\t{key['rpm']} rpm\t{state}")
+    elif command == "keys" and action == "revoke":
+        if not store.revoke_key(args.id):
+            print(f"no active key {args.id}", file=sys.stderr)
+            return 1
+        print(f"revoked key {args.id}")
+    elif command == "tokens" and action == "add":
+        try:
+            parsed = parse_account_input(" ".join(args.value) if len(args.value) > 1 else args.value[0])
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        account_id = add_account(store, parsed, label="added from the CLI")
+        print(f"added account {account_id} ({'anonymous' if parsed.anonymous else parsed.form}), "
+              f"expires {format_time(session_expiry(parsed.auth))}")
+    elif command == "tokens" and action == "list":
+        at = now()
+        for a in store.accounts():
+            state = account_state(a, at)
+            if state == "cooling_down":
+                state = f"cooling down until {format_time(a['cooldown_until'])} ({a['cooldown_reason']})"
+            print(f"{a['id']}\t{a['kind']}\t{state}\texpires {format_time(a['expires_at'])}\t"
+                  f"last error: {a['last_error'] or '-'}")
+    elif command == "tokens" and action == "remove":
+        if not store.remove_account(args.id):
+            print(f"no account {args.id}", file=sys.stderr)
+            return 1
+        print(f"removed account {args.id}")
+    elif command == "models" and action == "refresh":
+        async def refresh() -> dict:
+            sidecar = SidecarClient(settings)
+            arena = ArenaClient(settings, store, sidecar)
+            try:
+                return await arena.discover(min_age=0)
+            finally:
+                await arena.aclose()
+                await sidecar.aclose()
+        try:
+            asyncio.run(refresh())
+        except (UpstreamError, SidecarError, Exception) as exc:
+            print(f"error: could not refresh from {settings.arena_url}: {exc}", file=sys.stderr)
+            return 1
+        print(f"{len(store.models())} models stored ({len(usable_models(store.models()))} usable)")
+    elif command == "models" and action == "list":
+        for m in usable_models(store.models()):
+            print(f"{m['publicName']}\t{m['organization']}\t{choose_modality(m)}\t"
+                  f"{'vision' if accepts_images(m) else '-'}")
+    store.close()
+    return 0
+
+
+def serve(settings: Settings) -> None:
+    import hypercorn.asyncio
+    import hypercorn.config
+
+    config = hypercorn.config.Config()
+    config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = 20.0
+    config.keep_alive_timeout = 75.0
+    app = create_app(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("serving on http://%s:%d (LM Arena at %s)", settings.host, settings.port, settings.arena_url)
+        await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.load(args)
+    configure_logging(settings.log_level)
+    if args.command in (None, "serve"):
+        serve(settings)
+        return 0
+    return run_cli(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Start the real bridge (Hypercorn, as `python bridge.py` does) against the emulator, for end-to-end tests."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import jsonschema
+
+import bridge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMAS = json.load(open(os.path.join(ROOT, "tests", "fixtures", "openai-schemas.json")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate(name: str, instance: dict) -> None:
+    """Check a body against OpenAI's own schema (extensions such as reasoning_content are allowed)."""
+    jsonschema.Draft202012Validator({"$defs": SCHEMAS["$defs"], "$ref": f"#/$defs/{name}"}).validate(instance)
+
+
+class BridgeProcess:
+    def __init__(self, arena_url: str, folder: str, env: dict | None = None, args: tuple = (),
+                 sidecar: str = "off"):
+        self.port = free_port()
+        self.folder = folder
+        self.db = os.path.join(folder, "bridge.db")
+        self.log_path = os.path.join(folder, "bridge.log")
+        self.env = {**os.environ, "BRIDGE_LOG_LEVEL": "debug", "BRIDGE_SIDECAR": sidecar, **(env or {})}
+        self.args = ["--host", "127.0.0.1", "--port", str(self.port), "--db", self.db,
+                     "--arena-url", arena_url, *args]
+        self.process: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._store: bridge.Store | None = None
+
+    def start(self, timeout: float = 20.0) -> "BridgeProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "bridge.py"), *self.args],
+                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("bridge exited:\n" + self.log())
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("bridge did not start:\n" + self.log())
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    @property
+    def store(self) -> bridge.Store:
+        if self._store is None:
+            self._store = bridge.Store(self.db)
+        return self._store
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def create_key(self, rpm: int = 10_000, name: str = "test") -> str:
+        return self.store.create_key(name, rpm)[1]
+
+    def set_accounts(self, *values: str) -> list[int]:
+        """Replace all arena accounts with these (any input form)."""
+        for account in self.store.accounts():
+            self.store.remove_account(account["id"])
+        return [bridge.add_account(self.store, bridge.parse_account_input(v)) for v in values]
+
+    def wait_for_models(self, timeout: float = 15.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.store.models():
+                return
+            time.sleep(0.05)
+        raise RuntimeError("bridge never discovered the models:\n" + self.log())
