@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import calendar
 import codecs
 import collections
 import contextlib
@@ -639,7 +640,7 @@ def refreshed_auth_from_set_cookie(set_cookies: list[str]) -> tuple[str, str] | 
 
 def merge_refreshed_session(old: dict, fresh: dict) -> dict:
     merged = {**old, **fresh}
-    if not isinstance(merged.get("expires_at"), (int, float)):
+    if not isinstance(fresh.get("expires_at"), (int, float)):
         exp = (jwt_claims(merged.get("access_token", "")) or {}).get("exp")
         merged["expires_at"] = int(exp if exp else now() + int(merged.get("expires_in") or 3600))
     return merged
@@ -880,6 +881,11 @@ def account_state(account: dict, at: float | None = None) -> str:
     return account["state"]
 
 
+def is_usable(account: dict, at: float | None = None) -> bool:
+    """Can serve now. An account being refreshed counts: its requests wait for the refresh to finish."""
+    return account_state(account, at) in ("ok", "refreshing")
+
+
 def classify_failure(status: int, headers: dict[str, str], body: str) -> str:
     """Name what an LM Arena error answer means, so the retry policy can be one table."""
     lowered = body.lower()
@@ -1034,7 +1040,7 @@ class ArenaClient:
         """The least recently used account that can serve now."""
         at = now()
         usable = [a for a in self.store.accounts()
-                  if a["id"] not in exclude and account_state(a, at) == "ok"
+                  if a["id"] not in exclude and is_usable(a, at)
                   and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
         if not usable:
             return None
@@ -1042,8 +1048,14 @@ class ArenaClient:
         self.store.update_account(account["id"], last_used=at)
         return account
 
-    def unavailable_error(self) -> UpstreamError:
-        """Why no account can serve, with the soonest recovery as Retry-After."""
+    def unavailable_error(self, last: UpstreamError | None = None) -> UpstreamError:
+        """Why no account can serve, with the soonest recovery as Retry-After, and what LM Arena said last."""
+        error = self._unavailable_error()
+        if last is not None:
+            error.message += f" Last answer from LM Arena: {last.message}"
+        return error
+
+    def _unavailable_error(self) -> UpstreamError:
         accounts = self.store.accounts()
         if not accounts:
             return UpstreamError(503, "No LM Arena account is configured. Add one in the dashboard or with "
@@ -1052,7 +1064,7 @@ class ArenaClient:
         waits = [a["cooldown_until"] - at for a in accounts if a["state"] == "cooling_down"
                  and (a["cooldown_until"] or 0) > at]
         paced = [self.settings.account_min_interval - (at - (a["last_used"] or 0)) for a in accounts
-                 if account_state(a, at) == "ok"]
+                 if is_usable(a, at)]
         waits += [w for w in paced if w > 0]
         if waits:
             wait = max(1.0, min(waits))
@@ -1149,7 +1161,7 @@ class ArenaClient:
                 followup = None
                 account = await self.account_for(None, excluded)
             if account is None:
-                raise last if last and last.code != "rate_limited" else self.unavailable_error()
+                raise self.unavailable_error(last)
             attachments = await upload_images(self, account, plan.images) if plan.images else []
             evaluation_id = followup["evaluation_id"] if followup else uuid7()
             path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
@@ -1183,8 +1195,6 @@ class ArenaClient:
                 self.store.update_account(account["id"], failures=(account.get("failures") or 0) + 1)
                 self.cool_down(account, self.recaptcha_backoff(account), "reCAPTCHA validation failed twice")
                 excluded.add(account["id"])
-                last = UpstreamError(503, "LM Arena rejected the reCAPTCHA token; the account is cooling down",
-                                     "recaptcha_failed")
             elif kind == "unauthorized" and account["id"] not in refreshed:
                 refreshed.add(account["id"])
                 if await self.refresh(account) is None:
@@ -1196,7 +1206,6 @@ class ArenaClient:
                 wait = retry_after_seconds(headers, text) or RATE_LIMIT_COOLDOWN
                 self.cool_down(account, wait, f"rate limited by LM Arena: {message}")
                 excluded.add(account["id"])
-                last = UpstreamError(429, f"LM Arena rate limit: {message}", "rate_limited", retry_after=wait)
             elif kind == "mode" and not followup:
                 mode = OTHER_MODE.get(self.arena_mode(), "direct")
                 self.store.set_site_params(arena_mode=mode)
@@ -1218,7 +1227,7 @@ class ArenaClient:
         any usable account for a new one."""
         if followup is not None:
             account = self.store.account(followup["account_id"])
-            if account is None or account["id"] in excluded or account_state(account) != "ok":
+            if account is None or account["id"] in excluded or not is_usable(account):
                 return None
         else:
             account = self.pick_account(excluded)
@@ -2195,7 +2204,7 @@ async def health(request: Request) -> Response:
     state = bridge(request)
     at = now()
     accounts = state.store.accounts()
-    usable = [a for a in accounts if account_state(a, at) == "ok"]
+    usable = [a for a in accounts if is_usable(a, at)]
     models = state.store.rows("SELECT COUNT(*) AS n FROM models")[0]["n"]
     checks = {
         "accounts": {"usable": len(usable), "total": len(accounts),

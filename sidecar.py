@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -410,11 +411,15 @@ class Browser:
         started = time.monotonic()
         self._browser = await self._pw.chromium.launch(
             executable_path=path, headless=not self.s.headful, args=CHROMIUM_ARGS, timeout=LAUNCH_TIMEOUT * 1000)
-        # The real UA minus "Headless": sites (and Cloudflare) reject HeadlessChrome.
-        probe = await self._browser.new_page()
-        self.user_agent = (await probe.evaluate("navigator.userAgent")).replace("HeadlessChrome", "Chrome")
-        await probe.close()
-        self._context = await self.new_context()
+        try:
+            # The real UA minus "Headless": sites (and Cloudflare) reject HeadlessChrome.
+            probe = await self._browser.new_page()
+            self.user_agent = (await probe.evaluate("navigator.userAgent")).replace("HeadlessChrome", "Chrome")
+            await probe.close()
+            self._context = await self.new_context()
+        except BaseException:
+            await self.close()  # half a launch would look "running" to the next call
+            raise
         log.info("browser %s launched in %.1fs (%s)", self._browser.version, time.monotonic() - started, path)
 
     async def new_context(self) -> Any:
@@ -452,6 +457,8 @@ class Browser:
                 await self._launch()
                 await self._open_page()
             elif self._page is None or self._page.is_closed() or self._page_broken or fresh:
+                # A fresh page also ends /fetch streams still running in the old one: only asked for
+                # after the page failed (a mint error), when they are unlikely to be healthy anyway.
                 await self._open_page()
             elif time.monotonic() - self._page_loaded_at > PAGE_MAX_AGE and self._inflight == 0:
                 log.info("page older than %ds; reloading", PAGE_MAX_AGE)
@@ -519,6 +526,9 @@ class Browser:
         return {c["name"]: c["value"] for c in await context.cookies(self.s.arena_url)}
 
     async def set_cookies(self, cookies: dict[str, str]) -> None:
+        if any(name.startswith("arena-auth-prod-v1") for name in cookies):
+            # Another account's session (whole or .N chunks) must not linger beside this one.
+            await self._context.clear_cookies(name=re.compile(r"^arena-auth-prod-v1"))
         if cookies:
             await self._context.add_cookies(
                 [{"name": k, "value": str(v), "url": self.s.origin + "/"} for k, v in cookies.items()])
@@ -624,7 +634,7 @@ class Browser:
 
     async def fetch(self, spec: dict) -> AsyncIterator[dict]:
         """Run spec's request with the page's fetch(); yield pushed items until done/error."""
-        page = await self.page()
+        await self.page()  # the browser and its context must exist before cookies can be set
         await self.set_cookies(spec.get("cookies") or {})
         body = spec.get("body")
         if spec.get("sitekey") and isinstance(body, str):
@@ -637,6 +647,7 @@ class Browser:
             body = json.dumps(parsed, separators=(",", ":"))
         headers = {k: v for k, v in (spec.get("headers") or {}).items() if k.lower() not in FORBIDDEN_HEADERS
                    and not k.lower().startswith(("sec-", "proxy-"))}
+        page = await self.page()  # after the mint, which may have replaced a broken page
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
@@ -652,10 +663,14 @@ class Browser:
         try:
             while True:
                 item = await queue.get()
-                yield item
                 if "done" in item or "error" in item:
                     finished = True
+                    if "done" in item:  # the site may have refreshed cookies (Set-Cookie is not visible to JS)
+                        with contextlib.suppress(Exception):
+                            item["cookies"] = await self.host_cookies(self._context)
+                    yield item
                     return
+                yield item
         finally:
             self._inflight -= 1
             self._queues.pop(request_id, None)

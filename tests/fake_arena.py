@@ -302,10 +302,9 @@ class _Request:
         self.path = split.path
         self.query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         headers = {}
-        for k, v in h.headers.items():
+        for k, v in h.headers.items():  # repeated headers are joined (cookies with "; ", others with ", ")
             k = k.lower()
-            headers[k] = headers[k] + ", " + v if k in headers and k != "cookie" else (
-                headers[k] + "; " + v if k in headers else v)
+            headers[k] = (headers[k] + ("; " if k == "cookie" else ", ") + v) if k in headers else v
         self.headers = headers
         self.cookies = parse_cookie_header(headers.get("cookie", ""))
         self.body = body
@@ -686,7 +685,9 @@ class FakeArena:
                 if now - rec["used_at"] <= float(self.knobs["refresh_grace"]):
                     return rec["successor"]
                 return None
-            new = self._make_session(self.accounts[rec["uid"]], rec["lifetime"])
+            # A session made already expired (a test's negative lifetime) refreshes to a normal one.
+            lifetime = rec["lifetime"] if rec["lifetime"] > 0 else int(self.knobs["session_lifetime"])
+            new = self._make_session(self.accounts[rec["uid"]], lifetime)
             rec["used_at"], rec["successor"] = now, new
             return new
 
@@ -1679,11 +1680,9 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
         # Stream outside the lock: hundreds of streams run concurrently.
         self._lock.release()
         try:
-            completed = self._write_stream(h, lines, opts, headers)
+            self._write_stream(h, lines, opts, headers, before_last=on_complete)
         finally:
             self._lock.acquire()
-        if completed:
-            on_complete()
         return None
 
     def _citation_sources(self) -> list[str]:
@@ -1723,8 +1722,12 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
     # Stream writer: framing, splitting, delays, heartbeats, disconnects
     # -----------------------------------------------------------------------------------------------------------------
 
-    def _write_stream(self, h: _Handler, lines: list[str], opts: dict, extra_headers) -> bool:
-        """Write the stream; True if it completed (False on a deliberate disconnect or a client hang-up)."""
+    def _write_stream(self, h: _Handler, lines: list[str], opts: dict, extra_headers, before_last=None) -> bool:
+        """Write the stream; True if it completed (False on a deliberate disconnect or a client hang-up).
+
+        ``before_last`` runs just before the final bytes go out, so that the history is recorded before the
+        client can see the end of the reply and send a follow-up (no race in tests)."""
+        before_last = before_last or (lambda: None)
         if opts.get("first_byte_delay"):
             time.sleep(float(opts["first_byte_delay"]))
         chunked = opts.get("stream_framing", "chunked") != "close"
@@ -1764,6 +1767,7 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
                 write(hb_line)
             mode = opts.get("split", "none")
             if mode == "coalesce":
+                before_last()
                 write(b"".join(encoded))
             elif mode == "random":
                 blob = b"".join(encoded)
@@ -1782,10 +1786,13 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
                 edges = sorted(c for c in cuts if 0 < c < len(blob))
                 start = 0
                 for e in edges + [len(blob)]:
-                    write(blob[start:e])
+                    if e == len(blob):
+                        before_last()
+                    piece = blob[start:e]
+                    write(piece)
                     start = e
-                    if line_delay:
-                        time.sleep(line_delay / 8)
+                    if line_delay and b"\n" in piece:
+                        time.sleep(line_delay)
             else:
                 last = time.monotonic()
                 for idx, data in enumerate(encoded):
@@ -1799,6 +1806,8 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
                                 write(hb_line)
                                 last = time.monotonic()
                             time.sleep(min(remaining, heartbeat or remaining, 0.05) if heartbeat else remaining)
+                    if idx == len(encoded) - 1:
+                        before_last()
                     write(data)
                     last = time.monotonic()
             if cut is not None:
@@ -1807,11 +1816,15 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
                 except OSError:
                     pass
                 raise _Abort()
+            if not encoded:
+                before_last()
             if chunked:
                 h.wfile.write(b"0\r\n\r\n")
                 h.wfile.flush()
             return True
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            # The client went away mid-stream: tests check that a bridge cancels upstream when its own client does.
+            h.log_entry["aborted"] = True
             h.close_connection = True
             return False
 

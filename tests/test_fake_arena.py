@@ -6,7 +6,6 @@ per module, ``reset()`` between tests.
 
 import json
 import re
-import time
 
 import httpx
 import pytest
@@ -310,3 +309,53 @@ def test_control_endpoints_and_scripts(arena, client):
     arena.configure(legacy_redirect=True)
     r = client.get(arena.url + "/__legacy/c/abc?x=1")
     assert r.status_code == 301 and r.headers["location"] == arena.url + "/c/abc?x=1"
+
+
+def test_score_knobs_penalty_and_v2(arena, client):
+    s = arena.new_session()
+    path = "/nextjs-api/stream/create-evaluation"
+    arena.configure(recaptcha_fail_next=1)
+    assert post_chat(client, arena, path, create_body(arena), s).status_code == 403
+    assert post_chat(client, arena, path, create_body(arena), s).status_code == 200
+    arena.configure(recaptcha_fail_always=True, v2_passes_when_v3_fails=True)
+    assert post_chat(client, arena, path, create_body(arena), s).status_code == 403
+    body = create_body(arena, recaptchaV2Token=arena.mint_token(v2=True))
+    body.pop("recaptchaV3Token")
+    assert post_chat(client, arena, path, body, s).status_code == 200
+    arena.reset()
+    arena.configure(recaptcha_penalty={"k": 2, "w": 60, "p": 100})
+    codes = [post_chat(client, arena, path, create_body(arena), s).status_code for _ in range(3)]
+    assert codes == [200, 200, 403]
+    arena.clock_offset = 90      # flagged at t=0 for 100 s; this attempt extends the flag to t=190
+    assert post_chat(client, arena, path, create_body(arena), s).status_code == 403
+    arena.clock_offset = 150     # flag extended to 90+100: still flagged
+    assert post_chat(client, arena, path, create_body(arena), s).status_code == 403
+    arena.clock_offset = 400
+    assert post_chat(client, arena, path, create_body(arena), s).status_code == 200
+    # another account is not affected
+    assert post_chat(client, arena, path, create_body(arena), arena.new_session()).status_code == 200
+
+
+def test_user_fault_retry_heartbeat_r2_cap(arena, client):
+    s1, s2 = arena.new_session(), arena.new_session()
+    path = "/nextjs-api/stream/create-evaluation"
+    arena.fault(expire_auth=True, user=arena.session_user(s2))
+    assert post_chat(client, arena, path, create_body(arena), s1).status_code == 200
+    assert post_chat(client, arena, path, create_body(arena), s2).status_code == 401
+    body = create_body(arena, "hello")
+    post_chat(client, arena, path, body, s1)
+    eid, mid = body["id"], body["modelAMessageId"]
+    retry = {"messages": [], "modelId": TEXT_MODEL, "recaptchaV3Token": arena.mint_token("chat_retry")}
+    r = post_chat(client, arena, f"/nextjs-api/stream/retry-evaluation-session-message/{eid}/messages/{mid}",
+                  retry, s1, method="PUT")
+    assert r.status_code == 200 and parse_stream(r.text)[0] == "turn 1: hello"
+    arena.configure(heartbeat_every=0.05, line_delay=0.12)
+    r = post_chat(client, arena, path, create_body(arena, "a b c d"), s1)
+    assert r.text.count('a2:[{"type":"heartbeat"}]') >= 3 and parse_stream(r.text)[0] == "turn 1: a b c d"
+    arena.reset()
+    hdr = {"Next-Action": arena.action_ids["generateUploadUrl"], "Origin": arena.url, "Cookie": cookie_header(s1)}
+    r = client.post(arena.url + "/", content='["big.png","image/png"]', headers=hdr)
+    up = json.loads(r.text.splitlines()[1][2:])["data"]["uploadUrl"]
+    assert client.options(up).status_code == 204
+    assert client.put(up, content=b"x" * (10 * 1024 * 1024 + 1)).status_code == 413
+    assert client.put(up + "0", content=b"x").status_code == 403

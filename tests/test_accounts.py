@@ -1,0 +1,104 @@
+"""Account input in every form users paste, session decoding and expiry (arena-protocol §4)."""
+import base64
+import json
+import time
+
+import pytest
+
+import bridge
+from bridge import parse_account_input
+
+
+def session_value(exp_offset=3600, alphabet="url", padding=False, extra=None, anonymous=True):
+    claims = {"iss": "https://x.supabase.co/auth/v1", "sub": "u", "exp": int(time.time()) + exp_offset,
+              "user_metadata": {"id": "arena-user"}, "is_anonymous": anonymous}
+    jwt = "eyJhbGciOiJFUzI1NiJ9." + base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=") + ".sig"
+    session = {"access_token": jwt, "token_type": "bearer", "expires_in": 3600,
+               "expires_at": claims["exp"], "refresh_token": "r1", "user": {"id": "u", "is_anonymous": anonymous},
+               **(extra or {})}
+    raw = json.dumps(session).encode()
+    encoded = base64.urlsafe_b64encode(raw).decode() if alphabet == "url" else base64.b64encode(raw).decode()
+    return "base64-" + (encoded if padding else encoded.rstrip("=")), jwt
+
+
+def test_raw_value_is_accepted():
+    value, _ = session_value()
+    parsed = parse_account_input(value)
+    assert parsed.auth == value and parsed.form == "whole" and parsed.anonymous
+
+
+@pytest.mark.parametrize("alphabet,padding", [("url", False), ("url", True), ("std", True), ("std", False)])
+def test_both_base64_alphabets_with_or_without_padding_decode(alphabet, padding):
+    value, _ = session_value(alphabet=alphabet, padding=padding, extra={"pad": "??>>~~" * 7})
+    assert bridge.decode_session(parse_account_input(value).auth)["pad"] == "??>>~~" * 7
+
+
+def test_quoted_prefixed_and_percent_encoded_values_are_accepted():
+    value, _ = session_value()
+    for pasted in (f'"{value}"', f"arena-auth-prod-v1={value}", f"arena-auth-prod-v1={value.replace('-', '%2D')}"):
+        assert parse_account_input(pasted).auth == value
+
+
+def test_split_pair_is_joined_in_numeric_order():
+    value, _ = session_value(extra={"big": "x" * 7000})
+    chunks = bridge.split_chunks(value)
+    assert len(chunks) >= 3
+    pasted = "; ".join(f"{k}={v}" for k, v in reversed(list(chunks.items())))
+    parsed = parse_account_input(pasted)
+    assert parsed.auth == value and parsed.form == "chunks"
+
+
+def test_chunk_values_given_as_separate_fields_are_joined():
+    value, _ = session_value(extra={"big": "x" * 4000})
+    assert parse_account_input("\n".join(bridge.split_chunks(value).values())).auth == value
+
+
+def test_cookie_header_keeps_the_auth_and_cloudflare_cookies():
+    value, _ = session_value()
+    header = f"Cookie: sidebar_state=true; cf_clearance=abc; __cf_bm=def; arena-auth-prod-v1={value}; _cfuvid=g"
+    parsed = parse_account_input(header)
+    assert parsed.auth == value and parsed.cookies == {"cf_clearance": "abc", "__cf_bm": "def", "_cfuvid": "g"}
+
+
+def test_with_whole_and_chunks_the_later_expiry_wins():
+    old, _ = session_value(exp_offset=100)
+    new, _ = session_value(exp_offset=5000)
+    chunks = bridge.split_chunks(new)
+    header = f"arena-auth-prod-v1={old}; " + "; ".join(f"{k}={v}" for k, v in chunks.items())
+    assert parse_account_input(header).auth == new
+
+
+def test_bare_jwt_is_accepted_with_its_expiry():
+    _, jwt = session_value(exp_offset=600)
+    parsed = parse_account_input(jwt)
+    assert parsed.form == "jwt" and abs(bridge.session_expiry(jwt) - (time.time() + 600)) < 5
+
+
+@pytest.mark.parametrize("bad", ["", "hello", "base64-!!!!", "base64-" + base64.b64encode(b'{"no":"token"}').decode(),
+                                 "sidebar_state=true; other=1", "a.b.c"])
+def test_invalid_input_names_what_was_expected(bad):
+    with pytest.raises(ValueError, match="arena-auth-prod-v1"):
+        parse_account_input(bad)
+
+
+def test_expiry_uses_a_30_second_margin():
+    soon, _ = session_value(exp_offset=20)
+    later, _ = session_value(exp_offset=60)
+    assert bridge.is_expired(soon) and not bridge.is_expired(later)
+
+
+def test_refreshed_set_cookie_is_taken_whole_or_chunked_only_when_fresh():
+    fresh, _ = session_value()
+    stale, _ = session_value(exp_offset=-10)
+    assert bridge.refreshed_auth_from_set_cookie([f"arena-auth-prod-v1={fresh}; Path=/"]) == (fresh, "whole")
+    chunked = [f"{k}={v}; Path=/" for k, v in bridge.split_chunks(fresh).items()]
+    assert bridge.refreshed_auth_from_set_cookie(["arena-auth-prod-v1=; Max-Age=0", *chunked]) == (fresh, "chunks")
+    assert bridge.refreshed_auth_from_set_cookie([f"arena-auth-prod-v1={stale}"]) is None
+
+
+def test_refresh_grant_answer_is_merged_and_gets_expires_at():
+    old = bridge.decode_session(session_value()[0])
+    _, jwt = session_value(exp_offset=7200)
+    merged = bridge.merge_refreshed_session(old, {"access_token": jwt, "refresh_token": "r2"})
+    assert merged["refresh_token"] == "r2" and merged["expires_at"] == bridge.jwt_claims(jwt)["exp"]
+    assert merged["user"] == old["user"]

@@ -1,0 +1,414 @@
+"""The browser sidecar (sidecar.py) and the bridge's client for it, against the LM Arena emulator.
+
+These run a real headless Chromium (Debian's /usr/bin/chromium or BRIDGE_BROWSER); they are skipped when
+none is found. One sidecar serves the whole module; the SidecarClient tests start their own children.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from fake_arena import AUTH_COOKIE, make_uuid7
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIDECAR = os.path.join(ROOT, "sidecar.py")
+TEXT_MODEL = "019a98f7-afcd-779f-8dcb-856cc3b3f078"  # gemini-3-pro in the fixture list
+
+
+def _find_browser() -> str | None:
+    explicit = os.environ.get("BRIDGE_BROWSER")
+    if explicit:
+        return explicit
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+BROWSER = _find_browser()
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium/Chrome binary found")
+
+import bridge  # noqa: E402
+
+if "fetch_stream" in vars(bridge.SidecarClient):  # once pasted into bridge.py, test the real thing
+    SidecarClient, SidecarError = bridge.SidecarClient, bridge.SidecarError
+else:
+    from _sidecar_client_draft import SidecarClient, SidecarError
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+class Sidecar:
+    """A sidecar.py child plus an HTTP client on its Unix socket."""
+
+    def __init__(self, arena_url: str, folder: str) -> None:
+        self.socket = os.path.join(folder, "sidecar.sock")
+        self.log_path = os.path.join(folder, "sidecar.log")
+        self.proc = subprocess.Popen(
+            [sys.executable, SIDECAR, "--socket", self.socket, "--arena-url", arena_url, "--browser", BROWSER],
+            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"))
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://sidecar",
+                                 timeout=60)
+        deadline = time.time() + 15
+        while not os.path.exists(self.socket):
+            assert self.proc.poll() is None and time.time() < deadline, self.log()
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def post(self, path: str, body: dict) -> httpx.Response:
+        return self.http.post(path, json=body)
+
+    def stop(self) -> None:
+        self.http.post("/shutdown", timeout=5)
+        try:
+            assert self.proc.wait(10) == 0
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.http.close()
+
+
+@pytest.fixture(scope="module")
+def sidecar(arena, tmp_path_factory):
+    s = Sidecar(arena.url, str(tmp_path_factory.mktemp("sidecar")))
+    yield s
+    s.stop()
+    assert not os.path.exists(s.socket)
+
+
+@pytest.fixture(autouse=True)
+def _reset(arena):
+    arena.reset()
+    yield
+
+
+def create_body(content: str = "hi", token: str | None = None) -> dict:
+    body = {"id": make_uuid7(), "mode": "direct-battle", "modelAId": TEXT_MODEL, "userMessageId": make_uuid7(),
+            "modelAMessageId": make_uuid7(), "modality": "chat",
+            "userMessage": {"content": content, "experimental_attachments": [], "metadata": {}}}
+    if token is not None:
+        body["recaptchaV3Token"] = token
+    return body
+
+
+def post_chat(arena, session: str, token: str, ua: str = "Mozilla/5.0 test") -> httpx.Response:
+    """A direct (non-browser) create-evaluation call carrying a token: the emulator's verdict on it."""
+    return httpx.post(arena.url + "/nextjs-api/stream/create-evaluation",
+                      content=json.dumps(create_body("check", token)),
+                      headers={"Content-Type": "text/plain;charset=UTF-8", "Origin": arena.url, "User-Agent": ua,
+                               "Cookie": f"{AUTH_COOKIE}={session}"}, timeout=10)
+
+
+def read_ndjson(response: httpx.Response) -> tuple[list[dict], list[float]]:
+    items, times = [], []
+    for line in response.iter_lines():
+        if line:
+            items.append(json.loads(line))
+            times.append(time.monotonic())
+    return items, times
+
+
+# --- the sidecar process --------------------------------------------------------------------------
+
+
+def test_socket_is_private_and_status_does_not_start_the_browser(sidecar):
+    assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o600
+    for _ in range(2):
+        status = sidecar.http.get("/status").json()
+        assert status["ok"] is True and status["browser"] == "not started"
+        assert status["pid"] == sidecar.proc.pid and status["page_url"] is None
+    assert not [p for p in _descendants(sidecar.proc.pid) if "chrom" in _cmdline(p)]
+
+
+def test_token_is_minted_in_the_page_and_accepted(arena, sidecar):
+    started = time.monotonic()
+    r = sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit", "v2": False})
+    cold = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    token = r.json()["token"]
+    assert token.startswith("0cAFcWeA") and len(token) > 1000
+
+    started = time.monotonic()
+    warm_token = sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"}).json()["token"]
+    warm = time.monotonic() - started
+    print(f"\ntoken mint: cold {cold:.2f}s (browser launch + page load), warm {warm * 1000:.0f}ms")
+
+    session = arena.new_session()
+    assert post_chat(arena, session, token).status_code == 200
+    assert post_chat(arena, session, warm_token).status_code == 200
+    assert post_chat(arena, session, token).status_code == 403  # single use: the emulator checks it
+
+    # v2: the widget path (an optional fallback on the real site) works against the fake script too.
+    r = sidecar.post("/token", {"sitekey": arena.v2_sitekey, "action": "", "v2": True})
+    assert r.status_code == 200, r.text
+    body = create_body("v2", None) | {"recaptchaV2Token": r.json()["token"]}
+    assert httpx.post(arena.url + "/nextjs-api/stream/create-evaluation", content=json.dumps(body),
+                      headers={"Cookie": f"{AUTH_COOKIE}={session}", "Origin": arena.url}).status_code == 200
+
+    status = sidecar.http.get("/status").json()
+    assert status["browser"] == "running" and status["page_url"].startswith(arena.url)
+    assert "Headless" not in status["user_agent"] and status["webdriver"] is False
+    print(f"sidecar memory (PSS, sidecar + driver + Chromium): {status['rss_mb']:.0f} MiB")
+    # The page the site saw: a normal browser UA on every request.
+    page_loads = [e for e in arena.requests if e["path"].startswith("/recaptcha/")]
+    assert page_loads and all("Headless" not in e["headers"].get("user-agent", "") for e in page_loads)
+
+
+def test_token_errors_are_json_and_a_failing_page_is_reloaded(arena, sidecar):
+    arena.configure(grecaptcha_execute_rejects=True)
+    assert sidecar.post("/clearance", {}).status_code == 200  # reloads the page: it gets the broken script
+    r = sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"})
+    assert r.status_code == 502 and "reCAPTCHA execute failed" in r.json()["error"]
+    assert sidecar.post("/token", {}).status_code == 400
+    arena.reset()  # the page still holds the broken script: the first try fails, a reload fixes it
+    r = sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"})
+    assert r.status_code == 200 and "reloading the page" in sidecar.log()
+
+
+def test_clearance_passes_the_cloudflare_interstitial(arena, sidecar):
+    arena.configure(cloudflare=True, cloudflare_delay=0.3)
+    r = sidecar.post("/clearance", {})
+    assert r.status_code == 200, r.text
+    cookies, ua = r.json()["cookies"], r.json()["user_agent"]
+    assert cookies.get("cf_clearance") and "Headless" not in ua and ua.startswith("Mozilla/5.0")
+    # The clearance works for a plain HTTP client sending the same UA (and not for another UA).
+    jar = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    assert httpx.get(arena.url + "/", headers={"Cookie": jar, "User-Agent": ua}).status_code == 200
+    assert httpx.get(arena.url + "/", headers={"Cookie": jar, "User-Agent": "curl/8"}).status_code == 403
+    # And the page behind it mints tokens again.
+    assert sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"}).status_code == 200
+
+
+def test_fetch_relays_the_stream_as_it_arrives(arena, sidecar):
+    arena.configure(lines=6, line_delay=0.25)
+    request = {"url": "/nextjs-api/stream/create-evaluation", "method": "POST",
+               "headers": {"Content-Type": "text/plain;charset=UTF-8", "User-Agent": "ignored"},
+               "body": json.dumps(create_body("streamed")), "cookies": {AUTH_COOKIE: arena.new_session()},
+               "action": "chat_submit", "sitekey": arena.sitekey}
+    started = time.monotonic()
+    with sidecar.http.stream("POST", "/fetch", json=request) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        items, times = read_ndjson(response)
+    head, chunks, last = items[0], items[1:-1], items[-1]
+    assert head["status"] == 200 and head["headers"]["content-type"].startswith("text/event-stream")
+    assert last["done"] is True and AUTH_COOKIE in last["cookies"]  # the context's cookies after the call
+    text = "".join(c["chunk"] for c in chunks)
+    assert all(f'a0:"line {i}\\n"' in text for i in range(1, 7)) and "ad:" in text
+    first_chunk_at = times[1] - started
+    total = times[-1] - started
+    assert total - first_chunk_at > 1.0, (first_chunk_at, total)  # chunks came one by one, not at the end
+    assert len(chunks) >= 4
+
+
+def test_fetch_errors_before_the_status_and_http_errors_pass_through(arena, sidecar):
+    r = sidecar.post("/fetch", {"url": "http://127.0.0.1:9/nowhere", "method": "GET"})
+    assert r.status_code == 502 and r.json()["error"]
+    with sidecar.http.stream("POST", "/fetch", json={"url": "/nextjs-api/stream/create-evaluation",
+                                                      "method": "POST", "body": json.dumps(create_body())}) as resp:
+        items, _ = read_ndjson(resp)
+    # No token was asked for: the site's own error comes back as a normal response.
+    assert items[0]["status"] == 403 and items[-1]["done"] is True
+    assert "recaptcha validation failed" in "".join(i.get("chunk", "") for i in items)
+
+
+def test_fetch_client_disconnect_aborts_the_page_fetch(arena, sidecar):
+    arena.configure(lines=12, line_delay=0.2)
+    body = create_body("abandoned")
+    request = {"url": "/nextjs-api/stream/create-evaluation", "method": "POST", "body": json.dumps(body),
+               "cookies": {AUTH_COOKIE: arena.new_session()}, "sitekey": arena.sitekey, "action": "chat_submit"}
+    with sidecar.http.stream("POST", "/fetch", json=request) as response:
+        lines = response.iter_lines()
+        assert json.loads(next(lines))["status"] == 200
+        assert "chunk" in json.loads(next(lines))
+    # The reply would take 2.4 s. The emulator only records a turn whose stream completed: if the page's
+    # fetch was aborted, its writes fail and the evaluation stays empty.
+    time.sleep(3.0)
+    assert arena.evaluations[body["id"]]["messages"] == []
+    assert "aborting it in the page" in sidecar.log()
+
+
+def test_signup_creates_an_account_the_emulator_accepts(arena, sidecar):
+    r = sidecar.post("/signup", {"turnstile_sitekey": arena.turnstile_sitekey,
+                                 "recaptcha_sitekey": arena.sitekey, "recaptcha_action": "sign_up"})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["cookie"].startswith("base64-") and arena.session_user(result["cookie"])
+    assert "provisional_user_id" in result["cookies"] and AUTH_COOKIE not in result["cookies"]
+    assert "Headless" not in result["user_agent"]
+    token = sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"}).json()["token"]
+    assert post_chat(arena, result["cookie"], token).status_code == 200
+    # Without the required reCAPTCHA token the emulator refuses, and the sidecar says so.
+    r = sidecar.post("/signup", {"turnstile_sitekey": arena.turnstile_sitekey, "recaptcha_sitekey": None})
+    assert r.status_code == 502 and "403" in r.json()["error"]
+
+
+# --- the bridge's SidecarClient -------------------------------------------------------------------
+
+
+def make_client(arena, tmp_path, **kw) -> SidecarClient:
+    options = dict(socket_path=str(tmp_path / "client.sock"), arena_url=arena.url, browser=BROWSER,
+                   sidecar_script=SIDECAR, request_timeout=30.0)
+    options.update(kw)
+    return SidecarClient(**options)
+
+
+def test_client_off_mode_never_starts_anything(arena, tmp_path):
+    async def run():
+        client = make_client(arena, tmp_path, mode="off")
+        with pytest.raises(SidecarError, match="disabled"):
+            await client.token(arena.sitekey, "chat_submit")
+        with pytest.raises(SidecarError, match="disabled"):
+            await client.clearance()
+        assert client.state == "off" and (await client.status())["state"] == "off"
+        assert client._proc is None and not os.path.exists(tmp_path / "client.sock")
+        await client.aclose()
+    asyncio.run(run())
+
+
+def test_client_lazy_start_pool_restart_and_stop(arena, tmp_path):
+    async def run():
+        client = make_client(arena, tmp_path)
+        try:
+            assert (await client.status()) == {"state": "stopped"}
+            assert client._proc is None
+            started = time.monotonic()
+            token = await client.token(arena.sitekey, "chat_submit")  # starts sidecar + browser
+            print(f"\nclient cold token (python + browser start + page + mint): {time.monotonic() - started:.2f}s")
+            status = await client.status()
+            assert status["state"] == "running" and status["browser"] == "running"
+            first_pid = status["pid"]
+            # The pool refills in the background: the next call does not wait for a mint.
+            for _ in range(50):
+                if len(client._pool.get((arena.sitekey, "chat_submit"), ())) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            started = time.monotonic()
+            pooled = await client.token(arena.sitekey, "chat_submit")
+            assert time.monotonic() - started < 0.05 and pooled != token
+            session = arena.new_session()
+            assert post_chat(arena, session, token).status_code == 200
+            assert post_chat(arena, session, pooled).status_code == 200
+
+            os.kill(first_pid, signal.SIGKILL)  # a crash: the next call restarts it
+            await asyncio.sleep(0.2)
+            cookies, ua = await client.clearance()
+            assert "provisional_user_id" in cookies and "Headless" not in ua
+            status = await client.status()
+            assert status["state"] == "running" and status["pid"] != first_pid
+
+            chunks = []
+            stream = client.fetch_stream({"url": "/", "method": "GET"})
+            async for item in stream:
+                chunks.append(item)
+            assert chunks[0][0] == 200 and "LMArena" in "".join(chunks[1:])
+
+            # Closing the iterator early aborts the page's fetch (the emulator then never completes the turn).
+            arena.configure(lines=8, line_delay=0.2)
+            body = create_body("closed early")
+            stream = client.fetch_stream({"url": "/nextjs-api/stream/create-evaluation", "method": "POST",
+                                          "body": json.dumps(body), "cookies": {AUTH_COOKIE: session},
+                                          "sitekey": arena.sitekey, "action": "chat_submit"})
+            assert (await stream.__anext__())[0] == 200
+            assert "a0:" in await stream.__anext__()
+            await stream.aclose()
+            await asyncio.sleep(2.0)
+            assert arena.evaluations[body["id"]]["messages"] == []
+        finally:
+            await client.aclose()
+        assert client.state == "stopped" and not os.path.exists(tmp_path / "client.sock")
+        assert _pid_gone(status["pid"])
+    asyncio.run(run())
+
+
+def test_client_idle_stop(arena, tmp_path):
+    async def run():
+        client = make_client(arena, tmp_path, idle_timeout=0.5)
+        try:
+            await client.clearance()
+            pid = (await client.status())["pid"]
+            for _ in range(60):
+                if client.state == "stopped":
+                    break
+                await asyncio.sleep(0.1)
+            assert client.state == "stopped" and _pid_gone(pid)
+        finally:
+            await client.aclose()
+    asyncio.run(run())
+
+
+HUNG_SIDECAR = """
+import socket, sys, time
+path = sys.argv[sys.argv.index("--socket") + 1]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(16)
+held = []
+while True:
+    held.append(s.accept()[0])  # accept and never answer
+"""
+
+
+def test_client_gives_up_on_a_sidecar_that_never_answers(arena, tmp_path):
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_SIDECAR)
+
+    async def run():
+        client = make_client(arena, tmp_path, sidecar_script=str(script), request_timeout=2.0)
+        started = time.monotonic()
+        with pytest.raises(SidecarError, match="did not answer within 2s"):
+            await client.token(arena.sitekey, "chat_submit")
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0, elapsed
+        assert client.state.startswith("failed") and client._proc is None
+        await client.aclose()
+    asyncio.run(run())
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, ValueError):
+                pass
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pid_gone(pid: int) -> bool:
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
