@@ -32,6 +32,7 @@ import html
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -42,7 +43,7 @@ import sys
 import time
 import urllib.parse
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import sqlite_utils
 from curl_cffi.requests import AsyncSession
@@ -116,6 +117,8 @@ OPTIONS: tuple[Option, ...] = (
            "auto (create an anonymous arena account when none is usable) or off"),
     Option("signup_interval", "--signup-interval", ("BRIDGE_SIGNUP_INTERVAL",), float, 3600.0,
            "least seconds between two anonymous sign-ups"),
+    Option("browser_models", "--browser-models", ("BRIDGE_BROWSER_MODELS",), str, "",
+           "models (public names, comma separated) always sent through the sidecar's page"),
     Option("arena_mode", "--arena-mode", ("BRIDGE_ARENA_MODE",), str, "direct-battle",
            "mode sent for new conversations (direct-battle or direct; the other is tried on a mode error)"),
     Option("impersonate", "--impersonate", ("BRIDGE_IMPERSONATE",), str, "chrome",
@@ -153,6 +156,7 @@ class Settings:
     allow_private_urls: bool = False
     anonymous: str = "auto"
     signup_interval: float = 3600.0
+    browser_models: str = ""
     arena_mode: str = "direct-battle"
     impersonate: str = "chrome"
     account_min_interval: float = 0.0
@@ -321,6 +325,8 @@ class Store:
     def remove_account(self, account_id: int) -> bool:
         with self.db.conn:
             self.db.execute("DELETE FROM conversations WHERE account_id = ?", [account_id])
+            # Ids are reused after a delete: an upload of the removed user must not reach the next account.
+            self.db.execute("DELETE FROM uploads WHERE account_id = ?", [account_id])
             return self.db.execute("DELETE FROM accounts WHERE id = ?", [account_id]).rowcount == 1
 
     # --- API keys -------------------------------------------------------------------------------------
@@ -387,6 +393,63 @@ class Store:
             self.db.execute("DELETE FROM conversations WHERE updated < ?", [cutoff])
             self.db.execute("DELETE FROM uploads WHERE expires < ?", [now()])
 
+    # --- dashboard: admin password and sessions ---------------------------------------------------------
+    def set_admin_password(self, hashed: str, keep_session: str | None = None) -> None:
+        """A new password signs out every session but the one that set it."""
+        with self.db.conn:
+            self.db["meta"].upsert({"key": "admin_password", "value": hashed}, pk="key")
+            self.db.execute("DELETE FROM admin_sessions WHERE token_hash IS NOT ?", [keep_session])
+
+    def create_admin_session(self, token_hash: str, csrf: str, expires: float) -> None:
+        with self.db.conn:
+            self.db.execute("DELETE FROM admin_sessions WHERE expires < ?", [now()])
+            self.db["admin_sessions"].insert({"token_hash": token_hash, "csrf": csrf, "expires": expires})
+
+    def admin_session(self, token_hash: str) -> dict | None:
+        rows = self.rows("SELECT * FROM admin_sessions WHERE token_hash = ? AND expires > ?", [token_hash, now()])
+        return rows[0] if rows else None
+
+    def end_admin_session(self, token_hash: str) -> None:
+        self.write("DELETE FROM admin_sessions WHERE token_hash = ?", [token_hash])
+
+    # --- dashboard: usage reports (usage rows without a model are model-list requests) -----------------
+    def usage_summary(self, since: float) -> dict:
+        """Every request and error; the median latency of successful chat requests only."""
+        totals = self.rows("SELECT COUNT(*) AS requests, COALESCE(SUM(status >= 400), 0) AS errors "
+                           "FROM usage WHERE ts >= ?", [since])[0]
+        ok = "FROM usage WHERE ts >= ? AND status < 400 AND model IS NOT NULL"
+        median = self.rows(f"SELECT latency_ms {ok} ORDER BY latency_ms LIMIT 1 "
+                           f"OFFSET (SELECT (COUNT(*) - 1) / 2 {ok})", [since, since])
+        return {**totals, "median_ms": median[0]["latency_ms"] if median else None}
+
+    def usage_by_model(self, since: float) -> list[dict]:
+        """Busiest model first; the median latency is over successful requests only."""
+        return self.rows("""
+            WITH timed AS (
+                SELECT model, status, latency_ms, prompt_tokens + completion_tokens AS tokens,
+                       ROW_NUMBER() OVER by_latency AS position, COUNT(*) OVER outcome AS outcome_count
+                FROM usage WHERE ts >= ? AND model IS NOT NULL
+                WINDOW outcome AS (PARTITION BY model, status < 400), by_latency AS (outcome ORDER BY latency_ms))
+            SELECT model, COUNT(*) AS requests, SUM(status >= 400) AS errors, SUM(tokens) AS tokens,
+                   MAX(CASE WHEN status < 400 AND position = (outcome_count + 1) / 2 THEN latency_ms END) AS median_ms
+            FROM timed GROUP BY model ORDER BY requests DESC, model""", [since])
+
+    def usage_by_key(self, since: float) -> list[dict]:
+        """Every key, used or not, with its requests since then (never the hash)."""
+        return self.rows("""
+            SELECT k.id, k.name, k.prefix, k.rpm, k.created, k.revoked, COALESCE(u.requests, 0) AS requests,
+                   COALESCE(u.errors, 0) AS errors, COALESCE(u.tokens, 0) AS tokens, u.last_used
+            FROM api_keys k LEFT JOIN (
+                SELECT key_id, COUNT(*) AS requests, SUM(status >= 400) AS errors,
+                       SUM(prompt_tokens + completion_tokens) AS tokens, MAX(ts) AS last_used
+                FROM usage WHERE ts >= ? GROUP BY key_id) u ON u.key_id = k.id
+            ORDER BY k.id""", [since])
+
+    def usage_errors(self, since: float) -> list[dict]:
+        return self.rows("SELECT COALESCE(error, 'http_' || status) AS error, status, COUNT(*) AS count, "
+                         "MAX(ts) AS last FROM usage WHERE ts >= ? AND status >= 400 "
+                         "GROUP BY 1, 2 ORDER BY count DESC", [since])
+
 
 # =====================================================================================================
 # 3. LM Arena client
@@ -395,6 +458,8 @@ class Store:
 # --- 3a. Site discovery (pure: HTML and JS text in, parameters out) ----------------------------------
 
 FALLBACK_SITEKEY = "6LeTGMcsAAAAALuIlkVwIxaAuZA8VledA6d3Nnb0"
+FALLBACK_TURNSTILE_SITEKEY = "0x4AAAAAAA65vWDmG-O_lPtT"
+TURNSTILE_RE = re.compile(r'["\'](0x4[0-9A-Za-z_-]{18,})["\']')
 PUSH_RE = re.compile(r'self\.__next_f\.push\(\[\s*1\s*,\s*("(?:[^"\\]|\\.)*")\s*\]\)', re.S)
 CHUNK_RE = re.compile(r'(?:/_next/)?static/chunks/[\w./~-]+?\.js(?:\?dpl=[\w-]+)?')
 SITEKEY_CALL_RE = re.compile(r'\.execute\(\s*["\'](6L[0-9A-Za-z_-]{38})["\']\s*,\s*\{\s*action\s*:\s*["\'](\w+)["\']')
@@ -473,6 +538,8 @@ def discover_site(page: str, scripts: Iterable[str]) -> dict[str, Any]:
         actions.update(extract_server_actions(text))
         if "anon_key" not in found and (anon := extract_anon_key(text)):
             found["anon_key"] = anon
+        if "turnstile_sitekey" not in found and (turnstile := TURNSTILE_RE.search(text)):
+            found["turnstile_sitekey"] = turnstile.group(1)
     if actions:
         found["server_actions"] = actions
     if build := BUILD_RE.search(page):
@@ -843,6 +910,7 @@ MAX_UPSTREAM_ATTEMPTS = 3
 RECAPTCHA_COOLDOWN = (20 * 60.0, 2 * 3600.0)   # first cool-down, cap; doubles per consecutive failure
 RATE_LIMIT_COOLDOWN = 60.0                      # when a 429 names no wait
 OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
+DIRECT_RETRY_AFTER = 30 * 60.0                  # an account in browser mode tries the direct path again after this
 
 
 class UpstreamError(Exception):
@@ -946,6 +1014,7 @@ class ArenaClient:
         self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.discovery_lock = asyncio.Lock()
         self.clearance_lock = asyncio.Lock()
+        self.signup_lock = asyncio.Lock()
         self.last_discovery = 0.0
         self.params: dict[str, Any] = store.site_params()
 
@@ -1149,6 +1218,7 @@ class ArenaClient:
         bounded number of attempts; returns once LM Arena answers 200."""
         excluded: set[int] = set()
         followup = plan.followup
+        browser_mode: set[int] = set()
         recaptcha_retried: set[int] = set()
         refreshed: set[int] = set()
         cloudflare_cleared = server_retried = False
@@ -1166,14 +1236,19 @@ class ArenaClient:
             evaluation_id = followup["evaluation_id"] if followup else uuid7()
             path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
                     else "/nextjs-api/stream/create-evaluation")
-            token = await self.recaptcha_token(self.params.get("recaptcha_action") or "chat_submit")
+            in_page = account["id"] in browser_mode or self.wants_browser(account, plan.model)
+            action = self.params.get("recaptcha_action") or "chat_submit"
             body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"],
                              content=plan.followup_content if followup else plan.new_content,
                              modality=plan.modality, attachments=attachments,
-                             mode=None if followup else self.arena_mode(), token=token)
-            response = await self.post_stream(path, body, account, deadline)
+                             mode=None if followup else self.arena_mode(),
+                             token=None if in_page else await self.recaptcha_token(action))
+            if in_page:
+                response = await self.post_in_page(path, body, account, action, deadline)
+            else:
+                response = await self.post_stream(path, body, account, deadline)
             if response.status_code == 200:
-                self.store.update_account(account["id"], failures=0, last_error=None)
+                self.remember_path(account, in_page)
                 turns = followup["turns"] + 1 if followup else 1
                 return OpenedTurn(response, account["id"], evaluation_id, turns)
             text = (await response.acontent()).decode("utf-8", "replace")[:4000]
@@ -1188,9 +1263,13 @@ class ArenaClient:
                 await self.clear_cloudflare()
             elif kind == "cloudflare":
                 raise UpstreamError(503, "LM Arena's Cloudflare challenge was not passed", "cloudflare")
-            elif kind == "recaptcha" and account["id"] not in recaptcha_retried:
+            elif kind == "recaptcha" and account["id"] not in recaptcha_retried and not account["needs_browser"]:
                 recaptcha_retried.add(account["id"])
                 await self.discover(min_age=2.0)   # a rotated sitekey heals here
+            elif kind == "recaptcha" and not in_page and self.settings.sidecar != "off":
+                # Fresh tokens keep failing from curl: the site wants the browser's own context.
+                log.info("account %s: reCAPTCHA keeps failing outside the browser; using in-page fetch", account["id"])
+                browser_mode.add(account["id"])
             elif kind == "recaptcha":
                 self.store.update_account(account["id"], failures=(account.get("failures") or 0) + 1)
                 self.cool_down(account, self.recaptcha_backoff(account), "reCAPTCHA validation failed twice")
@@ -1222,6 +1301,72 @@ class ArenaClient:
             raise last
         raise UpstreamError(504, "LM Arena did not answer in time", "upstream_timeout")
 
+    def wants_browser(self, account: dict, model: dict) -> bool:
+        """In-page fetch for models configured so, and for accounts that needed it until their next
+        try of the direct path."""
+        if self.settings.sidecar == "off":
+            return False
+        if model.get("publicName") in {m.strip() for m in self.settings.browser_models.split(",") if m.strip()}:
+            return True
+        return bool(account["needs_browser"]) and now() < (account["direct_retry_at"] or 0)
+
+    def remember_path(self, account: dict, in_page: bool) -> None:
+        """Record which path worked: browser mode sticks for a while, a direct success clears it."""
+        if in_page:
+            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=1,
+                                      direct_retry_at=now() + DIRECT_RETRY_AFTER)
+        else:
+            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=0)
+
+    async def post_in_page(self, path: str, body: dict, account: dict, action: str, deadline: float) -> "BrowserResponse":
+        """The chat request run by the sidecar's page with its own fetch, token minted in that page."""
+        cookies = {**json.loads(account.get("cookies") or "{}"), **auth_cookies(account["auth"], account["form"])}
+        request = {"url": self.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
+                   "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": cookies,
+                   "action": action, "sitekey": self.params.get("sitekey") or FALLBACK_SITEKEY}
+        response = BrowserResponse(self.sidecar.fetch_stream(request))
+        try:
+            await asyncio.wait_for(response.open(), timeout=max(0.1, deadline - now()))
+        except asyncio.TimeoutError:
+            await response.aclose()
+            raise UpstreamError(504, "LM Arena did not answer the in-page request in time", "upstream_timeout") from None
+        return response
+
+    async def sign_up_anonymous(self) -> dict:
+        """Create an anonymous LM Arena account through the sidecar, as the site does for a new visitor.
+
+        At most one attempt per signup_interval, remembered in SQLite so that neither failures nor
+        restarts can turn into a sign-up loop."""
+        async with self.signup_lock:
+            last = float(self.store.meta("last_signup_attempt") or 0)
+            wait = last + self.settings.signup_interval - now()
+            if wait > 0:
+                raise UpstreamError(503, f"No LM Arena account is usable and the last anonymous sign-up was "
+                                         f"recent; the next is allowed in {int(wait)} s. Add an account with "
+                                         f"`python bridge.py tokens add VALUE`.", "no_account", retry_after=wait)
+            self.store.set_meta("last_signup_attempt", str(now()))
+            log.info("no usable LM Arena account: signing up anonymously through the browser sidecar")
+            try:
+                result = await self.sidecar.signup(self.params.get("turnstile_sitekey") or FALLBACK_TURNSTILE_SITEKEY,
+                                                   self.params.get("sitekey") or FALLBACK_SITEKEY)
+                parsed = parse_account_input(result["cookie"])
+            except (SidecarError, ValueError, KeyError) as exc:
+                raise UpstreamError(503, f"Could not create an anonymous LM Arena account: {exc}", "signup_failed",
+                                    retry_after=self.settings.signup_interval) from None
+            cookies = {k: v for k, v in (result.get("cookies") or {}).items() if k in CLEARANCE_COOKIES}
+            account_id = self.store.add_account(
+                label="anonymous, created automatically", kind="anonymous", auth=parsed.auth, form=parsed.form,
+                cookies=json.dumps(cookies), user_agent=result.get("user_agent"), expires_at=session_expiry(parsed.auth),
+                state="ok", failures=0, last_used=0.0)
+            log.info("anonymous LM Arena account %s created", account_id)
+            return self.store.account(account_id)
+
+    def may_sign_up(self) -> bool:
+        """Only with zero setup or when every account has expired; never while some merely cool down."""
+        if self.settings.anonymous == "off" or self.settings.sidecar == "off":
+            return False
+        return all(a["state"] in ("expired", "invalid") for a in self.store.accounts())
+
     async def account_for(self, followup: dict | None, excluded: set[int]) -> dict | None:
         """The account that owns the held conversation (the site refuses follow-ups from another), or
         any usable account for a new one."""
@@ -1231,6 +1376,8 @@ class ArenaClient:
                 return None
         else:
             account = self.pick_account(excluded)
+            if account is None and not excluded and self.may_sign_up():
+                account = await self.sign_up_anonymous()
         while account is not None:
             fresh = await self.fresh_account(account)
             if fresh is not None or followup is not None:
@@ -1275,6 +1422,29 @@ class ArenaClient:
                 yield event
         finally:
             await opened.response.aclose()
+
+
+class BrowserResponse:
+    """An in-page fetch relayed by the sidecar, with the few members of a curl_cffi response that the
+    chat path reads, so both paths share one retry policy and one stream reader."""
+
+    def __init__(self, stream: AsyncIterator[Any]):
+        self.stream = stream
+        self.status_code = 0
+        self.headers: dict[str, str] = {}
+
+    async def open(self) -> None:
+        self.status_code, self.headers = await self.stream.__anext__()
+
+    async def aiter_content(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            yield chunk.encode()
+
+    async def acontent(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_content()])
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 def upstream_client_error(status: int, message: str, kind: str) -> UpstreamError:
@@ -1382,12 +1552,29 @@ class ChatRequest:
     include_usage: bool
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
+def json_object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", "invalid_body")
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise ApiError(400, "`model` is required and must be a string.", "missing_required_parameter", "model")
+    return body
+
+
+def required_string(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(400, f"`{name}` is required and must be a non-empty string.", "missing_required_parameter",
+                       name)
+    return value.strip()
+
+
+def require_one(body: dict, what: str) -> None:
+    """`n` other than 1 is refused rather than silently answered with one: the site gives one per request."""
+    if body.get("n", 1) not in (1, None):
+        raise ApiError(400, f"`n` must be 1: LM Arena gives one {what} per request.", "unsupported_value", "n")
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    body = json_object(body)
+    model = required_string(body, "model")
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise ApiError(400, "`messages` is required and must be a non-empty array.", "missing_required_parameter",
@@ -1401,10 +1588,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "`stream_options` must be an object.", "invalid_type", "stream_options")
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise ApiError(400, "`n` must be 1: LM Arena gives one reply per request.", "unsupported_value", "n")
-    return ChatRequest(model=model.strip(), messages=messages, stream=bool(stream),
+    require_one(body, "reply")
+    return ChatRequest(model=model, messages=messages, stream=bool(stream),
                        include_usage=bool(options.get("include_usage")))
 
 
@@ -1450,9 +1635,9 @@ def usable_models(models: list[dict]) -> list[dict]:
     return [m for m in models if not is_stealth(m) and choose_modality(m) is not None]
 
 
-def resolve_model(models: list[dict], name: str, with_images: bool = False) -> dict:
-    """The entry for a public name. Names are not unique: prefer one we can serve, and with images in the
-    request, one that takes image input."""
+def resolve_model(models: list[dict], name: str, with_images: bool = False, modality: str | None = None) -> dict:
+    """The entry for a public name. Names are not unique: prefer one we can serve, one whose output is the
+    wanted `modality` (arena-protocol §9.4), and with images in the request, one that takes image input."""
     entries = [m for m in models if m.get("publicName") == name]
     if not entries:
         raise ApiError(404, f"The model `{name}` does not exist on LM Arena (see /v1/models).", "model_not_found",
@@ -1465,8 +1650,8 @@ def resolve_model(models: list[dict], name: str, with_images: bool = False) -> d
     if not public:
         raise ApiError(403, f"The model `{name}` is a stealth model: LM Arena only serves it in anonymous "
                             "battles, not by name.", "model_not_available", "model")
-    if with_images:
-        public.sort(key=lambda m: not accepts_images(m))
+    public.sort(key=lambda m: (modality is not None and choose_modality(m) != modality,
+                               with_images and not accepts_images(m)))
     return public[0]
 
 
@@ -1666,14 +1851,15 @@ def completion_object(completion_id: str, created: int, model: str, builder: Rep
 # --- 5d. Images in: checked, fetched, uploaded ----------------------------------------------------------
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
-UPLOAD_REUSE_SECONDS = 3000.0     # signed URLs live 3600 s; reuse an upload until shortly before that
+SIGNED_URL_LIFETIME = 3600.0      # when a signed URL does not say (arena-protocol §12.1)
+UPLOAD_EXPIRY_MARGIN = 600.0      # a reused attachment must stay readable while the site answers with it
 
 
 @dataclasses.dataclass
 class ImageInput:
     data: bytes
     mime: str
-    where: str                      # e.g. "messages[2].content[1]", for error messages
+    where: str                      # e.g. "messages[2] image 1", for error messages
 
     @property
     def digest(self) -> str:
@@ -1693,12 +1879,25 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
+# A file whose first bytes are right can still be cut short (an interrupted download, a clipped data: URI);
+# the site then fails with an unexplained "Invalid content", so each type's header and end are checked here.
+IMAGE_IS_WHOLE: dict[str, Callable[[bytes], bool]] = {
+    "image/png": lambda d: d[12:16] == b"IHDR" and d.rfind(b"IEND") > 16,
+    "image/jpeg": lambda d: d.rfind(b"\xff\xd9") > 2,
+    "image/webp": lambda d: len(d) >= 16 and int.from_bytes(d[4:8], "little") + 8 <= len(d),
+    "image/gif": lambda d: len(d) > 13 and d.rstrip(b"\x00").endswith(b";"),
+}
+
+
 def check_image(data: bytes, where: str) -> ImageInput:
     if len(data) > MAX_IMAGE_BYTES:
         raise ApiError(400, f"{where}: the image is {len(data)} bytes; the limit is 10 MiB.", "image_too_large", where)
     mime = sniff_image_type(data)
     if mime is None:
         raise ApiError(400, f"{where}: not a PNG, JPEG, WebP or GIF image.", "invalid_image", where)
+    if not IMAGE_IS_WHOLE[mime](data):
+        raise ApiError(400, f"{where}: the {mime.split('/')[1].upper()} image is corrupt or truncated.",
+                       "invalid_image", where)
     return ImageInput(data=data, mime=mime, where=where)
 
 
@@ -1714,40 +1913,63 @@ def decode_data_uri(url: str, where: str) -> bytes:
         raise ApiError(400, f"{where}: the data: URI is not valid base64.", "invalid_image", where) from None
 
 
-def is_public_host(host: str) -> bool:
+def private_address_reason(host: str) -> str | None:
+    """Why a host must not be fetched on a client's behalf (it would let API users probe the bridge's own
+    network), or None for a host whose every address is public."""
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
-        return False
-    return all(ipaddress.ip_address(info[4][0]).is_global for info in infos)
+        return f"the host {host} could not be resolved"
+    if all(ipaddress.ip_address(info[4][0]).is_global for info in infos):
+        return None
+    return (f"the host {host} is a private or loopback address (allowed only with "
+            "BRIDGE_ALLOW_PRIVATE_URLS=1)")
+
+
+class FetchError(Exception):
+    """Why a URL could not be read; `code` names it for the API error the caller builds."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+async def fetch_bytes(http: AsyncSession, url: str, timeout: float, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """GET a URL into memory, stopping as soon as it passes `limit` bytes. Redirects are not followed: a
+    redirect could lead to an address that was never checked."""
+    try:
+        response = await http.get(url, timeout=timeout, stream=True, discard_cookies=True, allow_redirects=False)
+    except Exception as exc:
+        raise FetchError(f"could not be fetched ({type(exc).__name__})", "image_url_unreachable") from None
+    try:
+        if response.status_code != 200:
+            raise FetchError(f"answered HTTP {response.status_code}", "image_url_unreachable")
+        data = bytearray()
+        async for chunk in response.aiter_content():
+            data += chunk
+            if len(data) > limit:
+                raise FetchError(f"is larger than {limit // 2 ** 20} MiB", "image_too_large")
+        return bytes(data)
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise FetchError(f"broke off while reading ({type(exc).__name__})", "image_url_unreachable") from None
+    finally:
+        await response.aclose()
 
 
 async def fetch_image_url(url: str, where: str, settings: Settings, http: AsyncSession) -> bytes:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ApiError(400, f"{where}: image URLs must be data:, http: or https:.", "invalid_image_url", where)
-    if not settings.allow_private_urls and not await asyncio.to_thread(is_public_host, parsed.hostname):
-        raise ApiError(400, f"{where}: the image URL points at a private or unknown address.", "invalid_image_url",
-                       where)
+    if not settings.allow_private_urls:
+        reason = await asyncio.to_thread(private_address_reason, parsed.hostname)
+        if reason:
+            raise ApiError(400, f"{where}: the image URL is refused: {reason}.", "invalid_image_url", where)
     try:
-        response = await http.get(url, timeout=10, stream=True, discard_cookies=True, allow_redirects=False)
-        try:
-            if response.status_code != 200:
-                raise ApiError(400, f"{where}: fetching the image URL gave HTTP {response.status_code}.",
-                               "image_url_unreachable", where)
-            data = bytearray()
-            async for chunk in response.aiter_content():
-                data += chunk
-                if len(data) > MAX_IMAGE_BYTES:
-                    raise ApiError(400, f"{where}: the image is larger than 10 MiB.", "image_too_large", where)
-            return bytes(data)
-        finally:
-            await response.aclose()
-    except ApiError:
-        raise
-    except Exception as exc:
-        raise ApiError(400, f"{where}: the image URL could not be fetched ({type(exc).__name__}).",
-                       "image_url_unreachable", where) from None
+        return await fetch_bytes(http, url, timeout=10)
+    except FetchError as exc:
+        raise ApiError(400, f"{where}: the image URL {exc}.", exc.code, where) from None
 
 
 async def load_images(messages: list[Message], model: dict, settings: Settings, http: AsyncSession) -> list[ImageInput]:
@@ -1783,60 +2005,175 @@ def parse_action_response(text: str) -> dict | None:
     return None
 
 
-async def call_server_action(arena: ArenaClient, account: dict, name: str, args: list) -> dict:
-    """POST a Next.js server action; on an unknown id, rediscover the ids once and try again."""
-    for attempt in range(2):
+async def call_server_action(arena: ArenaClient, account: dict, name: str, args: list,
+                             fields: tuple[str, ...]) -> list[str]:
+    """POST a Next.js server action and return the string `fields` of its data; on an unknown id,
+    rediscover the ids once and try again."""
+    refused_at: float | None = None
+    for _ in range(2):
         action_id = (arena.params.get("server_actions") or {}).get(name)
-        if not action_id or attempt:
-            await arena.discover(min_age=2.0)
+        if not action_id or refused_at is not None:
+            # Only a discovery that began after the refused call can know the new id; one that did is
+            # reused, so that the uploads in flight during a deployment share one page load.
+            await arena.discover(min_age=now() - refused_at if refused_at is not None else 2.0)
             action_id = (arena.params.get("server_actions") or {}).get(name)
         if not action_id:
             raise UpstreamError(502, f"LM Arena's {name} server action was not found on the site", "site_changed")
         headers = arena.request_headers(account, referer="/", accept="text/x-component")
         headers["Next-Action"] = action_id
-        response = await arena.http.post(arena.origin + "/?mode=direct", data=json.dumps(args), headers=headers,
-                                         timeout=30, discard_cookies=True, allow_redirects=False)
+        sent = now()
+        try:
+            response = await arena.http.post(arena.origin + "/?mode=direct", data=json.dumps(args), headers=headers,
+                                             timeout=30, discard_cookies=True, allow_redirects=False)
+        except Exception as exc:
+            raise UpstreamError(502, f"LM Arena's {name} could not be reached ({type(exc).__name__})",
+                                "upload_failed") from None
         if response.status_code == 404:
+            refused_at = sent
             continue
         data = parse_action_response(response.text) if response.status_code == 200 else None
-        if data is not None:
-            return data
-        raise UpstreamError(502, f"LM Arena's {name} answered {response.status_code}", "upload_failed")
+        values = [data.get(field) for field in fields] if data is not None else []
+        if values and all(isinstance(v, str) and v for v in values):
+            return values
+        answer = "without " + " and ".join(fields) if response.status_code == 200 else str(response.status_code)
+        raise UpstreamError(502, f"LM Arena's {name} answered {answer}", "upload_failed")
     raise UpstreamError(502, f"LM Arena's {name} server action id is stale even after rediscovery", "site_changed")
 
 
+async def put_upload(arena: ArenaClient, upload_url: str, image: ImageInput) -> None:
+    try:
+        put = await arena.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
+                                   timeout=60, discard_cookies=True)
+    except Exception as exc:
+        raise UpstreamError(502, f"the image upload to LM Arena's storage failed ({type(exc).__name__})",
+                            "upload_failed") from None
+    if put.status_code not in (200, 201, 204):
+        raise UpstreamError(502, f"LM Arena's storage answered {put.status_code} to the image upload",
+                            "upload_failed")
+
+
+async def retry_once(step: Callable[[], Any], what: str) -> Any:
+    """Run one upload step, and once more if it fails: server actions and storage fail transiently, and
+    repeating one step is cheaper than starting the upload over."""
+    try:
+        return await step()
+    except UpstreamError as error:
+        log.info("%s failed (%s); retrying once", what, error.message)
+        return await step()
+
+
 async def upload_image(arena: ArenaClient, account: dict, image: ImageInput) -> dict:
-    """generateUploadUrl -> PUT -> getSignedUrl (arena-protocol §12.1), each step retried once."""
+    """generateUploadUrl -> PUT -> getSignedUrl (arena-protocol §12.1), with the chat request's own
+    account: the site shows an attachment only to the user who uploaded it."""
     extension = image.mime.split("/")[1].replace("jpeg", "jpg")
     filename = f"upload-{image.digest[:12]}.{extension}"
-    last: Exception | None = None
-    for _ in range(2):
-        try:
-            target = await call_server_action(arena, account, "generateUploadUrl", [filename, image.mime])
-            put = await arena.http.put(target["uploadUrl"], data=image.data, headers={"Content-Type": image.mime},
-                                       timeout=60, discard_cookies=True)
-            if put.status_code not in (200, 201, 204):
-                raise UpstreamError(502, f"the image upload answered {put.status_code}", "upload_failed")
-            signed = await call_server_action(arena, account, "getSignedUrl", [target["key"]])
-            return {"name": target["key"], "contentType": image.mime, "url": signed["url"]}
-        except (UpstreamError, KeyError, TypeError) as exc:
-            last = exc
-    if isinstance(last, UpstreamError):
-        raise last
-    raise UpstreamError(502, "LM Arena's upload answer had an unexpected shape", "upload_failed")
+    upload_url, key = await retry_once(lambda: call_server_action(
+        arena, account, "generateUploadUrl", [filename, image.mime], ("uploadUrl", "key")), "generateUploadUrl")
+    await retry_once(lambda: put_upload(arena, upload_url, image), "the image PUT")
+    (url,) = await retry_once(lambda: call_server_action(
+        arena, account, "getSignedUrl", [key], ("url",)), "getSignedUrl")
+    return {"name": key, "contentType": image.mime, "url": url}
+
+
+def signed_url_expiry(url: str) -> float | None:
+    """When a presigned URL stops working: X-Amz-Date + X-Amz-Expires (arena-protocol §12.1)."""
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    with contextlib.suppress(KeyError, ValueError):
+        return calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) + int(query["X-Amz-Expires"])
+    return None
 
 
 async def upload_images(arena: ArenaClient, account: dict, images: list[ImageInput]) -> list[dict]:
-    """Attachments for a chat turn; an image this account uploaded recently is not uploaded again."""
+    """Attachments for a chat turn. An image this account uploaded before is reused until shortly before
+    its signed URL expires, so that a client resending the same image (a regenerate, a repeated
+    question) does not upload it again."""
     attachments = []
     for image in images:
         cache_key = f"{account['id']}:{image.digest}"
         attachment = arena.store.cached_upload(cache_key)
         if attachment is None:
             attachment = await upload_image(arena, account, image)
-            arena.store.remember_upload(cache_key, account["id"], attachment, now() + UPLOAD_REUSE_SECONDS)
+            expires = signed_url_expiry(attachment["url"]) or now() + SIGNED_URL_LIFETIME
+            arena.store.remember_upload(cache_key, account["id"], attachment, expires - UPLOAD_EXPIRY_MARGIN)
         attachments.append(attachment)
     return attachments
+
+
+# --- 5e. Images out: the OpenAI images API ---------------------------------------------------------------
+
+IMAGE_SIZE_RE = re.compile(r"([1-9]\d{0,4})x([1-9]\d{0,4})")
+ASPECT_RATIO_RE = re.compile(r"([1-9]\d*):([1-9]\d*)")
+MAX_GENERATED_IMAGE_BYTES = 50 * 1024 * 1024    # generated images can be 4K PNGs, well above the input cap
+
+
+@dataclasses.dataclass
+class ImageRequest:
+    model: str
+    prompt: str
+    response_format: str                        # "url" or "b64_json"
+    size: tuple[int, int] | None                # None: "auto" or not given
+
+
+def parse_image_request(body: Any) -> ImageRequest:
+    """`model`, `prompt`, `n`, `response_format` and `size` are honoured; `quality`, `style`, `user` and the
+    like are accepted and ignored, as in chat."""
+    body = json_object(body)
+    model, prompt = required_string(body, "model"), required_string(body, "prompt")
+    require_one(body, "image")
+    response_format = body.get("response_format") or "url"
+    if response_format not in ("url", "b64_json"):
+        raise ApiError(400, "`response_format` must be `url` or `b64_json`.", "invalid_value", "response_format")
+    return ImageRequest(model, prompt, response_format, parse_image_size(body.get("size")))
+
+
+def parse_image_size(size: Any) -> tuple[int, int] | None:
+    if size in (None, "auto"):
+        return None
+    match = IMAGE_SIZE_RE.fullmatch(size) if isinstance(size, str) else None
+    if match is None:
+        raise ApiError(400, "`size` must be `auto` or WIDTHxHEIGHT, e.g. 1024x1792.", "invalid_value", "size")
+    return int(match.group(1)), int(match.group(2))
+
+
+def closest_aspect_ratio(size: tuple[int, int], ratios: list[Any]) -> str | None:
+    """The listed "W:H" ratio nearest to the requested size, compared on a log scale so that 2:1 and 1:2 are
+    equally far from 1:1."""
+    wanted = math.log(size[0] / size[1])
+    valid = [(r, ASPECT_RATIO_RE.fullmatch(r)) for r in ratios if isinstance(r, str)]
+    scored = [(abs(math.log(int(m.group(1)) / int(m.group(2))) - wanted), r) for r, m in valid if m]
+    return min(scored)[1] if scored else None
+
+
+def image_prompt(ask: ImageRequest, model: dict) -> str:
+    """The prompt as sent. The site's request body has no field for an aspect ratio (arena-protocol §6.1
+    lists every key), so when a size was asked for and the model lists the ratios it can make, the nearest
+    of them is put in the prompt text, where the model reads it."""
+    output = ((model.get("capabilities") or {}).get("outputCapabilities") or {}).get("image")
+    ratios = output.get("aspectRatios") if isinstance(output, dict) else None
+    ratio = closest_aspect_ratio(ask.size, ratios) if ask.size and isinstance(ratios, list) else None
+    return f"{ask.prompt}\n\nAspect ratio: {ratio}" if ratio else ask.prompt
+
+
+async def image_item(http: AsyncSession, url: str, response_format: str) -> dict:
+    """One entry of an images response. `url` passes on what LM Arena gave: a signed storage URL (valid for
+    an hour) or, for images sent inline, a data: URL. `b64_json` carries the bytes themselves, so the
+    image outlives the signed URL."""
+    if response_format == "url":
+        return {"url": url}
+    return {"b64_json": base64.b64encode(await generated_image_bytes(http, url)).decode()}
+
+
+async def generated_image_bytes(http: AsyncSession, url: str) -> bytes:
+    if url.startswith("data:"):
+        try:
+            return b64url_decode(url.partition(",")[2])
+        except (binascii.Error, ValueError):
+            raise UpstreamError(502, "LM Arena sent an image that is not valid base64", "image_download_failed") \
+                from None
+    try:
+        return await fetch_bytes(http, url, timeout=30, limit=MAX_GENERATED_IMAGE_BYTES)
+    except FetchError as exc:
+        raise UpstreamError(502, f"The generated image {exc}.", "image_download_failed") from None
 
 
 # =====================================================================================================
@@ -1872,7 +2209,7 @@ class UsageRecorder:
         self.store = store
         self.pending: list[dict] = []
 
-    def add(self, key_id: int | None, model: str, status: int, started: float, prompt_tokens: int = 0,
+    def add(self, key_id: int | None, model: str | None, status: int, started: float, prompt_tokens: int = 0,
             completion_tokens: int = 0, error: str | None = None) -> None:
         self.pending.append({"ts": now(), "key_id": key_id, "model": model, "status": status,
                              "latency_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -1888,6 +2225,640 @@ class UsageRecorder:
 # 7. Dashboard
 # =====================================================================================================
 
+# --- 7a. Admin password, sessions, login throttle -------------------------------------------------------
+
+SCRYPT_COST = {"n": 2 ** 15, "r": 8, "p": 1}    # about 32 MiB and 70 ms per check
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+SESSION_COOKIE = "bridge_session"
+SESSION_TTL = 12 * 3600.0
+LOGIN_ATTEMPTS = (5, 15 * 60.0)                  # attempts allowed per client address, per window (s)
+FORM_LIMIT = 256 * 1024
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, maxmem=SCRYPT_MAXMEM, dklen=32, **SCRYPT_COST)
+    return "scrypt${n}${r}${p}$".format(**SCRYPT_COST) + f"{salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str | None) -> bool:
+    """The cost parameters travel with each hash, so they can be raised later without locking anyone out."""
+    try:
+        _, n, r, p, salt, digest = (stored or "").split("$")
+        expected = bytes.fromhex(digest)
+        candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                                   maxmem=SCRYPT_MAXMEM, dklen=len(expected))
+    except ValueError:
+        return False
+    return hmac.compare_digest(candidate, expected)
+
+
+def ensure_admin_password(store: Store, configured: str | None) -> None:
+    """BRIDGE_ADMIN_PASSWORD is applied whenever its value changes, so that a password changed on the page
+    survives restarts until the variable changes. Without it, a password is generated on the first start
+    and printed this once; only hashes are kept."""
+    if configured:
+        if not verify_password(configured, store.meta("admin_password_env")):
+            hashed = hash_password(configured)
+            store.set_admin_password(hashed)
+            store.set_meta("admin_password_env", hashed)
+    elif store.meta("admin_password") is None:
+        password = secrets.token_urlsafe(15)
+        store.set_admin_password(hash_password(password))
+        log.warning("generated dashboard password (shown only this once; set BRIDGE_ADMIN_PASSWORD or change "
+                    "it on the settings page): %s", password)
+
+
+class LoginThrottle:
+    """Login attempts per client address over a sliding window, in memory (a restart forgives, as with the
+    API rate limiter). Attempts are counted before the password is checked, so a burst of parallel guesses
+    cannot slip past the limit."""
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, collections.deque] = {}
+
+    def attempt(self, address: str) -> float:
+        """0 with the attempt counted, or the seconds until this address may try again."""
+        allowed, window = LOGIN_ATTEMPTS
+        at = time.monotonic()
+        recent = self.attempts.setdefault(address, collections.deque())
+        while recent and at - recent[0] >= window:
+            recent.popleft()
+        if len(recent) >= allowed:
+            return window - (at - recent[0])
+        recent.append(at)
+        return 0.0
+
+    def forgive(self, address: str) -> None:
+        self.attempts.pop(address, None)
+
+
+def client_address(request: Request) -> str:
+    """Behind a trusted proxy, the address that proxy saw: the last X-Forwarded-For hop, the one it added."""
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and bridge(request).settings.trusted_proxy:
+        return forwarded.rsplit(",", 1)[-1].strip()
+    return request.client.host if request.client else "unknown"
+
+
+def is_https(request: Request) -> bool:
+    proto = request.headers.get("x-forwarded-proto", "")
+    if proto and bridge(request).settings.trusted_proxy:
+        return proto.split(",")[0].strip().lower() == "https"
+    return request.url.scheme == "https"
+
+
+def current_session(request: Request) -> dict | None:
+    token = request.cookies.get(SESSION_COOKIE)
+    return bridge(request).store.admin_session(sha256_hex(token)) if token else None
+
+
+def start_session(request: Request, response: Response) -> Response:
+    """Only the token's hash is stored: a copy of the database cannot be replayed as a login."""
+    token = secrets.token_urlsafe(32)
+    bridge(request).store.create_admin_session(sha256_hex(token), secrets.token_urlsafe(32), now() + SESSION_TTL)
+    response.set_cookie(SESSION_COOKIE, token, max_age=int(SESSION_TTL), path="/", httponly=True,
+                        samesite="strict", secure=is_https(request))
+    return response
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    fields = urllib.parse.parse_qs((await read_body(request, FORM_LIMIT)).decode("utf-8", "replace"),
+                                   keep_blank_values=True)
+    return {name: values[0] for name, values in fields.items()}
+
+
+# --- 7b. HTML building blocks ---------------------------------------------------------------------------
+
+class Html(str):
+    """Markup that is safe as it is. Every other value is escaped on its way into a template."""
+
+
+def esc(value: Any) -> Html:
+    return value if isinstance(value, Html) else Html(html.escape("" if value is None else str(value)))
+
+
+def fill(template: str, **values: Any) -> Html:
+    return Html(template.format(**{name: esc(value) for name, value in values.items()}))
+
+
+def join(parts: Iterable[Any]) -> Html:
+    return Html("".join(esc(part) for part in parts))
+
+
+STYLE = """
+:root{--fg:#1c2230;--muted:#687086;--line:#e4e7ee;--bg:#f4f5f9;--accent:#3b5bdb;--ok:#2b8a3e;--warn:#d9480f;
+--bad:#c92a2a;--info:#1971c2;--off:#868e96}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+header{background:#1c2230;color:#fff;display:flex;align-items:center;gap:28px;padding:0 28px;height:54px}
+header strong{font-size:15px;white-space:nowrap}
+nav{display:flex;gap:2px;flex:1;overflow-x:auto}
+nav a{color:#b9c0d0;text-decoration:none;padding:6px 12px;border-radius:6px;white-space:nowrap}
+nav a:hover{color:#fff}nav a.on{background:#313a4d;color:#fff}
+main{max-width:1180px;margin:28px auto;padding:0 28px}
+h1{font-size:22px;margin:0 0 18px}h2{font-size:15px;margin:30px 0 10px}
+a{color:var(--accent)}
+.card{background:#fff;border:1px solid var(--line);border-radius:10px;padding:16px 20px;margin-bottom:16px}
+.stats{display:grid;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));gap:12px;margin-bottom:8px}
+.stats div{background:#fff;border:1px solid var(--line);border-radius:10px;padding:12px 16px}
+.stats small{color:var(--muted);font-size:12px}.stats b{display:block;font-size:22px;font-weight:600}
+.scroll{overflow-x:auto;border-radius:10px}
+table{width:100%;border-collapse:separate;border-spacing:0;background:#fff;border:1px solid var(--line);border-radius:10px}
+th,td{text-align:left;padding:8px 12px;border-bottom:1px solid var(--line);vertical-align:middle;white-space:nowrap}
+th{color:var(--muted);font-weight:600;font-size:11px;text-transform:uppercase;letter-spacing:.04em}
+tr:last-child td{border-bottom:0}tbody tr:hover{background:#fafbfd}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+.text{white-space:normal;overflow-wrap:anywhere;min-width:8em}
+.mono{white-space:pre-wrap;word-break:break-all;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace}
+.badge{display:inline-block;padding:1px 9px;border-radius:999px;font-size:12px;font-weight:600;color:#fff;white-space:nowrap}
+.ok{background:var(--ok)}.warn{background:var(--warn)}.bad{background:var(--bad)}.info{background:var(--info)}
+.off{background:var(--off)}.cap{background:#edf2ff;color:#364fc7;margin-right:4px}
+.muted{color:var(--muted)}.small{font-size:12px}
+code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#eef0f5;padding:1px 6px;border-radius:4px;white-space:nowrap}
+form.row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-end}
+form.row label{display:flex;flex-direction:column;gap:3px;font-size:12px;color:var(--muted)}
+form.inline{display:inline}label.grow{flex:1;min-width:320px}
+.toolbar{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-end;justify-content:space-between}
+input,textarea,button{font:inherit}
+input,textarea{border:1px solid #cbd1dc;border-radius:6px;padding:6px 9px;background:#fff}
+textarea{width:100%;min-height:74px;font:12px ui-monospace,Menlo,Consolas,monospace}
+button{border:0;border-radius:6px;padding:6px 14px;background:var(--accent);color:#fff;cursor:pointer}
+button.quiet{background:#e9ecf3;color:var(--fg)}button.danger{background:#fff;color:var(--bad);border:1px solid #efb5b5}
+header button{background:transparent;border:1px solid #4a5468;color:#d0d5e0}
+.note{border-radius:8px;padding:10px 14px;margin:0 0 16px;border:1px solid}
+.note.ok{background:#ebfbee;border-color:#b2f2bb;color:#1b5e20}.note.bad{background:#fff5f5;border-color:#ffc9c9;color:#8f1d1d}
+.note input{width:100%;max-width:560px;font:13px ui-monospace,Menlo,Consolas,monospace;margin-right:8px}
+.tabs a{margin-right:12px}.tabs a.on{font-weight:600;color:var(--fg);text-decoration:none}
+.chart{width:100%;max-width:760px;height:auto}.chart .bar{fill:var(--accent)}.chart text{font-size:12px;fill:var(--fg)}
+.login{max-width:340px;margin:14vh auto}.login input{width:100%;margin:6px 0 12px}
+"""
+
+# Enables the copy button (hidden without JavaScript, where the key can still be selected by hand).
+COPY_SCRIPT = """for (const b of document.querySelectorAll("[data-copy]")) { b.hidden = false; b.onclick = () => {
+const f = document.getElementById(b.dataset.copy); f.select();
+(navigator.clipboard ? navigator.clipboard.writeText(f.value) : Promise.reject()).catch(() => document.execCommand("copy"));
+b.textContent = "Copied"; }; }"""
+
+PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1"><title>{title} · LM Arena Bridge</title>
+<style nonce="{nonce}">{style}</style></head><body>{header}<main>{body}</main>
+<script nonce="{nonce}">{script}</script></body></html>"""
+
+HEADER = """<header><strong>LM Arena Bridge</strong><nav>{links}</nav>
+<form method="post" action="/logout" class="inline">{csrf}<button>Sign out</button></form></header>"""
+
+
+def security_headers(nonce: str) -> dict[str, str]:
+    return {"Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
+                                       "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store"}
+
+
+def render(title: str, body: Html, admin: "Admin | None" = None, status: int = 200,
+           headers: dict[str, str] | None = None) -> HTMLResponse:
+    """One page in the shared layout; with a signed-in admin, the nav bar and sign-out button."""
+    nonce = secrets.token_urlsafe(16)
+    header = Html("")
+    if admin is not None:
+        links = join(fill('<a href="{path}" class="{on}">{label}</a>', path=path, label=label,
+                          on="on" if label == title else "") for path, label, _ in DASHBOARD)
+        header = fill(HEADER, links=links, csrf=admin.csrf_field)
+    document = fill(PAGE, title=title, nonce=nonce, style=Html(STYLE), header=header, body=body,
+                    script=Html(COPY_SCRIPT))
+    return HTMLResponse(document, status, headers={**security_headers(nonce), **(headers or {})})
+
+
+def redirect(path: str) -> Response:
+    return RedirectResponse(path, 303, headers=security_headers(secrets.token_urlsafe(16)))
+
+
+def note(text: Any, tone: str = "ok") -> Html:
+    return fill('<div class="note {tone}">{text}</div>', tone=tone, text=text)
+
+
+def badge(text: str, tone: str) -> Html:
+    return fill('<span class="badge {tone}">{text}</span>', tone=tone, text=text)
+
+
+def prose(value: Any) -> Html:
+    """Free text in a table cell (names, errors, paths) may wrap; every other cell stays on one line."""
+    return fill('<div class="text">{value}</div>', value=value)
+
+
+def table(headers: Iterable[str], rows: Iterable[Iterable[Any]], empty: str) -> Html:
+    """Numbers are right-aligned, and so is the heading above a column of them."""
+    rows = [list(row) for row in rows]
+    if not rows:
+        return fill('<p class="muted">{empty}</p>', empty=empty)
+    numeric = [isinstance(cell, (int, float)) for cell in rows[0]]
+    head = join(fill('<th class="{cls}">{h}</th>', h=h, cls="num" if n else "") for h, n in zip(headers, numeric))
+    body = join(fill("<tr>{cells}</tr>", cells=join(
+        fill('<td class="{cls}">{cell}</td>', cell=cell, cls="num" if isinstance(cell, (int, float)) else "")
+        for cell in row)) for row in rows)
+    return fill('<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>',
+                head=head, body=body)
+
+
+def stats(items: Iterable[tuple[str, Any]]) -> Html:
+    return fill('<div class="stats">{items}</div>', items=join(
+        fill("<div><small>{label}</small><b>{value}</b></div>", label=label, value=value) for label, value in items))
+
+
+def button(admin: "Admin", action: str, label: str, tone: str = "quiet", **fields: Any) -> Html:
+    """A one-button form for an action on a table row."""
+    hidden = join(fill('<input type="hidden" name="{name}" value="{value}">', name=name, value=value)
+                  for name, value in {"action": action, **fields}.items())
+    return fill('<form method="post" class="inline">{csrf}{hidden}<button class="{tone}">{label}</button></form>',
+                csrf=admin.csrf_field, hidden=hidden, tone=tone, label=label)
+
+
+def top_models_chart(per_model: list[dict], count: int) -> Html:
+    """Requests of the busiest models as horizontal bars in inline SVG: nothing to load, nothing to run."""
+    shown = per_model[:count]
+    if not shown:
+        return Html('<div class="card muted">No chat requests in this period.</div>')
+    top = max(m["requests"] for m in shown)
+    bars = join(fill('<g><title>{name}: {requests}</title><text x="230" y="{text_y}" text-anchor="end">{short}</text>'
+                     '<rect class="bar" x="240" y="{y}" width="{width}" height="18" rx="3"/>'
+                     '<text x="{count_x}" y="{text_y}">{requests}</text></g>',
+                     name=m["model"], short=m["model"] if len(m["model"]) <= 34 else m["model"][:33] + "…",
+                     requests=m["requests"], y=8 + i * 28, text_y=21 + i * 28,
+                     width=max(2, round(440 * m["requests"] / top)), count_x=max(2, round(440 * m["requests"] / top)) + 246)
+                for i, m in enumerate(shown))
+    return fill('<div class="card"><svg class="chart" viewBox="0 0 760 {height}" role="img" '
+                'aria-label="Requests per model">{bars}</svg></div>', height=16 + 28 * len(shown), bars=bars)
+
+
+def duration(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"
+
+
+def share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def masked(value: Any) -> Any:
+    """What may be shown of a secret: its shape, never its content."""
+    if isinstance(value, dict):
+        return {name: masked(inner) for name, inner in value.items()}
+    return f"({len(str(value))} characters, hidden)"
+
+
+SECRET_SITE_PARAMS = {"anon_key", "clearance"}
+
+
+def shown_site_param(key: str, value: Any) -> Any:
+    """The anon key and the Cloudflare clearance are secrets, all but the clearance's User-Agent: that one is
+    public, and it is what one needs to see when Cloudflare misbehaves."""
+    if key not in SECRET_SITE_PARAMS:
+        return value
+    if isinstance(value, dict):
+        return {name: inner if name == "user_agent" else masked(inner) for name, inner in value.items()}
+    return masked(value)
+
+
+def param_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return "\n".join(f"{name}: {param_text(inner)}" for name, inner in value.items())
+    if isinstance(value, list):
+        return ", ".join(param_text(inner) for inner in value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# --- 7c. Pages ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Admin:
+    """A signed-in dashboard request: the session, and on a POST the submitted form."""
+    session: dict
+    form: dict[str, str]
+
+    @property
+    def csrf_field(self) -> Html:
+        return fill('<input type="hidden" name="csrf" value="{csrf}">', csrf=self.session["csrf"])
+
+    def number(self, name: str) -> int | None:
+        with contextlib.suppress(ValueError):
+            return int(self.form.get(name, ""))
+        return None
+
+
+async def run_action(request: Request, admin: Admin, actions: dict[str, Callable]) -> Html:
+    """On a POST, run the form's action and return its outcome as a notice; on a GET, nothing."""
+    if request.method != "POST":
+        return Html("")
+    action = actions.get(admin.form.get("action", ""))
+    return await action(bridge(request), admin) if action else note("Unknown action.", "bad")
+
+
+def start_of_day(at: float) -> float:
+    return time.mktime(time.localtime(at)[:3] + (0, 0, 0, 0, 0, -1))
+
+
+SIDECAR_TONES = {"running": "ok", "ready": "ok", "starting": "info", "stopped": "off", "off": "off"}
+
+
+async def overview_page(request: Request, admin: Admin) -> Response:
+    state = bridge(request)
+    at = now()
+    today, week = state.store.usage_summary(start_of_day(at)), state.store.usage_summary(at - 7 * 86400)
+    accounts = state.store.accounts()
+    usable = sum(account_state(a, at) == "ok" for a in accounts)
+    sidecar = await state.sidecar.status()  # local state only: never starts the browser
+    sidecar_state = str(sidecar.get("state", "unknown"))
+    details = [(name, prose(param_text(value))) for name, value in sidecar.items() if name != "state"]
+    body = join([
+        fill("<h1>Overview</h1>"),
+        stats([("Requests today", today["requests"]), ("Requests, 7 days", week["requests"]),
+               ("Error rate, 7 days", share(week["errors"], week["requests"])),
+               ("Median latency, 7 days", duration(week["median_ms"]))]),
+        stats([("Arena accounts usable", f"{usable} of {len(accounts)}"), ("Models known", len(state.store.models())),
+               ("Browser sidecar", badge(sidecar_state, SIDECAR_TONES.get(sidecar_state, "warn")))]),
+        fill("<h2>Top models, 7 days</h2>"), top_models_chart(state.store.usage_by_model(at - 7 * 86400), 5),
+        fill("<h2>Browser sidecar</h2>") if details else "", table(["Field", "Value"], details, "") if details else "",
+    ])
+    return render("Overview", body, admin)
+
+
+def account_badge(account: dict, at: float) -> Html:
+    state = account_state(account, at)
+    if state == "cooling_down":
+        return fill('{badge}<div class="text small muted">until {until}<br>{reason}</div>', badge=badge("cooling down", "warn"),
+                    until=format_time(account["cooldown_until"]), reason=account["cooldown_reason"] or "")
+    return badge(state, {"ok": "ok", "expired": "bad", "refreshing": "info"}.get(state, "off"))
+
+
+async def add_account_action(state: BridgeState, admin: Admin) -> Html:
+    try:
+        parsed = parse_account_input(admin.form.get("value", ""))
+    except ValueError as exc:
+        return note(exc, "bad")
+    account_id = add_account(state.store, parsed, label=admin.form.get("label", "").strip()[:100])
+    return note(f"Account {account_id} added ({'anonymous' if parsed.anonymous else parsed.form}).")
+
+
+async def remove_account_action(state: BridgeState, admin: Admin) -> Html:
+    account_id = admin.number("id")
+    if account_id is None or not state.store.remove_account(account_id):
+        return note(f"No account {admin.form.get('id')}.", "bad")
+    return note(f"Account {account_id} removed.")
+
+
+async def refresh_account_action(state: BridgeState, admin: Admin) -> Html:
+    account = state.store.account(admin.number("id") or 0)
+    if account is None:
+        return note(f"No account {admin.form.get('id')}.", "bad")
+    try:
+        fresh = await state.arena.refresh(account)
+    except Exception as exc:  # the page reports it; the account keeps its state
+        return note(f"Account {account['id']} could not be refreshed: {type(exc).__name__}: {exc}", "bad")
+    if fresh is None:
+        return note(f"Account {account['id']} could not be refreshed: the session expired; add a fresh one.", "bad")
+    return note(f"Account {account['id']} refreshed; valid until {format_time(fresh['expires_at'])}.")
+
+
+ACCOUNT_FORM = """<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" value="add">
+<label class="grow">Session: the arena-auth-prod-v1 cookie value, its .0/.1 chunks, a Cookie: header, or a JWT
+<textarea name="value" required></textarea></label>
+<label>Label <input name="label" maxlength="100" placeholder="optional"></label><button>Add account</button></form></div>"""
+
+
+async def accounts_page(request: Request, admin: Admin) -> Response:
+    outcome = await run_action(request, admin, {"add": add_account_action, "remove": remove_account_action,
+                                                "refresh": refresh_account_action})
+    at = now()
+    rows = [(a["id"], prose(a["label"] or "-"), a["kind"], account_badge(a, at), format_time(a["expires_at"]),
+             format_time(a["last_used"]), prose(a["last_error"] or "-"),
+             join([button(admin, "refresh", "Refresh now", id=a["id"]), " ",
+                   button(admin, "remove", "Remove", "danger", id=a["id"])]))
+            for a in bridge(request).store.accounts()]
+    body = join([fill("<h1>Arena accounts</h1>"), outcome, fill(ACCOUNT_FORM, csrf=admin.csrf_field),
+                 table(["ID", "Label", "Kind", "State", "Expires", "Last used", "Last error", ""], rows,
+                       "No accounts yet: add one above.")])
+    return render("Accounts", body, admin)
+
+
+NEW_KEY = """<div class="note ok"><p><b>Key “{name}” created.</b> Copy it now: it is shown only this once.</p>
+<input id="new-key" readonly value="{key}"><button type="button" data-copy="new-key" hidden>Copy</button></div>"""
+
+
+async def create_key_action(state: BridgeState, admin: Admin) -> Html:
+    name, rpm = admin.form.get("name", "").strip(), admin.number("rpm")
+    if not name or len(name) > 100:
+        return note("A key needs a name of at most 100 characters.", "bad")
+    if rpm is None or rpm < 0:
+        return note("RPM must be a whole number, 0 for no limit.", "bad")
+    _, key = state.store.create_key(name, rpm)
+    return fill(NEW_KEY, name=name, key=key)
+
+
+async def revoke_key_action(state: BridgeState, admin: Admin) -> Html:
+    key_id = admin.number("id")
+    if key_id is None or not state.store.revoke_key(key_id):
+        return note(f"No active key {admin.form.get('id')}.", "bad")
+    return note(f"Key {key_id} revoked: it is refused from now on.")
+
+
+KEY_FORM = """<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" value="create">
+<label>Name <input name="name" required maxlength="100" placeholder="e.g. laptop"></label>
+<label>Requests per minute <input name="rpm" type="number" min="0" value="{rpm}"></label>
+<button>Create key</button></form></div>"""
+
+
+async def keys_page(request: Request, admin: Admin) -> Response:
+    state = bridge(request)
+    outcome = await run_action(request, admin, {"create": create_key_action, "revoke": revoke_key_action})
+    rows = [(k["id"], prose(k["name"]), fill("<code>{prefix}…</code>", prefix=k["prefix"]), k["rpm"] or "no limit",
+             format_time(k["created"]), k["requests"], format_time(k["last_used"]),
+             badge("revoked", "off") if k["revoked"] else badge("active", "ok"),
+             "" if k["revoked"] else button(admin, "revoke", "Revoke", "danger", id=k["id"]))
+            for k in state.store.usage_by_key(since=0)]
+    body = join([fill("<h1>API keys</h1>"), outcome,
+                 fill(KEY_FORM, csrf=admin.csrf_field, rpm=state.settings.default_rpm),
+                 table(["ID", "Name", "Key", "RPM", "Created", "Requests", "Last used", "State", ""],
+                       rows, "No keys yet: create one above.")])
+    return render("API keys", body, admin)
+
+
+USAGE_PERIODS = {"1": "24 hours", "7": "7 days", "30": "30 days"}
+
+
+async def usage_page(request: Request, admin: Admin) -> Response:
+    store = bridge(request).store
+    days = request.query_params.get("days", "7")
+    days = days if days in USAGE_PERIODS else "7"
+    since = now() - int(days) * 86400
+    summary, models = store.usage_summary(since), store.usage_by_model(since)
+    tabs = join(fill('<a href="?days={d}" class="{on}">{label}</a>', d=d, label=label, on="on" if d == days else "")
+                for d, label in USAGE_PERIODS.items())
+    body = join([
+        fill('<h1>Usage</h1><p class="tabs">{tabs}</p>', tabs=tabs),
+        stats([("Requests", summary["requests"]), ("Errors", summary["errors"]),
+               ("Error rate", share(summary["errors"], summary["requests"])),
+               ("Median latency", duration(summary["median_ms"]))]),
+        fill("<h2>Top models</h2>"), top_models_chart(models, 10),
+        fill("<h2>Per model</h2>"),
+        table(["Model", "Requests", "Errors", "Median latency", "Tokens"],
+              [(m["model"], m["requests"], m["errors"], duration(m["median_ms"]), m["tokens"]) for m in models],
+              "No chat requests in this period."),
+        fill("<h2>Per key</h2>"),
+        table(["Key", "", "Requests", "Errors", "Tokens", "Last used"],
+              [(prose(k["name"]), fill("<code>{prefix}…</code>", prefix=k["prefix"]), k["requests"], k["errors"],
+                k["tokens"], format_time(k["last_used"]))
+               for k in store.usage_by_key(since) if k["requests"]], "No requests in this period."),
+        fill("<h2>Errors by type</h2>"),
+        table(["Error", "Status", "Count", "Last seen"],
+              [(e["error"], e["status"], e["count"], format_time(e["last"])) for e in store.usage_errors(since)],
+              "No errors in this period."),
+    ])
+    return render("Usage", body, admin)
+
+
+def model_capabilities(model: dict) -> list[str]:
+    output = (model.get("capabilities") or {}).get("outputCapabilities") or {}
+    name = model.get("publicName", "").lower()
+    found = {"vision": accepts_images(model), "image out": output.get("image"), "search": output.get("search"),
+             "reasoning": "thinking" in name or "reasoning" in name}
+    return [capability for capability, present in found.items() if present]
+
+
+async def refresh_models_action(state: BridgeState, admin: Admin) -> Html:
+    try:
+        await state.arena.discover(min_age=0)
+    except Exception as exc:  # shown on the page; the stored list stays as it was
+        return note(f"LM Arena could not be reached: {type(exc).__name__}: {exc}", "bad")
+    return note(f"Model list refreshed: {len(state.store.models())} models.")
+
+
+MODEL_TOOLBAR = """<div class="card toolbar"><form method="get" class="row"><label>Search name, organization or
+capability <input name="q" value="{q}" size="36" autofocus></label><button class="quiet">Search</button></form>
+<span class="muted">{shown} of {total} models</span>{refresh}</div>"""
+
+
+async def models_page(request: Request, admin: Admin) -> Response:
+    state = bridge(request)
+    outcome = await run_action(request, admin, {"refresh": refresh_models_action})
+    query = request.query_params.get("q", "").strip()
+    usable = {m["id"] for m in usable_models(state.store.models())}
+    rows = []
+    for model in state.store.models():
+        capabilities = model_capabilities(model)
+        haystack = " ".join([model.get("publicName", ""), model.get("organization") or "", *capabilities]).lower()
+        if all(word in haystack for word in query.lower().split()):
+            rows.append((model.get("publicName"), model.get("organization") or "(stealth)",
+                         join(badge(c, "cap") for c in capabilities) or "-",
+                         badge("usable", "ok") if model["id"] in usable else badge("not usable", "off")))
+    body = join([fill("<h1>Models</h1>"), outcome,
+                 fill(MODEL_TOOLBAR, q=query, shown=len(rows), total=len(state.store.models()),
+                      refresh=button(admin, "refresh", "Refresh from LM Arena")),
+                 table(["Model", "Organization", "Capabilities", "API"], rows, "No model matches.")])
+    return render("Models", body, admin)
+
+
+async def change_password_action(state: BridgeState, admin: Admin) -> Html:
+    form = admin.form
+    if not await asyncio.to_thread(verify_password, form.get("current", ""), state.store.meta("admin_password")):
+        return note("The current password is wrong.", "bad")
+    if len(form.get("new", "")) < 10:
+        return note("The new password needs at least 10 characters.", "bad")
+    if form.get("new") != form.get("repeat"):
+        return note("The two new passwords differ.", "bad")
+    state.store.set_admin_password(await asyncio.to_thread(hash_password, form["new"]),
+                                   keep_session=admin.session["token_hash"])
+    return note("Password changed; every other session was signed out.")
+
+
+PASSWORD_FORM = """<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" value="password">
+<label>Current password <input type="password" name="current" required autocomplete="current-password"></label>
+<label>New password <input type="password" name="new" required minlength="10" autocomplete="new-password"></label>
+<label>Repeat <input type="password" name="repeat" required minlength="10" autocomplete="new-password"></label>
+<button>Change password</button></form></div>"""
+
+
+async def settings_page(request: Request, admin: Admin) -> Response:
+    state = bridge(request)
+    outcome = await run_action(request, admin, {"password": change_password_action})
+    params = [(p["key"], fill('<div class="mono">{v}</div>', v=param_text(shown_site_param(p["key"], json.loads(p["value"])))),
+               format_time(p["updated"])) for p in state.store.site_params_with_times()]
+    values = dataclasses.asdict(state.settings)
+    options = [(opt.name, prose("-" if values[opt.name] in (None, "") else param_text(values[opt.name])), prose(opt.help))
+               for opt in OPTIONS if opt.flag]  # options without a flag are secrets
+    body = join([fill("<h1>Settings</h1>"), outcome,
+                 fill("<h2>Site parameters discovered on LM Arena</h2>"),
+                 table(["Parameter", "Value", "Discovered"], params, "Nothing discovered yet."),
+                 fill("<h2>Dashboard password</h2>"), fill(PASSWORD_FORM, csrf=admin.csrf_field),
+                 fill("<h2>Configuration (flags and environment)</h2>"),
+                 table(["Setting", "Value", "Meaning"], options, "")])
+    return render("Settings", body, admin)
+
+
+# --- 7d. Sign-in and the dashboard's routes -------------------------------------------------------------
+
+LOGIN_FORM = """<div class="login card"><h1>LM Arena Bridge</h1>{message}<form method="post">
+<label class="muted small" for="password">Dashboard password</label>
+<input type="password" id="password" name="password" required autofocus autocomplete="current-password">
+<button>Sign in</button></form></div>"""
+
+
+def login_page(message: Html = Html(""), status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return render("Sign in", fill(LOGIN_FORM, message=message), status=status, headers=headers)
+
+
+async def home(request: Request) -> Response:
+    return redirect("/dashboard" if current_session(request) else "/login")
+
+
+async def login(request: Request) -> Response:
+    if request.method == "GET":
+        return redirect("/dashboard") if current_session(request) else login_page()
+    state, address = bridge(request), client_address(request)
+    wait = state.logins.attempt(address)
+    if wait:
+        return login_page(note(f"Too many sign-in attempts: try again in {int(wait) + 1} s.", "bad"), 429,
+                          {"Retry-After": str(int(wait) + 1)})
+    form = await read_form(request)
+    if not await asyncio.to_thread(verify_password, form.get("password", ""), state.store.meta("admin_password")):
+        log.warning("dashboard sign-in with a wrong password from %s", address)
+        return login_page(note("Wrong password.", "bad"), 401)
+    state.logins.forgive(address)
+    return start_session(request, redirect("/dashboard"))
+
+
+async def logout(request: Request, admin: Admin) -> Response:
+    bridge(request).store.end_admin_session(admin.session["token_hash"])
+    response = redirect("/login")
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=is_https(request))
+    return response
+
+
+def signed_in(handler: Callable[[Request, Admin], Any]) -> Callable[[Request], Any]:
+    """A dashboard endpoint: without a session, off to /login; a POST must carry its session's CSRF token."""
+    async def endpoint(request: Request) -> Response:
+        session = current_session(request)
+        if session is None:
+            return redirect("/login")
+        form = await read_form(request) if request.method == "POST" else {}
+        if request.method == "POST" and not hmac.compare_digest(form.get("csrf", "").encode(), session["csrf"].encode()):
+            return render("Forbidden", note("This form did not come from this dashboard session (or the session "
+                                            "changed). Reload the page and try again.", "bad"), status=403)
+        return await handler(request, Admin(session, form))
+    return endpoint
+
+
+DASHBOARD = (("/dashboard", "Overview", overview_page), ("/dashboard/accounts", "Accounts", accounts_page),
+             ("/dashboard/keys", "API keys", keys_page), ("/dashboard/usage", "Usage", usage_page),
+             ("/dashboard/models", "Models", models_page), ("/dashboard/settings", "Settings", settings_page))
+
+
+def dashboard_routes() -> list[Route]:
+    return [Route("/", home), Route("/login", login, methods=["GET", "POST"]),
+            Route("/logout", signed_in(logout), methods=["POST"]),
+            *(Route(path, signed_in(page), methods=["GET", "POST"]) for path, _, page in DASHBOARD)]
+
 
 # =====================================================================================================
 # 8. Routes
@@ -1902,6 +2873,7 @@ class BridgeState:
     sidecar: SidecarClient
     limiter: RateLimiter
     usage: UsageRecorder
+    logins: LoginThrottle = dataclasses.field(default_factory=LoginThrottle)
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
     async def models(self) -> list[dict]:
@@ -1931,7 +2903,7 @@ def authenticate(request: Request) -> dict:
     return key
 
 
-async def read_json(request: Request, limit: int) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
@@ -1940,6 +2912,11 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except ValueError:
@@ -1956,8 +2933,9 @@ def model_created(model: dict, default: int) -> int:
 
 
 async def list_models(request: Request) -> Response:
-    authenticate(request)
+    key = authenticate(request)
     state = bridge(request)
+    started = time.perf_counter()
     updated = int(state.store.rows("SELECT MAX(updated) AS t FROM site_params")[0]["t"] or now())
     seen: set[str] = set()
     data = []
@@ -1967,6 +2945,7 @@ async def list_models(request: Request) -> Response:
         seen.add(model["publicName"])
         data.append({"id": model["publicName"], "object": "model", "created": model_created(model, updated),
                      "owned_by": model["organization"]})
+    state.usage.add(key["id"], None, 200, started)  # no model: counted per key, not per model
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -2102,19 +3081,28 @@ async def chat_completions(request: Request) -> Response:
     state.limiter.check(key)
     started = time.perf_counter()
     chat = parse_chat_request(await read_json(request, state.settings.max_body))
-    try:
+    with recorded_refusals(state, key, chat.model, started):
         model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
         images = await load_images(chat.messages, model, state.settings, state.arena.http)
-        job = ChatJob(state, key, chat, plan_turn(state, key, chat, model, images), started)
-        if chat.stream:
-            return await stream_chat(job)
-        return await complete_chat(job)
+    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model, images), started)
+    if chat.stream:
+        return await stream_chat(job)
+    return await complete_chat(job)
+
+
+@contextlib.contextmanager
+def recorded_refusals(state: BridgeState, key: dict, model: str, started: float) -> Iterator[None]:
+    """Input refused before a job exists is recorded as usage too (once a job runs, the job records)."""
+    try:
+        yield
     except ApiError as error:
-        state.usage.add(key["id"], chat.model, error.status, started, error=error.code)
+        state.usage.add(key["id"], model, error.status, started, error=error.code)
         raise
 
 
-async def complete_chat(job: ChatJob) -> Response:
+async def run_to_end(job: ChatJob) -> ReplyBuilder:
+    """A turn that is not streamed: the whole reply folded into a builder. A failure is recorded and
+    raised as an API error."""
     builder = ReplyBuilder()
     events = job.events()
     try:
@@ -2129,11 +3117,45 @@ async def complete_chat(job: ChatJob) -> Response:
     finally:
         await events.aclose()
     builder.finish()
-    prompt = job.plan.new_content
-    usage = completion_usage(prompt, builder)
+    return builder
+
+
+async def complete_chat(job: ChatJob) -> Response:
+    builder = await run_to_end(job)
+    usage = completion_usage(job.plan.new_content, builder)
     job.succeeded(builder)
     job.record(200, usage)
     return JSONResponse(completion_object(job.completion_id, job.created, job.chat.model, builder, usage))
+
+
+async def image_generations(request: Request) -> Response:
+    """OpenAI's images API on an image model: one LM Arena turn in the image modality, run by the chat
+    machinery, with the images of the reply as the answer. The turn is not remembered as a conversation:
+    this API has no history to continue."""
+    state = bridge(request)
+    key = authenticate(request)
+    state.limiter.check(key)
+    started = time.perf_counter()
+    ask = parse_image_request(await read_json(request, state.settings.max_body))
+    with recorded_refusals(state, key, ask.model, started):
+        model = resolve_model(await state.models(), ask.model, modality="image")
+        if choose_modality(model) != "image":
+            raise ApiError(400, f"The model `{ask.model}` does not generate images; pick an image model from "
+                                "/v1/models.", "model_without_image_output", "model")
+    chat = ChatRequest(model=ask.model, messages=[Message("user", image_prompt(ask, model), [])], stream=False,
+                       include_usage=False)
+    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model, []), started)
+    builder = await run_to_end(job)
+    try:
+        if not builder.images:
+            raise UpstreamError(502, f"LM Arena answered without an image: {builder.full_content[:300]!r}",
+                                "no_image")
+        data = [await image_item(state.arena.http, url, ask.response_format) for url in builder.images]
+    except UpstreamError as error:
+        job.record(error.status, error=error.code)
+        raise ApiError.from_upstream(error) from None
+    job.record(200, completion_usage(job.plan.new_content, builder))
+    return JSONResponse({"created": job.created, "data": data})
 
 
 async def stream_chat(job: ChatJob) -> Response:
@@ -2270,6 +3292,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ensure_admin_password(store, settings.admin_password)
         if settings.auth_tokens:
             import_env_accounts(store, settings.auth_tokens)
         state.tasks = [
@@ -2291,7 +3314,9 @@ def create_app(settings: Settings) -> Starlette:
     routes = [Route("/health", health), Route("/api/v1/health", health)]
     for prefix in ("/v1", "/api/v1"):
         routes += [Route(f"{prefix}/models", list_models),
-                   Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])]
+                   Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
+                   Route(f"{prefix}/images/generations", image_generations, methods=["POST"])]
+    routes += dashboard_routes()
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error_handler, 404: not_found_handler, 405: not_found_handler})
     app.state.bridge = state
