@@ -45,6 +45,7 @@ import urllib.parse
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
+import httpx
 import sqlite_utils
 from curl_cffi.requests import AsyncSession
 from starlette.applications import Starlette
@@ -290,14 +291,24 @@ class Store:
 
     # --- models ---------------------------------------------------------------------------------------
     def replace_models(self, models: list[dict]) -> None:
+        self._models = None
         with self.db.conn:
             self.db.execute("DELETE FROM models")
             self.db["models"].insert_all(
                 [{"position": i, "id": m.get("id"), "public_name": m.get("publicName"), "data": json.dumps(m)}
                  for i, m in enumerate(models)], pk="position")
 
+    _models: tuple[int, list[dict]] | None = None
+
     def models(self) -> list[dict]:
-        return [json.loads(r["data"]) for r in self.rows("SELECT data FROM models ORDER BY position")]
+        """The stored model list, parsed once and reused until the table changes (this connection's own
+        writes reset the cache; PRAGMA data_version reveals another connection's, e.g. the CLI's).
+        Parsing all models on every chat request was its largest cost. The dicts are shared: read-only."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if self._models is None or self._models[0] != version:
+            self._models = (version, [json.loads(r["data"])
+                                      for r in self.rows("SELECT data FROM models ORDER BY position")])
+        return list(self._models[1])
 
     # --- arena accounts -------------------------------------------------------------------------------
     def add_account(self, **fields: Any) -> int:
@@ -313,8 +324,14 @@ class Store:
         return rows[0] if rows else None
 
     def update_account(self, account_id: int, **fields: Any) -> None:
+        """One UPDATE (runs twice per chat request; sqlite_utils' update() also reads the row and the
+        schema first). A missing account still raises sqlite_utils' NotFoundError."""
+        sets = ", ".join(f'"{k}" = ?' for k in fields)
         with self.db.conn:
-            self.db["accounts"].update(account_id, fields)
+            if not fields or self.db.execute(
+                    f"UPDATE accounts SET {sets} WHERE id = ?",
+                    [*map(sqlite_utils.db.jsonify_if_needed, fields.values()), account_id]).rowcount != 1:
+                self.db["accounts"].get(account_id)
 
     def swap_account_auth(self, account_id: int, old_auth: str, **fields: Any) -> bool:
         """Store a refreshed session only if nobody stored a newer one meanwhile (compare-and-swap)."""
@@ -368,13 +385,17 @@ class Store:
     def remember_conversation(self, fingerprint: str, evaluation_id: str, account_id: int, model_id: str,
                               key_id: int, turns: int) -> None:
         stamp = now()
-        with self.db.conn:
-            self.db["conversations"].upsert({
-                "evaluation_id": evaluation_id, "account_id": account_id, "model_id": model_id,
-                "key_id": key_id, "turns": turns, "updated": stamp}, pk="evaluation_id")
-            self.db["conversation_keys"].upsert({
-                "fingerprint": fingerprint, "evaluation_id": evaluation_id, "turns": turns, "updated": stamp},
-                pk="fingerprint")
+        with self.db.conn:   # the statements sqlite_utils' upsert() runs, without its six schema lookups each
+            self.db.execute(
+                "INSERT INTO conversations (evaluation_id, account_id, model_id, key_id, turns, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(evaluation_id) DO UPDATE SET "
+                "account_id = excluded.account_id, model_id = excluded.model_id, key_id = excluded.key_id, "
+                "turns = excluded.turns, updated = excluded.updated",
+                [evaluation_id, account_id, model_id, key_id, turns, stamp])
+            self.db.execute(
+                "INSERT INTO conversation_keys (fingerprint, evaluation_id, turns, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(fingerprint) DO UPDATE SET evaluation_id = excluded.evaluation_id, "
+                "turns = excluded.turns, updated = excluded.updated", [fingerprint, evaluation_id, turns, stamp])
 
     # --- uploaded images ------------------------------------------------------------------------------
     def cached_upload(self, key: str) -> dict | None:
@@ -1404,8 +1425,9 @@ class ArenaClient:
         chunks = opened.response.aiter_content()
         try:
             while True:
-                try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), self.settings.stream_idle_timeout)
+                try:   # asyncio.timeout, not wait_for: no extra task per chunk (the relay's hot path)
+                    async with asyncio.timeout(self.settings.stream_idle_timeout):
+                        chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
@@ -1470,25 +1492,332 @@ def upstream_client_error(status: int, message: str, kind: str) -> UpstreamError
 # =====================================================================================================
 
 class SidecarError(Exception):
-    """The browser sidecar could not do its job; the message is shown to the API caller with a 503."""
+    """A sidecar failure. The message is user-facing: the bridge answers 503 with it."""
 
 
 class SidecarClient:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.state = "off" if settings.sidecar == "off" else "stopped"
+    """Starts sidecar.py on demand, talks to it over its Unix socket, stops it when idle.
+
+    Every public call is bounded by request_timeout (start-up included) and fails with SidecarError,
+    never hangs. A dead child is restarted once per call. Tokens for (sitekey, action) are kept in a
+    small pool refilled in the background after each call, so a steady stream of requests rarely
+    waits for a mint; the pool never starts a browser on its own, only after a caller asked.
+    """
+
+    TOKEN_POOL_SIZE = 2
+    TOKEN_MAX_AGE = 100.0  # reCAPTCHA tokens live ~120 s; keep a margin for the request itself
+    STATUS_TIMEOUT = 3.0
+    STOP_TIMEOUT = 5.0
+
+    def __init__(self, *, socket_path: str, arena_url: str, browser: str | None, mode: str = "auto",
+                 request_timeout: float = 45.0, idle_timeout: float = 300.0, python: str = sys.executable,
+                 sidecar_script: str | None = None, headful: bool = False, log_level: str = "info") -> None:
+        self.socket_path = socket_path
+        self.arena_url = arena_url
+        self.browser = browser
+        self.mode = mode
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.python = python
+        self.sidecar_script = sidecar_script or os.path.join(os.path.dirname(os.path.abspath(__file__)), "sidecar.py")
+        self.headful = headful
+        self.log_level = log_level
+        self._proc: asyncio.subprocess.Process | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._start_lock = asyncio.Lock()
+        self._failure: str | None = None
+        self._starting = False
+        self._active = 0  # calls and streams in flight; the idle reaper waits for them
+        self._last_used = time.monotonic()
+        self._reaper: asyncio.Task | None = None
+        self._pool: dict[tuple[str, str], collections.deque[tuple[float, str]]] = {}
+        self._refills: dict[tuple[str, str], asyncio.Task] = {}
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "SidecarClient":
+        return cls(socket_path=settings.socket_path, arena_url=settings.arena_url, browser=settings.browser,
+                   mode=settings.sidecar, request_timeout=settings.sidecar_timeout,
+                   idle_timeout=settings.sidecar_idle, headful=settings.headful, log_level=settings.log_level)
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def state(self) -> str:
+        if self.mode == "off":
+            return "off"
+        if self._starting:
+            return "starting"
+        if self.alive:
+            return "running"
+        if self._failure:
+            return f"failed: {self._failure}"
+        return "stopped"
 
     async def status(self) -> dict:
-        return {"state": self.state}
+        """The client state plus the sidecar's own /status when it runs. Never starts anything."""
+        result: dict[str, Any] = {"state": self.state}
+        if self.alive and not self._starting and self._http is not None:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                response = await self._http.get("/status", timeout=self.STATUS_TIMEOUT)
+                result.update({k: v for k, v in response.json().items() if k != "ok"})
+        return result
+
+    # --- public calls --------------------------------------------------------------------------------
 
     async def token(self, sitekey: str, action: str) -> str:
-        raise SidecarError("the browser sidecar is not available")
+        """A fresh single-use reCAPTCHA v3 token: from the pool when one is ready, else minted now."""
+        key = (sitekey, action)
+        pool = self._pool.setdefault(key, collections.deque())
+        self._touch()
+        while pool:
+            minted_at, token = pool.popleft()
+            if time.monotonic() - minted_at < self.TOKEN_MAX_AGE:
+                self._refill(key)
+                return token
+        result = await self._call("/token", {"sitekey": sitekey, "action": action, "v2": False})
+        self._refill(key)
+        return self._field(result, "token")
 
     async def clearance(self) -> tuple[dict, str]:
-        raise SidecarError("the browser sidecar is not available")
+        """Fresh Cloudflare clearance: (cookies of the arena host, the browser's exact User-Agent)."""
+        result = await self._call("/clearance", {})
+        return dict(result.get("cookies") or {}), self._field(result, "user_agent")
+
+    async def signup(self, turnstile_sitekey: str, recaptcha_sitekey: str | None) -> dict:
+        """A new anonymous account: {"cookie": <arena-auth-prod-v1 value>, "user_agent", "cookies"}."""
+        result = await self._call("/signup", {"turnstile_sitekey": turnstile_sitekey,
+                                              "recaptcha_sitekey": recaptcha_sitekey,
+                                              "recaptcha_action": "sign_up"})
+        self._field(result, "cookie")
+        return result
+
+    async def fetch_stream(self, request: dict) -> AsyncIterator[tuple[int, dict] | str]:
+        """Run a request with the page's own fetch(): yields (status, headers) first, then text chunks.
+
+        Closing the iterator early closes the connection, and the sidecar aborts the page's fetch."""
+        self._check_enabled()
+        self._active += 1
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                lines = await self._open_stream(request, stack)
+                async for line in lines:
+                    item = json.loads(line)
+                    if "status" in item:
+                        yield int(item["status"]), dict(item.get("headers") or {})
+                    elif "chunk" in item:
+                        yield item["chunk"]
+                    elif "error" in item:
+                        raise SidecarError(f"browser sidecar: in-page fetch failed: {item['error']}")
+                    elif item.get("done"):
+                        return
+                raise SidecarError("browser sidecar: the in-page fetch ended without finishing")
+        except httpx.HTTPError as exc:
+            raise SidecarError(f"browser sidecar: the in-page fetch broke off ({type(exc).__name__})") from exc
+        finally:
+            self._active -= 1
+            self._touch()
 
     async def aclose(self) -> None:
-        return None
+        """Stop the child (politely, then by force) and remove the socket."""
+        for task in [*self._refills.values(), self._reaper]:
+            if task is not None:
+                task.cancel()
+        self._refills.clear()
+        self._reaper = None
+        await self._stop()
+
+    # --- calls with start-up, one restart and a deadline ---------------------------------------------
+
+    def _check_enabled(self) -> None:
+        if self.mode == "off":
+            raise SidecarError("the browser sidecar is disabled (BRIDGE_SIDECAR=off); "
+                               "a reCAPTCHA token is needed for this request")
+
+    def _touch(self) -> None:
+        self._last_used = time.monotonic()
+
+    @staticmethod
+    def _field(result: dict, name: str) -> Any:
+        if not result.get(name):
+            raise SidecarError(f"browser sidecar: the answer has no {name}")
+        return result[name]
+
+    async def _call(self, path: str, payload: dict, *, start: bool = True) -> dict:
+        """POST to the sidecar, starting it (or restarting it once) as needed, within request_timeout.
+
+        start=False (background work) only uses a sidecar that is already running."""
+        self._check_enabled()
+        self._active += 1
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                for attempt in (1, 2):
+                    if start:
+                        await self._ensure_started()
+                    elif not self.alive or self._http is None:
+                        raise SidecarError("browser sidecar is not running")
+                    try:
+                        assert self._http is not None
+                        response = await self._http.post(path, json=payload, timeout=None)
+                    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                        if attempt == 2 or not start:
+                            raise SidecarError(f"browser sidecar connection failed ({type(exc).__name__})") from exc
+                        log.warning("browser sidecar unreachable (%s); restarting it", type(exc).__name__)
+                        await self._stop()
+                        continue
+                    return self._decode(response)
+        except TimeoutError as exc:
+            raise SidecarError(f"browser sidecar did not answer within {self.request_timeout:.0f}s") from exc
+        finally:
+            self._active -= 1
+            self._touch()
+        raise SidecarError("browser sidecar: unreachable")  # not reached
+
+    @staticmethod
+    def _decode(response: httpx.Response) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code != 200 or not isinstance(body, dict):
+            message = body.get("error") if isinstance(body, dict) else None
+            raise SidecarError(f"browser sidecar: {message or f'HTTP {response.status_code}'}")
+        return body
+
+    async def _open_stream(self, request: dict, stack: contextlib.AsyncExitStack) -> AsyncIterator[str]:
+        """Open POST /fetch (restarting a dead sidecar once); bounded until the status line arrives."""
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                for attempt in (1, 2):
+                    await self._ensure_started()
+                    assert self._http is not None
+                    try:
+                        response = await stack.enter_async_context(
+                            self._http.stream("POST", "/fetch", json=request, timeout=httpx.Timeout(None)))
+                    except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                        if attempt == 2:
+                            raise SidecarError(f"browser sidecar connection failed ({type(exc).__name__})") from exc
+                        await self._stop()
+                        continue
+                    if response.status_code != 200:
+                        await response.aread()
+                        self._decode(response)
+                    return response.aiter_lines()
+        except TimeoutError as exc:
+            raise SidecarError(f"browser sidecar did not answer within {self.request_timeout:.0f}s") from exc
+        raise SidecarError("browser sidecar: unreachable")  # not reached
+
+    # --- the child process ---------------------------------------------------------------------------
+
+    async def _ensure_started(self) -> None:
+        async with self._start_lock:
+            if self.alive:
+                return
+            if self._proc is not None:
+                log.warning("browser sidecar exited with code %s; restarting it", self._proc.returncode)
+                await self._stop()
+            self._starting = True
+            try:
+                await self._spawn()
+                self._failure = None
+            except BaseException as exc:  # also the caller's deadline cancelling us mid-start
+                self._failure = str(exc) if isinstance(exc, SidecarError) else "did not become ready"
+                await self._stop(force=True)
+                raise
+            finally:
+                self._starting = False
+
+    async def _spawn(self) -> None:
+        if len(os.fsencode(self.socket_path)) > 100:  # the kernel's limit for AF_UNIX paths is ~107 bytes
+            raise SidecarError(f"the sidecar socket path is too long: {self.socket_path} "
+                               "(set BRIDGE_SIDECAR_SOCKET to a shorter one)")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # a stale socket would look like a live sidecar
+        args = [self.python, self.sidecar_script, "--socket", self.socket_path, "--arena-url", self.arena_url,
+                "--log-level", self.log_level]
+        if self.browser:
+            args += ["--browser", self.browser]
+        if self.headful:
+            args.append("--headful")
+        log.info("starting the browser sidecar")
+        self._proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)  # logs go to our stderr
+        self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.socket_path),
+                                       base_url="http://sidecar")
+        # Ready when /status answers; the caller's deadline bounds this loop.
+        while True:
+            if self._proc.returncode is not None:
+                raise SidecarError(f"browser sidecar exited at start (code {self._proc.returncode})")
+            if os.path.exists(self.socket_path):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await self._http.get("/status", timeout=self.STATUS_TIMEOUT)).status_code == 200:
+                        break
+            await asyncio.sleep(0.1)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_when_idle())
+        log.info("browser sidecar running (pid %d)", self._proc.pid)
+
+    async def _stop(self, *, force: bool = False) -> None:
+        proc, http = self._proc, self._http
+        self._proc, self._http = None, None
+        if proc is not None and proc.returncode is None:
+            if force:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # its parent watch is gone with it; the browser's driver exits with it
+            elif http is not None:
+                with contextlib.suppress(httpx.HTTPError):
+                    await http.post("/shutdown", timeout=1.0)
+            try:
+                await asyncio.wait_for(proc.wait(), self.STOP_TIMEOUT)
+            except (TimeoutError, asyncio.TimeoutError):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if http is not None:
+            await http.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    async def _reap_when_idle(self) -> None:
+        """Stop the sidecar (and its browser) after idle_timeout seconds without calls."""
+        while self.alive:
+            idle = time.monotonic() - self._last_used
+            if self._active == 0 and not self._refills_running() and idle >= self.idle_timeout:
+                log.info("browser sidecar idle for %.0fs; stopping it", idle)
+                async with self._start_lock:
+                    await self._stop()
+                return
+            await asyncio.sleep(max(0.2, min(5.0, self.idle_timeout - idle)))
+
+    # --- token pool ----------------------------------------------------------------------------------
+
+    def _refills_running(self) -> bool:
+        return any(not task.done() for task in self._refills.values())
+
+    def _refill(self, key: tuple[str, str]) -> None:
+        task = self._refills.get(key)
+        if task is None or task.done():
+            self._refills[key] = asyncio.create_task(self._refill_pool(key))
+
+    async def _refill_pool(self, key: tuple[str, str]) -> None:
+        pool = self._pool.setdefault(key, collections.deque())
+        while True:
+            now = time.monotonic()
+            while pool and now - pool[0][0] >= self.TOKEN_MAX_AGE:
+                pool.popleft()
+            if len(pool) >= self.TOKEN_POOL_SIZE or not self.alive:
+                return
+            try:
+                result = await self._call("/token", {"sitekey": key[0], "action": key[1], "v2": False}, start=False)
+            except SidecarError as exc:
+                log.debug("token pool refill failed: %s", exc)
+                return
+            if result.get("token"):
+                pool.append((time.monotonic(), result["token"]))
+
 
 
 # =====================================================================================================
@@ -2364,18 +2693,21 @@ a{color:var(--accent)}
 .stats div{background:#fff;border:1px solid var(--line);border-radius:10px;padding:12px 16px}
 .stats small{color:var(--muted);font-size:12px}.stats b{display:block;font-size:22px;font-weight:600}
 .scroll{overflow-x:auto;border-radius:10px}
-table{width:100%;border-collapse:separate;border-spacing:0;background:#fff;border:1px solid var(--line);border-radius:10px}
+table{width:100%;border-collapse:separate;border-spacing:0;background:#fff;border:1px solid var(--line);
+border-radius:10px}
 th,td{text-align:left;padding:8px 12px;border-bottom:1px solid var(--line);vertical-align:middle;white-space:nowrap}
 th{color:var(--muted);font-weight:600;font-size:11px;text-transform:uppercase;letter-spacing:.04em}
 tr:last-child td{border-bottom:0}tbody tr:hover{background:#fafbfd}
 .num{text-align:right;font-variant-numeric:tabular-nums}
 .text{white-space:normal;overflow-wrap:anywhere;min-width:8em}
 .mono{white-space:pre-wrap;word-break:break-all;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace}
-.badge{display:inline-block;padding:1px 9px;border-radius:999px;font-size:12px;font-weight:600;color:#fff;white-space:nowrap}
+.badge{display:inline-block;padding:1px 9px;border-radius:999px;font-size:12px;font-weight:600;color:#fff;
+white-space:nowrap}
 .ok{background:var(--ok)}.warn{background:var(--warn)}.bad{background:var(--bad)}.info{background:var(--info)}
 .off{background:var(--off)}.cap{background:#edf2ff;color:#364fc7;margin-right:4px}
 .muted{color:var(--muted)}.small{font-size:12px}
-code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#eef0f5;padding:1px 6px;border-radius:4px;white-space:nowrap}
+code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#eef0f5;padding:1px 6px;border-radius:4px;
+white-space:nowrap}
 form.row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-end}
 form.row label{display:flex;flex-direction:column;gap:3px;font-size:12px;color:var(--muted)}
 form.inline{display:inline}label.grow{flex:1;min-width:320px}
@@ -2387,17 +2719,20 @@ button{border:0;border-radius:6px;padding:6px 14px;background:var(--accent);colo
 button.quiet{background:#e9ecf3;color:var(--fg)}button.danger{background:#fff;color:var(--bad);border:1px solid #efb5b5}
 header button{background:transparent;border:1px solid #4a5468;color:#d0d5e0}
 .note{border-radius:8px;padding:10px 14px;margin:0 0 16px;border:1px solid}
-.note.ok{background:#ebfbee;border-color:#b2f2bb;color:#1b5e20}.note.bad{background:#fff5f5;border-color:#ffc9c9;color:#8f1d1d}
+.note.ok{background:#ebfbee;border-color:#b2f2bb;color:#1b5e20}
+.note.bad{background:#fff5f5;border-color:#ffc9c9;color:#8f1d1d}
 .note input{width:100%;max-width:560px;font:13px ui-monospace,Menlo,Consolas,monospace;margin-right:8px}
 .tabs a{margin-right:12px}.tabs a.on{font-weight:600;color:var(--fg);text-decoration:none}
 .chart{width:100%;max-width:760px;height:auto}.chart .bar{fill:var(--accent)}.chart text{font-size:12px;fill:var(--fg)}
 .login{max-width:340px;margin:14vh auto}.login input{width:100%;margin:6px 0 12px}
 """
 
-# Enables the copy button (hidden without JavaScript, where the key can still be selected by hand).
+# Enables the copy button (hidden without JavaScript, where the key can still be selected by hand). The
+# clipboard API exists only on HTTPS or localhost; elsewhere the selected text is copied the old way.
 COPY_SCRIPT = """for (const b of document.querySelectorAll("[data-copy]")) { b.hidden = false; b.onclick = () => {
 const f = document.getElementById(b.dataset.copy); f.select();
-(navigator.clipboard ? navigator.clipboard.writeText(f.value) : Promise.reject()).catch(() => document.execCommand("copy"));
+(navigator.clipboard ? navigator.clipboard.writeText(f.value) : Promise.reject())
+  .catch(() => document.execCommand("copy"));
 b.textContent = "Copied"; }; }"""
 
 PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -2410,10 +2745,11 @@ HEADER = """<header><strong>LM Arena Bridge</strong><nav>{links}</nav>
 
 
 def security_headers(nonce: str) -> dict[str, str]:
-    return {"Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
-                                       "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-            "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-store"}
+    """no-store too: a page that shows a new key must not be kept in any cache."""
+    policy = (f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; img-src 'self' data:; "
+              "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 
 def render(title: str, body: Html, admin: "Admin | None" = None, status: int = 200,
@@ -2474,19 +2810,29 @@ def button(admin: "Admin", action: str, label: str, tone: str = "quiet", **field
                 csrf=admin.csrf_field, hidden=hidden, tone=tone, label=label)
 
 
+def form_card(admin: "Admin", action: str, fields: Html, label: str) -> Html:
+    """A page's main form for one action: its fields in a row, then the submit button."""
+    return fill('<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" '
+                'value="{action}">{fields}<button>{label}</button></form></div>',
+                csrf=admin.csrf_field, action=action, fields=fields, label=label)
+
+
 def top_models_chart(per_model: list[dict], count: int) -> Html:
     """Requests of the busiest models as horizontal bars in inline SVG: nothing to load, nothing to run."""
     shown = per_model[:count]
     if not shown:
         return Html('<div class="card muted">No chat requests in this period.</div>')
     top = max(m["requests"] for m in shown)
-    bars = join(fill('<g><title>{name}: {requests}</title><text x="230" y="{text_y}" text-anchor="end">{short}</text>'
-                     '<rect class="bar" x="240" y="{y}" width="{width}" height="18" rx="3"/>'
-                     '<text x="{count_x}" y="{text_y}">{requests}</text></g>',
-                     name=m["model"], short=m["model"] if len(m["model"]) <= 34 else m["model"][:33] + "…",
-                     requests=m["requests"], y=8 + i * 28, text_y=21 + i * 28,
-                     width=max(2, round(440 * m["requests"] / top)), count_x=max(2, round(440 * m["requests"] / top)) + 246)
-                for i, m in enumerate(shown))
+
+    def bar(row: int, model: str, requests: int) -> Html:
+        width = max(2, round(440 * requests / top))
+        return fill('<g><title>{model}: {requests}</title><text x="230" y="{text_y}" text-anchor="end">{short}</text>'
+                    '<rect class="bar" x="240" y="{y}" width="{width}" height="18" rx="3"/>'
+                    '<text x="{count_x}" y="{text_y}">{requests}</text></g>',
+                    model=model, short=model if len(model) <= 34 else model[:33] + "…", requests=requests,
+                    y=8 + row * 28, text_y=21 + row * 28, width=width, count_x=width + 246)
+
+    bars = join(bar(row, m["model"], m["requests"]) for row, m in enumerate(shown))
     return fill('<div class="card"><svg class="chart" viewBox="0 0 760 {height}" role="img" '
                 'aria-label="Requests per model">{bars}</svg></div>', height=16 + 28 * len(shown), bars=bars)
 
@@ -2587,8 +2933,9 @@ async def overview_page(request: Request, admin: Admin) -> Response:
 def account_badge(account: dict, at: float) -> Html:
     state = account_state(account, at)
     if state == "cooling_down":
-        return fill('{badge}<div class="text small muted">until {until}<br>{reason}</div>', badge=badge("cooling down", "warn"),
-                    until=format_time(account["cooldown_until"]), reason=account["cooldown_reason"] or "")
+        return fill('{badge}<div class="text small muted">until {until}<br>{reason}</div>',
+                    badge=badge("cooling down", "warn"), until=format_time(account["cooldown_until"]),
+                    reason=account["cooldown_reason"] or "")
     return badge(state, {"ok": "ok", "expired": "bad", "refreshing": "info"}.get(state, "off"))
 
 
@@ -2621,10 +2968,9 @@ async def refresh_account_action(state: BridgeState, admin: Admin) -> Html:
     return note(f"Account {account['id']} refreshed; valid until {format_time(fresh['expires_at'])}.")
 
 
-ACCOUNT_FORM = """<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" value="add">
-<label class="grow">Session: the arena-auth-prod-v1 cookie value, its .0/.1 chunks, a Cookie: header, or a JWT
-<textarea name="value" required></textarea></label>
-<label>Label <input name="label" maxlength="100" placeholder="optional"></label><button>Add account</button></form></div>"""
+ACCOUNT_FIELDS = Html("""<label class="grow">Session: the arena-auth-prod-v1 cookie value, its .0/.1 chunks,
+a Cookie: header, or a JWT <textarea name="value" required></textarea></label>
+<label>Label <input name="label" maxlength="100" placeholder="optional"></label>""")
 
 
 async def accounts_page(request: Request, admin: Admin) -> Response:
@@ -2636,7 +2982,7 @@ async def accounts_page(request: Request, admin: Admin) -> Response:
              join([button(admin, "refresh", "Refresh now", id=a["id"]), " ",
                    button(admin, "remove", "Remove", "danger", id=a["id"])]))
             for a in bridge(request).store.accounts()]
-    body = join([fill("<h1>Arena accounts</h1>"), outcome, fill(ACCOUNT_FORM, csrf=admin.csrf_field),
+    body = join([fill("<h1>Arena accounts</h1>"), outcome, form_card(admin, "add", ACCOUNT_FIELDS, "Add account"),
                  table(["ID", "Label", "Kind", "State", "Expires", "Last used", "Last error", ""], rows,
                        "No accounts yet: add one above.")])
     return render("Accounts", body, admin)
@@ -2663,10 +3009,8 @@ async def revoke_key_action(state: BridgeState, admin: Admin) -> Html:
     return note(f"Key {key_id} revoked: it is refused from now on.")
 
 
-KEY_FORM = """<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" value="create">
-<label>Name <input name="name" required maxlength="100" placeholder="e.g. laptop"></label>
-<label>Requests per minute <input name="rpm" type="number" min="0" value="{rpm}"></label>
-<button>Create key</button></form></div>"""
+KEY_FIELDS = """<label>Name <input name="name" required maxlength="100" placeholder="e.g. laptop"></label>
+<label>Requests per minute (0: no limit) <input name="rpm" type="number" min="0" value="{rpm}"></label>"""
 
 
 async def keys_page(request: Request, admin: Admin) -> Response:
@@ -2678,7 +3022,7 @@ async def keys_page(request: Request, admin: Admin) -> Response:
              "" if k["revoked"] else button(admin, "revoke", "Revoke", "danger", id=k["id"]))
             for k in state.store.usage_by_key(since=0)]
     body = join([fill("<h1>API keys</h1>"), outcome,
-                 fill(KEY_FORM, csrf=admin.csrf_field, rpm=state.settings.default_rpm),
+                 form_card(admin, "create", fill(KEY_FIELDS, rpm=state.settings.default_rpm), "Create key"),
                  table(["ID", "Name", "Key", "RPM", "Created", "Requests", "Last used", "State", ""],
                        rows, "No keys yet: create one above.")])
     return render("API keys", body, admin)
@@ -2772,11 +3116,10 @@ async def change_password_action(state: BridgeState, admin: Admin) -> Html:
     return note("Password changed; every other session was signed out.")
 
 
-PASSWORD_FORM = """<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" value="password">
+PASSWORD_FIELDS = Html("""
 <label>Current password <input type="password" name="current" required autocomplete="current-password"></label>
 <label>New password <input type="password" name="new" required minlength="10" autocomplete="new-password"></label>
-<label>Repeat <input type="password" name="repeat" required minlength="10" autocomplete="new-password"></label>
-<button>Change password</button></form></div>"""
+<label>Repeat <input type="password" name="repeat" required minlength="10" autocomplete="new-password"></label>""")
 
 
 async def settings_page(request: Request, admin: Admin) -> Response:
@@ -2790,7 +3133,8 @@ async def settings_page(request: Request, admin: Admin) -> Response:
     body = join([fill("<h1>Settings</h1>"), outcome,
                  fill("<h2>Site parameters discovered on LM Arena</h2>"),
                  table(["Parameter", "Value", "Discovered"], params, "Nothing discovered yet."),
-                 fill("<h2>Dashboard password</h2>"), fill(PASSWORD_FORM, csrf=admin.csrf_field),
+                 fill("<h2>Dashboard password</h2>"),
+                 form_card(admin, "password", PASSWORD_FIELDS, "Change password"),
                  fill("<h2>Configuration (flags and environment)</h2>"),
                  table(["Setting", "Value", "Meaning"], options, "")])
     return render("Settings", body, admin)
@@ -2951,31 +3295,67 @@ async def list_models(request: Request) -> Response:
 
 class EventPump:
     """Pulls events from a generator while letting the caller wake up every `interval` seconds to send a
-    keep-alive, without ever cancelling the pending pull."""
+    keep-alive, without ever cancelling the pending pull.
+
+    One task pulls, up to AHEAD events ahead of the caller (no task per event), and ready() hands out
+    what is already pulled without waiting, so that a burst of events becomes one write to the client.
+    A failure of the generator reaches the caller in order, after the events before it."""
     END = object()
+    AHEAD = 64
 
     def __init__(self, events: AsyncIterator[Event]):
         self.events = events
-        self.pending: asyncio.Future | None = None
+        self.items: collections.deque = collections.deque()     # (event or END, None) or (None, exception)
+        self.task: asyncio.Task | None = None
+        self.waiter: asyncio.Future | None = None                # the caller, waiting for an item
+        self.room: asyncio.Future | None = None                  # the puller, waiting for the caller
+
+    def _put(self, item: tuple) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _pull(self) -> None:
+        try:
+            async for event in self.events:
+                self._put((event, None))
+                if len(self.items) >= self.AHEAD:
+                    self.room = asyncio.get_running_loop().create_future()
+                    await self.room
+            self._put((self.END, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+            self._put((None, exc))
+
+    def _take(self) -> Any:
+        event, error = self.items.popleft()
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+        if error is not None:
+            raise error
+        return event
+
+    def ready(self) -> Any:
+        """An event (or END) already pulled, without waiting; None when there is none yet."""
+        return self._take() if self.items else None
 
     async def next(self, timeout: float | None) -> Any:
         """The next event, None when `timeout` passed first, or END."""
-        if self.pending is None:
-            self.pending = asyncio.ensure_future(self.events.__anext__())
-        done, _ = await asyncio.wait({self.pending}, timeout=timeout)
-        if not done:
-            return None
-        pending, self.pending = self.pending, None
-        try:
-            return pending.result()
-        except StopAsyncIteration:
-            return self.END
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._pull())
+        if not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.waiter
+            except TimeoutError:
+                return None
+        return self._take()
 
     async def aclose(self) -> None:
-        if self.pending is not None:
-            self.pending.cancel()
+        if self.task is not None:
+            self.task.cancel()
             with contextlib.suppress(BaseException):
-                await self.pending
+                await self.task
         with contextlib.suppress(RuntimeError):
             await self.events.aclose()
 
@@ -3189,13 +3569,29 @@ async def sse_body(job: ChatJob, pump: EventPump, first: Any) -> AsyncIterator[s
     try:
         event = first
         while event is not EventPump.END:
-            if event is None or event.kind == "heartbeat":
-                yield ": ping\n\n"
-            else:
-                delta = job.apply(builder, event)
-                if delta is not None:
-                    yield encoder.content(delta[1]) if delta[0] == "content" else encoder.reasoning(delta[1])
-            event = await pump.next(interval)
+            # Events that are already there go out as one write: a write per event was most of a
+            # stream's cost. An error still comes after everything before it.
+            parts: list[str] = []
+            try:
+                while event is not EventPump.END:
+                    if event is None or event.kind == "heartbeat":
+                        parts.append(": ping\n\n")
+                    else:
+                        delta = job.apply(builder, event)
+                        if delta is not None:
+                            parts.append(encoder.content(delta[1]) if delta[0] == "content"
+                                         else encoder.reasoning(delta[1]))
+                    event = pump.ready()
+                    if event is None:
+                        break
+            except Exception:
+                if parts:
+                    yield "".join(parts)
+                raise
+            if parts:
+                yield "".join(parts)
+            if event is None:
+                event = await pump.next(interval)
         tail = builder.finish()
         if tail:
             yield encoder.delta(content=tail, annotations=builder.annotations) if builder.annotations else encoder.content(tail)
@@ -3286,7 +3682,7 @@ async def every(seconds: float, job: Callable[[], Any], first_delay: float = 0.0
 
 def create_app(settings: Settings) -> Starlette:
     store = Store(settings.db)
-    sidecar = SidecarClient(settings)
+    sidecar = SidecarClient.from_settings(settings)
     state = BridgeState(settings=settings, store=store, arena=ArenaClient(settings, store, sidecar),
                         sidecar=sidecar, limiter=RateLimiter(), usage=UsageRecorder(store))
 
@@ -3419,7 +3815,7 @@ def run_cli(settings: Settings, args: argparse.Namespace) -> int:
         print(f"removed account {args.id}")
     elif command == "models" and action == "refresh":
         async def refresh() -> dict:
-            sidecar = SidecarClient(settings)
+            sidecar = SidecarClient.from_settings(settings)
             arena = ArenaClient(settings, store, sidecar)
             try:
                 return await arena.discover(min_age=0)

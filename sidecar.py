@@ -11,7 +11,11 @@ few things that need a real browser on the site's origin:
     POST /fetch       run one request with the page's own fetch(); relay the response as NDJSON lines
     POST /shutdown    close the browser and exit 0
 
-Errors are ``{"error": "<message>"}`` with status 502 (browser/page failure) or 504 (timeout).
+Errors are ``{"error": "<message>"}`` with status 502 (browser/page failure), 504 (timeout) or 400
+(bad request). A /fetch answer is ``application/x-ndjson``, one JSON object a line, written as soon as
+the page reads it: ``{"status", "headers"}``, then ``{"chunk": "<text>"}``…, then
+``{"done": true, "cookies": {…the host's cookies after the call…}}`` or ``{"error": "…"}``. Closing the
+connection early aborts the page's fetch (AbortController).
 
 Usage::
 
@@ -96,6 +100,7 @@ OP_TIMEOUT = 30.0  # default bound for one browser operation
 LAUNCH_TIMEOUT = 45.0
 CLEARANCE_TIMEOUT = 30.0
 REAL_SITE_HOSTS = ("arena.ai", "lmarena.ai")
+CLOUDFLARE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid")
 
 # Headers a page's fetch() may not set (the browser owns them); dropped instead of failing.
 FORBIDDEN_HEADERS = {
@@ -124,6 +129,17 @@ class Settings:
 
 class OpError(Exception):
     """A browser or page failure; answered as 502."""
+
+
+class BadRequest(Exception):
+    """A malformed request to the sidecar; answered as 400."""
+
+
+def need(body: dict, key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{key!r} is required")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +199,14 @@ def find_browser(explicit: str | None, playwright_path: str | None) -> str:
     raise OpError("no Chromium found: set BRIDGE_BROWSER to a Chromium/Chrome binary")
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the sidecar dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_xvfb() -> subprocess.Popen | None:
     """Start Xvfb on a free display when headful mode has no DISPLAY; None if not possible."""
     if os.environ.get("DISPLAY") or not shutil.which("Xvfb"):
@@ -191,7 +215,7 @@ def start_xvfb() -> subprocess.Popen | None:
         if os.path.exists(f"/tmp/.X{n}-lock") or os.path.exists(f"/tmp/.X11-unix/X{n}"):
             continue
         proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1366x768x24", "-nolisten", "tcp"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         for _ in range(50):
             if os.path.exists(f"/tmp/.X11-unix/X{n}"):
                 os.environ["DISPLAY"] = f":{n}"
@@ -405,7 +429,9 @@ class Browser:
         from playwright.async_api import async_playwright
 
         if self.s.headful:
-            self._xvfb = self._xvfb or start_xvfb()
+            self._xvfb = self._xvfb or await asyncio.to_thread(start_xvfb)
+            if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+                raise OpError("headful mode needs a display: set DISPLAY, or install Xvfb")
         self._pw = self._pw or await async_playwright().start()
         path = find_browser(self.s.browser, self._pw.chromium.executable_path)
         started = time.monotonic()
@@ -475,6 +501,8 @@ class Browser:
         self._browser = self._pw = self._page = self._context = None
         if self._xvfb is not None:
             self._xvfb.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self._xvfb.wait, 3)
             self._xvfb = None
 
     # -- helper scripts (reCAPTCHA, Turnstile) ------------------------------------------------
@@ -547,30 +575,34 @@ class Browser:
         page = await self.page()
         async with self._lock:
             await self._goto(page)
-            deadline = time.monotonic() + timeout
-            challenged = await self.is_interstitial(page)
-            if challenged:
-                log.info("Cloudflare interstitial on %s; waiting up to %.0fs", self.s.host, timeout)
-            while challenged:
-                if time.monotonic() > deadline:
-                    raise asyncio.TimeoutError("the Cloudflare challenge did not clear")
-                await self._click_turnstile(page)
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(Exception):
-                    await page.wait_for_load_state("load", timeout=5000)
-                challenged = await self.is_interstitial(page)
-                if challenged and "cf_clearance" in await self.host_cookies(self._context):
-                    # The cookie is set but the page script has not reloaded yet: do it ourselves.
-                    await asyncio.sleep(1.0)
-                    if await self.is_interstitial(page):
-                        await self._goto(page)
-                        challenged = await self.is_interstitial(page)
+            await self.pass_interstitial(page, self._context, timeout)
             self._page_loaded_at = time.monotonic()
             ua = await page.evaluate("navigator.userAgent")
             cookies = await self.host_cookies(self._context)
         log.info("clearance: %d cookies (cf_clearance %s)", len(cookies),
                  f"{len(cookies['cf_clearance'])} chars" if "cf_clearance" in cookies else "absent")
         return cookies, ua
+
+    async def pass_interstitial(self, page: Any, context: Any, timeout: float) -> None:
+        """Wait (bounded) until a Cloudflare interstitial on page clears; a no-op when there is none."""
+        deadline = time.monotonic() + timeout
+        challenged = await self.is_interstitial(page)
+        if challenged:
+            log.info("Cloudflare interstitial on %s; waiting up to %.0fs", self.s.host, timeout)
+        while challenged:
+            if time.monotonic() > deadline:
+                raise asyncio.TimeoutError("the Cloudflare challenge did not clear")
+            await self._click_turnstile(page)
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                await page.wait_for_load_state("load", timeout=5000)
+            challenged = await self.is_interstitial(page)
+            if challenged and "cf_clearance" in await self.host_cookies(context):
+                # The cookie is set but the page script has not reloaded yet: do it ourselves.
+                await asyncio.sleep(1.0)
+                if await self.is_interstitial(page):
+                    await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
+                    challenged = await self.is_interstitial(page)
 
     @staticmethod
     async def _click_turnstile(page: Any) -> None:
@@ -590,10 +622,15 @@ class Browser:
     async def signup(self, turnstile_sitekey: str, recaptcha_sitekey: str | None,
                      recaptcha_action: str, timeout: float = OP_TIMEOUT) -> dict:
         await self.page()  # make sure the browser runs
-        ctx = await self.new_context()  # a fresh visitor: no cookies of the main page
+        ctx = await self.new_context()  # a fresh visitor: no session or provisional id of the main page
         try:
+            # ...but the same browser, UA and IP, so the main page's Cloudflare clearance is valid here too.
+            cf = [c for c in await self._context.cookies(self.s.arena_url) if c["name"] in CLOUDFLARE_COOKIES]
+            if cf:
+                await ctx.add_cookies(cf)
             page = await ctx.new_page()
             await page.goto(self.s.arena_url, wait_until="load", timeout=timeout * 1000)
+            await self.pass_interstitial(page, ctx, CLEARANCE_TIMEOUT)
             provisional = (await self.host_cookies(ctx)).get("provisional_user_id")
             if not provisional:
                 raise OpError("the arena page set no provisional_user_id cookie")
@@ -715,12 +752,14 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
                 return error("the request body must be a JSON object", 400)
             try:
                 return await fn(payload)
-            except asyncio.TimeoutError as exc:
-                log.warning("%s: %s", request.url.path, exc)
-                return error(str(exc) or "timed out", 504)
-            except (KeyError, TypeError) as exc:
-                return error(f"bad request: {exc}", 400)
-            except Exception as exc:  # Playwright errors, OpError, page failures
+            except BadRequest as exc:
+                return error(str(exc), 400)
+            except Exception as exc:  # Playwright errors, OpError, page failures, timeouts
+                if isinstance(exc, asyncio.TimeoutError) or type(exc).__name__ == "TimeoutError":
+                    # ours (asyncio) or Playwright's own (a subclass of its Error, not of asyncio's)
+                    message = str(exc).splitlines()[0][:300] if str(exc) else "timed out"
+                    log.warning("%s: %s", request.url.path, message)
+                    return error(message, 504)
                 message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
                 log.warning("%s failed: %s", request.url.path, message)
                 return error(message, 502)
@@ -738,7 +777,7 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
         })
 
     async def token(body: dict) -> Response:
-        value = await guarded(browser.token(body["sitekey"], body.get("action") or "chat_submit",
+        value = await guarded(browser.token(need(body, "sitekey"), body.get("action") or "chat_submit",
                                             bool(body.get("v2"))), LAUNCH_TIMEOUT + OP_TIMEOUT, "token mint")
         log.info("minted a %s token (%d chars)", body.get("action") or "chat_submit", len(value))
         return JSONResponse({"token": value})
@@ -756,6 +795,9 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
         return JSONResponse(result)
 
     async def fetch(body: dict) -> Response:
+        need(body, "url")
+        if not isinstance(body.get("cookies") or {}, dict) or not isinstance(body.get("headers") or {}, dict):
+            raise BadRequest("'cookies' and 'headers' must be objects")
         stream = browser.fetch(body)
         # Wait (bounded) for the status line so that a failure before it is a plain HTTP error.
         first = await guarded(stream.__anext__(), LAUNCH_TIMEOUT + OP_TIMEOUT, "in-page fetch")

@@ -35,12 +35,7 @@ def _find_browser() -> str | None:
 BROWSER = _find_browser()
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium/Chrome binary found")
 
-import bridge  # noqa: E402
-
-if "fetch_stream" in vars(bridge.SidecarClient):  # once pasted into bridge.py, test the real thing
-    SidecarClient, SidecarError = bridge.SidecarClient, bridge.SidecarError
-else:
-    from _sidecar_client_draft import SidecarClient, SidecarError
+from bridge import SidecarClient, SidecarError  # noqa: E402
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -49,11 +44,12 @@ else:
 class Sidecar:
     """A sidecar.py child plus an HTTP client on its Unix socket."""
 
-    def __init__(self, arena_url: str, folder: str) -> None:
+    def __init__(self, arena_url: str, folder: str, *extra: str) -> None:
         self.socket = os.path.join(folder, "sidecar.sock")
         self.log_path = os.path.join(folder, "sidecar.log")
         self.proc = subprocess.Popen(
-            [sys.executable, SIDECAR, "--socket", self.socket, "--arena-url", arena_url, "--browser", BROWSER],
+            [sys.executable, SIDECAR, "--socket", self.socket, "--arena-url", arena_url, "--browser", BROWSER,
+             *extra],
             stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"))
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://sidecar",
                                  timeout=60)
@@ -148,6 +144,7 @@ def test_token_is_minted_in_the_page_and_accepted(arena, sidecar):
     assert post_chat(arena, session, token).status_code == 200
     assert post_chat(arena, session, warm_token).status_code == 200
     assert post_chat(arena, session, token).status_code == 403  # single use: the emulator checks it
+    assert token[:40] not in sidecar.log()  # secrets never reach the log
 
     # v2: the widget path (an optional fallback on the real site) works against the fake script too.
     r = sidecar.post("/token", {"sitekey": arena.v2_sitekey, "action": "", "v2": True})
@@ -249,9 +246,49 @@ def test_signup_creates_an_account_the_emulator_accepts(arena, sidecar):
     assert "Headless" not in result["user_agent"]
     token = sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"}).json()["token"]
     assert post_chat(arena, result["cookie"], token).status_code == 200
+    # Behind Cloudflare: the fresh context reuses the browser's clearance (or passes the challenge itself).
+    arena.configure(cloudflare=True, cloudflare_delay=0.3)
+    r = sidecar.post("/signup", {"turnstile_sitekey": arena.turnstile_sitekey, "recaptcha_sitekey": arena.sitekey})
+    assert r.status_code == 200, r.text
+    assert arena.session_user(r.json()["cookie"]) and "cf_clearance" in r.json()["cookies"]
+    arena.configure(cloudflare=False)
     # Without the required reCAPTCHA token the emulator refuses, and the sidecar says so.
     r = sidecar.post("/signup", {"turnstile_sitekey": arena.turnstile_sitekey, "recaptcha_sitekey": None})
     assert r.status_code == 502 and "403" in r.json()["error"]
+
+
+def test_auth_cookie_from_every_signup_answer_shape():
+    import base64
+
+    import sidecar as sc
+
+    session = {"access_token": "eyJ.a.b", "refresh_token": "r", "expires_at": 1, "user": {"id": "u"}}
+    value = sc.encode_session(session)
+    assert value.startswith("base64-") and "=" not in value
+    assert json.loads(base64.urlsafe_b64decode(value[7:] + "==")) == session
+    assert sc.auth_cookie_from({AUTH_COOKIE: "base64-x"}, None) == "base64-x"
+    chunks = {f"{AUTH_COOKIE}.1": "cd", f"{AUTH_COOKIE}.0": "base64-ab", f"{AUTH_COOKIE}.10": "z",
+              f"{AUTH_COOKIE}.2": "ef", "other": "1"}
+    assert sc.auth_cookie_from(chunks, None) == "base64-abcdefz"
+    for body in (session, {"session": session}, {"data": session}, {"data": {"session": session}}):
+        assert sc.auth_cookie_from({}, body) == value
+    assert sc.auth_cookie_from({}, "base64-raw") == "base64-raw"
+    assert sc.auth_cookie_from({}, {"ok": True}) is None
+
+
+@pytest.mark.skipif(not shutil.which("Xvfb"), reason="Xvfb is not installed")
+def test_headful_under_xvfb(arena, tmp_path, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    s = Sidecar(arena.url, str(tmp_path), "--headful")
+    try:
+        r = s.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"})
+        assert r.status_code == 200, r.text
+        assert post_chat(arena, arena.new_session(), r.json()["token"]).status_code == 200
+        xvfb = [p for p in _descendants(s.proc.pid) if _cmdline(p).startswith("Xvfb")]
+        assert len(xvfb) == 1 and "started Xvfb" in s.log()
+    finally:
+        s.stop()
+    assert _pid_gone(xvfb[0])
 
 
 # --- the bridge's SidecarClient -------------------------------------------------------------------
