@@ -45,6 +45,11 @@ import urllib.parse
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
+if __name__ == "__main__":
+    # sqlite_utils imports numpy whenever it is installed, only to map numpy types to columns; the bridge
+    # stores none, and numpy (with its BLAS buffers) was 20 MB, a third of the server's idle memory.
+    sys.modules.setdefault("numpy", None)
+
 import httpx
 import sqlite_utils
 from curl_cffi.requests import AsyncSession
@@ -128,6 +133,8 @@ OPTIONS: tuple[Option, ...] = (
            "least seconds between two chat requests on one arena account (0 = no pacing)"),
     Option("trusted_proxy", "--trusted-proxy", ("BRIDGE_TRUSTED_PROXY",), _bool, False,
            "trust X-Forwarded-For/-Proto from a reverse proxy"),
+    Option("shutdown_timeout", "--shutdown-timeout", ("BRIDGE_SHUTDOWN_TIMEOUT",), float, 20.0,
+           "on SIGTERM/SIGINT, seconds that running requests and streams get to finish before they are cut"),
 )
 
 
@@ -162,6 +169,7 @@ class Settings:
     impersonate: str = "chrome"
     account_min_interval: float = 0.0
     trusted_proxy: bool = False
+    shutdown_timeout: float = 20.0
 
     @classmethod
     def load(cls, args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> "Settings":
@@ -1126,14 +1134,17 @@ class ArenaClient:
             self.params = self.store.site_params()
 
     # --- accounts -----------------------------------------------------------------------------------
+    def usable_accounts(self, exclude: set[int]) -> list[dict]:
+        at = now()
+        return [a for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)
+                and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
+
     def pick_account(self, exclude: set[int]) -> dict | None:
         """The least recently used account that can serve now."""
-        at = now()
-        usable = [a for a in self.store.accounts()
-                  if a["id"] not in exclude and is_usable(a, at)
-                  and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
+        usable = self.usable_accounts(exclude)
         if not usable:
             return None
+        at = now()
         account = min(usable, key=lambda a: a["last_used"] or 0)
         self.store.update_account(account["id"], last_used=at)
         return account
@@ -1318,6 +1329,8 @@ class ArenaClient:
                 await asyncio.sleep(0.5)
             else:
                 raise upstream_client_error(response.status_code, message, kind)
+        if last is not None and excluded and not self.usable_accounts(excluded):
+            raise self.unavailable_error(last)
         if last is not None:
             raise last
         raise UpstreamError(504, "LM Arena did not answer in time", "upstream_timeout")
@@ -1448,25 +1461,46 @@ class ArenaClient:
 
 class BrowserResponse:
     """An in-page fetch relayed by the sidecar, with the few members of a curl_cffi response that the
-    chat path reads, so both paths share one retry policy and one stream reader."""
+    chat path reads, so both paths share one retry policy and one stream reader.
+
+    The body is read by a task of its own: when a client goes away, Starlette cancels the request
+    through an anyio cancel scope that would also cancel the clean-up of a read in progress, and the
+    page's fetch would run on. Cancelling this reader task is a plain asyncio cancellation whose
+    clean-up completes, so the sidecar sees the close and aborts the page's fetch."""
 
     def __init__(self, stream: AsyncIterator[Any]):
         self.stream = stream
         self.status_code = 0
         self.headers: dict[str, str] = {}
+        self.chunks: asyncio.Queue = asyncio.Queue()
+        self.reader: asyncio.Task | None = None
 
     async def open(self) -> None:
         self.status_code, self.headers = await self.stream.__anext__()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for chunk in self.stream:
+                self.chunks.put_nowait(chunk.encode())
+            self.chunks.put_nowait(None)
+        except Exception as exc:
+            self.chunks.put_nowait(exc)
 
     async def aiter_content(self) -> AsyncIterator[bytes]:
-        async for chunk in self.stream:
-            yield chunk.encode()
+        while (item := await self.chunks.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
 
     async def acontent(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_content()])
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        if self.reader is not None:
+            self.reader.cancel()
+        else:
+            await self.stream.aclose()
 
 
 def upstream_client_error(status: int, message: str, kind: str) -> UpstreamError:
@@ -2139,11 +2173,14 @@ class ChunkEncoder:
     def delta(self, **fields: Any) -> str:
         return self.head + json.dumps(fields, ensure_ascii=False) + self.tail
 
+    # json.dumps(text, ensure_ascii=False) builds a JSONEncoder per call: 7x the cost of reusing one.
+    text_json = staticmethod(json.JSONEncoder(ensure_ascii=False).encode)
+
     def content(self, text: str) -> str:
-        return self.head + '{"content":' + json.dumps(text, ensure_ascii=False) + "}" + self.tail
+        return self.head + '{"content":' + self.text_json(text) + "}" + self.tail
 
     def reasoning(self, text: str) -> str:
-        return self.head + '{"reasoning_content":' + json.dumps(text, ensure_ascii=False) + "}" + self.tail
+        return self.head + '{"reasoning_content":' + self.text_json(text) + "}" + self.tail
 
     def finish(self, reason: str) -> str:
         return (self.head + "{}" + ',"logprobs":null,"finish_reason":' + json.dumps(reason) + "}]"
@@ -2610,6 +2647,8 @@ class LoginThrottle:
         """0 with the attempt counted, or the seconds until this address may try again."""
         allowed, window = LOGIN_ATTEMPTS
         at = time.monotonic()
+        for stale in [a for a, times in self.attempts.items() if at - times[-1] >= window]:
+            del self.attempts[stale]  # so that guesses from many addresses cannot grow this without bound
         recent = self.attempts.setdefault(address, collections.deque())
         while recent and at - recent[0] >= window:
             recent.popleft()
@@ -2854,25 +2893,25 @@ def masked(value: Any) -> Any:
     return f"({len(str(value))} characters, hidden)"
 
 
-SECRET_SITE_PARAMS = {"anon_key", "clearance"}
-
-
-def shown_site_param(key: str, value: Any) -> Any:
-    """The anon key and the Cloudflare clearance are secrets, all but the clearance's User-Agent: that one is
-    public, and it is what one needs to see when Cloudflare misbehaves."""
-    if key not in SECRET_SITE_PARAMS:
-        return value
-    if isinstance(value, dict):
-        return {name: inner if name == "user_agent" else masked(inner) for name, inner in value.items()}
-    return masked(value)
-
-
 def param_text(value: Any) -> str:
     if isinstance(value, dict):
         return "\n".join(f"{name}: {param_text(inner)}" for name, inner in value.items())
     if isinstance(value, list):
         return ", ".join(param_text(inner) for inner in value)
     return value if isinstance(value, str) else json.dumps(value)
+
+
+SECRET_SITE_PARAMS = {"anon_key", "clearance"}
+
+
+def site_param_text(key: str, stored: str) -> str:
+    """The anon key and the Cloudflare clearance are secrets, all but the clearance's User-Agent: that one is
+    public, and it is what one needs to see when Cloudflare misbehaves."""
+    value = json.loads(stored)
+    if key in SECRET_SITE_PARAMS:
+        value = ({name: inner if name == "user_agent" else masked(inner) for name, inner in value.items()}
+                 if isinstance(value, dict) else masked(value))
+    return param_text(value)
 
 
 # --- 7c. Pages ------------------------------------------------------------------------------------------
@@ -2917,7 +2956,7 @@ async def overview_page(request: Request, admin: Admin) -> Response:
     sidecar = await state.sidecar.status()  # local state only: never starts the browser
     sidecar_state = str(sidecar.get("state", "unknown"))
     details = [(name, prose(param_text(value))) for name, value in sidecar.items() if name != "state"]
-    body = join([
+    parts = [
         fill("<h1>Overview</h1>"),
         stats([("Requests today", today["requests"]), ("Requests, 7 days", week["requests"]),
                ("Error rate, 7 days", share(week["errors"], week["requests"])),
@@ -2925,9 +2964,10 @@ async def overview_page(request: Request, admin: Admin) -> Response:
         stats([("Arena accounts usable", f"{usable} of {len(accounts)}"), ("Models known", len(state.store.models())),
                ("Browser sidecar", badge(sidecar_state, SIDECAR_TONES.get(sidecar_state, "warn")))]),
         fill("<h2>Top models, 7 days</h2>"), top_models_chart(state.store.usage_by_model(at - 7 * 86400), 5),
-        fill("<h2>Browser sidecar</h2>") if details else "", table(["Field", "Value"], details, "") if details else "",
-    ])
-    return render("Overview", body, admin)
+    ]
+    if details:
+        parts += [fill("<h2>Browser sidecar</h2>"), table(["Field", "Value"], details, "")]
+    return render("Overview", join(parts), admin)
 
 
 def account_badge(account: dict, at: float) -> Html:
@@ -3087,9 +3127,10 @@ async def models_page(request: Request, admin: Admin) -> Response:
     state = bridge(request)
     outcome = await run_action(request, admin, {"refresh": refresh_models_action})
     query = request.query_params.get("q", "").strip()
-    usable = {m["id"] for m in usable_models(state.store.models())}
+    models = state.store.models()
+    usable = {m["id"] for m in usable_models(models)}
     rows = []
-    for model in state.store.models():
+    for model in models:
         capabilities = model_capabilities(model)
         haystack = " ".join([model.get("publicName", ""), model.get("organization") or "", *capabilities]).lower()
         if all(word in haystack for word in query.lower().split()):
@@ -3097,7 +3138,7 @@ async def models_page(request: Request, admin: Admin) -> Response:
                          join(badge(c, "cap") for c in capabilities) or "-",
                          badge("usable", "ok") if model["id"] in usable else badge("not usable", "off")))
     body = join([fill("<h1>Models</h1>"), outcome,
-                 fill(MODEL_TOOLBAR, q=query, shown=len(rows), total=len(state.store.models()),
+                 fill(MODEL_TOOLBAR, q=query, shown=len(rows), total=len(models),
                       refresh=button(admin, "refresh", "Refresh from LM Arena")),
                  table(["Model", "Organization", "Capabilities", "API"], rows, "No model matches.")])
     return render("Models", body, admin)
@@ -3125,11 +3166,11 @@ PASSWORD_FIELDS = Html("""
 async def settings_page(request: Request, admin: Admin) -> Response:
     state = bridge(request)
     outcome = await run_action(request, admin, {"password": change_password_action})
-    params = [(p["key"], fill('<div class="mono">{v}</div>', v=param_text(shown_site_param(p["key"], json.loads(p["value"])))),
+    params = [(p["key"], fill('<div class="mono">{v}</div>', v=site_param_text(p["key"], p["value"])),
                format_time(p["updated"])) for p in state.store.site_params_with_times()]
     values = dataclasses.asdict(state.settings)
-    options = [(opt.name, prose("-" if values[opt.name] in (None, "") else param_text(values[opt.name])), prose(opt.help))
-               for opt in OPTIONS if opt.flag]  # options without a flag are secrets
+    options = [(opt.name, prose("-" if values[opt.name] in (None, "") else param_text(values[opt.name])),
+                prose(opt.help)) for opt in OPTIONS if opt.flag]  # options without a flag are secrets
     body = join([fill("<h1>Settings</h1>"), outcome,
                  fill("<h2>Site parameters discovered on LM Arena</h2>"),
                  table(["Parameter", "Value", "Discovered"], params, "Nothing discovered yet."),
@@ -3186,7 +3227,8 @@ def signed_in(handler: Callable[[Request, Admin], Any]) -> Callable[[Request], A
         if session is None:
             return redirect("/login")
         form = await read_form(request) if request.method == "POST" else {}
-        if request.method == "POST" and not hmac.compare_digest(form.get("csrf", "").encode(), session["csrf"].encode()):
+        forged = not hmac.compare_digest(form.get("csrf", "").encode(), session["csrf"].encode())
+        if request.method == "POST" and forged:
             return render("Forbidden", note("This form did not come from this dashboard session (or the session "
                                             "changed). Reload the page and try again.", "bad"), status=403)
         return await handler(request, Admin(session, form))
@@ -3837,22 +3879,51 @@ def run_cli(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def serve(settings: Settings) -> None:
+    import errno
     import hypercorn.asyncio
     import hypercorn.config
 
     config = hypercorn.config.Config()
     config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
-    config.graceful_timeout = 20.0
+    config.graceful_timeout = settings.shutdown_timeout
     config.keep_alive_timeout = 75.0
+    # Hypercorn's default accept queue (100) overflowed when hundreds of clients connected at once: the
+    # kernel dropped their SYNs and each such client waited a 1 s retransmit before being served.
+    config.backlog = 2048
+    try:  # a busy port is a one-line error, before the app starts (and not a page of tracebacks after)
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
+    except OSError as exc:
+        hint = ("; another program uses it: stop that one or choose another port with --port (BRIDGE_PORT)"
+                if exc.errno == errno.EADDRINUSE else "")
+        log.error("cannot listen on %s port %d: %s%s", settings.host, settings.port, exc.strerror or exc, hint)
+        raise SystemExit(1) from None
     app = create_app(settings)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(name: str) -> None:
+            if not stop.is_set():
+                log.info("%s: no new connections; open requests get up to %.0fs to finish",
+                         name, settings.shutdown_timeout)
+            stop.set()
+
+        def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+            # Connections still open when the shutdown bound runs out are cancelled; asyncio would log
+            # each one with a traceback although nothing went wrong.
+            if not (stop.is_set() and isinstance(context.get("exception"), asyncio.CancelledError)):
+                loop.default_exception_handler(context)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.set_exception_handler(on_loop_error)
         log.info("serving on http://%s:%d (LM Arena at %s)", settings.host, settings.port, settings.arena_url)
         await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
+        log.info("stopped")
 
     asyncio.run(main())
 
