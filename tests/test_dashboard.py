@@ -147,6 +147,14 @@ def test_repeated_failed_sign_ins_are_throttled_per_address(dash):
     assert elsewhere.status_code == 303
 
 
+def test_session_cookie_is_secure_only_behind_a_trusted_https_proxy(dash, generated):
+    https = {"X-Forwarded-Proto": "https"}
+    trusted = httpx.post(dash.url + "/login", data={"password": PASSWORD}, headers=https)
+    assert trusted.status_code == 303 and "secure" in trusted.headers["set-cookie"].lower()
+    untrusted = httpx.post(generated.url + "/login", data={"password": generated_password(generated)}, headers=https)
+    assert untrusted.status_code == 303 and "secure" not in untrusted.headers["set-cookie"].lower()
+
+
 def test_sign_out_ends_the_session(page, dash):
     sign_in(page, dash.url)
     page.click("button:text('Sign out')")
@@ -211,6 +219,17 @@ def test_usage_page_draws_the_top_models_as_an_svg_chart(admin, dash):
     assert poll(admin, dash.url + "/dashboard/usage", charted)
     assert admin.locator("svg.chart rect.bar").count() >= 1
     assert "<script src" not in admin.content() and "http" not in admin.locator("svg.chart").inner_html()
+
+
+def test_usage_page_counts_errors_by_type(admin, dash):
+    key = create_key(admin, dash.url, "erring")
+    reply = httpx.post(dash.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                       json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 404
+    code = reply.json()["error"]["code"]
+    errors_table = lambda page: page.locator("tr", has_text=code).count() == 1
+    assert poll(admin, dash.url + "/dashboard/usage?days=1", errors_table)
+    assert "404" in admin.locator("tr", has_text=code).inner_text()
 
 
 def test_form_post_without_the_csrf_token_is_refused(admin, dash):
