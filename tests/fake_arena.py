@@ -50,8 +50,8 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 # Constants
 # =====================================================================================================================
 
-DEFAULT_MODELS_PATH = os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures", "models.json"))
+# The repository's own copy of the scraped list, so that a plain clone runs the emulator and the tests.
+DEFAULT_MODELS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "models.json")
 
 DEFAULT_SITEKEY = "6LeTGMcsAAAAALuIlkVwIxaAuZA8VledA6d3Nnb0"
 V2_SITEKEY = "6Ld7ePYrAAAAAB34ovoFoDau1fqCJ6IyOjFEQaMn"
