@@ -983,9 +983,21 @@ def is_usable(account: dict, at: float | None = None) -> bool:
     return account_state(account, at) in ("ok", "refreshing")
 
 
+def moved_origin(url: str, origin: str, location: str | None) -> str | None:
+    """The new origin when the site redirects `url` (on `origin`) to the same path elsewhere, as
+    lmarena.ai does to arena.ai; None for any other redirect."""
+    path = url[len(origin):]
+    if not location or not path or not location.endswith(path):
+        return None
+    new = location[:-len(path)]
+    return new if new.startswith(("http://", "https://")) and new != origin else None
+
+
 def classify_failure(status: int, headers: dict[str, str], body: str) -> str:
     """Name what an LM Arena error answer means, so the retry policy can be one table."""
     lowered = body.lower()
+    if status in (301, 308):
+        return "moved"
     if is_cloudflare_challenge(status, headers, body):
         return "cloudflare"
     if status == 403 and "recaptcha" in lowered:
@@ -1038,14 +1050,15 @@ class ArenaClient:
         self.settings = settings
         self.store = store
         self.sidecar = sidecar
-        self.origin = settings.arena_url
+        self.params: dict[str, Any] = store.site_params()
+        moved = self.params.get("moved_origin") or {}
+        self.origin = moved.get("to") if moved.get("from") == settings.arena_url else settings.arena_url
         self.http = AsyncSession(impersonate=settings.impersonate, max_clients=2048)
         self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.discovery_lock = asyncio.Lock()
         self.clearance_lock = asyncio.Lock()
         self.signup_lock = asyncio.Lock()
         self.last_discovery = 0.0
-        self.params: dict[str, Any] = store.site_params()
 
     async def aclose(self) -> None:
         await self.http.close()
@@ -1072,9 +1085,26 @@ class ArenaClient:
         return headers
 
     async def get(self, path: str, account: dict | None = None, timeout: float = 20.0):
-        return await self.http.get(self.origin + path, headers=self.request_headers(
-            account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
-            timeout=timeout, discard_cookies=True, allow_redirects=False)
+        for _ in range(2):
+            response = await self.http.get(self.origin + path, headers=self.request_headers(
+                account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
+                timeout=timeout, discard_cookies=True, allow_redirects=False)
+            if response.status_code not in (301, 308) or not self.follow_move(path, response.headers.get("location")):
+                break
+        return response
+
+    def follow_move(self, path: str, location: str | None) -> bool:
+        """Switch to the site's new origin (kept across restarts). Cookies and clearance of the old host
+        are not valid there, so clearance is dropped; a POST is re-sent by the caller, never replayed as
+        a GET by the HTTP library."""
+        new = moved_origin(self.origin + path, self.origin, location)
+        if new is None:
+            return False
+        log.warning("LM Arena moved from %s to %s; following", self.origin, new)
+        self.origin = new
+        self.store.set_site_params(moved_origin={"from": self.settings.arena_url, "to": new}, clearance={})
+        self.params = self.store.site_params()
+        return True
 
     # --- site discovery -----------------------------------------------------------------------------
     async def discover(self, min_age: float = 30.0) -> dict[str, Any]:
@@ -1290,6 +1320,8 @@ class ArenaClient:
             message = error_text(text)
             log.info("LM Arena answered %s (%s) on account %s", response.status_code, kind, account["id"])
             last = UpstreamError(502, f"LM Arena answered {response.status_code}: {message}", kind)
+            if kind == "moved" and self.follow_move(path, headers.get("location")):
+                continue
             if kind == "cloudflare" and not cloudflare_cleared:
                 cloudflare_cleared = True
                 await self.clear_cloudflare()

@@ -171,3 +171,19 @@ def test_mode_rejection_switches_mode_and_remembers_it(direct_mode_bridge, arena
     arena.clear_log()
     assert content(post(direct_mode_bridge, key)) == "turn 1: x"
     assert [r["json"]["mode"] for r in arena.chat_requests()] == ["direct-battle"]
+
+
+def test_a_301_from_the_legacy_host_switches_the_origin_and_resends(arena, tmp_path):
+    arena.reset()
+    arena.configure(recaptcha="off", legacy_redirect=True)
+    proc = BridgeProcess(arena.url + "/__legacy", str(tmp_path)).start()
+    try:
+        proc.wait_for_models()
+        proc.set_accounts(arena.new_session())
+        arena.clear_log()
+        assert content(post(proc, proc.create_key())) == "turn 1: x"
+        [chat] = arena.chat_requests()
+        assert chat["path"] == "/nextjs-api/stream/create-evaluation" and chat["method"] == "POST"
+        assert proc.store.site_params()["moved_origin"] == {"from": arena.url + "/__legacy", "to": arena.url}
+    finally:
+        proc.stop()
