@@ -140,40 +140,43 @@ OPTIONS: tuple[Option, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    db: str = "bridge.db"
-    arena_url: str = "https://arena.ai"
-    log_level: str = "info"
-    admin_password: str | None = None
-    auth_tokens: str = ""
-    sidecar: str = "auto"
-    browser: str | None = None
-    sidecar_socket: str | None = None
-    sidecar_idle: float = 300.0
-    sidecar_timeout: float = 45.0
-    headful: bool = False
-    request_timeout: float = 120.0
-    stream_idle_timeout: float = 180.0
-    ping_interval: float = 5.0
-    discovery_interval: float = 3600.0
-    conversation_ttl: float = 7 * 86400.0
-    default_rpm: int = 60
-    max_body: int = 20 * 1024 * 1024
-    max_prompt_chars: int = 100_000
-    allow_private_urls: bool = False
-    anonymous: str = "auto"
-    signup_interval: float = 3600.0
-    browser_models: str = ""
-    arena_mode: str = "direct-battle"
-    impersonate: str = "chrome"
-    account_min_interval: float = 0.0
-    trusted_proxy: bool = False
-    shutdown_timeout: float = 20.0
+    """Every setting, each described once in OPTIONS (defaults included): build it with Settings.load()."""
+
+    host: str
+    port: int
+    db: str
+    arena_url: str
+    log_level: str
+    admin_password: str | None
+    auth_tokens: str
+    sidecar: str
+    browser: str | None
+    sidecar_socket: str | None
+    sidecar_idle: float
+    sidecar_timeout: float
+    headful: bool
+    request_timeout: float
+    stream_idle_timeout: float
+    ping_interval: float
+    discovery_interval: float
+    conversation_ttl: float
+    default_rpm: int
+    max_body: int
+    max_prompt_chars: int
+    allow_private_urls: bool
+    anonymous: str
+    signup_interval: float
+    browser_models: str
+    arena_mode: str
+    impersonate: str
+    account_min_interval: float
+    trusted_proxy: bool
+    shutdown_timeout: float
 
     @classmethod
     def load(cls, args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> "Settings":
-        """Defaults, then the environment, then flags: a flag wins over the environment."""
+        """Defaults, then the environment, then flags: a flag wins over the environment.
+        `Settings.load(env={})` gives the defaults alone."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for opt in OPTIONS:

@@ -1,0 +1,88 @@
+"""One Settings object from defaults, environment and flags (SPEC §2)."""
+import dataclasses
+import subprocess
+import sys
+
+import bridge
+from harness import ROOT
+
+
+def test_every_option_is_a_settings_field_and_back():
+    assert [f.name for f in dataclasses.fields(bridge.Settings)] == [o.name for o in bridge.OPTIONS]
+
+
+def test_defaults_match_the_spec():
+    s = bridge.Settings.load(env={})
+    assert (s.host, s.port, s.db, s.arena_url, s.sidecar, s.log_level) == \
+        ("127.0.0.1", 8000, "bridge.db", "https://arena.ai", "auto", "info")
+
+
+def test_environment_sets_values_and_port_is_an_alias():
+    s = bridge.Settings.load(env={"PORT": "9001", "BRIDGE_DB": "/x/y.db", "ARENA_URL": "http://a/", "BRIDGE_HEADFUL": "1"})
+    assert (s.port, s.db, s.arena_url, s.headful) == (9001, "/x/y.db", "http://a", True)
+
+
+def test_a_flag_wins_over_the_environment():
+    args = bridge.build_parser().parse_args(["--port", "7000", "--db", "flag.db"])
+    s = bridge.Settings.load(args, env={"BRIDGE_PORT": "9001", "BRIDGE_DB": "env.db"})
+    assert (s.port, s.db) == (7000, "flag.db")
+
+
+def test_flags_are_accepted_after_the_command_too():
+    args = bridge.build_parser().parse_args(["keys", "list", "--db", "after.db"])
+    assert bridge.Settings.load(args, env={}).db == "after.db"
+
+
+def test_secrets_have_no_flags_but_are_documented_in_help():
+    out = subprocess.run([sys.executable, f"{ROOT}/bridge.py", "--help"], capture_output=True, text=True).stdout
+    assert "BRIDGE_ADMIN_PASSWORD" in out and "ARENA_AUTH_TOKENS" in out
+    assert "--admin-password" not in out and "--auth-tokens" not in out
+
+
+def test_the_sidecar_socket_defaults_to_beside_the_database(tmp_path):
+    s = bridge.Settings.load(env={"BRIDGE_DB": str(tmp_path / "state.db")})
+    assert s.socket_path == str(tmp_path / "bridge-sidecar.sock")
+
+
+def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path):
+    out = subprocess.run([sys.executable, f"{ROOT}/bridge.py", "--db", str(tmp_path / "b.db"), "keys", "create",
+                          "ci", "--rpm", "7"], capture_output=True, text=True, check=True).stdout
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("sk-arena-") and " " not in key
+    store = bridge.Store(str(tmp_path / "b.db"))
+    assert store.key_by_secret(key)["rpm"] == 7 and key.encode() not in (tmp_path / "b.db").read_bytes()
+
+
+def test_tokens_add_rejects_bad_input_without_storing_anything(tmp_path):
+    result = subprocess.run([sys.executable, f"{ROOT}/bridge.py", "--db", str(tmp_path / "b.db"), "tokens", "add",
+                             "not-a-cookie"], capture_output=True, text=True)
+    assert result.returncode == 2 and "arena-auth-prod-v1" in result.stderr
+    assert bridge.Store(str(tmp_path / "b.db")).accounts() == []
+
+
+def test_schema_is_versioned_and_migrates_forward(tmp_path):
+    store = bridge.Store(str(tmp_path / "m.db"))
+    assert store.schema_version == len(bridge.MIGRATIONS)
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_arena_auth_tokens_are_imported_at_start_once(arena, tmp_path):
+    from harness import BridgeProcess
+    values = f"{arena.new_session()},\n{arena.new_session()}, not-a-cookie"
+    proc = BridgeProcess(arena.url, str(tmp_path), env={"ARENA_AUTH_TOKENS": values}).start()
+    try:
+        assert len(proc.store.accounts()) == 2
+        proc.restart()
+        assert len(proc.store.accounts()) == 2
+        assert "skipped one value" in proc.log() and "not-a-cookie" not in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_models_refresh_and_list_from_the_cli(arena, tmp_path):
+    db = str(tmp_path / "c.db")
+    run = lambda *a: subprocess.run([sys.executable, f"{ROOT}/bridge.py", "--db", db, "--arena-url", arena.url,
+                                     "--sidecar", "off", "models", *a], capture_output=True, text=True, check=True).stdout
+    assert "320 models stored (156 usable)" in run("refresh")
+    listing = run("list")
+    assert "gemini-3-pro\tgoogle\tchat\tvision" in listing and "stellarblade" not in listing
