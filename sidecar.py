@@ -305,6 +305,13 @@ async ({sitekey, timeoutMs}) => {
 }
 """
 
+OTHER_SITEKEY_JS = """
+(key) => {
+  const keyed = [...document.scripts].filter(s => /[?&]render=6L/.test(s.src));
+  return keyed.length > 0 && !keyed.some(s => s.src.includes('render=' + key));
+}
+"""
+
 INJECT_SCRIPT_JS = """
 (src) => new Promise((resolve, reject) => {
   const s = document.createElement('script');
@@ -539,6 +546,10 @@ class Browser:
         page = await self.page()
         if await self.is_interstitial(page):  # no grecaptcha behind a Cloudflare challenge
             await self.clearance()
+        if not v2 and await page.evaluate(OTHER_SITEKEY_JS, sitekey):
+            # The site rotated its key since this page loaded: only a fresh page loads the new script.
+            log.info("page was loaded with another reCAPTCHA sitekey; reloading it")
+            page = await self.page(fresh=True)
         try:
             return await self.mint(page, sitekey, action, v2)
         except asyncio.CancelledError:
