@@ -648,12 +648,6 @@ def is_expired(value: str, at: float | None = None) -> bool:
     return expiry is not None and (at or now()) >= expiry - EXPIRY_MARGIN
 
 
-def session_user_id(value: str) -> str | None:
-    session = decode_session(value)
-    claims = jwt_claims(session["access_token"]) if session else jwt_claims(value)
-    return ((claims or {}).get("user_metadata") or {}).get("id")
-
-
 @dataclasses.dataclass(frozen=True)
 class AccountInput:
     auth: str
@@ -856,7 +850,6 @@ class StreamParser:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pending = ""
         self.skipped = 0
-        self.finished_b = False
 
     def feed(self, data: bytes) -> list[Event]:
         text = self.pending + self.decoder.decode(data)
@@ -876,9 +869,7 @@ class StreamParser:
                 self.skipped += bool(line.strip())
                 continue
             participant, event = parsed
-            if participant == "b":
-                self.finished_b = self.finished_b or (event is not None and event.kind == "finish")
-            elif event is not None:
+            if participant == "a" and event is not None:   # the bridge asks for one model: B lines are not ours
                 events.append(event)
         return events
 
@@ -1888,7 +1879,6 @@ class SidecarClient:
                 pool.append((time.monotonic(), result["token"]))
 
 
-
 # =====================================================================================================
 # 5. OpenAI translation
 # =====================================================================================================
@@ -2130,9 +2120,7 @@ class ReplyBuilder:
         self.held = ""
         self.finish_reason = "stop"
         self.usage: dict | None = None
-        self.error: str | None = None
         self.annotations: list[dict] = []
-        self.has_output = False
 
     def text(self, delta: str) -> str:
         text = self.held + delta
@@ -2140,7 +2128,6 @@ class ReplyBuilder:
         self.held, text = (text[cut:], text[:cut]) if cut >= 0 else ("", text)
         text = CITATION_MARKER_RE.sub(self._marker, text)
         self.content.append(text)
-        self.has_output = self.has_output or bool(text)
         return text
 
     def _marker(self, match: re.Match) -> str:
@@ -2177,7 +2164,6 @@ class ReplyBuilder:
                 offset += len(line)
             tail = tail.rstrip("\n")
         self.content.append(tail)
-        self.has_output = self.has_output or bool(self.images)
         return tail
 
     @property
@@ -3378,7 +3364,7 @@ class EventPump:
     what is already pulled without waiting, so that a burst of events becomes one write to the client.
     A failure of the generator reaches the caller in order, after the events before it."""
     END = object()
-    AHEAD = 64
+    AHEAD = 16      # bench.py: 64 relays ~15% faster but holds ~10 MB more at 500 streams
 
     def __init__(self, events: AsyncIterator[Event]):
         self.events = events
