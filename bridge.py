@@ -2359,25 +2359,37 @@ async def fetch_image_url(url: str, where: str, settings: Settings, http: AsyncS
         raise ApiError(400, f"{where}: the image URL {exc}.", exc.code, where) from None
 
 
-async def load_images(messages: list[Message], model: dict, settings: Settings, http: AsyncSession) -> list[ImageInput]:
-    """The newest user turn's images, checked and read into memory. Earlier images stay in the transcript
-    as [image]; nothing goes upstream when any image is refused."""
+async def load_images(messages: list[Message], model: dict, settings: Settings, http: AsyncSession,
+                      with_history: bool = False) -> list[ImageInput]:
+    """The images to attach, checked and read into memory: the newest user turn's, where any refusal is a
+    400 and nothing goes upstream. With `with_history` (a new evaluation carrying the history, on a model
+    that takes several images) the earlier user turns' images come first; one of those that cannot be
+    read stays an [image] mark in the transcript, as it would for a model without vision."""
     last = len(messages) - 1
-    if not messages[last].images:
-        return []
     if not accepts_images(model):
-        raise ApiError(400, f"The model `{model.get('publicName')}` does not accept image input.",
-                       "model_without_vision", "messages")
+        if messages[last].images:
+            raise ApiError(400, f"The model `{model.get('publicName')}` does not accept image input.",
+                           "model_without_vision", "messages")
+        return []
     image_caps = model["capabilities"]["inputCapabilities"]["image"]
-    if isinstance(image_caps, dict) and image_caps.get("multipleImages") is False and len(messages[last].images) > 1:
+    single = isinstance(image_caps, dict) and image_caps.get("multipleImages") is False
+    if single and len(messages[last].images) > 1:
         raise ApiError(400, f"The model `{model.get('publicName')}` takes one image per message.",
                        "too_many_images", "messages")
+    earlier = [] if single or not with_history else [
+        (i, j, url) for i, m in enumerate(messages[:last]) if m.role == "user" for j, url in enumerate(m.images)]
     images = []
+    for i, j, url in earlier:
+        with contextlib.suppress(ApiError):
+            images.append(await load_image(url, f"messages[{i}] image {j + 1}", settings, http))
     for j, url in enumerate(messages[last].images):
-        where = f"messages[{last}] image {j + 1}"
-        data = decode_data_uri(url, where) if url.startswith("data:") else await fetch_image_url(url, where, settings, http)
-        images.append(check_image(data, where))
+        images.append(await load_image(url, f"messages[{last}] image {j + 1}", settings, http))
     return images
+
+
+async def load_image(url: str, where: str, settings: Settings, http: AsyncSession) -> ImageInput:
+    data = decode_data_uri(url, where) if url.startswith("data:") else await fetch_image_url(url, where, settings, http)
+    return check_image(data, where)
 
 
 def parse_action_response(text: str) -> dict | None:
@@ -3503,7 +3515,7 @@ class ChatJob:
                              usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error)
 
 
-def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict, images: list[ImageInput]) -> TurnPlan:
+def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict) -> TurnPlan:
     settings = state.settings
     content, dropped = render_transcript(chat.messages, settings.max_prompt_chars)
     if dropped:
@@ -3514,7 +3526,7 @@ def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict, ima
     if len(chat.messages) > 1 and last.role == "user":
         fingerprint = conversation_fingerprint(key["id"], chat.model, chat.messages[:-1])
         followup = state.store.conversation_for(fingerprint, settings.conversation_ttl)
-    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=images,
+    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=[],
                     followup=followup, followup_content=render_message(last, describe_images=False))
 
 
@@ -3526,8 +3538,10 @@ async def chat_completions(request: Request) -> Response:
     chat = parse_chat_request(await read_json(request, state.settings.max_body))
     with recorded_refusals(state, key, chat.model, started):
         model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
-        images = await load_images(chat.messages, model, state.settings, state.arena.http)
-    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model, images), started)
+        plan = plan_turn(state, key, chat, model)
+        plan.images = await load_images(chat.messages, model, state.settings, state.arena.http,
+                                        with_history=plan.followup is None)
+    job = ChatJob(state, key, chat, plan, started)
     if chat.stream:
         return await stream_chat(job)
     return await complete_chat(job)
@@ -3587,7 +3601,7 @@ async def image_generations(request: Request) -> Response:
                                 "/v1/models.", "model_without_image_output", "model")
     chat = ChatRequest(model=ask.model, messages=[Message("user", image_prompt(ask, model), [])], stream=False,
                        include_usage=False)
-    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model, []), started)
+    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model), started)
     builder = await run_to_end(job)
     try:
         if not builder.images:

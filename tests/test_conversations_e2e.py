@@ -124,9 +124,21 @@ def test_when_the_owning_account_cannot_serve_the_history_moves_to_another(fresh
     assert "[User]\none\n\n[Assistant]\nturn 1: one\n\n[User]\ntwo" == last["json"]["userMessage"]["content"]
 
 
-def test_earlier_images_are_described_as_image_in_the_transcript(fresh, api_key, arena):
-    pixel = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
-    send(fresh, api_key, [{"role": "user", "content": [{"type": "text", "text": "see"},
-                                                        {"type": "image_url", "image_url": {"url": pixel}}]},
-                          {"role": "assistant", "content": "a dot"}, {"role": "user", "content": "and?"}])
-    assert "[User]\nsee\n[image]" in arena.chat_requests()[-1]["json"]["userMessage"]["content"]
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+HISTORY_WITH_IMAGE = [{"role": "user", "content": [{"type": "text", "text": "see"},
+                                                   {"type": "image_url", "image_url": {"url": PIXEL}}]},
+                      {"role": "assistant", "content": "a dot"}, {"role": "user", "content": "and?"}]
+
+
+def test_earlier_images_are_attached_for_a_vision_model_opening_a_new_evaluation(fresh, api_key, arena):
+    send(fresh, api_key, HISTORY_WITH_IMAGE)
+    message = arena.chat_requests()[-1]["json"]["userMessage"]
+    assert "[User]\nsee\n[image]" in message["content"]
+    [attachment] = message["experimental_attachments"]
+    assert attachment["contentType"] == "image/png"
+
+
+def test_earlier_images_are_only_described_for_a_model_without_vision(fresh, api_key, arena):
+    send(fresh, api_key, HISTORY_WITH_IMAGE, model="grok-4.1")
+    message = arena.chat_requests()[-1]["json"]["userMessage"]
+    assert "[User]\nsee\n[image]" in message["content"] and message["experimental_attachments"] == []
