@@ -3921,7 +3921,9 @@ def serve(settings: Settings) -> None:
     config = hypercorn.config.Config()
     config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_timeout
-    config.keep_alive_timeout = 75.0
+    # Hypercorn's own 5 s: it also holds a connection its client closed until this runs out, so a long
+    # value costs a socket and memory per closed connection under churn.
+    config.keep_alive_timeout = 5.0
     # Hypercorn's default accept queue (100) overflowed when hundreds of clients connected at once: the
     # kernel dropped their SYNs and each such client waited a 1 s retransmit before being served.
     config.backlog = 2048
