@@ -3012,6 +3012,15 @@ def account_badge(account: dict, at: float) -> Html:
     return badge(state, {"ok": "ok", "expired": "bad", "refreshing": "info"}.get(state, "off"))
 
 
+def request_path(account: dict, at: float) -> Html:
+    """How this account's chats reach LM Arena: straight from the bridge, or through the browser page
+    when the site refused tokens from outside it (until the next try of the direct path)."""
+    if account["needs_browser"] and at < (account["direct_retry_at"] or 0):
+        return fill('{badge}<div class="text small muted">direct again after {when}</div>',
+                    badge=badge("in-page", "info"), when=format_time(account["direct_retry_at"]))
+    return badge("direct", "off")
+
+
 async def add_account_action(state: BridgeState, admin: Admin) -> Html:
     try:
         parsed = parse_account_input(admin.form.get("value", ""))
@@ -3050,13 +3059,13 @@ async def accounts_page(request: Request, admin: Admin) -> Response:
     outcome = await run_action(request, admin, {"add": add_account_action, "remove": remove_account_action,
                                                 "refresh": refresh_account_action})
     at = now()
-    rows = [(a["id"], prose(a["label"] or "-"), a["kind"], account_badge(a, at), format_time(a["expires_at"]),
-             format_time(a["last_used"]), prose(a["last_error"] or "-"),
+    rows = [(a["id"], prose(a["label"] or "-"), a["kind"], account_badge(a, at), request_path(a, at),
+             format_time(a["expires_at"]), format_time(a["last_used"]), prose(a["last_error"] or "-"),
              join([button(admin, "refresh", "Refresh now", id=a["id"]), " ",
                    button(admin, "remove", "Remove", "danger", id=a["id"])]))
             for a in bridge(request).store.accounts()]
     body = join([fill("<h1>Arena accounts</h1>"), outcome, form_card(admin, "add", ACCOUNT_FIELDS, "Add account"),
-                 table(["ID", "Label", "Kind", "State", "Expires", "Last used", "Last error", ""], rows,
+                 table(["ID", "Label", "Kind", "State", "Path", "Expires", "Last used", "Last error", ""], rows,
                        "No accounts yet: add one above.")])
     return render("Accounts", body, admin)
 

@@ -202,7 +202,7 @@ def test_account_can_be_added_and_removed(admin, dash, arena):
     admin.click("button:text('Add account')")
     added = re.search(r"Account (\d+) added", admin.locator(".note.ok").inner_text()).group(1)
     row = admin.locator("tr", has_text="pasted in the browser")
-    assert row.locator(".badge").inner_text() == "ok"
+    assert row.locator("td:nth-child(4) .badge").inner_text() == "ok"
     assert row.locator("td").first.inner_text() == added
     row.locator("button:text('Remove')").click()
     assert f"Account {added} removed." in admin.locator(".note.ok").inner_text()
@@ -281,10 +281,18 @@ def test_account_states_have_their_badges(admin, dash, arena):
                               cooldown_reason="reCAPTCHA refused <b>twice</b>", last_error="reCAPTCHA refused")
     dash.store.update_account(cooling[1], state="expired", last_error="session expired and could not be refreshed")
     admin.goto(dash.url + "/dashboard/accounts")
-    badges = admin.locator("td .badge").all_inner_texts()
+    badges = admin.locator("td:nth-child(4) .badge").all_inner_texts()
     assert badges == ["ok", "cooling down", "expired"]
     assert "until " in admin.locator("tr", has_text="cooling down").inner_text()
     assert "reCAPTCHA refused <b>twice</b>" in admin.locator("tr", has_text="cooling down").inner_text()
+
+
+def test_an_account_in_browser_mode_shows_its_in_page_path(admin, dash, arena):
+    direct, in_page = dash.set_accounts(arena.new_session(), arena.new_session())
+    dash.store.update_account(in_page, needs_browser=1, direct_retry_at=time.time() + 1800)
+    admin.goto(dash.url + "/dashboard/accounts")
+    assert admin.locator("td:nth-child(5) .badge").all_inner_texts() == ["direct", "in-page"]
+    assert "direct again after" in admin.locator("tr", has_text="in-page").inner_text()
 
 
 def test_password_can_be_changed_on_the_settings_page(admin, dash, browser):

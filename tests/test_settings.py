@@ -86,3 +86,21 @@ def test_models_refresh_and_list_from_the_cli(arena, tmp_path):
     assert "320 models stored (156 usable)" in run("refresh")
     listing = run("list")
     assert "gemini-3-pro\tgoogle\tchat\tvision" in listing and "stellarblade" not in listing
+
+
+def test_a_remembered_conversation_expires_after_its_idle_time(tmp_path):
+    store = bridge.Store(str(tmp_path / "c.db"))
+    store.remember_conversation("fp", "eval-1", 1, "model", 1, turns=1)
+    assert store.conversation_for("fp", ttl=60)["evaluation_id"] == "eval-1"
+    store.write("UPDATE conversations SET updated = updated - 120")
+    assert store.conversation_for("fp", ttl=60) is None
+    store.forget_old_conversations(ttl=60)
+    assert store.rows("SELECT * FROM conversations") == []
+
+
+def test_a_conversation_that_moved_on_is_not_offered_for_an_older_history(tmp_path):
+    store = bridge.Store(str(tmp_path / "c.db"))
+    store.remember_conversation("after-turn-1", "eval-1", 1, "model", 1, turns=1)
+    store.remember_conversation("after-turn-2", "eval-1", 1, "model", 1, turns=2)
+    assert store.conversation_for("after-turn-1", ttl=60) is None
+    assert store.conversation_for("after-turn-2", ttl=60)["turns"] == 2
