@@ -1375,7 +1375,8 @@ class ArenaClient:
         if in_page:
             self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=1,
                                       direct_retry_at=now() + DIRECT_RETRY_AFTER)
-        else:
+        elif account["failures"] or account["last_error"] or account["needs_browser"]:
+            # Only when something changes: this runs on every successful request.
             self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=0)
 
     async def post_in_page(self, path: str, body: dict, account: dict, action: str, deadline: float) -> "BrowserResponse":
