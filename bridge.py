@@ -1047,6 +1047,7 @@ class ArenaClient:
         self.params: dict[str, Any] = store.site_params()
         moved = self.params.get("moved_origin") or {}
         self.origin = moved.get("to") if moved.get("from") == settings.arena_url else settings.arena_url
+        sidecar.arena_url = self.origin
         self.http = AsyncSession(impersonate=settings.impersonate, max_clients=2048)
         self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.discovery_lock = asyncio.Lock()
@@ -1060,13 +1061,16 @@ class ArenaClient:
     # --- headers and cookies ------------------------------------------------------------------------
     def request_headers(self, account: dict | None, *, referer: str = "/?mode=direct",
                         content_type: str | None = "text/plain;charset=UTF-8", accept: str = "*/*") -> dict:
+        # Clearance the sidecar earned goes last: it is bound to the browser's User-Agent sent with it, while
+        # Cloudflare cookies that came with an account (pasted, or from its sign-up) may be stale by now.
         clearance = self.params.get("clearance") or {}
-        cookies = dict(clearance.get("cookies") or {})
+        cookies: dict[str, str] = {}
         user_agent = clearance.get("user_agent")
         if account is not None:
             cookies.update(json.loads(account.get("cookies") or "{}"))
             cookies.update(auth_cookies(account["auth"], account["form"]))
             user_agent = user_agent or account.get("user_agent")
+        cookies.update(clearance.get("cookies") or {})
         headers = {"Accept": accept, "Origin": self.origin, "Referer": self.origin + referer,
                    "Accept-Language": "en-US,en;q=0.9", "Sec-Fetch-Dest": "empty", "Sec-Fetch-Mode": "cors",
                    "Sec-Fetch-Site": "same-origin"}
@@ -1080,14 +1084,18 @@ class ArenaClient:
 
     async def get(self, path: str, account: dict | None = None, timeout: float = 20.0):
         for _ in range(2):
-            response = await self.http.get(self.origin + path, headers=self.request_headers(
-                account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
-                timeout=timeout, discard_cookies=True, allow_redirects=False)
-            if response.status_code not in (301, 308) or not self.follow_move(path, response.headers.get("location")):
+            try:
+                response = await self.http.get(self.origin + path, headers=self.request_headers(
+                    account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
+                    timeout=timeout, discard_cookies=True, allow_redirects=False)
+            except Exception as exc:
+                raise UpstreamError(502, f"could not reach LM Arena ({type(exc).__name__})",
+                                    "upstream_unreachable") from None
+            if response.status_code not in (301, 308) or not await self.follow_move(path, response.headers.get("location")):
                 break
         return response
 
-    def follow_move(self, path: str, location: str | None) -> bool:
+    async def follow_move(self, path: str, location: str | None) -> bool:
         """Switch to the site's new origin (kept across restarts). Cookies and clearance of the old host
         are not valid there, so clearance is dropped; a POST is re-sent by the caller, never replayed as
         a GET by the HTTP library."""
@@ -1098,6 +1106,7 @@ class ArenaClient:
         self.origin = new
         self.store.set_site_params(moved_origin={"from": self.settings.arena_url, "to": new}, clearance={})
         self.params = self.store.site_params()
+        await self.sidecar.move_to(new)
         return True
 
     # --- site discovery -----------------------------------------------------------------------------
@@ -1314,7 +1323,7 @@ class ArenaClient:
             message = error_text(text)
             log.info("LM Arena answered %s (%s) on account %s", response.status_code, kind, account["id"])
             last = UpstreamError(502, f"LM Arena answered {response.status_code}: {message}", kind)
-            if kind == "moved" and self.follow_move(path, headers.get("location")):
+            if kind == "moved" and await self.follow_move(path, headers.get("location")):
                 continue
             if kind == "cloudflare" and not cloudflare_cleared:
                 cloudflare_cleared = True
@@ -1381,7 +1390,8 @@ class ArenaClient:
 
     async def post_in_page(self, path: str, body: dict, account: dict, action: str, deadline: float) -> "BrowserResponse":
         """The chat request run by the sidecar's page with its own fetch, token minted in that page."""
-        cookies = {**json.loads(account.get("cookies") or "{}"), **auth_cookies(account["auth"], account["form"])}
+        # Only the session: the page keeps its own Cloudflare cookies, which match its User-Agent.
+        cookies = auth_cookies(account["auth"], account["form"])
         request = {"url": self.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
                    "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": cookies,
                    "action": action, "sitekey": self.params.get("sitekey") or FALLBACK_SITEKEY}
@@ -1682,6 +1692,14 @@ class SidecarClient:
             self._active -= 1
             self._touch()
 
+    async def move_to(self, arena_url: str) -> None:
+        """LM Arena moved: the page, its cookies and its tokens belong to the old host, so the next call
+        starts a sidecar on the new one."""
+        self.arena_url = arena_url
+        self._pool.clear()
+        async with self._start_lock:
+            await self._stop()
+
     async def aclose(self) -> None:
         """Stop the child (politely, then by force) and remove the socket."""
         for task in [*self._refills.values(), self._reaper]:
@@ -1723,7 +1741,7 @@ class SidecarClient:
                     try:
                         assert self._http is not None
                         response = await self._http.post(path, json=payload, timeout=None)
-                    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                    except httpx.TransportError as exc:
                         if attempt == 2 or not start:
                             raise SidecarError(f"browser sidecar connection failed ({type(exc).__name__})") from exc
                         log.warning("browser sidecar unreachable (%s); restarting it", type(exc).__name__)
@@ -1758,7 +1776,7 @@ class SidecarClient:
                     try:
                         response = await stack.enter_async_context(
                             self._http.stream("POST", "/fetch", json=request, timeout=httpx.Timeout(None)))
-                    except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                    except httpx.TransportError as exc:
                         if attempt == 2:
                             raise SidecarError(f"browser sidecar connection failed ({type(exc).__name__})") from exc
                         await self._stop()
@@ -1845,13 +1863,17 @@ class SidecarClient:
     async def _reap_when_idle(self) -> None:
         """Stop the sidecar (and its browser) after idle_timeout seconds without calls."""
         while self.alive:
-            idle = time.monotonic() - self._last_used
-            if self._active == 0 and not self._refills_running() and idle >= self.idle_timeout:
-                log.info("browser sidecar idle for %.0fs; stopping it", idle)
+            if self._idle():
                 async with self._start_lock:
-                    await self._stop()
-                return
-            await asyncio.sleep(max(0.2, min(5.0, self.idle_timeout - idle)))
+                    if self._idle():    # a call may have come in while we waited for the lock
+                        log.info("browser sidecar idle for %.0fs; stopping it", time.monotonic() - self._last_used)
+                        await self._stop()
+                        return
+            await asyncio.sleep(max(0.2, min(5.0, self.idle_timeout - (time.monotonic() - self._last_used))))
+
+    def _idle(self) -> bool:
+        return (self._active == 0 and not self._refills_running()
+                and time.monotonic() - self._last_used >= self.idle_timeout)
 
     # --- token pool ----------------------------------------------------------------------------------
 
@@ -1919,9 +1941,18 @@ class ApiError(Exception):
         return cls(error.status, error.message, error.code, headers=headers)
 
 
-def sidecar_api_error(error: Exception) -> ApiError:
-    return ApiError(503, f"The browser sidecar could not help: {error}", "sidecar_unavailable",
-                    headers={"x-should-retry": "false"})
+def api_error_for(error: Exception) -> ApiError:
+    """The OpenAI error for anything that ends a request: an unexpected exception is logged and becomes a
+    500 in the same shape, never a bare text page or a cut stream."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, UpstreamError):
+        return ApiError.from_upstream(error)
+    if isinstance(error, SidecarError):
+        return ApiError(503, f"The browser sidecar could not help: {error}", "sidecar_unavailable",
+                        headers={"x-should-retry": "false"})
+    log.error("unexpected %s while serving a request", type(error).__name__, exc_info=error)
+    return ApiError(500, f"The bridge failed unexpectedly ({type(error).__name__}); see its log.", "internal_error")
 
 
 # --- 5a. Requests in ---------------------------------------------------------------------------------
@@ -3519,6 +3550,12 @@ class ChatJob:
         self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
                                                self.plan.model["id"], self.key["id"], opened.turns)
 
+    def fail(self, error: Exception) -> ApiError:
+        """Record a failure of this job and turn it into the OpenAI error to answer with."""
+        api_error = api_error_for(error)
+        self.record(api_error.status, error=api_error.code)
+        return api_error
+
     def record(self, status: int, usage: dict | None = None, error: str | None = None) -> None:
         usage = usage or {}
         self.state.usage.add(self.key["id"], self.chat.model, status, self.started,
@@ -3575,12 +3612,8 @@ async def run_to_end(job: ChatJob) -> ReplyBuilder:
     try:
         async for event in events:
             job.apply(builder, event)
-    except UpstreamError as error:
-        job.record(error.status, error=error.code)
-        raise ApiError.from_upstream(error) from None
-    except SidecarError as error:
-        job.record(503, error="sidecar_unavailable")
-        raise sidecar_api_error(error) from None
+    except Exception as error:
+        raise job.fail(error) from None
     finally:
         await events.aclose()
     builder.finish()
@@ -3618,9 +3651,8 @@ async def image_generations(request: Request) -> Response:
             raise UpstreamError(502, f"LM Arena answered without an image: {builder.full_content[:300]!r}",
                                 "no_image")
         data = [await image_item(state.arena.http, url, ask.response_format) for url in builder.images]
-    except UpstreamError as error:
-        job.record(error.status, error=error.code)
-        raise ApiError.from_upstream(error) from None
+    except Exception as error:
+        raise job.fail(error) from None
     job.record(200, completion_usage(job.plan.new_content, builder))
     return JSONResponse({"created": job.created, "data": data})
 
@@ -3632,14 +3664,9 @@ async def stream_chat(job: ChatJob) -> Response:
     interval = job.state.settings.ping_interval
     try:
         first = await pump.next(interval)
-    except UpstreamError as error:
+    except Exception as error:
         await pump.aclose()
-        job.record(error.status, error=error.code)
-        raise ApiError.from_upstream(error) from None
-    except SidecarError as error:
-        await pump.aclose()
-        job.record(503, error="sidecar_unavailable")
-        raise sidecar_api_error(error) from None
+        raise job.fail(error) from None
     except BaseException:
         await pump.aclose()
         raise
@@ -3651,7 +3678,6 @@ async def sse_body(job: ChatJob, pump: EventPump, first: Any) -> AsyncIterator[s
     encoder = ChunkEncoder(job.completion_id, job.created, job.chat.model, job.chat.include_usage)
     builder = ReplyBuilder()
     interval = job.state.settings.ping_interval
-    status, error_code = 200, None
     yield encoder.delta(role="assistant", content="")
     try:
         event = first
@@ -3689,19 +3715,13 @@ async def sse_body(job: ChatJob, pump: EventPump, first: Any) -> AsyncIterator[s
         yield "data: [DONE]\n\n"
         job.succeeded(builder)
         job.record(200, usage)
-    except UpstreamError as error:
-        status, error_code = error.status, error.code
-        yield sse_error(ApiError.from_upstream(error))
-    except SidecarError as error:
-        status, error_code = 503, "sidecar_unavailable"
-        yield sse_error(sidecar_api_error(error))
     except asyncio.CancelledError:
-        status, error_code = 499, "client_disconnected"
+        job.record(499, error="client_disconnected")
         raise
+    except Exception as error:
+        yield sse_error(job.fail(error))
     finally:
         await pump.aclose()
-        if error_code:
-            job.record(status, error=error_code)
 
 
 async def health(request: Request) -> Response:
@@ -3722,8 +3742,9 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": status, "checks": checks})
 
 
-async def api_error_handler(request: Request, error: ApiError) -> Response:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+async def api_error_handler(request: Request, error: Exception) -> Response:
+    api_error = api_error_for(error)
+    return JSONResponse(api_error.body(), status_code=api_error.status, headers=api_error.headers)
 
 
 async def not_found_handler(request: Request, error: Exception) -> Response:
@@ -3801,7 +3822,8 @@ def create_app(settings: Settings) -> Starlette:
                    Route(f"{prefix}/images/generations", image_generations, methods=["POST"])]
     routes += dashboard_routes()
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={ApiError: api_error_handler, 404: not_found_handler, 405: not_found_handler})
+                    exception_handlers={ApiError: api_error_handler, Exception: api_error_handler,
+                                        404: not_found_handler, 405: not_found_handler})
     app.state.bridge = state
     return app
 

@@ -273,3 +273,30 @@ def test_no_secret_appears_in_the_log(fresh, api_key, arena):
     account = fresh.store.accounts()[0]
     log = fresh.log()
     assert api_key not in log and account["auth"] not in log and account["auth"][:40] not in log
+
+
+def test_an_unreachable_arena_is_an_openai_shaped_502(tmp_path):
+    import subprocess
+    import sys
+    from harness import ROOT, BridgeProcess, free_port
+    port = free_port()
+    emulator = subprocess.Popen([sys.executable, f"{ROOT}/tests/fake_arena.py", "--port", str(port), "--no-recaptcha"],
+                                stdout=subprocess.PIPE, text=True)
+    emulator.stdout.readline()
+    session = emulator.stdout.readline().strip().split("arena-auth-prod-v1=", 1)[1]
+    proc = BridgeProcess(f"http://127.0.0.1:{port}", str(tmp_path)).start()
+    try:
+        proc.wait_for_models()
+        proc.set_accounts(session)
+        key = proc.create_key()
+        emulator.kill()
+        emulator.wait()
+        assert_error(post(proc, key, GOOD), 502, "upstream_unreachable")
+        assert_error(post(proc, key, {**GOOD, "stream": True}), 502, "upstream_unreachable")
+        pixel = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB"
+                 "CAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="}}
+        vision = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, pixel]}]}
+        assert_error(post(proc, key, vision), 502)
+    finally:
+        proc.stop()
+        emulator.kill()
