@@ -954,6 +954,7 @@ class TurnPlan:
     images: list["ImageInput"]
     followup: dict | None = None        # conversations row: evaluation_id, account_id
     followup_content: str = ""
+    attempts: int = 0                   # upstream requests sent for it so far, across all retries
 
 
 @dataclasses.dataclass
@@ -1110,16 +1111,17 @@ class ArenaClient:
         return True
 
     # --- site discovery -----------------------------------------------------------------------------
-    async def discover(self, min_age: float = 30.0) -> dict[str, Any]:
+    async def discover(self, min_age: float = 30.0, may_start_browser: bool = True) -> dict[str, Any]:
         """Fetch the page and its JS chunks; store the model list and site parameters. One at a time, and
         not again within `min_age` seconds, so that a burst of failures cannot become a burst of page
-        loads."""
+        loads. Behind a Cloudflare challenge the sidecar is asked for clearance, unless the caller is a
+        route that must never start a browser (the model list)."""
         async with self.discovery_lock:
             if now() - self.last_discovery < min_age:
                 return self.params
             self.last_discovery = now()
             page = await self.get("/")
-            if is_cloudflare_challenge(page.status_code, dict(page.headers), page.text):
+            if is_cloudflare_challenge(page.status_code, dict(page.headers), page.text) and may_start_browser:
                 await self.clear_cloudflare()
                 page = await self.get("/")
             if page.status_code != 200:
@@ -1233,17 +1235,23 @@ class ArenaClient:
                 return None
             if current["auth"] != account["auth"] and not is_expired(current["auth"]):
                 return current
+            # A cool-down outlives a refresh: the site's verdict was about the account, not its session.
+            after = "cooling_down" if account_state(current) == "cooling_down" else "ok"
             self.store.update_account(current["id"], state="refreshing")
-            fresh = await self.refresh_by_page(current) or await self.refresh_by_grant(current)
+            try:
+                fresh = await self.refresh_by_page(current) or await self.refresh_by_grant(current)
+            except BaseException:           # cancelled (the client left): the next request tries again
+                self.store.update_account(current["id"], state=current["state"])
+                raise
             if fresh is None:
                 self.store.update_account(current["id"], state="expired",
                                           last_error="session expired and could not be refreshed")
                 log.warning("account %s expired: refresh failed", current["id"])
                 return None
             value, form = fresh
-            self.store.swap_account_auth(current["id"], current["auth"], auth=value, form=form,
-                                         expires_at=session_expiry(value), state="ok", last_error=None)
-            log.info("account %s refreshed", current["id"])
+            if self.store.swap_account_auth(current["id"], current["auth"], auth=value, form=form,
+                                            expires_at=session_expiry(value), state=after, last_error=None):
+                log.info("account %s refreshed", current["id"])
             return self.store.account(current["id"])
 
     async def refresh_by_page(self, account: dict) -> tuple[str, str] | None:
@@ -1288,9 +1296,10 @@ class ArenaClient:
         refreshed: set[int] = set()
         cloudflare_cleared = server_retried = False
         last: UpstreamError | None = None
-        for _ in range(MAX_UPSTREAM_ATTEMPTS):
+        while plan.attempts < MAX_UPSTREAM_ATTEMPTS:
             if now() >= deadline:
                 break
+            plan.attempts += 1
             account = await self.account_for(followup, excluded)
             if account is None and followup is not None:
                 followup = None
@@ -3341,7 +3350,7 @@ class BridgeState:
         models = self.store.models()
         if not models:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.arena.discover(min_age=0), 30)
+                await asyncio.wait_for(self.arena.discover(min_age=5.0, may_start_browser=False), 30)
             models = self.store.models()
         if not models:
             raise ApiError(503, "The model list is not known yet: LM Arena could not be reached.", "models_unknown")
@@ -3410,62 +3419,50 @@ async def list_models(request: Request) -> Response:
 
 
 class EventPump:
-    """Pulls events from a generator while letting the caller wake up every `interval` seconds to send a
-    keep-alive, without ever cancelling the pending pull.
-
-    One task pulls, up to AHEAD events ahead of the caller (no task per event), and ready() hands out
-    what is already pulled without waiting, so that a burst of events becomes one write to the client.
-    A failure of the generator reaches the caller in order, after the events before it."""
+    """Pulls events from a generator in a task of its own, a bounded number ahead of the caller, so that
+    the caller can wake up every `interval` seconds for a keep-alive without disturbing the pull, and can
+    take every event already pulled at once (a burst becomes one write to the client). A failure of the
+    generator reaches the caller in order, after the events before it."""
     END = object()
-    AHEAD = 16      # bench.py: 64 relays ~15% faster but holds ~10 MB more at 500 streams
+    AHEAD = 16
 
     def __init__(self, events: AsyncIterator[Event]):
         self.events = events
-        self.items: collections.deque = collections.deque()     # (event or END, None) or (None, exception)
+        self.queue: asyncio.Queue = asyncio.Queue(self.AHEAD)     # (event or END, None) or (None, exception)
         self.task: asyncio.Task | None = None
-        self.waiter: asyncio.Future | None = None                # the caller, waiting for an item
-        self.room: asyncio.Future | None = None                  # the puller, waiting for the caller
-
-    def _put(self, item: tuple) -> None:
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
 
     async def _pull(self) -> None:
         try:
             async for event in self.events:
-                self._put((event, None))
-                if len(self.items) >= self.AHEAD:
-                    self.room = asyncio.get_running_loop().create_future()
-                    await self.room
-            self._put((self.END, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
-            self._put((None, exc))
+                await self.queue.put((event, None))
+            await self.queue.put((self.END, None))
+        except Exception as exc:  # handed to the caller, raised there
+            await self.queue.put((None, exc))
 
-    def _take(self) -> Any:
-        event, error = self.items.popleft()
-        if self.room is not None and not self.room.done():
-            self.room.set_result(None)
+    @staticmethod
+    def _unpack(item: tuple) -> Any:
+        event, error = item
         if error is not None:
             raise error
         return event
 
     def ready(self) -> Any:
         """An event (or END) already pulled, without waiting; None when there is none yet."""
-        return self._take() if self.items else None
+        try:
+            return self._unpack(self.queue.get_nowait())
+        except asyncio.QueueEmpty:
+            return None
 
     async def next(self, timeout: float | None) -> Any:
         """The next event, None when `timeout` passed first, or END."""
         if self.task is None:
-            self.task = asyncio.ensure_future(self._pull())
-        if not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.waiter
-            except TimeoutError:
-                return None
-        return self._take()
+            self.task = asyncio.create_task(self._pull())
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self.queue.get()
+        except TimeoutError:
+            return None
+        return self._unpack(item)
 
     async def aclose(self) -> None:
         if self.task is not None:
@@ -3493,32 +3490,30 @@ class ChatJob:
 
     async def events(self) -> AsyncIterator[Event]:
         """Model A's events, after retries. A 200 that carries no reply (empty body, only a finish or an
-        error line) is retried once, in a new evaluation carrying the history, before anything reaches
-        the client."""
+        error line) is retried once, in a new evaluation carrying the history, before anything reaches the
+        client; all retries share one budget of upstream requests (arena-protocol §8)."""
         deadline = now() + self.state.settings.request_timeout
-        for attempt in range(2):
+        for retried in (False, True):
             self.opened = await self.state.arena.open_turn(self.plan, deadline)
-            held: list[Event] = []
+            empty_reason = "an empty reply"
+            started = False
             stream = self.state.arena.stream_events(self.opened)
             try:
                 async for event in stream:
-                    if held is not None and event.kind not in OUTPUT_KINDS:
-                        if event.kind == "error" or event.kind == "finish":
-                            held.append(event)
-                            break
-                        yield event
-                        continue
-                    if held is not None:
-                        held = None
+                    if not started and event.kind in ("error", "finish"):
+                        if event.kind == "error":
+                            empty_reason = event.value
+                        break
+                    started = started or event.kind in OUTPUT_KINDS
                     yield event
             finally:
                 await stream.aclose()
-            if held is None:
+            if started:
                 return
-            reason = next((e.value for e in held if e.kind == "error"), "an empty reply")
-            log.warning("LM Arena answered without content (%s); attempt %d", reason, attempt + 1)
+            log.warning("LM Arena answered without content (%s)", empty_reason)
+            if retried or self.plan.attempts >= MAX_UPSTREAM_ATTEMPTS:
+                raise UpstreamError(502, f"LM Arena returned no content: {empty_reason}", "empty_reply")
             self.plan.followup = None
-        raise UpstreamError(502, f"LM Arena returned no content: {reason}", "empty_reply")
 
     def apply(self, builder: ReplyBuilder, event: Event) -> tuple[str, str] | None:
         """Fold one event into the reply; returns a ("content"|"reasoning", text) delta to relay."""
