@@ -204,6 +204,10 @@ def now() -> float:
     return time.time()
 
 
+def format_time(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
 def sha256_hex(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
@@ -294,6 +298,9 @@ class Store:
     def site_params_with_times(self) -> list[dict]:
         return self.rows("SELECT key, value, updated FROM site_params ORDER BY key")
 
+    def site_params_updated(self) -> float | None:
+        return self.rows("SELECT MAX(updated) AS t FROM site_params")[0]["t"]
+
     def set_site_params(self, **values: Any) -> None:
         stamp = now()
         with self.db.conn:
@@ -310,6 +317,9 @@ class Store:
                  for i, m in enumerate(models)], pk="position")
 
     _models: tuple[int, list[dict]] | None = None
+
+    def model_count(self) -> int:
+        return self.rows("SELECT COUNT(*) AS n FROM models")[0]["n"]
 
     def models(self) -> list[dict]:
         """The stored model list, parsed once and reused until the table changes (this connection's own
@@ -739,6 +749,27 @@ def merge_refreshed_session(old: dict, fresh: dict) -> dict:
     return merged
 
 
+def import_env_accounts(store: Store, values: str) -> None:
+    """ARENA_AUTH_TOKENS: add each account not stored yet; a bad value is reported, never fatal."""
+    known = {a["auth"] for a in store.accounts()}
+    for raw in filter(None, (v.strip() for v in re.split(r"[,\n]", values))):
+        try:
+            parsed = parse_account_input(raw)
+        except ValueError as exc:
+            log.error("ARENA_AUTH_TOKENS: skipped one value: %s", exc)
+            continue
+        if parsed.auth not in known:
+            add_account(store, parsed, label="from ARENA_AUTH_TOKENS")
+            known.add(parsed.auth)
+
+
+def add_account(store: Store, parsed: AccountInput, label: str = "", kind: str | None = None) -> int:
+    return store.add_account(
+        label=label, kind=kind or ("anonymous" if parsed.anonymous else "jwt" if parsed.form == "jwt" else "user"),
+        auth=parsed.auth, form=parsed.form, cookies=json.dumps(parsed.cookies), user_agent=None,
+        expires_at=session_expiry(parsed.auth), state="ok", failures=0, last_used=0.0)
+
+
 # --- 3c. Stream parser (pure: bytes in, events out) ---------------------------------------------------
 
 LINE_RE = re.compile(r"([ab])([0-9a-z]):(.*)", re.S)
@@ -971,6 +1002,11 @@ def account_state(account: dict, at: float | None = None) -> str:
     if account["state"] == "cooling_down" and (account["cooldown_until"] or 0) <= at:
         return "ok"
     return account["state"]
+
+
+def in_browser_mode(account: dict, at: float) -> bool:
+    """The account's chats go through the sidecar's page until its next try of the direct path."""
+    return bool(account["needs_browser"]) and at < (account["direct_retry_at"] or 0)
 
 
 def is_usable(account: dict, at: float | None = None) -> bool:
@@ -1386,7 +1422,7 @@ class ArenaClient:
             return False
         if model.get("publicName") in {m.strip() for m in self.settings.browser_models.split(",") if m.strip()}:
             return True
-        return bool(account["needs_browser"]) and now() < (account["direct_retry_at"] or 0)
+        return in_browser_mode(account, now())
 
     def remember_path(self, account: dict, in_page: bool) -> None:
         """Record which path worked: browser mode sticks for a while, a direct success clears it."""
@@ -1565,6 +1601,114 @@ def upstream_client_error(status: int, message: str, kind: str) -> UpstreamError
         return UpstreamError(403, f"LM Arena refused the request: {message}", "upstream_forbidden")
     return UpstreamError(400 if status < 500 else 502, f"LM Arena refused the request: {message}",
                          f"upstream_{status}")
+
+
+# --- 3f. Uploads: server actions and storage (arena-protocol §11, §12.1) --------------------------------
+
+def parse_action_response(text: str) -> dict | None:
+    """The `1:` line of a server action's text/x-component answer, if it says success."""
+    for line in text.splitlines():
+        ident, sep, payload = line.partition(":")
+        if sep and ident == "1":
+            with contextlib.suppress(ValueError):
+                value = json.loads(payload)
+                if isinstance(value, dict) and value.get("success") is True:
+                    return value.get("data") or {}
+    return None
+
+
+async def call_server_action(arena: ArenaClient, account: dict, name: str, args: list,
+                             fields: tuple[str, ...]) -> list[str]:
+    """POST a Next.js server action and return the string `fields` of its data; on an unknown id,
+    rediscover the ids once and try again."""
+    refused_at: float | None = None
+    for _ in range(2):
+        action_id = (arena.params.get("server_actions") or {}).get(name)
+        if not action_id or refused_at is not None:
+            # Only a discovery that began after the refused call can know the new id; one that did is
+            # reused, so that the uploads in flight during a deployment share one page load.
+            await arena.discover(min_age=now() - refused_at if refused_at is not None else 2.0)
+            action_id = (arena.params.get("server_actions") or {}).get(name)
+        if not action_id:
+            raise UpstreamError(502, f"LM Arena's {name} server action was not found on the site", "site_changed")
+        headers = arena.request_headers(account, referer="/", accept="text/x-component")
+        headers["Next-Action"] = action_id
+        sent = now()
+        try:
+            response = await arena.http.post(arena.origin + "/?mode=direct", data=json.dumps(args), headers=headers,
+                                             timeout=30, discard_cookies=True, allow_redirects=False)
+        except Exception as exc:
+            raise UpstreamError(502, f"LM Arena's {name} could not be reached ({type(exc).__name__})",
+                                "upload_failed") from None
+        if response.status_code == 404:
+            refused_at = sent
+            continue
+        data = parse_action_response(response.text) if response.status_code == 200 else None
+        values = [data.get(field) for field in fields] if data is not None else []
+        if values and all(isinstance(v, str) and v for v in values):
+            return values
+        answer = "without " + " and ".join(fields) if response.status_code == 200 else str(response.status_code)
+        raise UpstreamError(502, f"LM Arena's {name} answered {answer}", "upload_failed")
+    raise UpstreamError(502, f"LM Arena's {name} server action id is stale even after rediscovery", "site_changed")
+
+
+async def put_upload(arena: ArenaClient, upload_url: str, image: ImageInput) -> None:
+    try:
+        put = await arena.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
+                                   timeout=60, discard_cookies=True)
+    except Exception as exc:
+        raise UpstreamError(502, f"the image upload to LM Arena's storage failed ({type(exc).__name__})",
+                            "upload_failed") from None
+    if put.status_code not in (200, 201, 204):
+        raise UpstreamError(502, f"LM Arena's storage answered {put.status_code} to the image upload",
+                            "upload_failed")
+
+
+async def retry_once(step: Callable[[], Any], what: str) -> Any:
+    """Run one upload step, and once more if it fails: server actions and storage fail transiently, and
+    repeating one step is cheaper than starting the upload over."""
+    try:
+        return await step()
+    except UpstreamError as error:
+        log.info("%s failed (%s); retrying once", what, error.message)
+        return await step()
+
+
+async def upload_image(arena: ArenaClient, account: dict, image: ImageInput) -> dict:
+    """generateUploadUrl -> PUT -> getSignedUrl (arena-protocol §12.1), with the chat request's own
+    account: the site shows an attachment only to the user who uploaded it."""
+    extension = image.mime.split("/")[1].replace("jpeg", "jpg")
+    filename = f"upload-{image.digest[:12]}.{extension}"
+    upload_url, key = await retry_once(lambda: call_server_action(
+        arena, account, "generateUploadUrl", [filename, image.mime], ("uploadUrl", "key")), "generateUploadUrl")
+    await retry_once(lambda: put_upload(arena, upload_url, image), "the image PUT")
+    (url,) = await retry_once(lambda: call_server_action(
+        arena, account, "getSignedUrl", [key], ("url",)), "getSignedUrl")
+    return {"name": key, "contentType": image.mime, "url": url}
+
+
+def signed_url_expiry(url: str) -> float | None:
+    """When a presigned URL stops working: X-Amz-Date + X-Amz-Expires (arena-protocol §12.1)."""
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    with contextlib.suppress(KeyError, ValueError):
+        return calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) + int(query["X-Amz-Expires"])
+    return None
+
+
+async def upload_images(arena: ArenaClient, account: dict, images: list[ImageInput]) -> list[dict]:
+    """Attachments for a chat turn. An image this account uploaded before is reused until shortly before
+    its signed URL expires, so that a client resending the same image (a regenerate, a repeated
+    question) does not upload it again."""
+    attachments = []
+    for image in images:
+        cache_key = f"{account['id']}:{image.digest}"
+        attachment = arena.store.cached_upload(cache_key)
+        if attachment is None:
+            attachment = await upload_image(arena, account, image)
+            expires = signed_url_expiry(attachment["url"]) or now() + SIGNED_URL_LIFETIME
+            arena.store.remember_upload(cache_key, account["id"], attachment, expires - UPLOAD_EXPIRY_MARGIN)
+        attachments.append(attachment)
+    return attachments
 
 
 # =====================================================================================================
@@ -2433,112 +2577,6 @@ async def load_image(url: str, where: str, settings: Settings, http: AsyncSessio
     return check_image(data, where)
 
 
-def parse_action_response(text: str) -> dict | None:
-    """The `1:` line of a server action's text/x-component answer, if it says success."""
-    for line in text.splitlines():
-        ident, sep, payload = line.partition(":")
-        if sep and ident == "1":
-            with contextlib.suppress(ValueError):
-                value = json.loads(payload)
-                if isinstance(value, dict) and value.get("success") is True:
-                    return value.get("data") or {}
-    return None
-
-
-async def call_server_action(arena: ArenaClient, account: dict, name: str, args: list,
-                             fields: tuple[str, ...]) -> list[str]:
-    """POST a Next.js server action and return the string `fields` of its data; on an unknown id,
-    rediscover the ids once and try again."""
-    refused_at: float | None = None
-    for _ in range(2):
-        action_id = (arena.params.get("server_actions") or {}).get(name)
-        if not action_id or refused_at is not None:
-            # Only a discovery that began after the refused call can know the new id; one that did is
-            # reused, so that the uploads in flight during a deployment share one page load.
-            await arena.discover(min_age=now() - refused_at if refused_at is not None else 2.0)
-            action_id = (arena.params.get("server_actions") or {}).get(name)
-        if not action_id:
-            raise UpstreamError(502, f"LM Arena's {name} server action was not found on the site", "site_changed")
-        headers = arena.request_headers(account, referer="/", accept="text/x-component")
-        headers["Next-Action"] = action_id
-        sent = now()
-        try:
-            response = await arena.http.post(arena.origin + "/?mode=direct", data=json.dumps(args), headers=headers,
-                                             timeout=30, discard_cookies=True, allow_redirects=False)
-        except Exception as exc:
-            raise UpstreamError(502, f"LM Arena's {name} could not be reached ({type(exc).__name__})",
-                                "upload_failed") from None
-        if response.status_code == 404:
-            refused_at = sent
-            continue
-        data = parse_action_response(response.text) if response.status_code == 200 else None
-        values = [data.get(field) for field in fields] if data is not None else []
-        if values and all(isinstance(v, str) and v for v in values):
-            return values
-        answer = "without " + " and ".join(fields) if response.status_code == 200 else str(response.status_code)
-        raise UpstreamError(502, f"LM Arena's {name} answered {answer}", "upload_failed")
-    raise UpstreamError(502, f"LM Arena's {name} server action id is stale even after rediscovery", "site_changed")
-
-
-async def put_upload(arena: ArenaClient, upload_url: str, image: ImageInput) -> None:
-    try:
-        put = await arena.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
-                                   timeout=60, discard_cookies=True)
-    except Exception as exc:
-        raise UpstreamError(502, f"the image upload to LM Arena's storage failed ({type(exc).__name__})",
-                            "upload_failed") from None
-    if put.status_code not in (200, 201, 204):
-        raise UpstreamError(502, f"LM Arena's storage answered {put.status_code} to the image upload",
-                            "upload_failed")
-
-
-async def retry_once(step: Callable[[], Any], what: str) -> Any:
-    """Run one upload step, and once more if it fails: server actions and storage fail transiently, and
-    repeating one step is cheaper than starting the upload over."""
-    try:
-        return await step()
-    except UpstreamError as error:
-        log.info("%s failed (%s); retrying once", what, error.message)
-        return await step()
-
-
-async def upload_image(arena: ArenaClient, account: dict, image: ImageInput) -> dict:
-    """generateUploadUrl -> PUT -> getSignedUrl (arena-protocol §12.1), with the chat request's own
-    account: the site shows an attachment only to the user who uploaded it."""
-    extension = image.mime.split("/")[1].replace("jpeg", "jpg")
-    filename = f"upload-{image.digest[:12]}.{extension}"
-    upload_url, key = await retry_once(lambda: call_server_action(
-        arena, account, "generateUploadUrl", [filename, image.mime], ("uploadUrl", "key")), "generateUploadUrl")
-    await retry_once(lambda: put_upload(arena, upload_url, image), "the image PUT")
-    (url,) = await retry_once(lambda: call_server_action(
-        arena, account, "getSignedUrl", [key], ("url",)), "getSignedUrl")
-    return {"name": key, "contentType": image.mime, "url": url}
-
-
-def signed_url_expiry(url: str) -> float | None:
-    """When a presigned URL stops working: X-Amz-Date + X-Amz-Expires (arena-protocol §12.1)."""
-    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
-    with contextlib.suppress(KeyError, ValueError):
-        return calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) + int(query["X-Amz-Expires"])
-    return None
-
-
-async def upload_images(arena: ArenaClient, account: dict, images: list[ImageInput]) -> list[dict]:
-    """Attachments for a chat turn. An image this account uploaded before is reused until shortly before
-    its signed URL expires, so that a client resending the same image (a regenerate, a repeated
-    question) does not upload it again."""
-    attachments = []
-    for image in images:
-        cache_key = f"{account['id']}:{image.digest}"
-        attachment = arena.store.cached_upload(cache_key)
-        if attachment is None:
-            attachment = await upload_image(arena, account, image)
-            expires = signed_url_expiry(attachment["url"]) or now() + SIGNED_URL_LIFETIME
-            arena.store.remember_upload(cache_key, account["id"], attachment, expires - UPLOAD_EXPIRY_MARGIN)
-        attachments.append(attachment)
-    return attachments
-
-
 # --- 5e. Images out: the OpenAI images API ---------------------------------------------------------------
 
 IMAGE_SIZE_RE = re.compile(r"([1-9]\d{0,4})x([1-9]\d{0,4})")
@@ -3056,7 +3094,7 @@ def account_badge(account: dict, at: float) -> Html:
 def request_path(account: dict, at: float) -> Html:
     """How this account's chats reach LM Arena: straight from the bridge, or through the browser page
     when the site refused tokens from outside it (until the next try of the direct path)."""
-    if account["needs_browser"] and at < (account["direct_retry_at"] or 0):
+    if in_browser_mode(account, at):
         return fill('{badge}<div class="text small muted">direct again after {when}</div>',
                     badge=badge("in-page", "info"), when=format_time(account["direct_retry_at"]))
     return badge("direct", "off")
@@ -3405,7 +3443,7 @@ async def list_models(request: Request) -> Response:
     key = authenticate(request)
     state = bridge(request)
     started = time.perf_counter()
-    updated = int(state.store.rows("SELECT MAX(updated) AS t FROM site_params")[0]["t"] or now())
+    updated = int(state.store.site_params_updated() or now())
     seen: set[str] = set()
     data = []
     for model in usable_models(await state.models()):
@@ -3725,7 +3763,7 @@ async def health(request: Request) -> Response:
     at = now()
     accounts = state.store.accounts()
     usable = [a for a in accounts if is_usable(a, at)]
-    models = state.store.rows("SELECT COUNT(*) AS n FROM models")[0]["n"]
+    models = state.store.model_count()
     checks = {
         "accounts": {"usable": len(usable), "total": len(accounts),
                      "items": [{f: a[f] for f in ACCOUNT_PUBLIC_FIELDS} | {"state": account_state(a, at)}
@@ -3747,27 +3785,6 @@ async def not_found_handler(request: Request, error: Exception) -> Response:
     message = "Method not allowed." if status == 405 else f"No route {request.url.path}."
     return JSONResponse(ApiError(status, message, "not_found" if status == 404 else "method_not_allowed").body(),
                         status_code=status)
-
-
-def import_env_accounts(store: Store, values: str) -> None:
-    """ARENA_AUTH_TOKENS: add each account not stored yet; a bad value is reported, never fatal."""
-    known = {a["auth"] for a in store.accounts()}
-    for raw in filter(None, (v.strip() for v in re.split(r"[,\n]", values))):
-        try:
-            parsed = parse_account_input(raw)
-        except ValueError as exc:
-            log.error("ARENA_AUTH_TOKENS: skipped one value: %s", exc)
-            continue
-        if parsed.auth not in known:
-            add_account(store, parsed, label="from ARENA_AUTH_TOKENS")
-            known.add(parsed.auth)
-
-
-def add_account(store: Store, parsed: AccountInput, label: str = "", kind: str | None = None) -> int:
-    return store.add_account(
-        label=label, kind=kind or ("anonymous" if parsed.anonymous else "jwt" if parsed.form == "jwt" else "user"),
-        auth=parsed.auth, form=parsed.form, cookies=json.dumps(parsed.cookies), user_agent=None,
-        expires_at=session_expiry(parsed.auth), state="ok", failures=0, last_used=0.0)
 
 
 async def every(seconds: float, job: Callable[[], Any], first_delay: float = 0.0) -> None:
@@ -3875,10 +3892,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_time(stamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
-
-
 def run_cli(settings: Settings, args: argparse.Namespace) -> int:
     store = Store(settings.db)
     command, action = args.command, getattr(args, "action", None)
@@ -3928,7 +3941,7 @@ def run_cli(settings: Settings, args: argparse.Namespace) -> int:
                 await sidecar.aclose()
         try:
             asyncio.run(refresh())
-        except (UpstreamError, SidecarError, Exception) as exc:
+        except Exception as exc:
             print(f"error: could not refresh from {settings.arena_url}: {exc}", file=sys.stderr)
             return 1
         print(f"{len(store.models())} models stored ({len(usable_models(store.models()))} usable)")
