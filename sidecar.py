@@ -52,7 +52,7 @@ import sys
 import time
 import uuid
 from base64 import urlsafe_b64encode
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from hypercorn.asyncio import serve
@@ -418,6 +418,9 @@ class Browser:
         self._lock = asyncio.Lock()  # launch and (re)load happen one at a time
         self._queues: dict[str, asyncio.Queue] = {}  # /fetch request id -> pushed items
         self._inflight = 0  # /fetch streams using the page; no age-reload under them
+        # The page's fetch reads the context's cookie jar when it sends: one account's session in the jar
+        # at a time, from setting it until that request is on its way.
+        self._session_lock = asyncio.Lock()
         self._xvfb: subprocess.Popen | None = None
         self.user_agent: str | None = None
         self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
@@ -585,11 +588,21 @@ class Browser:
     async def clearance(self, timeout: float = CLEARANCE_TIMEOUT) -> tuple[dict[str, str], str]:
         page = await self.page()
         async with self._lock:
-            await self._goto(page)
-            await self.pass_interstitial(page, self._context, timeout)
-            self._page_loaded_at = time.monotonic()
-            ua = await page.evaluate("navigator.userAgent")
-            cookies = await self.host_cookies(self._context)
+            # Reloading the page would end the /fetch streams running in it: pass the challenge in a page of
+            # its own then (same context, so the clearance cookie is shared).
+            target = await self._context.new_page() if self._inflight else page
+            try:
+                if target is page:
+                    await self._goto(page)
+                else:
+                    await target.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
+                await self.pass_interstitial(target, self._context, timeout)
+                ua = await target.evaluate("navigator.userAgent")
+                cookies = await self.host_cookies(self._context)
+            finally:
+                if target is not page:
+                    with contextlib.suppress(Exception):
+                        await target.close()
         log.info("clearance: %d cookies (cf_clearance %s)", len(cookies),
                  f"{len(cookies['cf_clearance'])} chars" if "cf_clearance" in cookies else "absent")
         return cookies, ua
@@ -683,6 +696,23 @@ class Browser:
     async def fetch(self, spec: dict) -> AsyncIterator[dict]:
         """Run spec's request with the page's fetch(); yield pushed items until done/error."""
         await self.page()  # the browser and its context must exist before cookies can be set
+        await self._session_lock.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._session_lock.release()
+
+        try:
+            async for item in self._fetch_holding_session(spec, release):
+                yield item
+        finally:
+            release()
+
+    async def _fetch_holding_session(self, spec: dict, release: Callable[[], None]) -> AsyncIterator[dict]:
+        """fetch(), entered with the session lock held; `release` it once the response has started."""
         await self.set_cookies(spec.get("cookies") or {})
         body = spec.get("body")
         if spec.get("sitekey") and isinstance(body, str):
@@ -711,6 +741,7 @@ class Browser:
         try:
             while True:
                 item = await queue.get()
+                release()
                 if "done" in item or "error" in item:
                     finished = True
                     if "done" in item:  # the site may have refreshed cookies (Set-Cookie is not visible to JS)

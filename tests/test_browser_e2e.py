@@ -216,3 +216,24 @@ def test_client_disconnect_aborts_the_in_page_request(bb, key, arena):
     while time.time() < deadline and not any(r.get("aborted") for r in arena.chat_requests()):
         time.sleep(0.1)
     assert any(r.get("aborted") for r in arena.chat_requests())
+
+
+def test_concurrent_in_page_requests_each_carry_their_own_account(bb, key, arena):
+    import concurrent.futures
+    ids = bb.set_accounts(arena.new_session(), arena.new_session())
+    for account_id in ids:
+        bb.store.update_account(account_id, needs_browser=1, direct_retry_at=time.time() + 600)
+    arena.configure(context_bound_tokens=True, line_delay=0.02)
+
+    def conversation(n):
+        first = [{"role": "user", "content": f"chat {n}"}]
+        reply = content(post(bb, key, {**GOOD, "messages": first}))
+        second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "again"}]
+        return content(post(bb, key, {**GOOD, "messages": second}))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(conversation, range(4))) == ["turn 2: again"] * 4
+    follow_ups = [r for r in arena.chat_requests() if "post-to-evaluation" in r["path"]]
+    assert len(follow_ups) == 4 and all(r["status"] == 200 for r in follow_ups)
+    owners = {arena.session_user(r["cookies"]["arena-auth-prod-v1"]) for r in arena.chat_requests()}
+    assert len(owners) == 2
