@@ -721,6 +721,24 @@ def parse_account_input(text: str) -> AccountInput:
     return AccountInput(auth=value, form=form, cookies=extras, anonymous=anonymous)
 
 
+def session_from_signup(cookies: dict[str, str], body: Any) -> str:
+    """The session a sign-up gave (arena-protocol §4.6): its cookie, whole or chunked, else the session in
+    the body, at the top level or under session, data or data.session, or a body that is the value."""
+    value = cookies.get(AUTH_COOKIE) or join_chunks(cookies)
+    if value:
+        return value
+    if isinstance(body, str) and body.startswith("base64-"):
+        return body
+    data = body.get("data") if isinstance(body, dict) else None
+    for candidate in (body, (body or {}).get("session") if isinstance(body, dict) else None, data,
+                      data.get("session") if isinstance(data, dict) else None):
+        if isinstance(candidate, dict) and candidate.get("access_token"):
+            return encode_session(candidate)
+        if isinstance(candidate, str) and candidate.startswith("base64-"):
+            return candidate
+    raise ValueError("the sign-up answer held no session")
+
+
 def auth_cookies(auth: str, form: str) -> dict[str, str]:
     """The cookies that carry a session, in the form the site gave it to us."""
     return split_chunks(auth) if form == "chunks" else {AUTH_COOKIE: auth}
@@ -1465,8 +1483,8 @@ class ArenaClient:
             try:
                 result = await self.sidecar.signup(self.params.get("turnstile_sitekey") or FALLBACK_TURNSTILE_SITEKEY,
                                                    self.params.get("sitekey") or FALLBACK_SITEKEY)
-                parsed = parse_account_input(result["cookie"])
-            except (SidecarError, ValueError, KeyError) as exc:
+                parsed = parse_account_input(session_from_signup(result.get("cookies") or {}, result.get("body")))
+            except (SidecarError, ValueError) as exc:
                 raise UpstreamError(503, f"Could not create an anonymous LM Arena account: {exc}", "signup_failed",
                                     retry_after=self.settings.signup_interval) from None
             cookies = {k: v for k, v in (result.get("cookies") or {}).items() if k in CLEARANCE_COOKIES}
@@ -1812,11 +1830,10 @@ class SidecarClient:
         return dict(result.get("cookies") or {}), self._field(result, "user_agent")
 
     async def signup(self, turnstile_sitekey: str, recaptcha_sitekey: str | None) -> dict:
-        """A new anonymous account: {"cookie": <arena-auth-prod-v1 value>, "user_agent", "cookies"}."""
+        """A new anonymous account as the site answered it: {"cookies", "body", "user_agent"}."""
         result = await self._call("/signup", {"turnstile_sitekey": turnstile_sitekey,
                                               "recaptcha_sitekey": recaptcha_sitekey,
                                               "recaptcha_action": "sign_up"})
-        self._field(result, "cookie")
         return result
 
     async def fetch_stream(self, request: dict) -> AsyncIterator[tuple[int, dict] | str]:
@@ -2420,7 +2437,7 @@ def completion_object(completion_id: str, created: int, model: str, builder: Rep
             "usage": usage}
 
 
-# --- 5d. Images in: checked, fetched, uploaded ----------------------------------------------------------
+# --- 5d. Images in: checked and fetched ----------------------------------------------------------------
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 SIGNED_URL_LIFETIME = 3600.0      # when a signed URL does not say (arena-protocol §12.1)

@@ -51,7 +51,6 @@ import subprocess
 import sys
 import time
 import uuid
-from base64 import urlsafe_b64encode
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
@@ -226,35 +225,6 @@ def start_xvfb() -> subprocess.Popen | None:
             time.sleep(0.1)
         proc.kill()
     log.warning("could not start Xvfb; headful launch may fail")
-    return None
-
-
-def encode_session(session: dict) -> str:
-    """Supabase session JSON -> cookie value: 'base64-' + base64url without padding."""
-    raw = json.dumps(session, separators=(",", ":")).encode()
-    return "base64-" + urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def auth_cookie_from(cookies: dict[str, str], body: Any) -> str | None:
-    """The arena-auth-prod-v1 value: the whole cookie, its .N chunks joined, or the session in the body."""
-    whole = cookies.get("arena-auth-prod-v1")
-    if whole:
-        return whole
-    chunks = sorted(
-        ((int(k.rsplit(".", 1)[1]), v) for k, v in cookies.items()
-         if k.startswith("arena-auth-prod-v1.") and k.rsplit(".", 1)[1].isdigit()),
-    )
-    if chunks:
-        return "".join(v for _, v in chunks)
-    if isinstance(body, str) and body.startswith("base64-"):
-        return body
-    if isinstance(body, dict):
-        for candidate in (body, body.get("session"), body.get("data"),
-                          (body.get("data") or {}).get("session") if isinstance(body.get("data"), dict) else None):
-            if isinstance(candidate, str) and candidate.startswith("base64-"):
-                return candidate
-            if isinstance(candidate, dict) and candidate.get("access_token"):
-                return encode_session(candidate)
     return None
 
 
@@ -674,14 +644,12 @@ class Browser:
                 body: Any = json.loads(result["text"]) if result["text"].strip() else None
             except ValueError:
                 body = result["text"].strip()
+            # The session may come as cookies (whole or chunked) or in the body, in several shapes: the
+            # bridge reads it from both, so that one piece of code knows the session formats.
             cookies = await self.host_cookies(ctx)
-            cookie = auth_cookie_from(cookies, body)
-            if not cookie:
-                raise OpError("sign-up succeeded but returned no session")
-            others = {k: v for k, v in cookies.items() if not k.startswith("arena-auth-prod-v1")}
             ua = await page.evaluate("navigator.userAgent")
-            log.info("sign-up: session cookie of %d chars", len(cookie))
-            return {"cookie": cookie, "user_agent": ua, "cookies": others}
+            log.info("sign-up answered %s with %d cookies", result["status"], len(cookies))
+            return {"cookies": cookies, "body": body, "user_agent": ua}
         finally:
             with contextlib.suppress(Exception):
                 await ctx.close()

@@ -102,3 +102,16 @@ def test_refresh_grant_answer_is_merged_and_gets_expires_at():
     merged = bridge.merge_refreshed_session(old, {"access_token": jwt, "refresh_token": "r2"})
     assert merged["refresh_token"] == "r2" and merged["expires_at"] == bridge.jwt_claims(jwt)["exp"]
     assert merged["user"] == old["user"]
+
+
+def test_a_sign_up_session_is_found_in_every_answer_shape():
+    value, _ = session_value()
+    session = bridge.decode_session(value)
+    assert bridge.session_from_signup({"arena-auth-prod-v1": value}, None) == value
+    chunks = {f"arena-auth-prod-v1.{i}": c for i, c in enumerate(bridge.split_chunks(value + "x" * 4000).values())}
+    assert bridge.session_from_signup({**chunks, "other": "1"}, None) == value + "x" * 4000
+    for body in (session, {"session": session}, {"data": session}, {"data": {"session": session}}):
+        assert bridge.decode_session(bridge.session_from_signup({}, body)) == session
+    assert bridge.session_from_signup({}, "base64-raw") == "base64-raw"
+    with pytest.raises(ValueError, match="no session"):
+        bridge.session_from_signup({}, {"ok": True})

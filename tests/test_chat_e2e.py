@@ -1,6 +1,5 @@
 """End to end: the official openai client -> the real bridge (Hypercorn) -> the LM Arena emulator."""
 import json
-import threading
 import time
 
 import httpx

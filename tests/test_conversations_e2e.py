@@ -1,7 +1,6 @@
 """Conversations: the whole history a client resends is honoured, follow-ups reuse the held evaluation,
 and context survives a restart (issue: context is never lost silently)."""
 import httpx
-import pytest
 
 MODEL = "gemini-3-pro"
 

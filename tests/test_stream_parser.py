@@ -2,7 +2,6 @@
 import json
 import random
 
-import bridge
 from bridge import Event, StreamParser, parse_stream, parse_stream_line
 
 
