@@ -52,6 +52,7 @@ if __name__ == "__main__":
 
 import httpx
 import sqlite_utils
+from curl_cffi import CurlOpt
 from curl_cffi.requests import AsyncSession
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -2502,17 +2503,26 @@ def decode_data_uri(url: str, where: str) -> bytes:
         raise ApiError(400, f"{where}: the data: URI is not valid base64.", "invalid_image", where) from None
 
 
-def private_address_reason(host: str) -> str | None:
-    """Why a host must not be fetched on a client's behalf (it would let API users probe the bridge's own
-    network), or None for a host whose every address is public."""
+def public_address(host: str) -> str:
+    """An address of `host` that may be fetched on a client's behalf; ValueError saying why not when any of
+    its addresses is private or loopback (that would let API users probe the bridge's own network)."""
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
-        return f"the host {host} could not be resolved"
-    if all(ipaddress.ip_address(info[4][0]).is_global for info in infos):
-        return None
-    return (f"the host {host} is a private or loopback address (allowed only with "
-            "BRIDGE_ALLOW_PRIVATE_URLS=1)")
+        raise ValueError(f"the host {host} could not be resolved") from None
+    if not infos or not all(ipaddress.ip_address(info[4][0]).is_global for info in infos):
+        raise ValueError(f"the host {host} is a private or loopback address (allowed only with "
+                         "BRIDGE_ALLOW_PRIVATE_URLS=1)")
+    return infos[0][4][0]
+
+
+def pinned_session(url: str, address: str, impersonate: str) -> AsyncSession:
+    """A client that connects to `address` for the URL's host: the checked address is the one used, so a
+    DNS name that answers differently the second time cannot lead to a private one."""
+    parsed = urllib.parse.urlsplit(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    pin = f"{parsed.hostname}:{port}:{address if ':' not in address else f'[{address}]'}"
+    return AsyncSession(impersonate=impersonate, curl_options={CurlOpt.RESOLVE: [pin]})
 
 
 class FetchError(Exception):
@@ -2551,12 +2561,15 @@ async def fetch_image_url(url: str, where: str, settings: Settings, http: AsyncS
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ApiError(400, f"{where}: image URLs must be data:, http: or https:.", "invalid_image_url", where)
-    if not settings.allow_private_urls:
-        reason = await asyncio.to_thread(private_address_reason, parsed.hostname)
-        if reason:
-            raise ApiError(400, f"{where}: the image URL is refused: {reason}.", "invalid_image_url", where)
     try:
-        return await fetch_bytes(http, url, timeout=10)
+        if settings.allow_private_urls:
+            return await fetch_bytes(http, url, timeout=10)
+        try:
+            address = await asyncio.to_thread(public_address, parsed.hostname)
+        except ValueError as exc:
+            raise ApiError(400, f"{where}: the image URL is refused: {exc}.", "invalid_image_url", where) from None
+        async with pinned_session(url, address, settings.impersonate) as pinned:
+            return await fetch_bytes(pinned, url, timeout=10)
     except FetchError as exc:
         raise ApiError(400, f"{where}: the image URL {exc}.", exc.code, where) from None
 

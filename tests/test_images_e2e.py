@@ -259,6 +259,27 @@ def test_a_private_url_is_refused_unless_allowed(arena, web, tmp_path):
         proc.stop()
 
 
+def test_an_image_url_is_fetched_from_the_address_that_was_checked(web):
+    """The host name below resolves nowhere: only the pin to the checked address can reach the server, so
+    a name that answers differently on a second lookup cannot redirect the fetch."""
+    import asyncio
+    web.files["/pinned.png"] = ("image/png", make_png())
+    url = web.url.replace("127.0.0.1", "images.invalid") + "/pinned.png"
+
+    async def fetch():
+        async with bridge.pinned_session(url, "127.0.0.1", "chrome") as session:
+            return await bridge.fetch_bytes(session, url, timeout=5)
+
+    assert asyncio.run(fetch()) == make_png()
+
+
+def test_private_and_unresolvable_hosts_are_named_in_the_refusal():
+    with pytest.raises(ValueError, match="private or loopback"):
+        bridge.public_address("127.0.0.1")
+    with pytest.raises(ValueError, match="could not be resolved"):
+        bridge.public_address("images.invalid")
+
+
 @pytest.mark.parametrize("data,mime", [(make_png(), "image/png"), (JPEG, "image/jpeg"), (GIF, "image/gif"),
                                        (WEBP, "image/webp")])
 def test_every_accepted_type_is_recognised_by_its_bytes(data, mime):
