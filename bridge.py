@@ -654,6 +654,12 @@ def session_expiry(value: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) else None
 
 
+def session_owner(value: str) -> str | None:
+    """The Supabase user a session (or bare JWT) belongs to."""
+    session = decode_session(value)
+    return (jwt_claims(session["access_token"] if session else value) or {}).get("sub")
+
+
 def is_expired(value: str, at: float | None = None) -> bool:
     expiry = session_expiry(value)
     return expiry is not None and (at or now()) >= expiry - EXPIRY_MARGIN
@@ -746,15 +752,18 @@ def auth_cookies(auth: str, form: str) -> dict[str, str]:
 
 
 def refreshed_auth_from_set_cookie(set_cookies: list[str]) -> tuple[str, str] | None:
-    """A fresh session from a page's Set-Cookie headers, whole or chunked; None unless it decodes and is
-    not expired."""
+    """A fresh session from Set-Cookie headers, whole or chunked; None unless it decodes and is not
+    expired."""
     jar: dict[str, str] = {}
     for header in set_cookies:
         name, _, rest = header.partition("=")
-        name = name.strip()
-        if name == AUTH_COOKIE or name.startswith(AUTH_COOKIE + "."):
-            jar[name] = rest.split(";", 1)[0].strip().strip('"')
-    for value, form in ((jar.get(AUTH_COOKIE, ""), "whole"), (join_chunks(jar), "chunks")):
+        jar[name.strip()] = rest.split(";", 1)[0].strip().strip('"')
+    return fresh_session_in(jar)
+
+
+def fresh_session_in(cookies: dict[str, str]) -> tuple[str, str] | None:
+    """The session in a cookie jar, whole or chunked, if it decodes and is not expired."""
+    for value, form in ((cookies.get(AUTH_COOKIE, ""), "whole"), (join_chunks(cookies), "chunks")):
         if value and decode_session(value) is not None and not is_expired(value):
             return value, form
     return None
@@ -1553,11 +1562,31 @@ class ArenaClient:
                 for event in parser.feed(chunk):
                     yield event
                     if event.kind == "finish":
+                        await self.adopt_session(opened)
                         return
             for event in parser.close():
                 yield event
+            await self.adopt_session(opened)
         finally:
             await opened.response.aclose()
+
+    async def adopt_session(self, opened: OpenedTurn) -> None:
+        """Keep a session the site rotated while answering (Set-Cookie on the reply, or the page's cookie
+        jar after an in-page fetch): Supabase refresh tokens are single-use, so a rotation the bridge did
+        not store would leave it holding a session that can no longer be refreshed."""
+        response = opened.response
+        if isinstance(response, BrowserResponse):
+            fresh = fresh_session_in(await response.final_cookies(timeout=5.0))
+        else:
+            fresh = refreshed_auth_from_set_cookie(response.headers.get_list("set-cookie"))
+        account = self.store.account(opened.account_id) if fresh else None
+        # The page's jar is shared by every account's in-page requests: only this account's user counts.
+        if fresh and account and fresh[0] != account["auth"] and session_owner(fresh[0]) == session_owner(account["auth"]) \
+                and (session_expiry(fresh[0]) or 0) >= (session_expiry(account["auth"]) or 0):
+            value, form = fresh
+            if self.store.swap_account_auth(account["id"], account["auth"], auth=value, form=form,
+                                            expires_at=session_expiry(value)):
+                log.info("account %s: kept the session LM Arena rotated while answering", account["id"])
 
 
 class BrowserResponse:
@@ -1575,6 +1604,7 @@ class BrowserResponse:
         self.headers: dict[str, str] = {}
         self.chunks: asyncio.Queue = asyncio.Queue()
         self.reader: asyncio.Task | None = None
+        self.cookies: dict[str, str] = {}       # the page's cookie jar once its fetch is done
 
     async def open(self) -> None:
         self.status_code, self.headers = await self.stream.__anext__()
@@ -1583,10 +1613,19 @@ class BrowserResponse:
     async def _read(self) -> None:
         try:
             async for chunk in self.stream:
-                self.chunks.put_nowait(chunk.encode())
+                if isinstance(chunk, dict):
+                    self.cookies = chunk
+                else:
+                    self.chunks.put_nowait(chunk.encode())
             self.chunks.put_nowait(None)
         except Exception as exc:
             self.chunks.put_nowait(exc)
+
+    async def final_cookies(self, timeout: float) -> dict[str, str]:
+        """The page's cookies after the fetch, waiting a little for its end (it follows the finish line)."""
+        if self.reader is not None:
+            await asyncio.wait({self.reader}, timeout=timeout)
+        return self.cookies
 
     async def aiter_content(self) -> AsyncIterator[bytes]:
         while (item := await self.chunks.get()) is not None:
@@ -1838,7 +1877,8 @@ class SidecarClient:
         return result
 
     async def fetch_stream(self, request: dict) -> AsyncIterator[tuple[int, dict] | str]:
-        """Run a request with the page's own fetch(): yields (status, headers) first, then text chunks.
+        """Run a request with the page's own fetch(): yields (status, headers) first, then text chunks, and
+        last the page's cookies as a dict (the site may have rotated the session while answering).
 
         Closing the iterator early closes the connection, and the sidecar aborts the page's fetch."""
         self._check_enabled()
@@ -1855,6 +1895,8 @@ class SidecarClient:
                     elif "error" in item:
                         raise SidecarError(f"browser sidecar: in-page fetch failed: {item['error']}")
                     elif item.get("done"):
+                        if item.get("cookies"):
+                            yield dict(item["cookies"])
                         return
                 raise SidecarError("browser sidecar: the in-page fetch ended without finishing")
         except httpx.HTTPError as exc:

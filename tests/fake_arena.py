@@ -101,6 +101,7 @@ DEFAULT_KNOBS = {
     "signup_nesting": "top",            # "top" | "session" | "data" | "data.session"
     "signup_fail": None,                # None | 500 | 403 | any status
     "page_auto_signup": False,          # the page signs up by itself when it has no auth cookie
+    "rotate_on_chat": False,            # a chat reply carries Set-Cookie with a rotated session (refresh token used)
     # --- chat validation ---
     "mode_policy": "both",              # "both" | "no_direct"
     "unknown_model_status": 400,        # 400 {"error":"Invalid model"} | 404 {"error":"Models not found"}
@@ -1677,6 +1678,12 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
                     opts[x] = fault[x]
             opts["disconnect_after"] = fault.get("disconnect_after")
         headers = self._ratelimit_headers(req.uid, modality)
+        if k["rotate_on_chat"]:
+            _, _, session = self._auth_from_cookies(req.cookies)
+            new = self._use_refresh_token((session or {}).get("refresh_token"))
+            if new:
+                had = [n for n in req.cookies if n == AUTH_COOKIE or n.startswith(AUTH_COOKIE + ".")]
+                headers += [("Set-Cookie", c) for c in self._session_cookies(self.encode_session(new), "whole", had)]
         # Stream outside the lock: hundreds of streams run concurrently.
         self._lock.release()
         try:

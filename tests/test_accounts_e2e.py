@@ -187,3 +187,16 @@ def test_a_301_from_the_legacy_host_switches_the_origin_and_resends(arena, tmp_p
         assert proc.store.site_params()["moved_origin"] == {"from": arena.url + "/__legacy", "to": arena.url}
     finally:
         proc.stop()
+
+
+def test_a_session_the_site_rotates_in_a_reply_is_kept(fresh, api_key, arena):
+    value = arena.new_session()
+    [account_id] = fresh.set_accounts(value)
+    arena.configure(rotate_on_chat=True)
+    assert content(post(fresh, api_key)) == "turn 1: x"
+    rotated = account_row(fresh, account_id)["auth"]
+    assert rotated != value and arena.session_user(rotated) == arena.session_user(value)
+    arena.configure(rotate_on_chat=False)
+    arena.expire_session(rotated)
+    arena.fault(times=1, path="page", status=500)        # the rotated refresh token must still work
+    assert content(post(fresh, api_key)) == "turn 1: x"

@@ -237,3 +237,12 @@ def test_concurrent_in_page_requests_each_carry_their_own_account(bb, key, arena
     assert len(follow_ups) == 4 and all(r["status"] == 200 for r in follow_ups)
     owners = {arena.session_user(r["cookies"]["arena-auth-prod-v1"]) for r in arena.chat_requests()}
     assert len(owners) == 2
+
+
+def test_a_session_rotated_during_an_in_page_fetch_is_kept(bb, key, arena):
+    [account_id] = bb.set_accounts(value := arena.new_session())
+    bb.store.update_account(account_id, needs_browser=1, direct_retry_at=time.time() + 600)
+    arena.configure(context_bound_tokens=True, rotate_on_chat=True)
+    assert content(post(bb, key)) == "turn 1: x"
+    rotated = bb.store.account(account_id)["auth"]
+    assert rotated != value and arena.session_user(rotated) == arena.session_user(value)
