@@ -333,7 +333,8 @@ def test_client_lazy_start_pool_restart_and_stop(arena, tmp_path):
             stream = client.fetch_stream({"url": "/", "method": "GET"})
             async for item in stream:
                 chunks.append(item)
-            assert chunks[0][0] == 200 and "LMArena" in "".join(chunks[1:])
+            assert chunks[0][0] == 200 and "LMArena" in "".join(c for c in chunks[1:] if isinstance(c, str))
+            assert isinstance(chunks[-1], dict) and "provisional_user_id" in chunks[-1]    # the page's jar, last
 
             # Closing the iterator early aborts the page's fetch (the emulator then never completes the turn).
             arena.configure(lines=8, line_delay=0.2)
