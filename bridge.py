@@ -43,7 +43,7 @@ import sys
 import time
 import urllib.parse
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 if __name__ == "__main__":
     # sqlite_utils imports numpy whenever it is installed, only to map numpy types to columns; the bridge
@@ -1938,35 +1938,37 @@ class SidecarClient:
             raise SidecarError(f"browser sidecar: the answer has no {name}")
         return result[name]
 
-    async def _call(self, path: str, payload: dict, *, start: bool = True) -> dict:
-        """POST to the sidecar, starting it (or restarting it once) as needed, within request_timeout.
-
-        start=False (background work) only uses a sidecar that is already running."""
-        self._check_enabled()
-        self._active += 1
+    async def _with_sidecar(self, send: Callable[[httpx.AsyncClient], Awaitable[Any]], *, start: bool = True) -> Any:
+        """Run `send` against the sidecar, starting it, or restarting it once when the connection fails,
+        all within request_timeout. start=False (background work) only uses a sidecar that already runs."""
         try:
             async with asyncio.timeout(self.request_timeout):
                 for attempt in (1, 2):
                     if start:
                         await self._ensure_started()
-                    elif not self.alive or self._http is None:
+                    if not self.alive or self._http is None:
                         raise SidecarError("browser sidecar is not running")
                     try:
-                        assert self._http is not None
-                        response = await self._http.post(path, json=payload, timeout=None)
+                        return await send(self._http)
                     except httpx.TransportError as exc:
                         if attempt == 2 or not start:
                             raise SidecarError(f"browser sidecar connection failed ({type(exc).__name__})") from exc
                         log.warning("browser sidecar unreachable (%s); restarting it", type(exc).__name__)
                         await self._stop()
-                        continue
-                    return self._decode(response)
         except TimeoutError as exc:
             raise SidecarError(f"browser sidecar did not answer within {self.request_timeout:.0f}s") from exc
+        raise SidecarError("browser sidecar: unreachable")  # not reached
+
+    async def _call(self, path: str, payload: dict, *, start: bool = True) -> dict:
+        """POST a small JSON request to the sidecar and return its JSON answer."""
+        self._check_enabled()
+        self._active += 1
+        try:
+            response = await self._with_sidecar(lambda http: http.post(path, json=payload, timeout=None), start=start)
+            return self._decode(response)
         finally:
             self._active -= 1
             self._touch()
-        raise SidecarError("browser sidecar: unreachable")  # not reached
 
     @staticmethod
     def _decode(response: httpx.Response) -> dict:
@@ -1980,27 +1982,16 @@ class SidecarClient:
         return body
 
     async def _open_stream(self, request: dict, stack: contextlib.AsyncExitStack) -> AsyncIterator[str]:
-        """Open POST /fetch (restarting a dead sidecar once); bounded until the status line arrives."""
-        try:
-            async with asyncio.timeout(self.request_timeout):
-                for attempt in (1, 2):
-                    await self._ensure_started()
-                    assert self._http is not None
-                    try:
-                        response = await stack.enter_async_context(
-                            self._http.stream("POST", "/fetch", json=request, timeout=httpx.Timeout(None)))
-                    except httpx.TransportError as exc:
-                        if attempt == 2:
-                            raise SidecarError(f"browser sidecar connection failed ({type(exc).__name__})") from exc
-                        await self._stop()
-                        continue
-                    if response.status_code != 200:
-                        await response.aread()
-                        self._decode(response)
-                    return response.aiter_lines()
-        except TimeoutError as exc:
-            raise SidecarError(f"browser sidecar did not answer within {self.request_timeout:.0f}s") from exc
-        raise SidecarError("browser sidecar: unreachable")  # not reached
+        """Open POST /fetch; bounded until the status line arrives."""
+        async def send(http: httpx.AsyncClient) -> AsyncIterator[str]:
+            response = await stack.enter_async_context(
+                http.stream("POST", "/fetch", json=request, timeout=httpx.Timeout(None)))
+            if response.status_code != 200:
+                await response.aread()
+                self._decode(response)
+            return response.aiter_lines()
+
+        return await self._with_sidecar(send)
 
     # --- the child process ---------------------------------------------------------------------------
 
