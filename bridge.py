@@ -3674,12 +3674,17 @@ def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict) -> 
                     followup=followup, followup_content=render_message(last, describe_images=False))
 
 
-async def chat_completions(request: Request) -> Response:
+async def accepted_post(request: Request) -> tuple[BridgeState, dict, float, Any]:
+    """What every OpenAI POST starts with: the key, its rate limit, then the JSON body."""
     state = bridge(request)
     key = authenticate(request)
     state.limiter.check(key)
-    started = time.perf_counter()
-    chat = parse_chat_request(await read_json(request, state.settings.max_body))
+    return state, key, time.perf_counter(), await read_json(request, state.settings.max_body)
+
+
+async def chat_completions(request: Request) -> Response:
+    state, key, started, body = await accepted_post(request)
+    chat = parse_chat_request(body)
     with recorded_refusals(state, key, chat.model, started):
         model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
         plan = plan_turn(state, key, chat, model)
@@ -3729,11 +3734,8 @@ async def image_generations(request: Request) -> Response:
     """OpenAI's images API on an image model: one LM Arena turn in the image modality, run by the chat
     machinery, with the images of the reply as the answer. The turn is not remembered as a conversation:
     this API has no history to continue."""
-    state = bridge(request)
-    key = authenticate(request)
-    state.limiter.check(key)
-    started = time.perf_counter()
-    ask = parse_image_request(await read_json(request, state.settings.max_body))
+    state, key, started, body = await accepted_post(request)
+    ask = parse_image_request(body)
     with recorded_refusals(state, key, ask.model, started):
         model = resolve_model(await state.models(), ask.model, modality="image")
         if choose_modality(model) != "image":
