@@ -1413,7 +1413,7 @@ class ArenaClient:
                 browser_mode.add(account["id"])
             elif kind == "recaptcha":
                 self.store.update_account(account["id"], failures=(account.get("failures") or 0) + 1)
-                self.cool_down(account, self.recaptcha_backoff(account), "reCAPTCHA validation failed twice")
+                self.cool_down(account, self.recaptcha_backoff(account), "reCAPTCHA validation kept failing")
                 excluded.add(account["id"])
             elif kind == "unauthorized" and account["id"] not in refreshed:
                 refreshed.add(account["id"])
