@@ -23,6 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def upstream_aborted(arena, timeout: float) -> bool:
+    """Whether the emulator saw a chat stream's client (the bridge, or its browser page) hang up."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(r.get("aborted") for r in arena.chat_requests()):
+        time.sleep(0.1)
+    return any(r.get("aborted") for r in arena.chat_requests())
+
+
 def validate(name: str, instance: dict) -> None:
     """Check a body against OpenAI's own schema (extensions such as reasoning_content are allowed)."""
     jsonschema.Draft202012Validator({"$defs": SCHEMAS["$defs"], "$ref": f"#/$defs/{name}"}).validate(instance)
@@ -95,6 +103,14 @@ class BridgeProcess:
         for account in self.store.accounts():
             self.store.remove_account(account["id"])
         return [bridge.add_account(self.store, bridge.parse_account_input(v)) for v in values]
+
+    def abandon_stream(self, key: str, body: dict, after: str) -> None:
+        """Stream a chat and hang up as soon as a line containing `after` arrives, as a client that goes away."""
+        with httpx.stream("POST", self.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            for line in response.iter_lines():
+                if after in line:
+                    return
 
     def wait_for_models(self, timeout: float = 15.0) -> None:
         deadline = time.time() + timeout

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from harness import BridgeProcess
+from harness import BridgeProcess, upstream_aborted
 
 BROWSER = os.environ.get("BRIDGE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium binary found")
@@ -207,15 +207,8 @@ def test_client_disconnect_aborts_the_in_page_request(bb, key, arena):
     assert content(post(bb, key)) == "turn 1: x"            # learn that this account needs the page
     arena.configure(lines=400, line_delay=0.05)
     arena.clear_log()
-    with httpx.stream("POST", bb.url + "/v1/chat/completions", json={**GOOD, "stream": True}, timeout=60,
-                      headers={"Authorization": f"Bearer {key}"}) as response:
-        for line in response.iter_lines():
-            if "line 3" in line:
-                break
-    deadline = time.time() + 8
-    while time.time() < deadline and not any(r.get("aborted") for r in arena.chat_requests()):
-        time.sleep(0.1)
-    assert any(r.get("aborted") for r in arena.chat_requests())
+    bb.abandon_stream(key, GOOD, after="line 3")
+    assert upstream_aborted(arena, timeout=8)
 
 
 def test_concurrent_in_page_requests_each_carry_their_own_account(bb, key, arena):

@@ -1,12 +1,11 @@
 """End to end: the official openai client -> the real bridge (Hypercorn) -> the LM Arena emulator."""
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
-from harness import validate
+from harness import upstream_aborted, validate
 
 MODEL = "gemini-3-pro"
 
@@ -246,19 +245,8 @@ def test_slow_first_byte_gets_keepalive_pings(fresh, api_key, arena):
 
 def test_client_disconnect_cancels_the_upstream_request(fresh, api_key, arena):
     arena.configure(lines=400, line_delay=0.05)
-    with httpx.stream("POST", fresh.url + "/v1/chat/completions", json={**GOOD, "stream": True}, timeout=30,
-                      headers={"Authorization": f"Bearer {api_key}"}) as response:
-        for line in response.iter_lines():
-            if "line 3" in line:
-                break
-    deadline = time.time() + 5
-    while time.time() < deadline and not arena_stream_closed(arena):
-        time.sleep(0.1)
-    assert arena_stream_closed(arena)
-
-
-def arena_stream_closed(arena):
-    return any(r.get("aborted") for r in arena.chat_requests())
+    fresh.abandon_stream(api_key, GOOD, after="line 3")
+    assert upstream_aborted(arena, timeout=5)
 
 
 def test_the_server_keeps_serving_after_bad_input(fresh, api_key):

@@ -361,14 +361,20 @@ def lifecycle(arena, tmp_path):
         proc.stop()
 
 
-def test_sigterm_refuses_new_connections_lets_the_stream_finish_and_exits_0(arena, lifecycle):
-    proc, key = lifecycle("--shutdown-timeout", "15")
-    arena.configure(lines=12, line_delay=0.25)  # a ~3 s reply
+def sigterm_during_stream(arena, proc, key, lines: int) -> tuple["SlowStream", float]:
+    """Start a reply of `lines` lines, 0.25 s apart, and send SIGTERM once it has begun."""
+    arena.configure(lines=lines, line_delay=0.25)
     stream = SlowStream(proc.url, key)
     stream.start()
     assert stream.started.wait(10)
     signalled = time.monotonic()
     proc.process.send_signal(signal.SIGTERM)
+    return stream, signalled
+
+
+def test_sigterm_refuses_new_connections_lets_the_stream_finish_and_exits_0(arena, lifecycle):
+    proc, key = lifecycle("--shutdown-timeout", "15")
+    stream, signalled = sigterm_during_stream(arena, proc, key, lines=12)  # a ~3 s reply
     assert refuses_connections(proc.url), "the bridge still accepts connections after SIGTERM"
     assert stream.finished_at is None, "the stream ended before the bridge stopped accepting"
     code = proc.process.wait(15 + 5)
@@ -392,12 +398,7 @@ def test_sigterm_refuses_new_connections_lets_the_stream_finish_and_exits_0(aren
 
 def test_sigterm_cuts_streams_that_outlast_the_bound(arena, lifecycle):
     proc, key = lifecycle("--shutdown-timeout", "1")
-    arena.configure(lines=60, line_delay=0.25)  # a ~15 s reply
-    stream = SlowStream(proc.url, key)
-    stream.start()
-    assert stream.started.wait(10)
-    signalled = time.monotonic()
-    proc.process.send_signal(signal.SIGTERM)
+    stream, signalled = sigterm_during_stream(arena, proc, key, lines=60)  # a ~15 s reply
     code = proc.process.wait(15)
     took = time.monotonic() - signalled
     stream.join(5)
