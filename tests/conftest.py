@@ -6,7 +6,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import pytest
-
 from fake_arena import FakeArena
 from harness import BridgeProcess
 

@@ -14,7 +14,8 @@ import jsonschema
 import bridge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCHEMAS = json.load(open(os.path.join(ROOT, "tests", "fixtures", "openai-schemas.json")))
+with open(os.path.join(ROOT, "tests", "fixtures", "openai-schemas.json"), encoding="utf-8") as _schemas:
+    SCHEMAS = json.load(_schemas)
 
 
 def free_port() -> int:
@@ -50,10 +51,10 @@ class BridgeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self._store: bridge.Store | None = None
 
-    def start(self, timeout: float = 20.0) -> "BridgeProcess":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "bridge.py"), *self.args],
-                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+    def start(self, timeout: float = 20.0) -> BridgeProcess:
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "bridge.py"), *self.args],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

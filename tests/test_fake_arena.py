@@ -9,8 +9,7 @@ import re
 
 import httpx
 import pytest
-
-from fake_arena import FakeArena, make_uuid7, AUTH_COOKIE
+from fake_arena import AUTH_COOKIE, FakeArena, make_uuid7
 
 UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"
 TEXT_MODEL = "019a98f7-afcd-779f-8dcb-856cc3b3f078"      # gemini-3-pro
@@ -83,7 +82,7 @@ def test_page_has_models_sitekey_chunks_and_cookies(arena, client):
     r = client.get(arena.url + "/?mode=direct")
     assert r.status_code == 200 and "Just a moment" not in r.text
     assert f"/recaptcha/enterprise.js?render={arena.sitekey}" in r.text
-    pushes = re.findall(r"self\.__next_f\.push\(\[1,(\".*?\")\]\)</script>", r.text, re.S)
+    pushes = re.findall(r"self\.__next_f\.push\(\[1,(\".*?\")\]\)</script>", r.text, re.DOTALL)
     assert len(pushes) == 2
     flight = "".join(json.loads(p) for p in pushes)
     start = flight.index('"initialModels":') + len('"initialModels":')
@@ -257,7 +256,7 @@ def test_stream_variants(arena, client):
     assert png.startswith(b"\x89PNG") and "x-id=GetObject" in img["image"]
     arena.configure(unicode=True, split="random", crlf=True, data_prefix=True, b_lines="unknown", noise_codes=True)
     r = post_chat(client, arena, path, create_body(arena, "hi"), s)
-    content, _ = parse_stream("\n".join(ln[6:] if ln.startswith("data: ") else ln for ln in r.text.split("\r\n")))
+    content, _ = parse_stream("\n".join(ln.removeprefix("data: ") for ln in r.text.split("\r\n")))
     assert content.startswith("turn 1: hi 你好") and "😀" in content and "\\ud83d" in r.text
     assert "bd:" in r.text and 'ad:{"finishReason":"unknown"' in r.text and "af:" in r.text
     arena.reset()

@@ -1,0 +1,234 @@
+"""Anti-bot stand-ins: reCAPTCHA tokens and their checks (§10, §13.7), Turnstile (§13.14), the Cloudflare
+interstitial (§13.12) and the fake ``grecaptcha``/``turnstile`` scripts a real Chromium runs (§13.13)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+
+from .common import CTX_COOKIE, TOKEN_PREFIX, TURNSTILE_DUMMY_TOKEN, TURNSTILE_PASS_KEY, b64_any_decode, b64url, compact
+from .core import Core
+from .http import Handler, Request, send
+from .scripts import GRECAPTCHA_JS, TURNSTILE_JS, challenge_html
+
+SCRIPT_HEADERS = [("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
+
+
+def pick_token(body: dict) -> tuple[str, bool] | None:
+    """(token, is_v2) from a chat body: a v3 token, or a v2 token with the v3 field absent or null."""
+    v3, v2 = body.get("recaptchaV3Token"), body.get("recaptchaV2Token")
+    if isinstance(v3, str) and v3:
+        return v3, False
+    if isinstance(v2, str) and v2 and v3 is None:
+        return v2, True
+    return None
+
+
+class Recaptcha:
+    """Mints tokens shaped like real ones and checks them as the site does: signature, single use, kind, age,
+    sitekey, action, browser context, then the score knobs (penalty, fail next N, fail always)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.used_nonces: dict[str, float] = {}
+        self.penalty: dict[str, dict] = {}
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self.core.secret, b"recaptcha|" + payload, hashlib.sha256).digest()
+
+    def mint(self, sitekey: str, action: str = "chat_submit", v2: bool = False, age: float = 0.0,
+             context: str | None = None) -> str:
+        """``0cAFcWeA`` + base64url(JSON claims, NUL, HMAC, random filler).
+
+        ``context`` is the browser-context id (cookie ``arena-ctx``) for the ``context_bound_tokens`` knob."""
+        core = self.core
+        claims = {"k": sitekey, "a": action or "", "t": round(core.now() - float(age), 3), "n": core.hex(16),
+                  "v2": bool(v2)}
+        if context:
+            claims["c"] = str(context)
+        payload = compact(claims).encode()
+        filler = bytes(core.rng.getrandbits(8) for _ in range(max(0, 1200 - len(payload))))
+        return TOKEN_PREFIX + b64url(payload + b"\x00" + self._mac(payload) + filler)
+
+    def decode(self, token: str) -> dict | None:
+        if not token.startswith(TOKEN_PREFIX):
+            return None
+        try:
+            raw = b64_any_decode(token[len(TOKEN_PREFIX):])
+            payload, _, rest = raw.partition(b"\x00")
+            if not hmac.compare_digest(rest[:32], self._mac(payload)):
+                return None
+            info = json.loads(payload)
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _spend(self, nonce: str) -> bool:
+        """Mark a nonce used; False if it already was (tokens verify once)."""
+        now = self.core.now()
+        with self.core.lock:
+            for n, t in list(self.used_nonces.items()):
+                if t < now - 600:
+                    del self.used_nonces[n]
+            if nonce in self.used_nonces:
+                return False
+            self.used_nonces[nonce] = now
+            return True
+
+    def _claims_reason(self, info: dict, want_v2: bool, action: str, sitekeys: tuple[str, str],
+                       context: str | None) -> str | None:
+        sitekey, v2_sitekey = sitekeys
+        now, knobs = self.core.now(), self.core.knobs
+        checks = (
+            (bool(info.get("v2")) != want_v2, "token kind mismatch"),
+            (now - float(info["t"]) > float(knobs["token_max_age"]) or float(info["t"]) > now + 5, "token expired"),
+            (info["k"] not in ((v2_sitekey, sitekey) if want_v2 else (sitekey,)), "wrong sitekey"),
+            (not want_v2 and info["a"] != action, f"wrong action {info['a']!r}"),
+            (bool(knobs["context_bound_tokens"]) and not (info.get("c") and info.get("c") == context),
+             "browser context mismatch"),
+        )
+        return next((reason for failed, reason in checks if failed), None)
+
+    def check(self, req: Request, body: dict, action: str, uid: str | None, sitekeys: tuple[str, str],
+              score_knobs: bool = True) -> str | None:
+        """None if the request's token passes, else a reason string (logged in the request log)."""
+        if self.core.knobs["recaptcha"] == "off":
+            return None
+        picked = pick_token(body)
+        if picked is None:
+            return "no token"
+        token, want_v2 = picked
+        info = self.decode(token)
+        if info is None:
+            return "bad signature"
+        if not self._spend(str(info.get("n"))):
+            return "token reused"
+        reason = self._claims_reason(info, want_v2, action, sitekeys, req.cookies.get(CTX_COOKIE))
+        if reason or not score_knobs:
+            return reason
+        exempt = want_v2 and self.core.knobs["v2_passes_when_v3_fails"]
+        reason = self._score_reason(uid, exempt)
+        return None if exempt else reason
+
+    def _score_reason(self, uid: str | None, exempt: bool) -> str | None:
+        knobs = self.core.knobs
+        with self.core.lock:
+            reason = self._penalty_reason(uid)
+            if knobs["recaptcha_fail_next"] > 0:
+                if not exempt:
+                    knobs["recaptcha_fail_next"] -= 1
+                reason = reason or "low score (fail_next)"
+            if knobs["recaptcha_fail_always"]:
+                reason = reason or "low score (fail_always)"
+        return reason
+
+    def _penalty_reason(self, uid: str | None) -> str | None:
+        """Account penalty: K requests within W s pass, the next flags the account for P s, and every attempt
+        while flagged extends the flag."""
+        pen = self.core.knobs["recaptcha_penalty"]
+        if not pen or not uid:
+            return None
+        now = self.core.now()
+        st = self.penalty.setdefault(uid, {"times": [], "until": 0.0})
+        if st["until"] > now:
+            st["until"] = now + float(pen.get("p", 1200))
+            return "account penalty"
+        st["times"] = [t for t in st["times"] if t > now - float(pen.get("w", 60))]
+        if len(st["times"]) >= int(pen.get("k", 3)):
+            st["until"] = now + float(pen.get("p", 1200))
+            st["times"] = []
+            return "account penalty"
+        st["times"].append(now)
+        return None
+
+    # --- the page's script ------------------------------------------------------------------------------------------
+
+    def script(self, h: Handler, req: Request, base: str) -> None:
+        knobs = self.core.knobs
+        cfg = {"base": base, "render": req.query.get("render", ""), "onload": req.query.get("onload", ""),
+               "readyDelay": int(float(knobs["grecaptcha_ready_delay"]) * 1000),
+               "noEnterprise": bool(knobs["grecaptcha_no_enterprise"]) or not req.path.endswith("enterprise.js"),
+               "rejects": bool(knobs["grecaptcha_execute_rejects"]),
+               "wrongSitekey": bool(knobs["grecaptcha_wrong_sitekey"]), "ctxCookie": CTX_COOKIE}
+        send(h, 200, "(function(){var C=" + compact(cfg) + ";" + GRECAPTCHA_JS, "text/javascript; charset=utf-8",
+             headers=SCRIPT_HEADERS)
+
+
+class Turnstile:
+    """Turnstile tokens: minted by the fake widget, verified once at sign-up."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self.core.secret, b"turnstile|" + payload, hashlib.sha256).digest()
+
+    def mint(self, sitekey: str) -> str:
+        claims = {"k": sitekey, "t": round(self.core.now(), 3), "n": self.core.hex(16)}
+        payload = compact(claims).encode()
+        return "0." + b64url(payload) + "." + b64url(self._mac(payload)) + "." + self.core.hex(64)
+
+    def check(self, token: str, sitekey: str, spend: Recaptcha) -> str | None:
+        if token == TURNSTILE_DUMMY_TOKEN and self.core.knobs["turnstile_accept_dummy"]:
+            return None
+        try:
+            _, payload, sig, _ = token.split(".")
+            raw = b64_any_decode(payload)
+            if not hmac.compare_digest(b64_any_decode(sig), self._mac(raw)):
+                return "bad turnstile signature"
+            claims = json.loads(raw)
+        except ValueError:
+            return "bad turnstile token"
+        if claims["k"].startswith("2x") or claims["k"] not in (sitekey, TURNSTILE_PASS_KEY):
+            return "turnstile sitekey rejected"
+        if self.core.now() - claims["t"] > 300:
+            return "turnstile token expired"
+        return None if spend._spend("ts" + claims["n"]) else "turnstile token reused"
+
+    def script(self, h: Handler, req: Request, base: str) -> None:
+        cfg = {"base": base, "delay": int(float(self.core.knobs["turnstile_delay"]) * 1000),
+               "onload": req.query.get("onload", "")}
+        send(h, 200, "(function(){var C=" + compact(cfg) + ";" + TURNSTILE_JS, "text/javascript; charset=utf-8",
+             headers=SCRIPT_HEADERS)
+
+
+class Cloudflare:
+    """The interstitial and ``cf_clearance`` bound to the UA and IP that solved it."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.clearances: dict[str, dict] = {}
+
+    def issue(self, ua: str, ip: str = "127.0.0.1") -> str:
+        """A cf_clearance value bound to this UA and IP (for tests that do not run a browser)."""
+        core = self.core
+        value = core.hex(43) + "-" + str(int(core.now())) + "-1.2.1.1-" + b64url(os.urandom(30))
+        with core.lock:
+            self.clearances[value] = {"ua": ua, "ip": ip,
+                                      "exp": core.now() + float(core.knobs["cf_clearance_lifetime"])}
+        return value
+
+    def cleared(self, req: Request) -> bool:
+        rec = self.clearances.get(req.cookies.get("cf_clearance", ""))
+        return bool(rec and rec["ua"] == req.ua and rec["ip"] == req.ip and rec["exp"] > self.core.now())
+
+    def challenge(self, h: Handler, req: Request) -> None:
+        html = challenge_html(req.headers.get("host", ""), self.core.hex(8),
+                              int(float(self.core.knobs["cloudflare_delay"]) * 1000))
+        send(h, 403, html, "text/html; charset=UTF-8",
+             headers=[("cf-mitigated", "challenge"), ("Cache-Control", "private, no-store"),
+                      ("cf-ray", self.core.hex(16) + "-AMS")])
+
+    def endpoints(self, h: Handler, req: Request) -> None:
+        if req.path == "/cdn-cgi/challenge-platform/solve" and req.method == "POST":
+            value = self.issue(req.ua, req.ip)
+            lifetime = float(self.core.knobs["cf_clearance_lifetime"])
+            expires = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + lifetime))
+            return send(h, 200, {"ok": True}, cookies=[f"cf_clearance={value}; Path=/; Expires={expires}; HttpOnly"])
+        if "challenges.cloudflare.com" in req.path:
+            return send(h, 200, "<!DOCTYPE html><html><body><label><input type=checkbox checked> "
+                                "Verifying...</label></body></html>", "text/html")
+        return send(h, 404, "Not Found", "text/plain")

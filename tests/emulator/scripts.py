@@ -1,0 +1,78 @@
+"""The JavaScript the emulator serves to a real Chromium: the fake ``grecaptcha`` and ``turnstile`` scripts
+(each is prefixed with ``(function(){var C=<config>;`` by its server) and the Cloudflare interstitial page."""
+
+GRECAPTCHA_JS = r"""
+function ctx(){var m=document.cookie.match(new RegExp('(?:^|; )'+C.ctxCookie+'=([^;]+)'));if(m)return m[1];
+ var id='';for(var i=0;i<16;i++)id+=Math.floor(Math.random()*16).toString(16);
+ document.cookie=C.ctxCookie+'='+id+'; path=/';return id}
+function mint(key,action,v2){return fetch(C.base+'/__recaptcha/mint?sitekey='+encodeURIComponent(key||'')+
+ '&action='+encodeURIComponent(action||'')+'&v2='+(v2?1:0)+'&ctx='+encodeURIComponent(ctx()),{credentials:'omit'})
+ .then(function(r){if(!r.ok)throw new Error('recaptcha mint failed: '+r.status);return r.json()})
+ .then(function(j){return j.token})}
+var isReady=false,q=[];
+setTimeout(function(){isReady=true;q.splice(0).forEach(function(cb){try{cb()}catch(e){console.error(e)}});
+ if(C.onload&&typeof window[C.onload]==='function')window[C.onload]()},C.readyDelay);
+var widgets={},nextId=0;
+var api={
+ ready:function(cb){if(isReady)setTimeout(cb,0);else q.push(cb)},
+ execute:function(key,opts){
+  if(typeof key==='number'||key===undefined&&Object.keys(widgets).length){var w=widgets[key||0];
+   return w?mint(w.sitekey,'',true).then(function(t){w.token=t;if(w.cb)w.cb(t);return t}):Promise.reject(new Error('no widget'))}
+  if(C.rejects)return Promise.reject(new Error('reCAPTCHA execute failed'));
+  var k=C.wrongSitekey?'6LwrongwrongwrongwrongwrongwrongwrongAAA':(key||C.render);
+  return mint(k,opts&&opts.action,false)},
+ render:function(el,p){var id=nextId++;p=p||{};var w={sitekey:p.sitekey,cb:p.callback,err:p['error-callback'],token:''};
+  widgets[id]=w;setTimeout(function(){mint(w.sitekey,'',true).then(function(t){w.token=t;if(w.cb)w.cb(t)},
+  function(e){if(w.err)w.err(e)})},C.readyDelay+50);return id},
+ getResponse:function(id){var w=widgets[id||0];return w?w.token:''},
+ reset:function(id){var w=widgets[id||0];if(w){w.token='';setTimeout(function(){mint(w.sitekey,'',true)
+  .then(function(t){w.token=t;if(w.cb)w.cb(t)})},C.readyDelay+50)}}
+};
+var g=window.grecaptcha=window.grecaptcha||{};
+g.ready=api.ready;g.execute=api.execute;g.render=api.render;g.getResponse=api.getResponse;g.reset=api.reset;
+if(!C.noEnterprise)g.enterprise=api;
+})();"""
+
+TURNSTILE_JS = r"""
+var ws={},n=0;
+function el(x){return typeof x==='string'?document.querySelector(x):x}
+var t=window.turnstile={
+ ready:function(cb){setTimeout(cb,0)},
+ render:function(container,p){p=p||{};var id='cf-chl-widget-'+(n++);var c=el(container);var box=null;
+  if(c){box=document.createElement('div');box.id=id;box.className='cf-turnstile-fake';
+   var inp=document.createElement('input');inp.type='hidden';inp.name='cf-turnstile-response';box.appendChild(inp);
+   c.appendChild(box)}
+  var w=ws[id]={p:p,token:'',box:box,timer:null};
+  function run(){w.timer=setTimeout(function(){
+   if(String(p.sitekey||'').indexOf('2x')===0){var cb=p['error-callback'];if(cb)cb('110200');return}
+   fetch(C.base+'/__turnstile/mint?sitekey='+encodeURIComponent(p.sitekey||''),{credentials:'omit'})
+   .then(function(r){return r.json()}).then(function(j){if(!ws[id])return;w.token=j.token;
+    if(w.box)w.box.firstChild.value=j.token;if(p.callback)p.callback(j.token)},
+    function(e){var cb=p['error-callback'];if(cb)cb(String(e))})},C.delay)}
+  w.run=run;run();return id},
+ execute:function(container,p){return t.render(container,p)},
+ getResponse:function(id){var w=id?ws[id]:ws[Object.keys(ws)[0]];return w?w.token:undefined},
+ reset:function(id){var w=id?ws[id]:ws[Object.keys(ws)[0]];if(w){clearTimeout(w.timer);w.token='';w.run()}},
+ remove:function(id){var w=ws[id];if(w){clearTimeout(w.timer);if(w.box&&w.box.parentNode)w.box.parentNode.removeChild(w.box);
+  delete ws[id]}},
+ isExpired:function(){return false}
+};
+if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0);
+})();"""
+
+
+def challenge_html(host: str, widget_id: str, delay_ms: int) -> str:
+    return ("<!DOCTYPE html><html lang=\"en-US\"><head><title>Just a moment...</title>"
+            "<meta http-equiv=\"Content-Type\" content=\"text/html; charset=UTF-8\">"
+            "<meta name=\"robots\" content=\"noindex,nofollow\"></head><body>"
+            "<div class=\"main-wrapper\" role=\"main\"><div class=\"main-content\">"
+            f"<h1 class=\"zone-name-title h1\">{host}</h1>"
+            "<p id=\"challenge-body-text\">Verify you are human by completing the action below.</p>"
+            "<noscript><div class=\"h2\"><span id=\"challenge-error-text\">"
+            "Enable JavaScript and cookies to continue</span></div></noscript>"
+            "<div id=\"cf-turnstile\"><iframe title=\"Widget containing a Cloudflare security challenge\" "
+            f"src=\"/cdn-cgi/challenge-platform/challenges.cloudflare.com/turnstile/if/ov2/{widget_id}/normal\" "
+            "width=\"300\" height=\"65\"></iframe></div></div></div>"
+            "<script>setTimeout(function(){fetch('/cdn-cgi/challenge-platform/solve',{method:'POST',"
+            f"credentials:'same-origin'}}).then(function(){{location.reload()}})}},{delay_ms});</script>"
+            "</body></html>")

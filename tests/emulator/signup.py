@@ -1,0 +1,69 @@
+"""Anonymous sign-up (E9, §4.6): Turnstile and reCAPTCHA checks, the provisional id, the session answer."""
+
+from __future__ import annotations
+
+from .accounts import Accounts, encode_session
+from .antibot import Recaptcha, Turnstile
+from .core import Core
+from .http import Handler, Request, err, send
+from .site import Site
+
+# Where the session sits in the answer, per ``signup_nesting`` knob.
+NESTINGS = {"top": lambda s: s, "session": lambda s: {"session": s}, "data": lambda s: {"data": s},
+            "data.session": lambda s: {"data": {"session": s}}}
+
+
+class SignUp:
+    def __init__(self, core: Core, accounts: Accounts, recaptcha: Recaptcha, turnstile: Turnstile,
+                 site: Site) -> None:
+        self.core, self.accounts, self.recaptcha, self.turnstile = core, accounts, recaptcha, turnstile
+        self.site = site  # its current reCAPTCHA and Turnstile keys
+        self.used_provisional: set[str] = set()
+
+    def _token_failure(self, req: Request, body: dict, legacy: bool) -> tuple[int, str] | None:
+        site = self.site
+        reason = self.turnstile.check(body.get("turnstileToken") or body.get("turnstile_token") or "",
+                                      site.turnstile_sitekey, self.recaptcha)
+        if reason:
+            req.log["note"] = reason
+            return 400, "Invalid turnstile token"
+        if self.core.knobs["signup_requires_recaptcha"] and not legacy:
+            reason = self.recaptcha.check(req, {"recaptchaV3Token": body.get("recaptchaToken")}, "sign_up", None,
+                                          (site.sitekey, site.v2_sitekey),
+                                          score_knobs=False)
+            if reason:
+                req.log["note"] = "recaptcha: " + reason
+                return 403, "recaptcha validation failed"
+        return None
+
+    def _claim_provisional(self, req: Request, body: dict, legacy: bool) -> str | None:
+        """The provisional id becomes the user id: it must match the cookie and be unused."""
+        cookie_pid = req.cookies.get("provisional_user_id")
+        pid = (cookie_pid or self.core.uuid4()) if legacy else body.get("provisionalUserId")
+        with self.core.lock:
+            if not isinstance(pid, str) or not pid or (not legacy and pid != cookie_pid) \
+                    or pid in self.used_provisional or pid in self.accounts.accounts:
+                return None
+            self.used_provisional.add(pid)
+        return pid
+
+    def serve(self, h: Handler, req: Request) -> None:
+        if req.method != "POST":
+            return send(h, 405, {"error": "Method not allowed"})
+        if self.core.knobs["signup_fail"]:
+            status = int(self.core.knobs["signup_fail"])
+            return err(h, status, "Forbidden" if status == 403 else "Internal Server Error")
+        if not isinstance(req.json, dict):
+            return err(h, 400, "Invalid request body")
+        body = req.json
+        legacy = "turnstile_token" in body and "turnstileToken" not in body
+        failure = self._token_failure(req, body, legacy)
+        if failure:
+            return err(h, *failure)
+        pid = self._claim_provisional(req, body, legacy)
+        if pid is None:
+            return err(h, 400, "User already exists")
+        session = self.accounts.make_session(self.accounts.new_account(uid=pid),
+                                             int(self.core.knobs["session_lifetime"]))
+        return send(h, 200, NESTINGS[self.core.knobs["signup_nesting"]](session),
+                    cookies=self.accounts.session_cookies(encode_session(session), "whole"))

@@ -1,0 +1,176 @@
+"""The page and discovery (E1, E11, §9, §11): build and action ids, the sitekey, JS chunks, the Next.js page with
+its flight data, and the cookies and session refresh a page GET performs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .accounts import Accounts, auth_cookie_names, encode_session
+from .common import V2_SITEKEY, b64url, compact, js_string
+from .core import Core
+from .http import Handler, Request, send
+
+JS_TYPE = "application/javascript; charset=utf-8"
+
+
+def auto_signup_script(turnstile_sitekey: str, sitekey: str) -> str:
+    """The page signs up by itself when it has no auth cookie (the ``page_auto_signup`` knob)."""
+    return ("<script>(function(){if(/(^|; )arena-auth-prod-v1(\\.0)?=/.test(document.cookie))return;"
+            "function pid(){var m=document.cookie.match(/(?:^|; )provisional_user_id=([^;]+)/);"
+            "return m?m[1]:''}"
+            "function go(){if(!window.turnstile||!window.grecaptcha||!grecaptcha.enterprise)"
+            "return setTimeout(go,50);"
+            "turnstile.render('#signup-turnstile',{sitekey:'" + turnstile_sitekey + "',"
+            "callback:function(t){grecaptcha.enterprise.ready(function(){grecaptcha.enterprise.execute('"
+            + sitekey + "',{action:'sign_up'}).then(function(r){return fetch('/nextjs-api/sign-up',"
+            "{method:'POST',headers:{'Content-Type':'application/json'},body:JSON.stringify("
+            "{turnstileToken:t,recaptchaToken:r,provisionalUserId:pid()})})}).then(function(res){"
+            "window.__arenaSignUp=res.status})})}})}go()})()</script>")
+
+
+def flight_push(text: str) -> str:
+    return "<script>self.__next_f.push([1," + js_string(text).replace("<", "\\u003c") + "])</script>"
+
+
+class Site:
+    """Deployment parameters (build id, action ids, sitekey) and everything served from them."""
+
+    def __init__(self, core: Core, models: list[dict], turnstile_sitekey: str, sitekey: str) -> None:
+        self.core = core
+        self.models = models
+        self.sitekey = sitekey
+        self.v2_sitekey = V2_SITEKEY
+        self.turnstile_sitekey = turnstile_sitekey
+        self.anon_key = ""
+        self.redeploy()
+
+    def redeploy(self) -> None:
+        """New build id, deployment id, chunk names and action ids; the old ones answer 404."""
+        core = self.core
+        with core.lock:
+            self.build_id = core.token_chars(21)
+            self.deployment_id = "dpl_" + core.token_chars(28, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                                               "0123456789")
+            self.action_ids = {"generateUploadUrl": "70" + core.hex(40), "getSignedUrl": "60" + core.hex(40)}
+            self.decoy_action_id = "40" + core.hex(40)
+
+    def rotate_sitekey(self, new: str | None = None) -> None:
+        self.sitekey = new or ("6L" + self.core.token_chars(38))
+
+    # --- JS chunks (E11) ----------------------------------------------------------------------------------------------
+
+    def chunk_names(self) -> dict[str, str]:
+        """Chunk file names derive from build id and sitekey, so a redeploy or rotation renames them."""
+        def h(tag: str) -> str:
+            return hashlib.sha1(f"{self.build_id}/{self.sitekey}/{tag}".encode()).hexdigest()[:16]
+        return {"webpack": f"webpack-{h('w')}", "actions": h("a"), "auth": h("s")}
+
+    def _webpack_js(self) -> str:
+        return ('(()=>{"use strict";var e={},t={};function r(o){var n=t[o];if(void 0!==n)return n.exports;'
+                'var a=t[o]={exports:{}};return e[o](a,a.exports,r),a.exports}r.m=e;self.__webpack_require__=r})();')
+
+    def _actions_js(self) -> str:
+        ids = self.action_ids
+        return (
+            '"use strict";(self.webpackChunk_N_E=self.webpackChunk_N_E||[]).push([[4321],{71234:(e,t,n)=>{'
+            'n.d(t,{generateUploadUrl:()=>o,getSignedUrl:()=>i,deleteEvaluationSession:()=>d});var s=n(35001);'
+            f'let o=(0,s.createServerReference)("{ids["generateUploadUrl"]}",s.callServer,void 0,'
+            's.findSourceMapURL,"generateUploadUrl"),'
+            f'i=(0,s.createServerReference)("{ids["getSignedUrl"]}",s.callServer,void 0,'
+            's.findSourceMapURL,"getSignedUrl"),'
+            f'd=(0,s.createServerReference)("{self.decoy_action_id}",s.callServer,void 0,'
+            's.findSourceMapURL,"deleteEvaluationSession")},'
+            '81234:(e,t,n)=>{n.d(t,{mint:()=>a});let r={submit:"chat_submit",retry:"chat_retry",signUp:"sign_up"};'
+            'async function a(e){await new Promise(t=>window.grecaptcha.enterprise.ready(t));'
+            'return e===r.submit?grecaptcha.enterprise.execute("' + self.sitekey + '",{action:"chat_submit"}):'
+            'grecaptcha.enterprise.execute("' + self.sitekey + '",{action:e})}'
+            f'let v2key="{self.v2_sitekey}",c="recaptcha-v2-container"}}}}]);')
+
+    def _auth_js(self) -> str:
+        return ('"use strict";(self.webpackChunk_N_E=self.webpackChunk_N_E||[]).push([[8765],{35999:(e,t,n)=>{'
+                f'let r="{self.core.url}",o="{self.anon_key}";'
+                't.createClient=()=>(0,n(1).createBrowserClient)(r,o,{cookieOptions:{name:"arena-auth-prod-v1"}})}}]);')
+
+    def chunk(self, h: Handler, req: Request) -> None:
+        name = req.path[len("/_next/static/chunks/"):]
+        builders = {"webpack": self._webpack_js, "actions": self._actions_js, "auth": self._auth_js}
+        for which, n in self.chunk_names().items():
+            if name == n + ".js":
+                return send(h, 200, builders[which](), JS_TYPE,
+                            headers=[("Cache-Control", "public, max-age=31536000, immutable")])
+        return send(h, 404, "Not Found", "text/plain")
+
+    # --- the page (E1) ------------------------------------------------------------------------------------------------
+
+    def flight_text(self) -> tuple[str, str]:
+        names = self.chunk_names()
+        chunk_refs = ",".join(f'"{1000 + i}","static/chunks/{n}.js?dpl={self.deployment_id}"'
+                              for i, n in enumerate(names.values()))
+        first_chat = next((m["id"] for m in self.models if m.get("organization")
+                           and (m.get("capabilities") or {}).get("outputCapabilities", {}).get("text")),
+                          self.models[0]["id"])
+        head = (f'0:{{"P":null,"b":"{self.build_id}","p":"","c":["",""],"i":false}}\n'
+                f'2:I[71234,[{chunk_refs}],"default"]\n'
+                f'3:I[81234,[{chunk_refs}],"ModelProvider"]\n')
+        payload = (f'5:["$","$L3",null,{{"initialModels":{compact(self.models)},"initialModelAId":"{first_chat}",'
+                   f'"initialModelBId":null,"initialModality":"chat","children":["$","$L2",null,{{}}]}}]\n')
+        text = head + payload
+        if not self.core.knobs["flight_split"]:
+            return text, ""
+        cut = len(head) + len(payload) // 2
+        return text[:cut], text[cut:]
+
+    def page_html(self) -> str:
+        knobs = self.core.knobs
+        scripts = "".join(f'<script src="/_next/static/chunks/{n}.js?dpl={self.deployment_id}" async=""></script>'
+                          for n in self.chunk_names().values())
+        part1, part2 = self.flight_text()
+        pushes = flight_push(part1) + (flight_push(part2) if part2 else "")
+        signup = auto_signup_script(self.turnstile_sitekey, self.sitekey) if knobs["page_auto_signup"] else ""
+        return ("<!DOCTYPE html><html lang=\"en\"><head><meta charSet=\"utf-8\"/>"
+                "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>"
+                f"<title>LMArena</title>{scripts}"
+                f'<script src="{knobs["recaptcha_script_host"] or ""}/recaptcha/enterprise.js?render={self.sitekey}"'
+                ' async=""></script>'
+                '<script src="/turnstile/v0/api.js?render=explicit" async=""></script>'
+                "</head><body><main id=\"root\"><h1>LMArena</h1><div id=\"signup-turnstile\"></div>"
+                "<div id=\"recaptcha-v2-container\"></div></main>"
+                "<script>(self.__next_f=self.__next_f||[]).push([0])</script>"
+                f"{pushes}{signup}</body></html>")
+
+
+class Page:
+    """``GET /`` and friends: the HTML, Cloudflare's and the visitor cookies, and the middleware refresh."""
+
+    def __init__(self, core: Core, site: Site, accounts: Accounts) -> None:
+        self.core, self.site, self.accounts = core, site, accounts
+
+    def visitor_cookies(self, req: Request) -> list[str]:
+        core = self.core
+        cookies = []
+        if "__cf_bm" not in req.cookies:
+            cookies.append(f"__cf_bm={b64url(os.urandom(40))}-{int(core.now())}-1.0.1.1-x; Path=/; Max-Age=1800; "
+                           "HttpOnly")
+        if "_cfuvid" not in req.cookies:
+            cookies.append(f"_cfuvid={core.hex(40)}-{int(core.now() * 1000)}-0.0.1.1-604800000; Path=/; HttpOnly")
+        if "provisional_user_id" not in req.cookies:
+            cookies.append(f"provisional_user_id={core.uuid4()}; Path=/; Max-Age=31536000; SameSite=Lax")
+        return cookies
+
+    def refreshed_cookies(self, req: Request) -> list[str]:
+        """Middleware refresh: an expired but well-formed session comes back fresh (§4.5 step 1)."""
+        _, state, session = self.accounts.from_cookies(req.cookies)
+        if state != "expired" or session is None:
+            return []
+        new = self.accounts.use_refresh_token(session.get("refresh_token"))
+        if not new:
+            return []
+        req.log["note"] = "session refreshed"
+        return self.accounts.session_cookies(encode_session(new), self.core.knobs["refresh_cookie_form"],
+                                             auth_cookie_names(req.cookies))
+
+    def serve(self, h: Handler, req: Request) -> None:
+        cookies = self.visitor_cookies(req) + self.refreshed_cookies(req)
+        send(h, 200, self.site.page_html(), "text/html; charset=utf-8", cookies=cookies,
+             headers=[("x-powered-by", "Next.js"), ("Cache-Control", "private, no-cache, no-store")])
