@@ -25,12 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=DEFAULT_MODELS_PATH)
     ap.add_argument("--no-recaptcha", action="store_true", help="accept requests without reCAPTCHA tokens")
     ap.add_argument("--cloudflare", action="store_true", help="enable the Cloudflare interstitial")
+    ap.add_argument("--replay", metavar="DIR", help="answer from a saved run (`bridge.py doctor --save DIR`)")
     args = ap.parse_args(argv)
     arena = FakeArena(models_path=args.models, seed=args.seed, host=args.host, port=args.port)
     if args.no_recaptcha:
         arena.configure(recaptcha="off")
     if args.cloudflare:
         arena.configure(cloudflare=True)
+    arena.replay(args.replay)
     arena.start()
     print(f"Fake LM Arena listening on {arena.url}", flush=True)
     print(f"session cookie: arena-auth-prod-v1={arena.new_session()}", flush=True)

@@ -65,6 +65,11 @@ def _clearance(arena: FakeArena, req: Request) -> Any:
     return {"cf_clearance": arena.issue_clearance(req.obj.get("ua", ""), req.obj.get("ip", "127.0.0.1"))}
 
 
+def _replay(arena: FakeArena, req: Request) -> Any:
+    arena.replay(req.obj.get("folder"))
+    return {"ok": True}
+
+
 def _state(arena: FakeArena, _req: Request) -> Any:
     return {"url": arena.url, "sitekey": arena.sitekey, "build_id": arena.build_id, "action_ids": arena.action_ids,
             "anon_key": arena.anon_key, "clock_offset": arena.clock_offset, "evaluations": arena.evaluations}
@@ -74,7 +79,7 @@ def _state(arena: FakeArena, _req: Request) -> Any:
 ENDPOINTS: dict[str, Callable[[FakeArena, Request], Any]] = {
     "config": _config, "fault": _fault, "reset": _reset, "requests": _requests, "session": _session,
     "mint": _mint, "expire_session": _expire_session, "redeploy": _redeploy, "rotate_sitekey": _rotate_sitekey,
-    "clearance": _clearance, "state": _state,
+    "clearance": _clearance, "state": _state, "replay": _replay,
 }
 
 

@@ -16,6 +16,7 @@ from .common import DEFAULT_MODELS_PATH, DEFAULT_SITEKEY, TURNSTILE_SITEKEY
 from .core import Core
 from .faults import Faults, answer_status_fault
 from .http import Handler, Request, Server, send
+from .replay import Replay
 from .replies import ReplyBuilder
 from .signup import SignUp
 from .site import Page, Site
@@ -78,6 +79,7 @@ class FakeArena:
                          ReplyBuilder(core, self.storage), self.models)
         self._thread: threading.Thread | None = None
         self.routes = self._routes()
+        self.replaying: Replay | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -155,6 +157,10 @@ class FakeArena:
                     self.rotate_sitekey(v)
                 else:
                     self.core.set_knob(k, v)
+
+    def replay(self, folder: str | None) -> None:
+        """Answer from a saved run's recordings (see ``replay``) where it has one; None stops replaying."""
+        self.replaying = Replay(folder) if folder else None
 
     def fault(self, times: int = 1, **spec: Any) -> None:
         """Queue a fault for the next ``times`` matching requests (see ``Faults.add``)."""
@@ -262,6 +268,8 @@ class FakeArena:
         if req.path.startswith("/__emulator/"):
             return control.serve(self, h, req)
         if self._legacy(h, req):
+            return None
+        if self.replaying is not None and self.replaying.answer(h, req):
             return None
         if self.core.knobs["cloudflare"] and not req.path.startswith(NOT_BEHIND_CLOUDFLARE) \
                 and not self.cloudflare.cleared(req):
