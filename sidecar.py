@@ -1,61 +1,59 @@
 """Browser sidecar for the LM Arena bridge.
 
-One process, one Chromium (Playwright, async API), one page open on ARENA_URL. The bridge starts it
-lazily as a child process and talks to it over HTTP/1.1 on a Unix socket (mode 0600). It does the
-few things that need a real browser on the site's origin:
+One process, one Chromium (Playwright, async API), one page open on the arena URL. The bridge starts it
+lazily as a child process and talks to it over HTTP/1.1 on a Unix socket (mode 0600):
 
     GET  /status      process and browser state; never launches the browser
-    POST /token       mint a reCAPTCHA v3 Enterprise token with the site's own script
-    POST /clearance   pass a Cloudflare interstitial; return the host's cookies + the exact User-Agent
-    POST /signup      create an anonymous LM Arena account (Turnstile + reCAPTCHA sign_up) in a fresh context
-    POST /fetch       run one request with the page's own fetch(); relay the response as NDJSON lines
+    POST /token       {"sitekey", "action"}: a reCAPTCHA v3 token minted with the site's own script
+    POST /clearance   pass a Cloudflare interstitial; the host's cookies + the browser's exact User-Agent
+    POST /signup      {"turnstile_sitekey", "recaptcha_sitekey", "recaptcha_action"}: an anonymous
+                      account created in a fresh context; {"cookies", "body", "user_agent"}
+    POST /fetch       {"url", "method", "headers", "body", "cookies", "sitekey", "action"}: one request
+                      run with the page's own fetch(), relayed as NDJSON lines as the page reads them
     POST /shutdown    close the browser and exit 0
 
-Errors are ``{"error": "<message>"}`` with status 502 (browser/page failure), 504 (timeout) or 400
-(bad request). A /fetch answer is ``application/x-ndjson``, one JSON object a line, written as soon as
-the page reads it: ``{"status", "headers"}``, then ``{"chunk": "<text>"}``…, then
-``{"done": true, "cookies": {…the host's cookies after the call…}}`` or ``{"error": "…"}``. Closing the
-connection early aborts the page's fetch (AbortController).
+Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browser or page failure) or
+504 (timeout). A /fetch answer is ``application/x-ndjson``: ``{"status", "headers"}``, then
+``{"chunk": "<text>"}``…, then ``{"done": true, "cookies": {…the host's cookies after the call…}}`` or
+``{"error": "…"}``. Closing the connection early aborts the page's fetch.
 
 Usage::
 
     python sidecar.py --socket PATH --arena-url URL [--browser PATH] [--headful] [--log-level info]
-                      [--recaptcha-url URL] [--turnstile-url URL]
 
-Environment fallbacks: BRIDGE_SIDECAR_SOCKET, ARENA_URL, BRIDGE_BROWSER, BRIDGE_HEADFUL=1,
-ARENA_RECAPTCHA_URL, ARENA_TURNSTILE_URL, BRIDGE_LOG_LEVEL.
+Everything that runs inside the page goes through the page agent (``window.__arenaBridge``), the same
+JavaScript the userscript runs in the user's own browser; only the transport differs (here Playwright).
 
-Browser binary: --browser / BRIDGE_BROWSER, else Playwright's own Chromium when installed, else the
-first of chromium, chromium-browser, google-chrome on PATH.
-
-Headful mode (--headful or BRIDGE_HEADFUL=1): a visible browser scores better with reCAPTCHA and
-Cloudflare. When DISPLAY is unset and an ``Xvfb`` binary is on PATH, the sidecar starts Xvfb on the
-first free display number, uses it, and stops it on exit.
-
-The process exits by itself when its parent dies (it polls os.getppid()), so a crashed bridge never
-leaves an orphan browser. Secrets (tokens, cookies) are never logged: only their lengths.
+The kernel ends this process when the bridge dies (PR_SET_PDEATHSIG), even by SIGKILL; the Playwright
+driver and Chromium end with us (their pipes close). Secrets (tokens, cookies) are never logged.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import ctypes
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
-from urllib.parse import urlsplit
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import TimeoutError as PlaywrightTimeout
+from playwright.async_api import async_playwright
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -67,32 +65,21 @@ log = logging.getLogger("sidecar")
 # Settings
 # ---------------------------------------------------------------------------------------------
 
-# Without these Chromium phones home (updates, sync, QUIC probes) and floods a closed network with
-# refused connections; --no-sandbox because containers usually run as root.
 CHROMIUM_ARGS = [
+    # Chromium's sandbox needs unprivileged user namespaces or a setuid helper. We run as root in CI and
+    # dev containers, where Chromium refuses to start sandboxed at all, and Docker's default seccomp
+    # profile denies user namespaces to the image's unprivileged user (Debian ships no setuid helper).
+    # The page only ever loads LM Arena; the sidecar's socket is private to our user.
     "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--disable-dev-shm-usage",
+    # Without these Chromium phones home (updates, sync, QUIC probes), which floods a closed network
+    # with refused connections and costs memory on small VMs.
+    "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-default-apps", "--disable-dev-shm-usage", "--metrics-recording-only",
+    "--password-store=basic", "--disable-breakpad", "--disable-crash-reporter",
+    # navigator.webdriver must read false, as in a browser a person uses.
     "--disable-blink-features=AutomationControlled",
-    "--metrics-recording-only",
-    "--password-store=basic",
-    "--disable-breakpad",
-    "--disable-crash-reporter",
 ]
-
-# Only needed if a browser still reports webdriver despite the Blink flag above.
-WEBDRIVER_INIT_SCRIPT = """
-if (navigator.webdriver) {
-  Object.defineProperty(Navigator.prototype, 'webdriver', {get: () => false, configurable: true});
-}
-"""
 
 PAGE_MAX_AGE = 20 * 60  # reload the page after this long: reCAPTCHA clients go stale
 OP_TIMEOUT = 30.0  # default bound for one browser operation
@@ -100,30 +87,26 @@ LAUNCH_TIMEOUT = 45.0
 CLEARANCE_TIMEOUT = 30.0
 REAL_SITE_HOSTS = ("arena.ai", "lmarena.ai")
 CLOUDFLARE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid")
-
-# Headers a page's fetch() may not set (the browser owns them); dropped instead of failing.
-FORBIDDEN_HEADERS = {
-    "accept-charset", "accept-encoding", "connection", "content-length", "cookie", "cookie2", "date",
-    "dnt", "expect", "host", "keep-alive", "origin", "referer", "te", "trailer", "transfer-encoding",
-    "upgrade", "user-agent", "via",
-}
+XVFB_SCREEN = "-screen 0 1920x1080x24"
+PR_SET_PDEATHSIG = 1
 
 
+@dataclasses.dataclass(frozen=True)
 class Settings:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.socket: str = args.socket or os.environ.get("BRIDGE_SIDECAR_SOCKET") or ""
-        self.arena_url: str = (args.arena_url or os.environ.get("ARENA_URL") or "https://arena.ai").rstrip("/")
-        self.browser: str | None = args.browser or os.environ.get("BRIDGE_BROWSER") or None
-        self.headful: bool = args.headful or os.environ.get("BRIDGE_HEADFUL", "") in ("1", "true", "yes")
-        self.recaptcha_url: str | None = args.recaptcha_url or os.environ.get("ARENA_RECAPTCHA_URL") or None
-        self.turnstile_url: str | None = args.turnstile_url or os.environ.get("ARENA_TURNSTILE_URL") or None
+    socket: str
+    arena_url: str
+    browser: str | None = None
+    headful: bool = False
+
+    @property
+    def origin(self) -> str:
         parts = urlsplit(self.arena_url)
-        self.origin = f"{parts.scheme}://{parts.netloc}"
-        self.host = parts.hostname or ""
+        return f"{parts.scheme}://{parts.netloc}"
 
     @property
     def is_real_site(self) -> bool:
-        return any(self.host == h or self.host.endswith("." + h) for h in REAL_SITE_HOSTS)
+        host = urlsplit(self.arena_url).hostname or ""
+        return any(host == h or host.endswith("." + h) for h in REAL_SITE_HOSTS)
 
 
 class OpError(Exception):
@@ -142,45 +125,31 @@ def need(body: dict, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers
+# Process: parent death, memory, the browser binary, a virtual display
 # ---------------------------------------------------------------------------------------------
 
 
-def rss_mb(root_pid: int) -> float:
-    """Memory of a process and all its descendants (Linux /proc), in MiB.
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when our parent (the bridge) dies, however it dies (Linux only)."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("PR_SET_PDEATHSIG is not available: the sidecar may outlive a crashed bridge")
 
-    Uses PSS (proportional set size) where readable, because Chromium's processes share most of
-    their pages and summing plain RSS would count them several times; falls back to RSS."""
+
+def rss_mb(root_pid: int) -> float:
+    """Memory of a process and all its descendants in MiB: PSS (proportional set size), because Chromium's
+    processes share most of their pages and summing plain RSS would count them several times."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total_kb, stack, seen = 0, [root_pid], set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError), open(f"/proc/{entry}/stat") as f:
+            children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    total_kb, stack = 0, [root_pid]
     while stack:
         pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
         stack.extend(children.get(pid, []))
-        total_kb += _process_kb(pid)
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+            total_kb += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
     return round(total_kb / 1024, 1)
-
-
-def _process_kb(pid: int) -> int:
-    with contextlib.suppress(OSError, ValueError):
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-    return 0
 
 
 def find_browser(explicit: str | None, playwright_path: str | None) -> str:
@@ -192,187 +161,243 @@ def find_browser(explicit: str | None, playwright_path: str | None) -> str:
     if playwright_path and os.path.exists(playwright_path):
         return playwright_path
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
+        if found := shutil.which(name):
             return found
     raise OpError("no Chromium found: set BRIDGE_BROWSER to a Chromium/Chrome binary")
 
 
-def _die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the sidecar dies, even by SIGKILL (Linux prctl)."""
-    with contextlib.suppress(Exception):
-        import ctypes
+class VirtualDisplay:
+    """An Xvfb display run by ``xvfb-run -a`` for a headful browser on a machine without a display.
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    xvfb-run runs a holder that prints the display and then reads its stdin, a pipe only we hold: when
+    we exit, however we exit (SIGKILL included), the pipe closes, the holder ends, and xvfb-run's own
+    clean-up stops Xvfb. (xvfb-run between the bridge and us would not do: a signal that kills it skips
+    that clean-up and leaves Xvfb running.)"""
 
+    HOLDER = 'echo "$DISPLAY $XAUTHORITY"; exec cat >/dev/null'
 
-def start_xvfb() -> subprocess.Popen | None:
-    """Start Xvfb on a free display when headful mode has no DISPLAY; None if not possible."""
-    if os.environ.get("DISPLAY") or not shutil.which("Xvfb"):
-        return None
-    for n in range(99, 200):
-        if os.path.exists(f"/tmp/.X{n}-lock") or os.path.exists(f"/tmp/.X11-unix/X{n}"):
-            continue
-        proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1366x768x24", "-nolisten", "tcp"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        for _ in range(50):
-            if os.path.exists(f"/tmp/.X11-unix/X{n}"):
-                os.environ["DISPLAY"] = f":{n}"
-                log.info("started Xvfb on :%d", n)
-                return proc
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        proc.kill()
-    log.warning("could not start Xvfb; headful launch may fail")
-    return None
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> dict[str, str]:
+        """The environment a browser needs to use the display."""
+        self.proc = await asyncio.create_subprocess_exec(
+            "xvfb-run", "-a", "-s", XVFB_SCREEN, "sh", "-c", self.HOLDER,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        line = (await asyncio.wait_for(self.proc.stdout.readline(), OP_TIMEOUT)).decode().split()
+        if len(line) != 2:
+            await self.close()
+            raise OpError("xvfb-run did not start a display")
+        log.info("virtual display %s started by xvfb-run", line[0])
+        return {"DISPLAY": line[0], "XAUTHORITY": line[1]}
+
+    async def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()
+            with contextlib.suppress(TimeoutError, ProcessLookupError):
+                await asyncio.wait_for(proc.wait(), 5)
 
 
 # ---------------------------------------------------------------------------------------------
-# In-page scripts
+# Page agent (the in-page JavaScript shared with the userscript) and the sidecar's own scripts
 # ---------------------------------------------------------------------------------------------
 
-# Wait for the site's grecaptcha, prefer the Enterprise API, mint one token.
-MINT_JS = """
-async ({sitekey, action, timeoutMs}) => {
-  const sleep = ms => new Promise(r => setTimeout(r, ms));
-  const deadline = Date.now() + timeoutMs;
-  const api = () => {
+PAGE_AGENT_JS = r"""
+// The page agent: the one piece of JavaScript the bridge runs in an LM Arena page, in the sidecar's
+// Chromium (transport: Playwright) and in the user's own browser (transport: the userscript).
+//
+// window.__arenaBridge (version 1), defined once per top-level document, never enumerable:
+//   state()   -> {version, origin, url, user: {id, email, anonymous} | null, sitekeys: [string],
+//                 grecaptcha: bool, interstitial: bool}   the signed-in user comes from the session
+//                 cookie; sitekeys from the live ___grecaptcha_cfg and render=/k= in script URLs
+//   mint(action, sitekey?, timeoutMs?) -> Promise<string>   a reCAPTCHA v3 (Enterprise) token;
+//                 sitekey defaults to the first the page knows; rejects with an Error
+//   chat(jobId, request, emit) -> Promise<void>, never rejects. request = {url, method, headers, body,
+//                 recaptcha?: {action, sitekey, token?}}; url must be on the page's origin. With
+//                 `recaptcha`, the body (JSON) gets recaptchaV3Token: the given token, else one minted.
+//                 emit(event) is awaited (backpressure) and receives, in order:
+//                   {type: 'head', status, headers}  once, when the response starts
+//                   {type: 'chunk', text}            each piece of the body as the page reads it
+//                   {type: 'done'} | {type: 'error', message, aborted}   exactly one, last
+//   abort(jobId) -> bool   cancels that job's fetch; its chat() then emits {type: 'error', aborted: true}
+(() => {
+  if (window !== window.top || window.__arenaBridge) return;
+  const AUTH = 'arena-auth-prod-v1';
+  const FORBIDDEN = /^(accept-charset|accept-encoding|connection|content-length|cookie2?|date|dnt|expect|host|keep-alive|origin|referer|te|trailer|transfer-encoding|upgrade|user-agent|via|sec-.*|proxy-.*)$/i;
+  const jobs = new Map();
+  const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
+  const recaptcha = () => {
     const g = window.grecaptcha;
-    if (!g) return null;
-    if (g.enterprise && typeof g.enterprise.ready === 'function' && typeof g.enterprise.execute === 'function')
-      return g.enterprise;
-    if (!g.enterprise && typeof g.ready === 'function' && typeof g.execute === 'function') return g;
-    return null;
+    if (g && g.enterprise && typeof g.enterprise.execute === 'function') return g.enterprise;
+    return g && !g.enterprise && typeof g.execute === 'function' ? g : null;
   };
-  while (!api()) {
-    if (Date.now() > deadline) throw new Error('grecaptcha did not load');
-    await sleep(50);
-  }
-  const g = api();
-  await new Promise(resolve => g.ready(resolve));
-  const token = await g.execute(sitekey, {action});
-  if (typeof token !== 'string' || !token) throw new Error('grecaptcha returned no token');
-  return token;
-}
+  const user = () => {
+    const jar = {};
+    for (const part of document.cookie.split('; ')) jar[part.slice(0, part.indexOf('='))] = part.slice(part.indexOf('=') + 1);
+    let value = jar[AUTH] || '';
+    for (let i = 0; !value && jar[AUTH + '.' + i] !== undefined; i++) value += jar[AUTH + '.' + i];
+    try {
+      const b64 = decodeURIComponent(value).replace(/^base64-/, '').replace(/-/g, '+').replace(/_/g, '/');
+      const u = JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(b64), c => c.charCodeAt(0)))).user;
+      return {id: u.id, email: u.email || null, anonymous: !!u.is_anonymous};
+    } catch (e) { return null; }
+  };
+  const sitekeys = () => {
+    const keys = new Set();
+    const visit = (o, depth) => {
+      if (!o || typeof o !== 'object' || depth > 6 || o === window || o instanceof Node) return;
+      for (const k of Object.keys(o)) {
+        try { if (k === 'sitekey' && typeof o[k] === 'string') keys.add(o[k]); else visit(o[k], depth + 1); } catch (e) {}
+      }
+    };
+    try { visit((window.___grecaptcha_cfg || {}).clients, 0); } catch (e) {}
+    for (const el of document.querySelectorAll('script[src], iframe[src]')) {
+      try {
+        const url = new URL(el.src, location.href);
+        for (const p of ['render', 'k']) { const v = url.searchParams.get(p); if (v && v !== 'explicit') keys.add(v); }
+      } catch (e) {}
+    }
+    return [...keys];
+  };
+  const interstitial = () => document.title.includes('Just a moment...') ||
+    (document.body ? document.body.innerText : '').includes('Enable JavaScript and cookies to continue');
+  const agent = {
+    version: 1,
+    state: () => ({version: 1, origin: location.origin, url: location.href, user: user(), sitekeys: sitekeys(),
+                   grecaptcha: !!recaptcha(), interstitial: interstitial()}),
+    async mint(action, sitekey, timeoutMs = 30000) {
+      const deadline = Date.now() + timeoutMs;
+      while (!recaptcha()) {
+        if (Date.now() > deadline) throw new Error('grecaptcha did not load');
+        await sleep(50);
+      }
+      const g = recaptcha(), key = sitekey || sitekeys()[0];
+      if (!key) throw new Error('the page knows no reCAPTCHA sitekey');
+      const late = sleep(Math.max(0, deadline - Date.now())).then(() => { throw new Error('grecaptcha was not ready in time'); });
+      await Promise.race([new Promise(resolve => g.ready(resolve)), late]);
+      const token = await Promise.race([g.execute(key, {action}), late]);
+      if (typeof token !== 'string' || !token) throw new Error('grecaptcha returned no token');
+      return token;
+    },
+    async chat(jobId, request, emit) {
+      const ctl = new AbortController();
+      jobs.set(jobId, ctl);
+      try {
+        const url = new URL(request.url, location.href);
+        if (url.origin !== location.origin) throw new Error('refused: ' + url.origin + ' is not this page\'s origin');
+        const method = (request.method || 'GET').toUpperCase();
+        const headers = Object.fromEntries(Object.entries(request.headers || {}).filter(([k]) => !FORBIDDEN.test(k)));
+        let body = request.body === undefined ? null : request.body;
+        const rc = request.recaptcha;
+        if (rc) body = JSON.stringify({...JSON.parse(body), recaptchaV3Token: rc.token || await agent.mint(rc.action, rc.sitekey)});
+        if (ctl.signal.aborted) throw new Error('aborted');
+        const init = {method, headers, credentials: 'include', signal: ctl.signal};
+        if (body !== null && method !== 'GET' && method !== 'HEAD') init.body = body;
+        const r = await fetch(url.href, init);
+        const h = {};
+        r.headers.forEach((v, k) => { h[k] = v; });
+        await emit({type: 'head', status: r.status, headers: h});
+        const reader = r.body ? r.body.getReader() : null, dec = new TextDecoder();
+        for (let part = reader && await reader.read(); part && !part.done; part = await reader.read()) {
+          const text = dec.decode(part.value, {stream: true});
+          if (text) await emit({type: 'chunk', text});
+        }
+        const tail = dec.decode();
+        if (tail) await emit({type: 'chunk', text: tail});
+        await emit({type: 'done'});
+      } catch (e) {
+        const aborted = ctl.signal.aborted;
+        try { await emit({type: 'error', message: aborted ? 'aborted' : String(e && e.message || e), aborted}); } catch (_) {}
+      } finally {
+        ctl.abort();
+        jobs.delete(jobId);
+      }
+    },
+    abort(jobId) {
+      const ctl = jobs.get(jobId);
+      if (ctl) ctl.abort();
+      return !!ctl;
+    },
+  };
+  Object.defineProperty(window, '__arenaBridge', {value: Object.freeze(agent), enumerable: false});
+})();
 """
 
-# v2 (checkbox/invisible) widget: render it in a hidden container and wait for its callback.
-MINT_V2_JS = """
-async ({sitekey, timeoutMs}) => {
-  const g = window.grecaptcha && (window.grecaptcha.enterprise || window.grecaptcha);
-  if (!g || typeof g.render !== 'function') throw new Error('grecaptcha v2 API missing');
-  let el = document.getElementById('recaptcha-v2-container');
-  if (!el) { el = document.createElement('div'); el.id = 'recaptcha-v2-container'; document.body.appendChild(el); }
-  el.innerHTML = '';
-  return await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('v2 widget timed out')), timeoutMs);
-    const done = f => v => { clearTimeout(timer); f(v); };
-    const id = g.render(el, {sitekey, size: 'invisible', callback: done(resolve),
-                             'error-callback': done(() => reject(new Error('v2 widget error')))});
-    if (typeof g.execute === 'function') { try { g.execute(id); } catch (e) {} }
-  });
-}
-"""
+STATE_JS = "() => window.__arenaBridge.state()"
+MINT_JS = "([action, sitekey, ms]) => window.__arenaBridge.mint(action, sitekey, ms)"
+CHAT_JS = "([id, request]) => window.__arenaBridge.chat(id, request, event => window.__arenaBridgeEmit(id, event))"
+ABORT_JS = "(id) => window.__arenaBridge.abort(id)"
+GRECAPTCHA_JS = "() => window.__arenaBridge.state().grecaptcha"
+SCRIPT_ORIGIN_JS = "(n) => { const s = [...document.scripts].find(s => s.src.includes(n)); return s ? new URL(s.src).origin : null; }"
 
-OTHER_SITEKEY_JS = """
-(key) => {
-  const keyed = [...document.scripts].filter(s => /[?&]render=6L/.test(s.src));
-  return keyed.length > 0 && !keyed.some(s => s.src.includes('render=' + key));
-}
-"""
-
-INJECT_SCRIPT_JS = """
-(src) => new Promise((resolve, reject) => {
-  const s = document.createElement('script');
-  s.src = src; s.async = true;
-  s.onload = () => resolve(true);
-  s.onerror = () => reject(new Error('could not load ' + src.split('?')[0]));
-  document.head.appendChild(s);
+# Sign-up only (the sidecar's anonymous accounts): render a Turnstile widget and wait for its token.
+TURNSTILE_JS = """
+({sitekey, timeoutMs}) => new Promise((resolve, reject) => {
+  const el = document.body.appendChild(document.createElement('div'));
+  const timer = setTimeout(() => reject(new Error('turnstile timed out')), timeoutMs);
+  window.turnstile.render(el, {sitekey, callback: t => { clearTimeout(timer); resolve(t); },
+                               'error-callback': e => { clearTimeout(timer); reject(new Error('turnstile error ' + e)); }});
 })
 """
 
-# Origin of a helper script the page already loads (e.g. recaptcha/enterprise.js), or null.
-SCRIPT_ORIGIN_JS = """
-(needle) => {
-  for (const s of document.querySelectorAll('script[src]')) {
-    if (s.src.includes(needle)) return new URL(s.src).origin;
-  }
-  return null;
-}
-"""
 
-TURNSTILE_JS = """
-async ({sitekey, timeoutMs}) => {
-  const sleep = ms => new Promise(r => setTimeout(r, ms));
-  const deadline = Date.now() + timeoutMs;
-  while (!(window.turnstile && typeof window.turnstile.render === 'function')) {
-    if (Date.now() > deadline) throw new Error('turnstile did not load');
-    await sleep(50);
-  }
-  const el = document.createElement('div');
-  el.id = 'sidecar-turnstile';
-  document.body.appendChild(el);
-  return await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('turnstile timed out')), Math.max(0, deadline - Date.now()));
-    window.turnstile.render(el, {
-      sitekey,
-      callback: t => { clearTimeout(timer); resolve(t); },
-      'error-callback': e => { clearTimeout(timer); reject(new Error('turnstile error ' + e)); },
-    });
-  });
-}
-"""
+# ---------------------------------------------------------------------------------------------
+# Page jobs: one request run by the page agent, its events relayed through a page binding
+# ---------------------------------------------------------------------------------------------
 
-SIGNUP_JS = """
-async (payload) => {
-  const r = await fetch('/nextjs-api/sign-up', {
-    method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(payload),
-    credentials: 'include'});
-  return {status: r.status, text: await r.text()};
-}
-"""
 
-# Runs one request with the page's fetch and pushes status, chunks and the end through the
-# exposed binding as they come; the AbortController lets the sidecar cancel it.
-FETCH_JS = """
-async ({id, url, method, headers, body}) => {
-  const push = window.__sidecarPush;
-  const ctl = new AbortController();
-  (window.__sidecarAborts = window.__sidecarAborts || {})[id] = ctl;
-  try {
-    const init = {method, headers, credentials: 'include', signal: ctl.signal};
-    if (body !== null && method !== 'GET' && method !== 'HEAD') init.body = body;
-    const r = await fetch(url, init);
-    const h = {};
-    r.headers.forEach((v, k) => { h[k] = v; });
-    await push(id, {status: r.status, headers: h});
-    if (r.body) {
-      const reader = r.body.getReader();
-      const dec = new TextDecoder();
-      for (;;) {
-        const {done, value} = await reader.read();
-        if (done) break;
-        const text = dec.decode(value, {stream: true});
-        if (text) await push(id, {chunk: text});
-      }
-      const tail = dec.decode();
-      if (tail) await push(id, {chunk: tail});
-    }
-    await push(id, {done: true});
-  } catch (e) {
-    await push(id, {error: ctl.signal.aborted ? 'aborted' : String(e && e.message || e)});
-  } finally {
-    delete window.__sidecarAborts[id];
-  }
-}
-"""
+class PageJob:
+    """One agent chat() in a page. Its events arrive through the binding into a queue; `sent` is set once
+    the request has left with its cookies (or anything came back), after which the context's cookie jar
+    may change without affecting it."""
 
-ABORT_JS = "(id) => { const c = (window.__sidecarAborts || {})[id]; if (c) { c.abort(); return true; } return false; }"
+    def __init__(self, page: Any, request: dict, registry: dict[str, PageJob]) -> None:
+        self.id = uuid.uuid4().hex
+        self.page = page
+        self.url = urljoin(page.url, request["url"])
+        self.method = (request.get("method") or "GET").upper()
+        self.request_id: str | None = None
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self.sent = asyncio.Event()
+        self.finished = False
+        self.registry = registry
+        registry[self.id] = self
+        self.runner = asyncio.ensure_future(page.evaluate(CHAT_JS, [self.id, request]))
+        self.runner.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Future) -> None:
+        # The agent reports its own failures; this catches a page that died under it (crash, navigation).
+        if not task.cancelled() and task.exception() is not None:
+            self.push({"type": "error", "message": f"page failure: {task.exception()}"[:300]})
+
+    def push(self, event: dict) -> None:
+        self.sent.set()
+        self.queue.put_nowait(event)
+
+    async def events(self) -> AsyncGenerator[dict, None]:
+        """The job's events up to its last (done or error). Leaving early aborts the page's fetch."""
+        try:
+            while not self.finished:
+                event = await self.queue.get()
+                self.finished = event.get("type") in ("done", "error")
+                yield event
+        finally:
+            self.registry.pop(self.id, None)
+            self.sent.set()
+            if not self.finished:
+                # A new task: awaiting in a generator being closed by cancellation would be cancelled too.
+                log.info("page job %s abandoned by its client; aborting it in the page", self.id[:8])
+                asyncio.ensure_future(self._abort())
+
+    async def _abort(self) -> None:
+        with contextlib.suppress(PlaywrightError):
+            await self.page.evaluate(ABORT_JS, self.id)
 
 
 # ---------------------------------------------------------------------------------------------
-# Browser: one Chromium, one page on ARENA_URL, launched lazily
+# Browser: one Chromium, one page on the arena URL, launched lazily
 # ---------------------------------------------------------------------------------------------
 
 
@@ -383,15 +408,16 @@ class Browser:
         self._browser: Any = None
         self._context: Any = None
         self._page: Any = None
+        self._display: VirtualDisplay | None = None
         self._page_loaded_at = 0.0
         self._page_broken = False
         self._lock = asyncio.Lock()  # launch and (re)load happen one at a time
-        self._queues: dict[str, asyncio.Queue] = {}  # /fetch request id -> pushed items
-        self._inflight = 0  # /fetch streams using the page; no age-reload under them
-        # The page's fetch reads the context's cookie jar when it sends: one account's session in the jar
-        # at a time, from setting it until that request is on its way.
+        self.jobs: dict[str, PageJob] = {}
+        # The page's fetch reads the context's cookie jar when its request leaves: one account's session in
+        # the jar at a time, from setting it until that request is on its way (PageJob.sent).
         self._session_lock = asyncio.Lock()
-        self._xvfb: subprocess.Popen | None = None
+        self._sending: PageJob | None = None
+        self._sent_ids: collections.deque[str] = collections.deque(maxlen=32)  # recent requests that left
         self.user_agent: str | None = None
         self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
 
@@ -405,18 +431,24 @@ class Browser:
     def page_url(self) -> str | None:
         return self._page.url if self._page is not None and not self._page.is_closed() else None
 
-    async def _launch(self) -> None:
-        from playwright.async_api import async_playwright
+    async def _display_env(self) -> dict[str, str] | None:
+        """Headful: the display we have, else one from xvfb-run; None: run headless."""
+        if not self.s.headful or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+            return {} if self.s.headful else None
+        if not shutil.which("xvfb-run"):
+            log.warning("headful mode without a display and without xvfb-run (apt-get install xvfb): headless")
+            return None
+        self._display = self._display or VirtualDisplay()
+        return await self._display.start()
 
-        if self.s.headful:
-            self._xvfb = self._xvfb or await asyncio.to_thread(start_xvfb)
-            if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-                raise OpError("headful mode needs a display: set DISPLAY, or install Xvfb")
+    async def _launch(self) -> None:
+        display = await self._display_env()
         self._pw = self._pw or await async_playwright().start()
         path = find_browser(self.s.browser, self._pw.chromium.executable_path)
         started = time.monotonic()
         self._browser = await self._pw.chromium.launch(
-            executable_path=path, headless=not self.s.headful, args=CHROMIUM_ARGS, timeout=LAUNCH_TIMEOUT * 1000)
+            executable_path=path, headless=display is None, args=CHROMIUM_ARGS, timeout=LAUNCH_TIMEOUT * 1000,
+            env={**os.environ, **(display or {})})
         try:
             # The real UA minus "Headless": sites (and Cloudflare) reject HeadlessChrome.
             probe = await self._browser.new_page()
@@ -426,25 +458,56 @@ class Browser:
         except BaseException:
             await self.close()  # half a launch would look "running" to the next call
             raise
-        log.info("browser %s launched in %.1fs (%s)", self._browser.version, time.monotonic() - started, path)
+        log.info("browser %s launched in %.1fs (%s, %s)", self._browser.version, time.monotonic() - started,
+                 path, "headless" if display is None else "headful")
 
     async def new_context(self) -> Any:
         ctx = await self._browser.new_context(user_agent=self.user_agent, locale="en-US",
                                               viewport={"width": 1366, "height": 768})
-        await ctx.add_init_script(WEBDRIVER_INIT_SCRIPT)
+        await ctx.add_init_script(PAGE_AGENT_JS)
+        await ctx.expose_binding("__arenaBridgeEmit", self._on_emit)
         return ctx
+
+    async def _on_emit(self, _source: Any, job_id: str, event: dict) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.push(event)
 
     async def _open_page(self) -> None:
         if self._page is not None and not self._page.is_closed():
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(PlaywrightError):
                 await self._page.close()
         page = await self._context.new_page()
         page.on("crash", lambda _p: self._mark_broken("page crashed"))
         page.on("pageerror", lambda err: log.debug("page error: %s", str(err)[:200]))
-        await page.expose_binding("__sidecarPush", self._on_push)
+        await self._watch_requests(page)
         self._page = page
         await self._goto(page)
         self.webdriver = await page.evaluate("() => navigator.webdriver === true")
+
+    async def _watch_requests(self, page: Any) -> None:
+        """Learn when a job's request has left with its cookies: Chromium's requestWillBeSentExtraInfo
+        carries the headers it sent, long before the response may start."""
+        cdp = await self._context.new_cdp_session(page)
+        await cdp.send("Network.enable")
+        cdp.on("Network.requestWillBeSent", self._on_request)
+        cdp.on("Network.requestWillBeSentExtraInfo", self._on_request_sent)
+
+    def _on_request(self, event: dict) -> None:
+        job = self._sending
+        if job is not None and job.request_id is None and event["request"]["url"] == job.url \
+                and event["request"]["method"] == job.method:
+            job.request_id = event["requestId"]
+            self._check_sent(job)
+
+    def _on_request_sent(self, event: dict) -> None:
+        self._sent_ids.append(event["requestId"])  # may come before requestWillBeSent
+        if self._sending is not None:
+            self._check_sent(self._sending)
+
+    def _check_sent(self, job: PageJob) -> None:
+        if job.request_id is not None and job.request_id in self._sent_ids:
+            job.sent.set()
 
     async def _goto(self, page: Any) -> Any:
         response = await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
@@ -456,6 +519,9 @@ class Browser:
         log.warning("%s; the page will be reopened", why)
         self._page_broken = True
 
+    def _page_busy(self) -> bool:
+        return any(job.page is self._page for job in self.jobs.values())
+
     async def page(self, *, fresh: bool = False) -> Any:
         """The arena page, launching the browser and (re)loading the page when needed."""
         async with self._lock:
@@ -463,74 +529,61 @@ class Browser:
                 await self._launch()
                 await self._open_page()
             elif self._page is None or self._page.is_closed() or self._page_broken or fresh:
-                # A fresh page also ends /fetch streams still running in the old one: only asked for
-                # after the page failed (a mint error), when they are unlikely to be healthy anyway.
+                # A fresh page also ends the jobs still running in the old one: only asked for after the
+                # page failed (a mint error), when they are unlikely to be healthy anyway.
                 await self._open_page()
-            elif time.monotonic() - self._page_loaded_at > PAGE_MAX_AGE and self._inflight == 0:
+            elif time.monotonic() - self._page_loaded_at > PAGE_MAX_AGE and not self._page_busy():
                 log.info("page older than %ds; reloading", PAGE_MAX_AGE)
                 await self._goto(self._page)
             return self._page
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(PlaywrightError):
             if self._browser is not None:
                 await self._browser.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(PlaywrightError):
             if self._pw is not None:
                 await self._pw.stop()
         self._browser = self._pw = self._page = self._context = None
-        if self._xvfb is not None:
-            self._xvfb.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self._xvfb.wait, 3)
-            self._xvfb = None
+        if self._display is not None:
+            await self._display.close()
 
-    # -- helper scripts (reCAPTCHA, Turnstile) ------------------------------------------------
+    # -- reCAPTCHA ----------------------------------------------------------------------------------
 
-    async def _helper_base(self, page: Any, override: str | None, needle: str, real_host: str) -> str:
-        """Where to load a helper script from: the override, else the host the page already uses,
-        else the real third-party host for arena.ai, else the emulator's own origin."""
-        if override:
-            return override.rstrip("/")
-        found = await page.evaluate(SCRIPT_ORIGIN_JS, needle)
-        if found:
-            return found
-        return real_host if self.s.is_real_site else self.s.origin
+    async def _add_script(self, page: Any, needle: str, real_host: str, path: str) -> None:
+        """Load a helper script from the host the page already uses for it, else from the real third-party
+        host on arena.ai, else from the emulator's own origin."""
+        base = await page.evaluate(SCRIPT_ORIGIN_JS, needle)
+        base = base or (real_host if self.s.is_real_site else self.s.origin)
+        log.info("page has no %s script; adding %s%s", needle.strip("/"), base, path.split("?")[0])
+        await page.add_script_tag(url=base + path)
 
-    async def ensure_grecaptcha(self, page: Any, sitekey: str) -> None:
-        if await page.evaluate("() => !!window.grecaptcha"):
+    async def _ensure_grecaptcha(self, page: Any, sitekey: str) -> None:
+        # The site's own tag may still be loading: give it a moment before adding ours.
+        with contextlib.suppress(PlaywrightTimeout):
+            await page.wait_for_function(GRECAPTCHA_JS, timeout=1500)
             return
-        # The site's own tag may still be loading: give it a moment before injecting ours.
-        with contextlib.suppress(Exception):
-            await page.wait_for_function("() => !!window.grecaptcha", timeout=1500)
-            return
-        base = await self._helper_base(page, self.s.recaptcha_url, "/recaptcha/", "https://www.google.com")
-        log.info("page has no grecaptcha; injecting %s/recaptcha/enterprise.js", base)
-        await page.evaluate(INJECT_SCRIPT_JS, f"{base}/recaptcha/enterprise.js?render={sitekey}")
+        await self._add_script(page, "/recaptcha/", "https://www.google.com", f"/recaptcha/enterprise.js?render={sitekey}")
+        await page.wait_for_function(GRECAPTCHA_JS, timeout=OP_TIMEOUT * 1000)
 
-    async def mint(self, page: Any, sitekey: str, action: str, v2: bool = False,
-                   timeout: float = OP_TIMEOUT) -> str:
-        await self.ensure_grecaptcha(page, sitekey)
-        if v2:
-            return await page.evaluate(MINT_V2_JS, {"sitekey": sitekey, "timeoutMs": int(timeout * 1000)})
-        return await page.evaluate(MINT_JS, {"sitekey": sitekey, "action": action, "timeoutMs": int(timeout * 1000)})
+    async def mint(self, page: Any, sitekey: str, action: str) -> str:
+        await self._ensure_grecaptcha(page, sitekey)
+        return await page.evaluate(MINT_JS, [action, sitekey, int(OP_TIMEOUT * 1000)])
 
-    async def token(self, sitekey: str, action: str, v2: bool = False) -> str:
+    async def token(self, sitekey: str, action: str) -> str:
         page = await self.page()
         if await self.is_interstitial(page):  # no grecaptcha behind a Cloudflare challenge
             await self.clearance()
-        if not v2 and await page.evaluate(OTHER_SITEKEY_JS, sitekey):
+        known = (await page.evaluate(STATE_JS))["sitekeys"]
+        if known and sitekey not in known:
             # The site rotated its key since this page loaded: only a fresh page loads the new script.
             log.info("page was loaded with another reCAPTCHA sitekey; reloading it")
             page = await self.page(fresh=True)
         try:
-            return await self.mint(page, sitekey, action, v2)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a stale or broken page: reload once and retry
-            log.warning("token mint failed (%s); reloading the page and retrying", str(exc)[:200])
-            page = await self.page(fresh=True)
-            return await self.mint(page, sitekey, action, v2)
+            return await self.mint(page, sitekey, action)
+        except PlaywrightError as exc:  # a stale or broken page: reload once and retry
+            log.warning("token mint failed (%s); reloading the page and retrying", str(exc).splitlines()[0][:200])
+            return await self.mint(await self.page(fresh=True), sitekey, action)
 
     # -- cookies ----------------------------------------------------------------------------------
 
@@ -549,18 +602,16 @@ class Browser:
 
     @staticmethod
     async def is_interstitial(page: Any) -> bool:
-        with contextlib.suppress(Exception):
-            return await page.evaluate(
-                "() => document.title.includes('Just a moment...') || "
-                "(document.body ? document.body.innerText : '').includes('Enable JavaScript and cookies to continue')")
+        with contextlib.suppress(PlaywrightError):
+            return (await page.evaluate(STATE_JS))["interstitial"]
         return True  # mid-navigation: treat as still challenged
 
     async def clearance(self, timeout: float = CLEARANCE_TIMEOUT) -> tuple[dict[str, str], str]:
         page = await self.page()
         async with self._lock:
-            # Reloading the page would end the /fetch streams running in it: pass the challenge in a page of
-            # its own then (same context, so the clearance cookie is shared).
-            target = await self._context.new_page() if self._inflight else page
+            # Reloading the page would end the jobs running in it: pass the challenge in a page of its own
+            # then (same context, so the clearance cookie is shared).
+            target = await self._context.new_page() if self._page_busy() else page
             try:
                 if target is page:
                     await self._goto(page)
@@ -571,7 +622,7 @@ class Browser:
                 cookies = await self.host_cookies(self._context)
             finally:
                 if target is not page:
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(PlaywrightError):
                         await target.close()
         log.info("clearance: %d cookies (cf_clearance %s)", len(cookies),
                  f"{len(cookies['cf_clearance'])} chars" if "cf_clearance" in cookies else "absent")
@@ -582,13 +633,13 @@ class Browser:
         deadline = time.monotonic() + timeout
         challenged = await self.is_interstitial(page)
         if challenged:
-            log.info("Cloudflare interstitial on %s; waiting up to %.0fs", self.s.host, timeout)
+            log.info("Cloudflare interstitial on %s; waiting up to %.0fs", self.s.origin, timeout)
         while challenged:
             if time.monotonic() > deadline:
-                raise asyncio.TimeoutError("the Cloudflare challenge did not clear")
+                raise TimeoutError("the Cloudflare challenge did not clear")
             await self._click_turnstile(page)
             await asyncio.sleep(0.5)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(PlaywrightError):
                 await page.wait_for_load_state("load", timeout=5000)
             challenged = await self.is_interstitial(page)
             if challenged and "cf_clearance" in await self.host_cookies(context):
@@ -605,7 +656,7 @@ class Browser:
             if "challenges.cloudflare.com" not in frame.url and "turnstile" not in frame.url:
                 continue
             for selector in ("input[type=checkbox]", "label", "body"):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(PlaywrightError):
                     el = await frame.query_selector(selector)
                     if el is not None and await el.is_visible():
                         await el.click(timeout=1000)
@@ -613,8 +664,7 @@ class Browser:
 
     # -- anonymous sign-up --------------------------------------------------------------------
 
-    async def signup(self, turnstile_sitekey: str, recaptcha_sitekey: str | None,
-                     recaptcha_action: str, timeout: float = OP_TIMEOUT) -> dict:
+    async def signup(self, turnstile_sitekey: str, recaptcha_sitekey: str | None, recaptcha_action: str) -> dict:
         await self.page()  # make sure the browser runs
         ctx = await self.new_context()  # a fresh visitor: no session or provisional id of the main page
         try:
@@ -623,114 +673,77 @@ class Browser:
             if cf:
                 await ctx.add_cookies(cf)
             page = await ctx.new_page()
-            await page.goto(self.s.arena_url, wait_until="load", timeout=timeout * 1000)
+            await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
             await self.pass_interstitial(page, ctx, CLEARANCE_TIMEOUT)
             provisional = (await self.host_cookies(ctx)).get("provisional_user_id")
             if not provisional:
                 raise OpError("the arena page set no provisional_user_id cookie")
-            if not await page.evaluate("() => !!window.turnstile"):
-                base = await self._helper_base(page, self.s.turnstile_url, "/turnstile/",
-                                               "https://challenges.cloudflare.com")
-                await page.evaluate(INJECT_SCRIPT_JS, f"{base}/turnstile/v0/api.js?render=explicit")
-            turnstile_token = await page.evaluate(
-                TURNSTILE_JS, {"sitekey": turnstile_sitekey, "timeoutMs": int(timeout * 1000)})
-            payload: dict[str, Any] = {"turnstileToken": turnstile_token, "provisionalUserId": provisional}
+            payload: dict[str, Any] = {"turnstileToken": await self._turnstile(page, turnstile_sitekey),
+                                       "provisionalUserId": provisional}
             if recaptcha_sitekey:
                 payload["recaptchaToken"] = await self.mint(page, recaptcha_sitekey, recaptcha_action)
-            result = await page.evaluate(SIGNUP_JS, payload)
-            if result["status"] >= 400:
-                raise OpError(f"sign-up answered {result['status']}: {result['text'][:200]}")
+            status, text = await self._collect(page, {"url": "/nextjs-api/sign-up", "method": "POST",
+                                                      "headers": {"Content-Type": "application/json"},
+                                                      "body": json.dumps(payload)})
+            if status >= 400:
+                raise OpError(f"sign-up answered {status}: {text[:200]}")
             try:
-                body: Any = json.loads(result["text"]) if result["text"].strip() else None
+                body: Any = json.loads(text) if text.strip() else None
             except ValueError:
-                body = result["text"].strip()
+                body = text.strip()
             # The session may come as cookies (whole or chunked) or in the body, in several shapes: the
             # bridge reads it from both, so that one piece of code knows the session formats.
             cookies = await self.host_cookies(ctx)
-            ua = await page.evaluate("navigator.userAgent")
-            log.info("sign-up answered %s with %d cookies", result["status"], len(cookies))
-            return {"cookies": cookies, "body": body, "user_agent": ua}
+            log.info("sign-up answered %s with %d cookies", status, len(cookies))
+            return {"cookies": cookies, "body": body, "user_agent": await page.evaluate("navigator.userAgent")}
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(PlaywrightError):
                 await ctx.close()
+
+    async def _turnstile(self, page: Any, sitekey: str) -> str:
+        if not await page.evaluate("() => !!window.turnstile"):
+            await self._add_script(page, "/turnstile/", "https://challenges.cloudflare.com",
+                                   "/turnstile/v0/api.js?render=explicit")
+        await page.wait_for_function("() => window.turnstile && typeof window.turnstile.render === 'function'",
+                                     timeout=OP_TIMEOUT * 1000)
+        return await page.evaluate(TURNSTILE_JS, {"sitekey": sitekey, "timeoutMs": int(OP_TIMEOUT * 1000)})
+
+    async def _collect(self, page: Any, request: dict) -> tuple[int, str]:
+        """Run a small request through the agent and return (status, body text)."""
+        status, parts = 0, []
+        async for event in PageJob(page, request, self.jobs).events():
+            if event["type"] == "error":
+                raise OpError(event["message"])
+            status = event.get("status", status)
+            parts.append(event.get("text", ""))
+        return status, "".join(parts)
 
     # -- in-page fetch ------------------------------------------------------------------------
 
-    async def _on_push(self, _source: Any, request_id: str, item: dict) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
-
-    async def fetch(self, spec: dict) -> AsyncIterator[dict]:
-        """Run spec's request with the page's fetch(); yield pushed items until done/error."""
-        await self.page()  # the browser and its context must exist before cookies can be set
-        await self._session_lock.acquire()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._session_lock.release()
-
-        try:
-            async for item in self._fetch_holding_session(spec, release):
-                yield item
-        finally:
-            release()
-
-    async def _fetch_holding_session(self, spec: dict, release: Callable[[], None]) -> AsyncIterator[dict]:
-        """fetch(), entered with the session lock held; `release` it once the response has started."""
-        await self.set_cookies(spec.get("cookies") or {})
-        body = spec.get("body")
-        if spec.get("sitekey") and isinstance(body, str):
-            token = await self.token(spec["sitekey"], spec.get("action") or "chat_submit")
-            try:
-                parsed = json.loads(body)
-            except ValueError as exc:
-                raise OpError("a token was asked for but the body is not JSON") from exc
-            parsed["recaptchaV3Token"] = token
-            body = json.dumps(parsed, separators=(",", ":"))
-        headers = {k: v for k, v in (spec.get("headers") or {}).items() if k.lower() not in FORBIDDEN_HEADERS
-                   and not k.lower().startswith(("sec-", "proxy-"))}
+    async def fetch(self, spec: dict) -> AsyncGenerator[dict, None]:
+        """Run spec's request with the page's fetch(); yield the /fetch lines until done or error."""
+        request = {k: spec.get(k) for k in ("url", "method", "headers", "body")}
+        if spec.get("sitekey") and isinstance(spec.get("body"), str):
+            # Minted before taking the session lock: chats on other accounts need not wait for it.
+            request["recaptcha"] = {"token": await self.token(spec["sitekey"], spec.get("action") or "chat_submit")}
         page = await self.page()  # after the mint, which may have replaced a broken page
-        request_id = uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._inflight += 1
-        args = {"id": request_id, "url": spec.get("url") or self.s.arena_url,
-                "method": (spec.get("method") or "GET").upper(), "headers": headers, "body": body}
-        runner = asyncio.ensure_future(page.evaluate(FETCH_JS, args))
-        # If the page itself fails (navigation, crash), the in-page catch never runs: report that.
-        runner.add_done_callback(
-            lambda t: queue.put_nowait({"error": f"page failure: {t.exception()}"[:300]})
-            if not t.cancelled() and t.exception() is not None else None)
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                release()
-                if "done" in item or "error" in item:
-                    finished = True
-                    if "done" in item:  # the site may have refreshed cookies (Set-Cookie is not visible to JS)
-                        with contextlib.suppress(Exception):
-                            item["cookies"] = await self.host_cookies(self._context)
-                    yield item
-                    return
-                yield item
-        finally:
-            self._inflight -= 1
-            self._queues.pop(request_id, None)
-            if not finished:
-                # The /fetch client went away (or we were cancelled): abort the page's fetch. A new
-                # task, because awaiting in a cancelled generator would be cancelled again.
-                log.info("fetch %s abandoned by its client; aborting it in the page", request_id[:8])
-                asyncio.ensure_future(self._abort(page, request_id))
-
-    @staticmethod
-    async def _abort(page: Any, request_id: str) -> None:
-        with contextlib.suppress(Exception):
-            await page.evaluate(ABORT_JS, request_id)
+        async with self._session_lock:
+            await self.set_cookies(spec.get("cookies") or {})
+            job = self._sending = PageJob(page, request, self.jobs)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.sent.wait(), OP_TIMEOUT)
+            finally:
+                self._sending = None
+        async for event in job.events():
+            if event["type"] == "head":
+                yield {"status": event["status"], "headers": event["headers"]}
+            elif event["type"] == "chunk":
+                yield {"chunk": event["text"]}
+            elif event["type"] == "error":
+                yield {"error": event["message"]}
+            else:  # the site may have rotated cookies while answering (Set-Cookie is not visible to JS)
+                yield {"done": True, "cookies": await self.host_cookies(self._context)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,54 +755,54 @@ def error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
 async def guarded(coro: Any, timeout: float, what: str) -> Any:
-    """Bound a browser operation; map failures to OpError / TimeoutError with a clear message."""
+    """Bound a browser operation; a timeout says what timed out."""
     try:
         return await asyncio.wait_for(coro, timeout)
-    except asyncio.TimeoutError as exc:
-        raise asyncio.TimeoutError(f"{what} timed out after {timeout:.0f}s") from exc
+    except TimeoutError as exc:
+        raise TimeoutError(f"{what} timed out after {timeout:.0f}s") from exc
+
+
+def handler(fn: Any) -> Any:
+    """A JSON endpoint: the body parsed, failures answered as 400, 504 (timeouts) or 502."""
+    async def endpoint(request: Request) -> Response:
+        raw = await request.body()
+        try:
+            payload = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            return error("the request body must be a JSON object", 400)
+        try:
+            return await fn(payload)
+        except BadRequest as exc:
+            return error(str(exc), 400)
+        except (TimeoutError, PlaywrightTimeout) as exc:
+            log.warning("%s: %s", request.url.path, first_line(exc))
+            return error(first_line(exc) or "timed out", 504)
+        except (OpError, PlaywrightError, OSError) as exc:
+            log.warning("%s failed: %s", request.url.path, first_line(exc))
+            return error(first_line(exc), 502)
+    return endpoint
 
 
 def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
-    def handler(fn: Any) -> Any:
-        async def endpoint(request: Request) -> Response:
-            raw = await request.body()
-            try:
-                payload = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                payload = None
-            if request.method == "POST" and not isinstance(payload, dict):
-                return error("the request body must be a JSON object", 400)
-            try:
-                return await fn(payload)
-            except BadRequest as exc:
-                return error(str(exc), 400)
-            except Exception as exc:  # Playwright errors, OpError, page failures, timeouts
-                if isinstance(exc, asyncio.TimeoutError) or type(exc).__name__ == "TimeoutError":
-                    # ours (asyncio) or Playwright's own (a subclass of its Error, not of asyncio's)
-                    message = str(exc).splitlines()[0][:300] if str(exc) else "timed out"
-                    log.warning("%s: %s", request.url.path, message)
-                    return error(message, 504)
-                message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-                log.warning("%s failed: %s", request.url.path, message)
-                return error(message, 502)
-        return endpoint
-
     async def status(_: dict) -> Response:
+        running = browser.running
         return JSONResponse({
-            "ok": True,
-            "browser": "running" if browser.running else "not started",
-            "pid": os.getpid(),
-            "user_agent": browser.user_agent if browser.running else None,
-            "page_url": browser.page_url if browser.running else None,
-            "webdriver": browser.webdriver if browser.running else None,
-            "rss_mb": rss_mb(os.getpid()),
+            "ok": True, "browser": "running" if running else "not started", "pid": os.getpid(),
+            "user_agent": browser.user_agent if running else None, "page_url": browser.page_url if running else None,
+            "webdriver": browser.webdriver if running else None, "rss_mb": rss_mb(os.getpid()),
         })
 
     async def token(body: dict) -> Response:
-        value = await guarded(browser.token(need(body, "sitekey"), body.get("action") or "chat_submit",
-                                            bool(body.get("v2"))), LAUNCH_TIMEOUT + OP_TIMEOUT, "token mint")
-        log.info("minted a %s token (%d chars)", body.get("action") or "chat_submit", len(value))
+        action = body.get("action") or "chat_submit"
+        value = await guarded(browser.token(need(body, "sitekey"), action), LAUNCH_TIMEOUT + OP_TIMEOUT, "token mint")
+        log.info("minted a %s token (%d chars)", action, len(value))
         return JSONResponse({"token": value})
 
     async def clearance(body: dict) -> Response:
@@ -798,10 +811,9 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
         return JSONResponse({"cookies": cookies, "user_agent": ua})
 
     async def signup(body: dict) -> Response:
-        result = await guarded(
-            browser.signup(body.get("turnstile_sitekey") or "0x4AAAAAAA65vWDmG-O_lPtT",
-                           body.get("recaptcha_sitekey"), body.get("recaptcha_action") or "sign_up"),
-            LAUNCH_TIMEOUT + 2 * OP_TIMEOUT, "sign-up")
+        result = await guarded(browser.signup(need(body, "turnstile_sitekey"), body.get("recaptcha_sitekey"),
+                                              body.get("recaptcha_action") or "sign_up"),
+                               LAUNCH_TIMEOUT + 2 * OP_TIMEOUT, "sign-up")
         return JSONResponse(result)
 
     async def fetch(body: dict) -> Response:
@@ -810,7 +822,7 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
             raise BadRequest("'cookies' and 'headers' must be objects")
         stream = browser.fetch(body)
         # Wait (bounded) for the status line so that a failure before it is a plain HTTP error.
-        first = await guarded(stream.__anext__(), LAUNCH_TIMEOUT + OP_TIMEOUT, "in-page fetch")
+        first = await guarded(anext(stream), LAUNCH_TIMEOUT + OP_TIMEOUT, "in-page fetch")
         if "error" in first:
             await stream.aclose()
             return error(first["error"], 502)
@@ -821,41 +833,28 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
                 async for item in stream:
                     yield (json.dumps(item) + "\n").encode()
             finally:
-                await stream.aclose()  # runs the abort when the client disconnected
+                await stream.aclose()  # aborts the page's fetch when the client disconnected
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson",
-                                 headers={"cache-control": "no-cache"})
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
 
     async def stop(_: dict) -> Response:
         log.info("shutdown requested")
         asyncio.get_running_loop().call_later(0.1, shutdown.set)
         return JSONResponse({"ok": True})
 
-    routes = [
+    return Starlette(routes=[
         Route("/status", handler(status), methods=["GET"]),
         Route("/token", handler(token), methods=["POST"]),
         Route("/clearance", handler(clearance), methods=["POST"]),
         Route("/signup", handler(signup), methods=["POST"]),
         Route("/fetch", handler(fetch), methods=["POST"]),
         Route("/shutdown", handler(stop), methods=["POST"]),
-    ]
-    return Starlette(routes=routes)
+    ])
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-
-
-async def watch_parent(shutdown: asyncio.Event) -> None:
-    """Exit when the parent dies (we get re-parented), so no browser is left orphaned."""
-    parent = os.getppid()
-    while not shutdown.is_set():
-        if os.getppid() != parent:
-            log.info("parent process %d is gone; exiting", parent)
-            shutdown.set()
-            return
-        await asyncio.sleep(1.0)
 
 
 async def main_async(settings: Settings) -> None:
@@ -864,7 +863,6 @@ async def main_async(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
-
     with contextlib.suppress(FileNotFoundError):
         os.unlink(settings.socket)  # a stale socket from a previous run
     config = HypercornConfig()
@@ -873,39 +871,28 @@ async def main_async(settings: Settings) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("sidecar.server")
     config.graceful_timeout = 2.0
-
-    watcher = asyncio.ensure_future(watch_parent(shutdown))
+    app: Any = build_app(browser, shutdown)
     try:
-        await serve(build_app(browser, shutdown), config, shutdown_trigger=shutdown.wait)
+        await serve(app, config, shutdown_trigger=shutdown.wait)
     finally:
-        watcher.cancel()
         await browser.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(settings.socket)
         log.info("sidecar stopped")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Playwright browser sidecar for the LM Arena bridge")
-    p.add_argument("--socket", help="Unix socket path (env BRIDGE_SIDECAR_SOCKET)")
-    p.add_argument("--arena-url", help="LM Arena base URL (env ARENA_URL, default https://arena.ai)")
-    p.add_argument("--browser", help="Chromium/Chrome binary (env BRIDGE_BROWSER)")
-    p.add_argument("--headful", action="store_true", help="visible browser, under Xvfb if no DISPLAY (env BRIDGE_HEADFUL=1)")
-    p.add_argument("--recaptcha-url", help="host serving recaptcha/enterprise.js (env ARENA_RECAPTCHA_URL)")
-    p.add_argument("--turnstile-url", help="host serving turnstile/v0/api.js (env ARENA_TURNSTILE_URL)")
-    p.add_argument("--log-level", default=os.environ.get("BRIDGE_LOG_LEVEL", "info"))
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    die_with_parent()  # first: the bridge may die while we start
+    p = argparse.ArgumentParser(description="Playwright browser sidecar for the LM Arena bridge")
+    p.add_argument("--socket", required=True, help="Unix socket path")
+    p.add_argument("--arena-url", required=True, help="LM Arena base URL")
+    p.add_argument("--browser", help="Chromium/Chrome binary (default: Playwright's, else one on PATH)")
+    p.add_argument("--headful", action="store_true", help="a browser with a window (under xvfb-run if no display)")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s sidecar %(levelname)s %(message)s")
-    settings = Settings(args)
-    if not settings.socket:
-        print("sidecar: --socket (or BRIDGE_SIDECAR_SOCKET) is required", file=sys.stderr)
-        return 2
-    asyncio.run(main_async(settings))
+    asyncio.run(main_async(Settings(args.socket, args.arena_url.rstrip("/"), args.browser, args.headful)))
     return 0
 
 

@@ -6,6 +6,7 @@ none is found. One sidecar serves the whole module; the SidecarClient tests star
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -17,7 +18,6 @@ import time
 
 import httpx
 import pytest
-
 from fake_arena import AUTH_COOKIE, make_uuid7
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,19 +25,18 @@ SIDECAR = os.path.join(ROOT, "sidecar.py")
 TEXT_MODEL = "019a98f7-afcd-779f-8dcb-856cc3b3f078"  # gemini-3-pro in the fixture list
 
 
-def _find_browser() -> str | None:
+def _find_browser() -> str:
     explicit = os.environ.get("BRIDGE_BROWSER")
     if explicit:
         return explicit
-    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), "")
 
 
 BROWSER = _find_browser()
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium/Chrome binary found")
+pytestmark = pytest.mark.skipif(not BROWSER, reason="no Chromium/Chrome binary found")
 
-import bridge  # noqa: E402
-from bridge import SidecarClient, SidecarError  # noqa: E402
-
+import bridge
+from bridge import SidecarClient, SidecarError
 
 # --- fixtures -------------------------------------------------------------------------------------
 
@@ -48,10 +47,10 @@ class Sidecar:
     def __init__(self, arena_url: str, folder: str, *extra: str) -> None:
         self.socket = os.path.join(folder, "sidecar.sock")
         self.log_path = os.path.join(folder, "sidecar.log")
-        self.proc = subprocess.Popen(
-            [sys.executable, SIDECAR, "--socket", self.socket, "--arena-url", arena_url, "--browser", BROWSER,
-             *extra],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, SIDECAR, "--socket", self.socket, "--arena-url", arena_url, "--browser", BROWSER,
+                 *extra], stdout=subprocess.DEVNULL, stderr=log)
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://sidecar",
                                  timeout=60)
         deadline = time.time() + 15
@@ -147,13 +146,6 @@ def test_token_is_minted_in_the_page_and_accepted(arena, sidecar):
     assert post_chat(arena, session, token).status_code == 403  # single use: the emulator checks it
     assert token[:40] not in sidecar.log()  # secrets never reach the log
 
-    # v2: the widget path (an optional fallback on the real site) works against the fake script too.
-    r = sidecar.post("/token", {"sitekey": arena.v2_sitekey, "action": "", "v2": True})
-    assert r.status_code == 200, r.text
-    body = create_body("v2", None) | {"recaptchaV2Token": r.json()["token"]}
-    assert httpx.post(arena.url + "/nextjs-api/stream/create-evaluation", content=json.dumps(body),
-                      headers={"Cookie": f"{AUTH_COOKIE}={session}", "Origin": arena.url}).status_code == 200
-
     status = sidecar.http.get("/status").json()
     assert status["browser"] == "running" and status["page_url"].startswith(arena.url)
     assert "Headless" not in status["user_agent"] and status["webdriver"] is False
@@ -237,6 +229,30 @@ def test_fetch_client_disconnect_aborts_the_page_fetch(arena, sidecar):
     assert "aborting it in the page" in sidecar.log()
 
 
+def test_in_page_chats_on_two_accounts_overlap_at_the_emulator(arena, sidecar):
+    # Each reply waits 1.5 s before its first byte. The session lock covers only setting an account's
+    # cookies until its request has left (the mint happens before it): the second chat must not wait
+    # for the first one's answer, nor for its token.
+    arena.configure(context_bound_tokens=True, first_byte_delay=1.5)
+    sessions = [arena.new_session(), arena.new_session()]
+    sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"})  # the page is up
+
+    def chat(session: str) -> list[dict]:
+        request = {"url": "/nextjs-api/stream/create-evaluation", "method": "POST",
+                   "body": json.dumps(create_body("overlap")), "cookies": {AUTH_COOKIE: session},
+                   "sitekey": arena.sitekey, "action": "chat_submit"}
+        with sidecar.http.stream("POST", "/fetch", json=request) as response:
+            return read_ndjson(response)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(chat, sessions))
+    assert all(a[0]["status"] == 200 and a[-1]["done"] for a in answers), answers
+    first, second = sorted(arena.chat_requests(), key=lambda r: r["time"])
+    assert second["time"] - first["time"] < 1.0, (first["time"], second["time"])
+    owners = {arena.session_user(r["cookies"][AUTH_COOKIE]) for r in (first, second)}
+    assert owners == {arena.session_user(s) for s in sessions}
+
+
 def test_signup_creates_an_account_the_emulator_accepts(arena, sidecar):
     r = sidecar.post("/signup", {"turnstile_sitekey": arena.turnstile_sitekey,
                                  "recaptcha_sitekey": arena.sitekey, "recaptcha_action": "sign_up"})
@@ -260,7 +276,7 @@ def test_signup_creates_an_account_the_emulator_accepts(arena, sidecar):
     assert r.status_code == 502 and "403" in r.json()["error"]
 
 
-@pytest.mark.skipif(not shutil.which("Xvfb"), reason="Xvfb is not installed")
+@pytest.mark.skipif(not shutil.which("xvfb-run"), reason="xvfb-run is not installed (apt-get install xvfb)")
 def test_headful_under_xvfb(arena, tmp_path, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     s = Sidecar(arena.url, str(tmp_path), "--headful")
@@ -269,18 +285,70 @@ def test_headful_under_xvfb(arena, tmp_path, monkeypatch):
         assert r.status_code == 200, r.text
         assert post_chat(arena, arena.new_session(), r.json()["token"]).status_code == 200
         xvfb = [p for p in _descendants(s.proc.pid) if _cmdline(p).startswith("Xvfb")]
-        assert len(xvfb) == 1 and "started Xvfb" in s.log()
+        assert len(xvfb) == 1 and "started by xvfb-run" in s.log()
+        assert s.http.get("/status").json()["webdriver"] is False
     finally:
         s.stop()
     assert _pid_gone(xvfb[0])
+
+
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("headful", [False, True], ids=["headless", "headful"])
+def test_the_sidecar_its_browser_and_display_end_when_the_bridge_is_killed(arena, tmp_path, headful):
+    if headful and not shutil.which("xvfb-run"):
+        pytest.skip("xvfb-run is not installed (apt-get install xvfb)")
+    socket_path = str(tmp_path / "s.sock")
+    argv = [sys.executable, SIDECAR, "--socket", socket_path, "--arena-url", arena.url, "--browser", BROWSER]
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *argv, *(["--headful"] if headful else [])],
+                              stdout=subprocess.PIPE, env=env)
+    try:
+        pid = int(parent.stdout.readline())
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://sidecar", timeout=60)
+        for _ in range(150):
+            if os.path.exists(socket_path):
+                break
+            time.sleep(0.1)
+        assert http.post("/token", json={"sitekey": arena.sitekey, "action": "chat_submit"}).status_code == 200
+        family = _descendants(pid)
+        assert any("chrom" in _cmdline(p) for p in family)
+        assert any(_cmdline(p).startswith("Xvfb") for p in family) is headful
+        parent.kill()  # SIGKILL: the bridge cannot clean up; the kernel tells the sidecar
+        parent.wait()
+        assert _pid_gone(pid) and all(_pid_gone(p) for p in family)
+        assert not os.path.exists(socket_path)  # it shut down in order
+    finally:
+        parent.kill()
+
+
+@pytest.mark.skipif(not shutil.which("xvfb-run"), reason="xvfb-run is not installed (apt-get install xvfb)")
+def test_a_killed_headful_sidecar_leaves_no_display_behind(arena, tmp_path, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    s = Sidecar(arena.url, str(tmp_path), "--headful")
+    try:
+        assert s.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"}).status_code == 200
+        family = _descendants(s.proc.pid)
+        assert any(_cmdline(p).startswith("Xvfb") for p in family)
+        s.proc.kill()
+        assert all(_pid_gone(p) for p in family)
+    finally:
+        s.proc.kill()
+        s.http.close()
 
 
 # --- the bridge's SidecarClient -------------------------------------------------------------------
 
 
 def make_client(arena, tmp_path, **kw) -> SidecarClient:
-    options = dict(socket_path=str(tmp_path / "client.sock"), arena_url=arena.url, browser=BROWSER,
-                   sidecar_script=SIDECAR, request_timeout=30.0)
+    options = {"socket_path": str(tmp_path / "client.sock"), "arena_url": arena.url, "browser": BROWSER,
+               "sidecar_script": SIDECAR, "request_timeout": 30.0}
     options.update(kw)
     return SidecarClient(**options)
 
