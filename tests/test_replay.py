@@ -18,6 +18,8 @@ RECORDED = [
     entry("GET", "/", 403, b"<title>Just a moment...</title>", [["Content-Type", "text/html"], ["cf-mitigated", "challenge"]]),
     entry("GET", "/?mode=direct", 200, PAGE, [["Content-Type", "text/html; charset=utf-8"],
                                                ["Set-Cookie", "arena-auth-prod-v1=REDACTED"]]),
+    entry("GET", "/c/moved", 302, b'<a href="https://arena.ai/r2/x.png">upload</a>',
+          [["Content-Type", "text/html"], ["Location", "https://arena.ai/?mode=direct"]]),
     entry("POST", "/nextjs-api/stream/create-evaluation", 429, b"Too many requests",
           [["Content-Type", "text/plain"], ["retry-after", "0"]]),
     entry("POST", "/nextjs-api/stream/create-evaluation", 200, STREAM, [["Content-Type", "text/event-stream"]]),
@@ -35,7 +37,7 @@ def saved(tmp_path):
         (tmp_path / f"{index:03d}.body").write_bytes(body)
         (tmp_path / f"{index:03d}.meta.json").write_text(json.dumps(meta))
         entries.append({"file": f"{index:03d}.body"})
-    (tmp_path / "manifest.json").write_text(json.dumps({"entries": entries}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"origin": "https://arena.ai", "entries": entries}))
     return str(tmp_path)
 
 
@@ -53,6 +55,12 @@ def test_a_recorded_page_answers_with_its_status_headers_and_body(arena):
     page = httpx.get(arena.url + "/?mode=direct")
     assert page.status_code == 200 and page.content == PAGE
     assert "set-cookie" not in page.headers
+
+
+def test_links_to_the_recorded_origin_lead_back_to_the_replay(arena):
+    answer = httpx.get(arena.url + "/c/moved")
+    assert answer.headers["location"] == arena.url + "/?mode=direct"
+    assert answer.text == f'<a href="{arena.url}/r2/x.png">upload</a>'
 
 
 def test_recordings_of_one_kind_answer_in_order_and_the_last_one_repeats(arena):

@@ -160,7 +160,7 @@ class FakeArena:
 
     def replay(self, folder: str | None) -> None:
         """Answer from a saved run's recordings (see ``replay``) where it has one; None stops replaying."""
-        self.replaying = Replay(folder) if folder else None
+        self.replaying = Replay(folder, self.url) if folder else None
 
     def fault(self, times: int = 1, **spec: Any) -> None:
         """Queue a fault for the next ``times`` matching requests (see ``Faults.add``)."""

@@ -5,7 +5,9 @@ What is replayed is what the site said about itself: pages, JS chunks, chat stre
 storage answers, each with its recorded status, headers and body. Sessions, refresh, sign-up and the
 anti-bot stand-ins stay live (their secrets were redacted from the folder), so the accounts a test creates
 keep working against a replayed site. Requests of one kind are answered by their recordings in order;
-the last one answers any further request of its kind.
+the last one answers any further request of its kind. The recorded origin (the manifest's `origin`) is
+replaced by the emulator's own in bodies and headers, so that links into the site (script URLs, upload
+URLs) lead back to the replay.
 """
 
 from __future__ import annotations
@@ -51,31 +53,36 @@ def header_pairs(headers: Any) -> list[tuple[str, str]]:
     return [(str(k), str(v)) for k, v in items if str(k).lower() not in DROPPED_HEADERS]
 
 
-def load_folder(folder: str) -> dict[str, list[Recorded]]:
-    """Recordings by request key, in the order they were made."""
+def load_folder(folder: str, origin: str) -> dict[str, list[Recorded]]:
+    """Recordings by request key, in the order they were made, pointing at `origin`."""
     index_name = "manifest.json" if os.path.exists(os.path.join(folder, "manifest.json")) else "index.json"
     with open(os.path.join(folder, index_name), encoding="utf-8") as f:
         index = json.load(f)
     entries = index["entries"] if isinstance(index, dict) else index
+    recorded_origin = index.get("origin") if isinstance(index, dict) else None
+
+    def moved(text: str) -> str:
+        return text.replace(recorded_origin, origin) if recorded_origin else text
+
     recordings: dict[str, list[Recorded]] = {}
     for entry in entries:
         base = os.path.join(folder, entry["file"][:-len(".body")])
         with open(base + ".meta.json", encoding="utf-8") as f:
             meta = json.load(f)
-        with open(base + ".body", "rb") as f:
-            body = f.read()
+        with open(base + ".body", "rb") as raw:
+            body = moved(raw.read().decode("latin-1")).encode("latin-1")
+        headers = [(name, moved(value)) for name, value in header_pairs(meta.get("response_headers"))]
         key = request_key(meta["method"], meta["url"])
-        recordings.setdefault(key, []).append(Recorded(int(meta["status"]), header_pairs(meta.get("response_headers")),
-                                                       body))
+        recordings.setdefault(key, []).append(Recorded(int(meta["status"]), headers, body))
     return recordings
 
 
 class Replay:
     """The recordings of one saved run, answering in place of the emulator's own handlers."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, origin: str) -> None:
         self.folder = folder
-        self.recordings = load_folder(folder)
+        self.recordings = load_folder(folder, origin)
         self.served: dict[str, int] = {}
 
     def answer(self, h: Handler, req: Request) -> bool:
