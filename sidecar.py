@@ -420,12 +420,18 @@ class Browser:
         self._sent_ids: collections.deque[str] = collections.deque(maxlen=32)  # recent requests that left
         self.user_agent: str | None = None
         self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
+        self.headful = False
+        self.launch_seconds: float | None = None   # how long the last launch took (the doctor reports it)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
         return self._browser is not None and self._browser.is_connected()
+
+    @property
+    def version(self) -> str:
+        return self._browser.version
 
     @property
     def page_url(self) -> str | None:
@@ -458,8 +464,9 @@ class Browser:
         except BaseException:
             await self.close()  # half a launch would look "running" to the next call
             raise
-        log.info("browser %s launched in %.1fs (%s, %s)", self._browser.version, time.monotonic() - started,
-                 path, "headless" if display is None else "headful")
+        self.headful, self.launch_seconds = display is not None, time.monotonic() - started
+        log.info("browser %s launched in %.1fs (%s, %s)", self._browser.version, self.launch_seconds,
+                 path, "headful" if self.headful else "headless")
 
     async def new_context(self) -> Any:
         ctx = await self._browser.new_context(user_agent=self.user_agent, locale="en-US",
@@ -797,6 +804,8 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
             "ok": True, "browser": "running" if running else "not started", "pid": os.getpid(),
             "user_agent": browser.user_agent if running else None, "page_url": browser.page_url if running else None,
             "webdriver": browser.webdriver if running else None, "rss_mb": rss_mb(os.getpid()),
+            "version": browser.version if running else None, "headful": browser.headful if running else None,
+            "launch_seconds": browser.launch_seconds if running else None,
         })
 
     async def token(body: dict) -> Response:

@@ -149,6 +149,7 @@ def test_token_is_minted_in_the_page_and_accepted(arena, sidecar):
     status = sidecar.http.get("/status").json()
     assert status["browser"] == "running" and status["page_url"].startswith(arena.url)
     assert "Headless" not in status["user_agent"] and status["webdriver"] is False
+    assert status["version"][0].isdigit() and status["headful"] is False and 0 < status["launch_seconds"] < 60
     print(f"sidecar memory (PSS, sidecar + driver + Chromium): {status['rss_mb']:.0f} MiB")
     # The page the site saw: a normal browser UA on every request.
     page_loads = [e for e in arena.requests if e["path"].startswith("/recaptcha/")]
