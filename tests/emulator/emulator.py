@@ -16,8 +16,8 @@ from .common import DEFAULT_MODELS_PATH, DEFAULT_SITEKEY, TURNSTILE_SITEKEY
 from .core import Core
 from .faults import Faults, answer_status_fault
 from .http import Handler, Request, Server, send
-from .replay import Replay
 from .replies import ReplyBuilder
+from .saved_runs import Replay
 from .signup import SignUp
 from .site import Page, Site
 from .uploads import R2, ServerActions
@@ -159,7 +159,7 @@ class FakeArena:
                     self.core.set_knob(k, v)
 
     def replay(self, folder: str | None) -> None:
-        """Answer from a saved run's recordings (see ``replay``) where it has one; None stops replaying."""
+        """Answer from a saved run's recordings (see ``saved_runs``) where it has one; None stops replaying."""
         self.replaying = Replay(folder, self.url) if folder else None
 
     def fault(self, times: int = 1, **spec: Any) -> None:
