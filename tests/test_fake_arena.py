@@ -9,13 +9,18 @@ import re
 
 import httpx
 import pytest
-from fake_arena import AUTH_COOKIE, FakeArena, make_uuid7
-
-UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"
-TEXT_MODEL = "019a98f7-afcd-779f-8dcb-856cc3b3f078"      # gemini-3-pro
-SEARCH_MODEL = "019abdb7-6957-71c1-96a2-bfa79e8a094f"    # gemini-3-pro-grounding
-IMAGE_MODEL = "019abc10-e78d-7932-b725-7f1563ed8a12"     # nano-banana-pro 2k
-STEALTH_MODEL = "019b094b-ff6f-728b-8517-a735d43ab2ac"   # stellarblade
+from emulator_client import (
+    IMAGE_MODEL,
+    SEARCH_MODEL,
+    STEALTH_MODEL,
+    TEXT_MODEL,
+    UA,
+    cookie_header,
+    create_body,
+    parse_stream,
+    post_chat,
+)
+from fake_arena import AUTH_COOKIE, FakeArena
 
 
 @pytest.fixture(scope="module")
@@ -35,44 +40,6 @@ def _reset(arena):
 def client():
     with httpx.Client(timeout=10) as c:
         yield c
-
-
-def cookie_header(value=None, chunks=None, **extra):
-    parts = []
-    if value:
-        parts.append(f"{AUTH_COOKIE}={value}")
-    for i, c in enumerate(chunks or []):
-        parts.append(f"{AUTH_COOKIE}.{i}={c}")
-    parts += [f"{k}={v}" for k, v in extra.items()]
-    return "; ".join(parts)
-
-
-def create_body(arena, content="hi", model=TEXT_MODEL, mode="direct-battle", modality="chat", token=None, **kw):
-    body = {"id": make_uuid7(), "mode": mode, "modelAId": model, "userMessageId": make_uuid7(),
-            "modelAMessageId": make_uuid7(),
-            "userMessage": {"content": content, "experimental_attachments": [], "metadata": {}},
-            "modality": modality, "recaptchaV3Token": token or arena.mint_token("chat_submit")}
-    body.update(kw)
-    return body
-
-
-def post_chat(client, arena, path, body, session, method="POST", headers=None):
-    h = {"Content-Type": "text/plain;charset=UTF-8", "Origin": arena.url, "User-Agent": UA,
-         "Cookie": cookie_header(session)}
-    h.update(headers or {})
-    return client.request(method, arena.url + path, content=json.dumps(body), headers=h)
-
-
-def parse_stream(text):
-    content, lines = "", []
-    for ln in text.split("\n"):
-        ln = ln.strip()
-        if not ln:
-            continue
-        lines.append(ln)
-        if ln.startswith("a0:"):
-            content += json.loads(ln[3:])
-    return content, lines
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -189,11 +189,19 @@ class Accounts:
         uid, expired, session = max(infos, key=lambda i: (not i[1], i[2].get("expires_at") or 0))
         return uid, ("expired" if expired else "ok"), session
 
+    def kill(self, uid: str) -> None:
+        """U9: the account is gone server-side; its still well-signed session gets ``a3:"User not found"``
+        and can no longer be refreshed."""
+        if uid not in self.accounts:
+            raise ValueError(f"unknown account {uid!r}")
+        with self.core.lock:
+            self.accounts[uid]["dead"] = True
+
     def use_refresh_token(self, rt: object) -> dict | None:
         """Supabase rotation: first use issues a successor; reuse within the grace returns it; later → None."""
         with self.core.lock:
             rec = self._refresh.get(rt) if isinstance(rt, str) else None
-            if rec is None:
+            if rec is None or self.accounts[rec["uid"]].get("dead"):
                 return None
             now = self.core.now()
             if rec["used_at"] is not None:

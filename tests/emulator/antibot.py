@@ -8,11 +8,23 @@ import hmac
 import json
 import os
 import time
+from collections.abc import Callable
 
-from .common import CTX_COOKIE, TOKEN_PREFIX, TURNSTILE_DUMMY_TOKEN, TURNSTILE_PASS_KEY, b64_any_decode, b64url, compact
+from .common import (
+    PAGE_HEADER,
+    TOKEN_PREFIX,
+    TURNSTILE_DUMMY_TOKEN,
+    TURNSTILE_PASS_KEY,
+    b64_any_decode,
+    b64url,
+    compact,
+)
 from .core import Core
 from .http import Handler, Request, send
 from .scripts import GRECAPTCHA_JS, TURNSTILE_JS, challenge_html
+
+# U2 defaults: K requests within W seconds pass, the next flags the account for P seconds; a failed token flags too.
+PENALTY_DEFAULTS = {"k": 3, "w": 60.0, "p": 1200.0, "on_fail": True}
 
 SCRIPT_HEADERS = [("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
 
@@ -25,6 +37,14 @@ def pick_token(body: dict) -> tuple[str, bool] | None:
     if isinstance(v2, str) and v2 and v3 is None:
         return v2, True
     return None
+
+
+def penalty_settings(knob: object) -> dict | None:
+    if not knob:
+        return None
+    given = knob if isinstance(knob, dict) else {}
+    out = {**PENALTY_DEFAULTS, **{k: v for k, v in given.items() if k in PENALTY_DEFAULTS}}
+    return {"k": int(out["k"]), "w": float(out["w"]), "p": float(out["p"]), "on_fail": bool(out["on_fail"])}
 
 
 class Recaptcha:
@@ -43,12 +63,12 @@ class Recaptcha:
              context: str | None = None) -> str:
         """``0cAFcWeA`` + base64url(JSON claims, NUL, HMAC, random filler).
 
-        ``context`` is the browser-context id (cookie ``arena-ctx``) for the ``context_bound_tokens`` knob."""
+        ``context`` is the id of the page that mints it (the ``context_bound_tokens`` knob, U1)."""
         core = self.core
         claims = {"k": sitekey, "a": action or "", "t": round(core.now() - float(age), 3), "n": core.hex(16),
                   "v2": bool(v2)}
         if context:
-            claims["c"] = str(context)
+            claims["c"] = self.page_hash(str(context))
         payload = compact(claims).encode()
         filler = bytes(core.rng.getrandbits(8) for _ in range(max(0, 1200 - len(payload))))
         return TOKEN_PREFIX + b64url(payload + b"\x00" + self._mac(payload) + filler)
@@ -78,8 +98,18 @@ class Recaptcha:
             self.used_nonces[nonce] = now
             return True
 
+    def page_hash(self, page_id: str) -> str:
+        """What a token keeps of the page that minted it: a keyed hash, so a reader of the token cannot forge
+        the page's header from it."""
+        return hmac.new(self.core.secret, b"page|" + page_id.encode(), hashlib.sha256).hexdigest()[:24]
+
+    def _from_page(self, info: dict, req: Request) -> bool:
+        """U1: the request is the minting page's own fetch() (the fake script adds the page's id to those)."""
+        page_id = req.headers.get(PAGE_HEADER)
+        return bool(page_id and info.get("c") and hmac.compare_digest(str(info["c"]), self.page_hash(page_id)))
+
     def _claims_reason(self, info: dict, want_v2: bool, action: str, sitekeys: tuple[str, str],
-                       context: str | None) -> str | None:
+                       req: Request) -> str | None:
         sitekey, v2_sitekey = sitekeys
         now, knobs = self.core.now(), self.core.knobs
         checks = (
@@ -87,62 +117,89 @@ class Recaptcha:
             (now - float(info["t"]) > float(knobs["token_max_age"]) or float(info["t"]) > now + 5, "token expired"),
             (info["k"] not in ((v2_sitekey, sitekey) if want_v2 else (sitekey,)), "wrong sitekey"),
             (not want_v2 and info["a"] != action, f"wrong action {info['a']!r}"),
-            (bool(knobs["context_bound_tokens"]) and not (info.get("c") and info.get("c") == context),
-             "browser context mismatch"),
+            (bool(knobs["context_bound_tokens"]) and not self._from_page(info, req), "not sent by the minting page"),
         )
         return next((reason for failed, reason in checks if failed), None)
 
-    def check(self, req: Request, body: dict, action: str, uid: str | None, sitekeys: tuple[str, str],
-              score_knobs: bool = True) -> str | None:
-        """None if the request's token passes, else a reason string (logged in the request log)."""
-        if self.core.knobs["recaptcha"] == "off":
-            return None
-        picked = pick_token(body)
+    def _token_reason(self, req: Request, picked: tuple[str, bool] | None, action: str,
+                      sitekeys: tuple[str, str]) -> str | None:
         if picked is None:
             return "no token"
-        token, want_v2 = picked
-        info = self.decode(token)
+        info = self.decode(picked[0])
         if info is None:
             return "bad signature"
         if not self._spend(str(info.get("n"))):
             return "token reused"
-        reason = self._claims_reason(info, want_v2, action, sitekeys, req.cookies.get(CTX_COOKIE))
-        if reason or not score_knobs:
-            return reason
-        exempt = want_v2 and self.core.knobs["v2_passes_when_v3_fails"]
-        reason = self._score_reason(uid, exempt)
-        return None if exempt else reason
+        return self._claims_reason(info, picked[1], action, sitekeys, req)
 
-    def _score_reason(self, uid: str | None, exempt: bool) -> str | None:
+    def check(self, req: Request, body: dict, action: str, uid: str | None, sitekeys: tuple[str, str],
+              score_knobs: bool = True) -> str | None:
+        """None if the request's token passes, else a reason string (logged in the request log).
+
+        Order: an account under penalty fails at once (and the penalty grows); then the token itself; then the
+        score knobs.  With ``on_fail``, a failed token puts the account under penalty too."""
+        knobs = self.core.knobs
+        if knobs["recaptcha"] == "off":
+            return None
+        picked = pick_token(body)
+        scored = score_knobs and not (picked and picked[1] and knobs["v2_passes_when_v3_fails"])
+        penalty = penalty_settings(knobs["recaptcha_penalty"]) if scored and uid else None
+
+        def verdict() -> str | None:
+            reason = self._token_reason(req, picked, action, sitekeys)
+            return self._score_reason(uid, penalty) if reason is None and scored else reason
+        return self._penalised(uid, penalty, verdict) if penalty and uid else verdict()
+
+    def _penalised(self, uid: str, penalty: dict, verdict: Callable[[], str | None]) -> str | None:
+        if self._extend_flag(uid, penalty):
+            return "account penalty"
+        reason = verdict()
+        if reason and penalty["on_fail"] and reason != "account penalty":
+            self._flag(uid, penalty)
+        return reason
+
+    def _score_reason(self, uid: str | None, penalty: dict | None) -> str | None:
         knobs = self.core.knobs
         with self.core.lock:
-            reason = self._penalty_reason(uid)
+            reason = self._window_reason(uid, penalty) if penalty and uid else None
             if knobs["recaptcha_fail_next"] > 0:
-                if not exempt:
-                    knobs["recaptcha_fail_next"] -= 1
+                knobs["recaptcha_fail_next"] -= 1
                 reason = reason or "low score (fail_next)"
             if knobs["recaptcha_fail_always"]:
                 reason = reason or "low score (fail_always)"
         return reason
 
-    def _penalty_reason(self, uid: str | None) -> str | None:
-        """Account penalty: K requests within W s pass, the next flags the account for P s, and every attempt
-        while flagged extends the flag."""
-        pen = self.core.knobs["recaptcha_penalty"]
-        if not pen or not uid:
-            return None
+    # --- U2: account penalties ----------------------------------------------------------------------------------------
+
+    def _flag(self, uid: str, penalty: dict) -> None:
+        with self.core.lock:
+            st = self.penalty.setdefault(uid, {"times": [], "until": 0.0})
+            st["until"], st["times"] = self.core.now() + penalty["p"], []
+
+    def _extend_flag(self, uid: str, penalty: dict) -> bool:
+        """True if the account is under penalty; every attempt meanwhile extends it to now + P."""
+        with self.core.lock:
+            st = self.penalty.get(uid)
+            if st is None or st["until"] <= self.core.now():
+                return False
+            st["until"] = self.core.now() + penalty["p"]
+            return True
+
+    def _window_reason(self, uid: str, penalty: dict) -> str | None:
+        """K requests within W s pass; the next one puts the account under penalty for P s."""
         now = self.core.now()
         st = self.penalty.setdefault(uid, {"times": [], "until": 0.0})
-        if st["until"] > now:
-            st["until"] = now + float(pen.get("p", 1200))
-            return "account penalty"
-        st["times"] = [t for t in st["times"] if t > now - float(pen.get("w", 60))]
-        if len(st["times"]) >= int(pen.get("k", 3)):
-            st["until"] = now + float(pen.get("p", 1200))
-            st["times"] = []
+        st["times"] = [t for t in st["times"] if t > now - penalty["w"]]
+        if len(st["times"]) >= penalty["k"]:
+            self._flag(uid, penalty)
             return "account penalty"
         st["times"].append(now)
         return None
+
+    def penalty_until(self, uid: str) -> float:
+        """When the account's penalty ends (0 when it has none)."""
+        st = self.penalty.get(uid)
+        return st["until"] if st and st["until"] > self.core.now() else 0.0
 
     # --- the page's script ------------------------------------------------------------------------------------------
 
@@ -152,7 +209,7 @@ class Recaptcha:
                "readyDelay": int(float(knobs["grecaptcha_ready_delay"]) * 1000),
                "noEnterprise": bool(knobs["grecaptcha_no_enterprise"]) or not req.path.endswith("enterprise.js"),
                "rejects": bool(knobs["grecaptcha_execute_rejects"]),
-               "wrongSitekey": bool(knobs["grecaptcha_wrong_sitekey"]), "ctxCookie": CTX_COOKIE}
+               "wrongSitekey": bool(knobs["grecaptcha_wrong_sitekey"]), "pageHeader": PAGE_HEADER}
         send(h, 200, "(function(){var C=" + compact(cfg) + ";" + GRECAPTCHA_JS, "text/javascript; charset=utf-8",
              headers=SCRIPT_HEADERS)
 

@@ -13,8 +13,10 @@ import zlib
 from typing import Any
 
 # The repository's own copy of the scraped list, so that a plain clone runs the emulator and the tests.
-DEFAULT_MODELS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures",
-                                   "models.json")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
+DEFAULT_MODELS_PATH = os.path.join(FIXTURES, "models.json")
+# Real captures of the site (Nov–Dec 2025), a copy of shared/fixtures/real.
+REAL_FIXTURES = os.path.join(FIXTURES, "real")
 
 DEFAULT_SITEKEY = "6LeTGMcsAAAAALuIlkVwIxaAuZA8VledA6d3Nnb0"
 V2_SITEKEY = "6Ld7ePYrAAAAAB34ovoFoDau1fqCJ6IyOjFEQaMn"
@@ -24,7 +26,8 @@ TURNSTILE_FAIL_KEY = "2x00000000000000000000AB"
 TURNSTILE_DUMMY_TOKEN = "XXXX.DUMMY.TOKEN.XXXX"
 TOKEN_PREFIX = "0cAFcWeA"
 AUTH_COOKIE = "arena-auth-prod-v1"
-CTX_COOKIE = "arena-ctx"
+# The header the fake grecaptcha script adds to its page's own fetch() calls (U1): the page id of the tab.
+PAGE_HEADER = "x-arena-page"
 R2_MAX_BYTES = 10 * 1024 * 1024
 CHAT_PATHS = ("create", "post", "retry")
 UUID7_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -40,9 +43,9 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "recaptcha": "required",            # "required" | "off"
     "recaptcha_fail_next": 0,           # fail the next N chat token checks (score too low)
     "recaptcha_fail_always": False,
-    "recaptcha_penalty": None,          # {"k":3,"w":60,"p":1200}: K requests within W s pass, the next flags P s
+    "recaptcha_penalty": None,          # U2 {"k":2,"w":20,"p":1200,"on_fail":true}: see Recaptcha.penalty_reason
     "v2_passes_when_v3_fails": False,   # v2 tokens ignore the three score knobs above
-    "context_bound_tokens": False,      # token ctx must equal the request's arena-ctx cookie
+    "context_bound_tokens": False,      # U1: a token passes only when sent by the page (tab) that minted it
     "token_max_age": 120.0,
     "grecaptcha_ready_delay": 0.05,     # fake grecaptcha script: delay before ready() callbacks run
     "grecaptcha_no_enterprise": False,  # script defines no grecaptcha.enterprise
@@ -66,14 +69,30 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "signup_fail": None,                # None | 500 | 403 | any status
     "page_auto_signup": False,          # the page signs up by itself when it has no auth cookie
     "rotate_on_chat": False,            # a chat reply carries Set-Cookie with a rotated session (refresh token used)
+    "signup_turnstile": "required",     # U5: "required" | "none" (2026: no Turnstile on the page or in the body)
+    "provisional_id_store": "cookie",   # U5: "cookie" | "local_storage" (no provisional_user_id cookie)
+    "login_gate": False,                # U4: guests get 401 LOGIN_GATE in direct, direct-battle, side-by-side, auto
     # --- chat validation ---
     "mode_policy": "both",              # "both" | "no_direct"
     "unknown_model_status": 400,        # 400 {"error":"Invalid model"} | 404 {"error":"Models not found"}
     "check_modality": True,             # request modality must match the model (404 Models not found)
+    "battle_turn_every": 0,             # U3: in direct-battle every k-th reply is a battle turn (both lanes)
+    "battle_skip_refused": False,       # U3: skip-direct-battle answers 400 "Skipping only allowed for first response"
+    "strict_2026_body": False,          # U9: create/follow-up need modelBMessageId + autoModalityMetadata, else 403
+    "image_quota": 0,                   # U7: image replies per account per day (0: no daily quota)
     # --- page ---
     "flight_split": True,               # split the initialModels payload across two pushes
+    "models_at": "both",                # U10: "both" | "direct_only" (initialModels only at /?mode=direct)
+    "anon_key_in_chunks": True,         # U10: False: no Supabase anon key in the JS chunks
+    "sitekey_call_site": "literal",     # U8: "literal" execute(k,{action:"chat_submit"}) | "variable" {action:e}
+    "sitekey_in_page": "render",        # U8: "render" (?render=<key>) | "k" (render=explicit + ?k=<key>) | "none"
+    "model_fields_2026": False,         # U9: every model gets displayName and userSelectable
+    "unselectable_models": [],          # U9: ids or publicNames served with userSelectable:false, refused in chats
+    "router_model": None,               # U9: publicName the "max" router model routes to (a2 routed_model part)
+    "action_answer": "short",           # U9: "short" | "flight" (whole page flight tree, result on line 1:)
     # --- stream content ---
-    "script": [],                       # FIFO of raw line lists, one per stream request
+    "script": [],                       # FIFO of scripted replies, one per stream request (see replies.scripted)
+    "citation_format": "markers",       # U6: "markers" (<!--citation:N-->) | "offsets" (charLocation, real 2025-12)
     "image_output": "url",              # "url" | "data" | "file"
     "finish_reason": None,              # override "stop"
     "lines": 0,                         # N > 0: reply is a0:"line <i>\n" for i=1..N
@@ -94,7 +113,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
 }
 
 # Knobs whose default is mutable: copied on reset.
-MUTABLE_KNOBS = ("script",)
+MUTABLE_KNOBS = ("script", "unselectable_models")
 
 
 def b64url(data: bytes) -> str:

@@ -72,14 +72,34 @@ def _replay(arena: FakeArena, req: Request) -> Any:
 
 def _state(arena: FakeArena, _req: Request) -> Any:
     return {"url": arena.url, "sitekey": arena.sitekey, "build_id": arena.build_id, "action_ids": arena.action_ids,
-            "anon_key": arena.anon_key, "clock_offset": arena.clock_offset, "evaluations": arena.evaluations}
+            "anon_key": arena.anon_key, "clock_offset": arena.clock_offset, "evaluations": arena.evaluations,
+            "penalties": {uid: until for uid in arena.accounts if (until := arena.penalty_until(uid))},
+            "image_quota_used": {uid: day["used"] for uid, day in arena.chat.quota.days.items()}}
+
+
+def _script(arena: FakeArena, req: Request) -> Any:
+    """POST one reply spec (or ``{"replies": [spec, …]}``) to queue it; GET the queue."""
+    if req.method == "POST":
+        for spec in req.obj.get("replies") or [req.obj]:
+            arena.script_reply(**spec)
+    return {"queue": arena.knobs["script"]}
+
+
+def _captures(arena: FakeArena, _req: Request) -> Any:
+    return {"captures": arena.captures()}
+
+
+def _kill_account(arena: FakeArena, req: Request) -> Any:
+    arena.kill_account(str(req.obj.get("user") or req.obj.get("value") or ""))
+    return {"ok": True}
 
 
 # Endpoint name (after ``/__emulator/``) -> what it does; each answers 200 with JSON.
 ENDPOINTS: dict[str, Callable[[FakeArena, Request], Any]] = {
     "config": _config, "fault": _fault, "reset": _reset, "requests": _requests, "session": _session,
     "mint": _mint, "expire_session": _expire_session, "redeploy": _redeploy, "rotate_sitekey": _rotate_sitekey,
-    "clearance": _clearance, "state": _state, "replay": _replay,
+    "clearance": _clearance, "state": _state, "replay": _replay, "script": _script, "captures": _captures,
+    "kill_account": _kill_account,
 }
 
 

@@ -11,11 +11,13 @@ from urllib.parse import urlsplit
 from . import control
 from .accounts import Accounts, decode_session, encode_session, split_session
 from .antibot import Cloudflare, Recaptcha, Turnstile
+from .catalog import Catalog
 from .chat import Chat
 from .common import DEFAULT_MODELS_PATH, DEFAULT_SITEKEY, TURNSTILE_SITEKEY
 from .core import Core
 from .faults import Faults, answer_status_fault
 from .http import Handler, Request, Server, send
+from .replay import capture_names, load_capture
 from .replies import ReplyBuilder
 from .saved_runs import Replay
 from .signup import SignUp
@@ -38,6 +40,7 @@ def is_action(req: Request) -> bool:
 
 # Request kind (for fault matching), first match wins.
 KINDS: tuple[tuple[str, Callable[[Request], bool]], ...] = (
+    ("skip", lambda r: r.path.startswith("/nextjs-api/stream/skip-direct-battle/")),
     ("create", lambda r: r.path == "/nextjs-api/stream/create-evaluation"),
     ("post", lambda r: r.path.startswith("/nextjs-api/stream/post-to-evaluation/")),
     ("retry", lambda r: r.path.startswith("/nextjs-api/stream/retry-evaluation-session-message/")),
@@ -65,7 +68,8 @@ class FakeArena:
         core.host, core.port = host, int(self._server.server_address[1])
         core.url = f"http://{host}:{core.port}"
         self.accounts_ = Accounts(core)
-        self.site = Site(core, self.models, TURNSTILE_SITEKEY, DEFAULT_SITEKEY)
+        self.catalog = Catalog(core, self.models)
+        self.site = Site(core, self.catalog, TURNSTILE_SITEKEY, DEFAULT_SITEKEY)
         self.site.anon_key = self.accounts_.anon_key
         self.recaptcha = Recaptcha(core)
         self.turnstile = Turnstile(core)
@@ -76,7 +80,7 @@ class FakeArena:
         self.signup = SignUp(core, self.accounts_, self.recaptcha, self.turnstile, self.site)
         self.actions = ServerActions(core, self.site, self.accounts_, self.storage)
         self.chat = Chat(core, self.site, self.accounts_, self.recaptcha, self.faults,
-                         ReplyBuilder(core, self.storage), self.models)
+                         ReplyBuilder(core, self.storage), self.catalog)
         self._thread: threading.Thread | None = None
         self.routes = self._routes()
         self.replaying: Replay | None = None
@@ -110,7 +114,7 @@ class FakeArena:
     port = property(lambda self: self.core.port)
     knobs = property(lambda self: self.core.knobs)
     requests = property(lambda self: self.core.requests)
-    models_by_id = property(lambda self: self.chat.models_by_id)
+    models_by_id = property(lambda self: self.catalog.base_by_id)
     evaluations = property(lambda self: self.chat.evaluations)
     accounts = property(lambda self: self.accounts_.accounts)
     r2 = property(lambda self: self.storage.objects)
@@ -145,6 +149,7 @@ class FakeArena:
             self.faults.queue.clear()
             self.core.requests.clear()
             self.recaptcha.penalty.clear()
+            self.chat.quota.days.clear()
             self.core.clock_offset = 0.0
 
     def configure(self, **knobs: Any) -> None:
@@ -201,6 +206,32 @@ class FakeArena:
         """A reCAPTCHA token as the fake script mints it (``context``: the browser context it belongs to)."""
         key = sitekey or (self.site.v2_sitekey if v2 else self.site.sitekey)
         return self.recaptcha.mint(key, action, v2, age, context)
+
+    def script_reply(self, text: str | None = None, reasoning: str | None = None, finish: str = "stop",
+                     usage: dict | None = None, lines: list[str] | None = None, replay: str | None = None,
+                     cut: int | str | None = None) -> None:
+        """Queue the reply of the next chat request (FIFO, one per stream request, any account): its ``text``
+        and optional ``reasoning``, ``finish`` and ``usage``; or raw ``lines``; or a real capture to ``replay``
+        (optionally ``cut`` after N bytes or at a "random" offset)."""
+        spec: dict[str, Any] = {"lines": list(lines)} if lines is not None else \
+            {"replay": replay, "cut": cut} if replay else {"text": text or "", "reasoning": reasoning or "",
+                                                         "finish": finish, "usage": usage}
+        if replay:
+            load_capture(replay)  # an unknown name fails here, not in the middle of a test's chat
+        with self.core.lock:
+            self.core.knobs["script"].append(spec)
+
+    def captures(self) -> list[str]:
+        """Names of the real captures ``script_reply(replay=…)`` can replay."""
+        return capture_names()
+
+    def kill_account(self, user: str) -> None:
+        """U9: a dead credential (by arena user id or session cookie value)."""
+        self.accounts_.kill(self.session_user(user) or user)
+
+    def penalty_until(self, user: str) -> float:
+        """U2: when the account's reCAPTCHA penalty ends (0: none)."""
+        return self.recaptcha.penalty_until(user)
 
     def _mint_turnstile(self, sitekey: str) -> str:
         return self.turnstile.mint(sitekey)

@@ -2,11 +2,23 @@
 (each is prefixed with ``(function(){var C=<config>;`` by its server) and the Cloudflare interstitial page."""
 
 GRECAPTCHA_JS = r"""
-function ctx(){var m=document.cookie.match(new RegExp('(?:^|; )'+C.ctxCookie+'=([^;]+)'));if(m)return m[1];
- var id='';for(var i=0;i<16;i++)id+=Math.floor(Math.random()*16).toString(16);
- document.cookie=C.ctxCookie+'='+id+'; path=/';return id}
+function pageId(){var id=null;try{id=sessionStorage.getItem('__arenaPage')}catch(e){}if(id)return id;
+ id='';for(var i=0;i<24;i++)id+=Math.floor(Math.random()*16).toString(16);
+ try{sessionStorage.setItem('__arenaPage',id)}catch(e){}return id}
+// U1: this tab's own fetch() calls to its origin carry the tab's id; a replay from elsewhere does not.
+if(!window.__arenaFetch){var realFetch=window.__arenaFetch=window.fetch;
+ window.fetch=function(input,init){try{var u=new URL(typeof input==='string'?input:(input&&input.url)||String(input),
+  location.href);if(u.origin===location.origin){init=Object.assign({},init||{});
+  var h=new Headers(init.headers||(input instanceof Request?input.headers:undefined));h.set(C.pageHeader,pageId());
+  init.headers=h}}catch(e){}return realFetch.call(this,input,init)}}
+// U8: the live configuration a page can read the sitekey from, as real grecaptcha keeps it.
+function remember(key){if(!/^6L/.test(key||''))return;var g=window.___grecaptcha_cfg=window.___grecaptcha_cfg||
+ {count:0,isEnterprise:!C.noEnterprise,clients:{}};var n=Object.keys(g.clients).length;
+ for(var i=0;i<n;i++)if(g.clients[i].Z.Y.sitekey===key)return;
+ g.clients[n]={id:n,Z:{Y:{sitekey:key,size:'invisible',badge:'bottomright'}}};g.count=n+1}
+remember(C.render);
 function mint(key,action,v2){return fetch(C.base+'/__recaptcha/mint?sitekey='+encodeURIComponent(key||'')+
- '&action='+encodeURIComponent(action||'')+'&v2='+(v2?1:0)+'&ctx='+encodeURIComponent(ctx()),{credentials:'omit'})
+ '&action='+encodeURIComponent(action||'')+'&v2='+(v2?1:0)+'&ctx='+encodeURIComponent(pageId()),{credentials:'omit'})
  .then(function(r){if(!r.ok)throw new Error('recaptcha mint failed: '+r.status);return r.json()})
  .then(function(j){return j.token})}
 var isReady=false,q=[];
@@ -20,7 +32,7 @@ var api={
    return w?mint(w.sitekey,'',true).then(function(t){w.token=t;if(w.cb)w.cb(t);return t}):Promise.reject(new Error('no widget'))}
   if(C.rejects)return Promise.reject(new Error('reCAPTCHA execute failed'));
   var k=C.wrongSitekey?'6LwrongwrongwrongwrongwrongwrongwrongAAA':(key||C.render);
-  return mint(k,opts&&opts.action,false)},
+  remember(k);return mint(k,opts&&opts.action,false)},
  render:function(el,p){var id=nextId++;p=p||{};var w={sitekey:p.sitekey,cb:p.callback,err:p['error-callback'],token:''};
   widgets[id]=w;setTimeout(function(){mint(w.sitekey,'',true).then(function(t){w.token=t;if(w.cb)w.cb(t)},
   function(e){if(w.err)w.err(e)})},C.readyDelay+50);return id},

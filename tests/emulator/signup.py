@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .accounts import Accounts, encode_session
 from .antibot import Recaptcha, Turnstile
+from .common import UUID_ANY_RE
 from .core import Core
 from .http import Handler, Request, err, send
 from .site import Site
@@ -22,8 +23,10 @@ class SignUp:
 
     def _token_failure(self, req: Request, body: dict, legacy: bool) -> tuple[int, str] | None:
         site = self.site
-        reason = self.turnstile.check(body.get("turnstileToken") or body.get("turnstile_token") or "",
-                                      site.turnstile_sitekey, self.recaptcha)
+        reason = None
+        if self.core.knobs["signup_turnstile"] != "none":  # U5: the 2026 site signs up without Turnstile
+            reason = self.turnstile.check(body.get("turnstileToken") or body.get("turnstile_token") or "",
+                                          site.turnstile_sitekey, self.recaptcha)
         if reason:
             req.log["note"] = reason
             return 400, "Invalid turnstile token"
@@ -37,12 +40,15 @@ class SignUp:
         return None
 
     def _claim_provisional(self, req: Request, body: dict, legacy: bool) -> str | None:
-        """The provisional id becomes the user id: it must match the cookie and be unused."""
+        """The provisional id becomes the user id: it must match the cookie and be unused.  With
+        ``provisional_id_store: local_storage`` (U5) the client made it: any unused uuid, matching the cookie
+        only if one was sent."""
         cookie_pid = req.cookies.get("provisional_user_id")
         pid = (cookie_pid or self.core.uuid4()) if legacy else body.get("provisionalUserId")
+        own = self.core.knobs["provisional_id_store"] == "local_storage" and not cookie_pid
         with self.core.lock:
-            if not isinstance(pid, str) or not pid or (not legacy and pid != cookie_pid) \
-                    or pid in self.used_provisional or pid in self.accounts.accounts:
+            if not isinstance(pid, str) or not UUID_ANY_RE.match(pid) or pid in self.used_provisional \
+                    or pid in self.accounts.accounts or not (legacy or own or pid == cookie_pid):
                 return None
             self.used_provisional.add(pid)
         return pid

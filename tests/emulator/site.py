@@ -7,6 +7,7 @@ import hashlib
 import os
 
 from .accounts import Accounts, auth_cookie_names, encode_session
+from .catalog import Catalog
 from .common import V2_SITEKEY, b64url, compact, js_string
 from .core import Core
 from .http import Handler, Request, send
@@ -14,19 +15,26 @@ from .http import Handler, Request, send
 JS_TYPE = "application/javascript; charset=utf-8"
 
 
-def auto_signup_script(turnstile_sitekey: str, sitekey: str) -> str:
-    """The page signs up by itself when it has no auth cookie (the ``page_auto_signup`` knob)."""
+def auto_signup_script(turnstile_sitekey: str | None, sitekey: str) -> str:
+    """The page signs up by itself when it has no auth cookie (the ``page_auto_signup`` knob): with a Turnstile
+    token first, or with the 2026 body alone when the page has no Turnstile (U5)."""
+    widget = "true" if turnstile_sitekey else "false"
     return ("<script>(function(){if(/(^|; )arena-auth-prod-v1(\\.0)?=/.test(document.cookie))return;"
-            "function pid(){var m=document.cookie.match(/(?:^|; )provisional_user_id=([^;]+)/);"
-            "return m?m[1]:''}"
-            "function go(){if(!window.turnstile||!window.grecaptcha||!grecaptcha.enterprise)"
-            "return setTimeout(go,50);"
-            "turnstile.render('#signup-turnstile',{sitekey:'" + turnstile_sitekey + "',"
-            "callback:function(t){grecaptcha.enterprise.ready(function(){grecaptcha.enterprise.execute('"
-            + sitekey + "',{action:'sign_up'}).then(function(r){return fetch('/nextjs-api/sign-up',"
-            "{method:'POST',headers:{'Content-Type':'application/json'},body:JSON.stringify("
-            "{turnstileToken:t,recaptchaToken:r,provisionalUserId:pid()})})}).then(function(res){"
-            "window.__arenaSignUp=res.status})})}})}go()})()</script>")
+            "function pid(){var m=document.cookie.match(/(?:^|; )provisional_user_id=([^;]+)/);if(m)return m[1];"
+            "try{return localStorage.getItem('provisional_user_id')||''}catch(e){return ''}}"
+            "function send(b){grecaptcha.enterprise.ready(function(){grecaptcha.enterprise.execute('" + sitekey
+            + "',{action:'sign_up'}).then(function(r){b.recaptchaToken=r;b.provisionalUserId=pid();"
+            "return fetch('/nextjs-api/sign-up',{method:'POST',headers:{'Content-Type':'application/json'},"
+            "body:JSON.stringify(b)})}).then(function(res){window.__arenaSignUp=res.status})})}"
+            "function go(){if(" + widget + "&&!window.turnstile||!window.grecaptcha||!grecaptcha.enterprise)"
+            "return setTimeout(go,50);if(!" + widget + ")return send({});"
+            "turnstile.render('#signup-turnstile',{sitekey:'" + (turnstile_sitekey or "") + "',"
+            "callback:function(t){send({turnstileToken:t})}})}go()})()</script>")
+
+
+# U5: the 2026 page keeps the provisional id in localStorage when there is no cookie.
+PROVISIONAL_ID_SCRIPT = ("<script>(function(){try{if(!localStorage.getItem('provisional_user_id'))"
+                         "localStorage.setItem('provisional_user_id',crypto.randomUUID())}catch(e){}})()</script>")
 
 
 def flight_push(text: str) -> str:
@@ -36,9 +44,9 @@ def flight_push(text: str) -> str:
 class Site:
     """Deployment parameters (build id, action ids, sitekey) and everything served from them."""
 
-    def __init__(self, core: Core, models: list[dict], turnstile_sitekey: str, sitekey: str) -> None:
+    def __init__(self, core: Core, catalog: Catalog, turnstile_sitekey: str, sitekey: str) -> None:
         self.core = core
-        self.models = models
+        self.catalog = catalog
         self.sitekey = sitekey
         self.v2_sitekey = V2_SITEKEY
         self.turnstile_sitekey = turnstile_sitekey
@@ -70,6 +78,15 @@ class Site:
         return ('(()=>{"use strict";var e={},t={};function r(o){var n=t[o];if(void 0!==n)return n.exports;'
                 'var a=t[o]={exports:{}};return e[o](a,a.exports,r),a.exports}r.m=e;self.__webpack_require__=r})();')
 
+    def _mint_js(self) -> str:
+        """The reCAPTCHA call site (U8): with the action as a literal for chat_submit, or only as a variable,
+        as in the real 2025-11 chunk."""
+        variable = 'grecaptcha.enterprise.execute("' + self.sitekey + '",{action:e})'
+        if self.core.knobs["sitekey_call_site"] == "variable":
+            return "return " + variable + "}"
+        return ('return e===r.submit?grecaptcha.enterprise.execute("' + self.sitekey + '",{action:"chat_submit"}):'
+                + variable + "}")
+
     def _actions_js(self) -> str:
         ids = self.action_ids
         return (
@@ -83,14 +100,17 @@ class Site:
             's.findSourceMapURL,"deleteEvaluationSession")},'
             '81234:(e,t,n)=>{n.d(t,{mint:()=>a});let r={submit:"chat_submit",retry:"chat_retry",signUp:"sign_up"};'
             'async function a(e){await new Promise(t=>window.grecaptcha.enterprise.ready(t));'
-            'return e===r.submit?grecaptcha.enterprise.execute("' + self.sitekey + '",{action:"chat_submit"}):'
-            'grecaptcha.enterprise.execute("' + self.sitekey + '",{action:e})}'
+            + self._mint_js() +
             f'let v2key="{self.v2_sitekey}",c="recaptcha-v2-container"}}}}]);')
 
     def _auth_js(self) -> str:
         return ('"use strict";(self.webpackChunk_N_E=self.webpackChunk_N_E||[]).push([[8765],{35999:(e,t,n)=>{'
-                f'let r="{self.core.url}",o="{self.anon_key}";'
+                f'let r="{self.core.url}",o={self._anon_key_literal()};'
                 't.createClient=()=>(0,n(1).createBrowserClient)(r,o,{cookieOptions:{name:"arena-auth-prod-v1"}})}}]);')
+
+    def _anon_key_literal(self) -> str:
+        """U10: the real 2025-11 chunks carry no Supabase anon key."""
+        return f'"{self.anon_key}"' if self.core.knobs["anon_key_in_chunks"] else "void 0"
 
     def chunk(self, h: Handler, req: Request) -> None:
         name = req.path[len("/_next/static/chunks/"):]
@@ -103,17 +123,19 @@ class Site:
 
     # --- the page (E1) ------------------------------------------------------------------------------------------------
 
-    def flight_text(self) -> tuple[str, str]:
+    def flight_text(self, with_models: bool = True) -> tuple[str, str]:
         names = self.chunk_names()
         chunk_refs = ",".join(f'"{1000 + i}","static/chunks/{n}.js?dpl={self.deployment_id}"'
                               for i, n in enumerate(names.values()))
-        first_chat = next((m["id"] for m in self.models if m.get("organization")
+        models = self.catalog.models
+        first_chat = next((m["id"] for m in models if m.get("organization")
                            and (m.get("capabilities") or {}).get("outputCapabilities", {}).get("text")),
-                          self.models[0]["id"])
+                          models[0]["id"])
+        listing = f'"initialModels":{compact(self.catalog.served())},' if with_models else ""
         head = (f'0:{{"P":null,"b":"{self.build_id}","p":"","c":["",""],"i":false}}\n'
                 f'2:I[71234,[{chunk_refs}],"default"]\n'
                 f'3:I[81234,[{chunk_refs}],"ModelProvider"]\n')
-        payload = (f'5:["$","$L3",null,{{"initialModels":{compact(self.models)},"initialModelAId":"{first_chat}",'
+        payload = (f'5:["$","$L3",null,{{{listing}"initialModelAId":"{first_chat}",'
                    f'"initialModelBId":null,"initialModality":"chat","children":["$","$L2",null,{{}}]}}]\n')
         text = head + payload
         if not self.core.knobs["flight_split"]:
@@ -121,20 +143,34 @@ class Site:
         cut = len(head) + len(payload) // 2
         return text[:cut], text[cut:]
 
-    def page_html(self) -> str:
+    def recaptcha_tags(self) -> str:
+        """How the page names its sitekey (U8): ``render=<key>``, ``k=<key>`` in an anchor URL, or nowhere."""
+        host = self.core.knobs["recaptcha_script_host"] or ""
+        where = self.core.knobs["sitekey_in_page"]
+        render = self.sitekey if where == "render" else "explicit"
+        tags = f'<script src="{host}/recaptcha/enterprise.js?render={render}" async=""></script>'
+        if where == "k":
+            tags += (f'<link rel="prefetch" href="{host}/recaptcha/enterprise/anchor?ar=1&amp;k={self.sitekey}'
+                     '&amp;hl=en&amp;size=invisible"/>')
+        return tags
+
+    def page_html(self, with_models: bool = True) -> str:
         knobs = self.core.knobs
         scripts = "".join(f'<script src="/_next/static/chunks/{n}.js?dpl={self.deployment_id}" async=""></script>'
                           for n in self.chunk_names().values())
-        part1, part2 = self.flight_text()
+        part1, part2 = self.flight_text(with_models)
         pushes = flight_push(part1) + (flight_push(part2) if part2 else "")
-        signup = auto_signup_script(self.turnstile_sitekey, self.sitekey) if knobs["page_auto_signup"] else ""
+        with_turnstile = knobs["signup_turnstile"] != "none"
+        signup = auto_signup_script(self.turnstile_sitekey if with_turnstile else None, self.sitekey) \
+            if knobs["page_auto_signup"] else ""
+        if knobs["provisional_id_store"] == "local_storage":
+            signup = PROVISIONAL_ID_SCRIPT + signup
+        turnstile = '<script src="/turnstile/v0/api.js?render=explicit" async=""></script>' if with_turnstile else ""
+        widget = '<div id="signup-turnstile"></div>' if with_turnstile else ""
         return ("<!DOCTYPE html><html lang=\"en\"><head><meta charSet=\"utf-8\"/>"
                 "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>"
-                f"<title>LMArena</title>{scripts}"
-                f'<script src="{knobs["recaptcha_script_host"] or ""}/recaptcha/enterprise.js?render={self.sitekey}"'
-                ' async=""></script>'
-                '<script src="/turnstile/v0/api.js?render=explicit" async=""></script>'
-                "</head><body><main id=\"root\"><h1>LMArena</h1><div id=\"signup-turnstile\"></div>"
+                f"<title>LMArena</title>{scripts}{self.recaptcha_tags()}{turnstile}"
+                f"</head><body><main id=\"root\"><h1>LMArena</h1>{widget}"
                 "<div id=\"recaptcha-v2-container\"></div></main>"
                 "<script>(self.__next_f=self.__next_f||[]).push([0])</script>"
                 f"{pushes}{signup}</body></html>")
@@ -154,7 +190,7 @@ class Page:
                            "HttpOnly")
         if "_cfuvid" not in req.cookies:
             cookies.append(f"_cfuvid={core.hex(40)}-{int(core.now() * 1000)}-0.0.1.1-604800000; Path=/; HttpOnly")
-        if "provisional_user_id" not in req.cookies:
+        if "provisional_user_id" not in req.cookies and core.knobs["provisional_id_store"] == "cookie":
             cookies.append(f"provisional_user_id={core.uuid4()}; Path=/; Max-Age=31536000; SameSite=Lax")
         return cookies
 
@@ -170,7 +206,13 @@ class Page:
         return self.accounts.session_cookies(encode_session(new), self.core.knobs["refresh_cookie_form"],
                                              auth_cookie_names(req.cookies))
 
+    def lists_models(self, req: Request) -> bool:
+        """U10: with ``models_at: direct_only`` the list is only at ``/?mode=direct`` (and ``/text/direct``)."""
+        if self.core.knobs["models_at"] != "direct_only":
+            return True
+        return req.query.get("mode") == "direct" or req.path.startswith("/text/direct")
+
     def serve(self, h: Handler, req: Request) -> None:
         cookies = self.visitor_cookies(req) + self.refreshed_cookies(req)
-        send(h, 200, self.site.page_html(), "text/html; charset=utf-8", cookies=cookies,
+        send(h, 200, self.site.page_html(self.lists_models(req)), "text/html; charset=utf-8", cookies=cookies,
              headers=[("x-powered-by", "Next.js"), ("Cache-Control", "private, no-cache, no-store")])

@@ -116,7 +116,21 @@ class ServerActions:
         if name is None:
             return send(h, 404, "Server action not found.", "text/plain", headers=[("x-nextjs-action-not-found", "1")])
         result = self._result(name, req.json if isinstance(req.json, list) else None, req)
-        body = f'0:{{"a":"$@1","f":"","b":"{self.site.build_id}"}}\n1:{compact(result)}\n'
+        flight = self.core.knobs["action_answer"] == "flight"
+        body = self._flight_answer(result) if flight else \
+            f'0:{{"a":"$@1","f":"","b":"{self.site.build_id}"}}\n1:{compact(result)}\n'
         return send(h, 200, body, "text/x-component",
-                    headers=[("x-action-revalidated", "[[],0,0]"), ("x-powered-by", "Next.js"),
-                             ("Vary", "RSC, Next-Router-State-Tree, Next-Router-Prefetch")])
+                    headers=[("x-action-revalidated", "[[],0,1]" if flight else "[[],0,0]"),
+                             ("x-powered-by", "Next.js"), ("Vary", "RSC, Next-Router-State-Tree, Next-Router-Prefetch")])
+
+    def _flight_answer(self, result: dict) -> str:
+        """U9, as the real 2025-12 answers: the page's flight rows, the tree on line ``0:``, the result on line
+        ``1:`` in the middle, more rows after it."""
+        chunks = ",".join(f'"{1000 + i}","static/chunks/{n}.js?dpl={self.site.deployment_id}"'
+                          for i, n in enumerate(self.site.chunk_names().values()))
+        tree = ('[[["",{"children":["__PAGE__?{\\"mode\\":\\"direct\\"}",{}]},"$undefined","$undefined",true],'
+                '["",{"children":[["$","$L3",null,{"children":"$L4"}]]}],false]]')
+        rows = ['2:"$Sreact.fragment"', '3:I[64624,[],""]', f'4:I[29989,[{chunks}],"default"]',
+                f'0:{{"a":"$@1","f":{tree},"b":"{self.site.build_id}"}}', "1:" + compact(result),
+                '5:["$","$L4",null,{"data-sentry-element":"Evaluation","children":"$L6"}]', "6:null"]
+        return "\n".join(rows) + "\n"
