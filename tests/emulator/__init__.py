@@ -10,11 +10,14 @@ site, so this package stands in for *all* of it on one local origin.  One module
 ``core``       what every part shares: origin, clock, seeded random source, secret, lock, knobs
 ``http``       server, I/O-only handler, parsed request, plain responses, the stream writer (framing, splits, delays)
 ``site``       page and discovery: build and action ids, sitekey, JS chunks, flight data, page-GET cookies/refresh
+``catalog``    the model list as served: 2026 fields (displayName, userSelectable), the "max" router model
 ``accounts``   auth and sessions: JWTs, session cookies (whole, chunked), refresh tokens, the refresh grant
 ``signup``     anonymous sign-up
 ``antibot``    reCAPTCHA tokens and checks, Turnstile, the Cloudflare interstitial (``scripts``: their JavaScript)
-``chat``       the three chat endpoints: validation, evaluations, the reply stream
-``replies``    reply building: text, reasoning, citations, images, noise codes, lanes, scripted replies
+``chat``       the chat endpoints and skip-direct-battle: validation, evaluations, the reply stream
+``policy``     late-2026 request policies: login gate, image quota, 2026 body, battle turns
+``replies``    reply building: text, reasoning, citations (markers or offsets), images, lanes, scripted replies
+``replay``     the real captures of tests/fixtures/real, replayed byte for byte
 ``uploads``    server actions and the R2 stand-in
 ``faults``     fault injection (status faults, stream faults, content-less 200s)
 ``control``    the ``/__emulator/*`` control API
@@ -28,7 +31,8 @@ Design choices
 * Strict by default: what the real site rejects, the emulator rejects, with the real status and message.
 * Deterministic: a seeded ``random.Random`` and a clock that is ``time.time() + clock_offset``.
 
-Run standalone: ``python tests/fake_arena.py --port 9000 [--no-recaptcha]``.
+Run standalone: ``python tests/fake_arena.py --port 9000 [--no-recaptcha]``.  The knobs, the late-2026 switches
+and the control API are described in ``tests/emulator/README.md``.
 """
 
 from .common import AUTH_COOKIE, DEFAULT_KNOBS, DEFAULT_MODELS_PATH, make_png, make_uuid7
