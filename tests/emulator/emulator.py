@@ -263,6 +263,8 @@ class FakeArena:
             (lambda r: r.path.startswith("/recaptcha/") and r.path.endswith(".js"),
              lambda h, r: self.recaptcha.script(h, r, self._origin_of(r))),
             (lambda r: r.path == "/__recaptcha/mint", self._recaptcha_mint),
+            (lambda r: r.path == "/recaptcha/enterprise/anchor",
+             lambda h, _r: send(h, 200, "<!DOCTYPE html><html><body></body></html>", "text/html")),
             (lambda r: r.path.startswith("/turnstile/"), lambda h, r: self.turnstile.script(h, r, self._origin_of(r))),
             (lambda r: r.path == "/__turnstile/mint", self._turnstile_mint),
             (lambda r: r.path.startswith("/cdn-cgi/"), self.cloudflare.endpoints),

@@ -148,11 +148,15 @@ class Site:
         host = self.core.knobs["recaptcha_script_host"] or ""
         where = self.core.knobs["sitekey_in_page"]
         render = self.sitekey if where == "render" else "explicit"
-        tags = f'<script src="{host}/recaptcha/enterprise.js?render={render}" async=""></script>'
-        if where == "k":
-            tags += (f'<link rel="prefetch" href="{host}/recaptcha/enterprise/anchor?ar=1&amp;k={self.sitekey}'
-                     '&amp;hl=en&amp;size=invisible"/>')
-        return tags
+        return f'<script src="{host}/recaptcha/enterprise.js?render={render}" async=""></script>'
+
+    def recaptcha_anchor(self) -> str:
+        """With ``sitekey_in_page: k`` the key is in the invisible widget's anchor iframe, as grecaptcha renders it."""
+        if self.core.knobs["sitekey_in_page"] != "k":
+            return ""
+        host = self.core.knobs["recaptcha_script_host"] or ""
+        return (f'<iframe title="reCAPTCHA" width="256" height="60" style="display:none" src="{host}/recaptcha/'
+                f'enterprise/anchor?ar=1&amp;k={self.sitekey}&amp;hl=en&amp;size=invisible"></iframe>')
 
     def page_html(self, with_models: bool = True) -> str:
         knobs = self.core.knobs
@@ -171,7 +175,7 @@ class Site:
                 "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>"
                 f"<title>LMArena</title>{scripts}{self.recaptcha_tags()}{turnstile}"
                 f"</head><body><main id=\"root\"><h1>LMArena</h1>{widget}"
-                "<div id=\"recaptcha-v2-container\"></div></main>"
+                f"<div id=\"recaptcha-v2-container\"></div></main>{self.recaptcha_anchor()}"
                 "<script>(self.__next_f=self.__next_f||[]).push([0])</script>"
                 f"{pushes}{signup}</body></html>")
 
