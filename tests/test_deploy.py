@@ -122,7 +122,8 @@ def test_dockerfile_is_small_pinned_and_non_root():
     assert "/data" in info["volume"]
     run = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
     assert "--no-install-recommends" in run and "chromium" in run and "xvfb" in run
-    assert "rm -rf /var/lib/apt/lists/*" in run and "--no-cache-dir" in run and "-r requirements.txt" in run
+    assert "rm -rf /var/lib/apt/lists/*" in run and "--no-cache-dir" in run
+    assert "--require-hashes" in run and "-r requirements.lock" in run
     for line in open(os.path.join(ROOT, "requirements.txt")):
         line = line.split("#")[0].strip()
         assert not line or "==" in line, f"requirements.txt must pin every package: {line}"
@@ -132,7 +133,31 @@ def test_dockerfile_is_small_pinned_and_non_root():
     allowed = {l[1:] for l in ignored[1:] if l.startswith("!")}
     copied = {name for args in info["copy"] for name in args[:-1]}
     assert copied <= allowed, f"COPY uses files that .dockerignore leaves out: {copied - allowed}"
-    assert {"bridge.py", "sidecar.py", "requirements.txt"} <= copied
+    assert {"bridge.py", "sidecar.py", "requirements.lock"} <= copied
+
+
+def _pins(path: str) -> dict[str, str]:
+    """name -> version of each `name==version` line (continuation lines and comments skipped)."""
+    pins = {}
+    for line in open(path, encoding="utf-8"):
+        line = line.split("#")[0].strip().rstrip("\\").strip()
+        if line and not line.startswith("-"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name.lower())] = version.split(";")[0].strip()
+    return pins
+
+
+def test_the_image_lock_file_pins_requirements_txt_with_hashes():
+    """The image installs requirements.lock with --require-hashes: it must hold requirements.txt's versions
+    (regenerate it with the command in its header when requirements.txt changes) and a hash for each pin."""
+    lock = os.path.join(ROOT, "requirements.lock")
+    locked = _pins(lock)
+    wanted = _pins(os.path.join(ROOT, "requirements.txt"))
+    assert {name: locked.get(name) for name in wanted} == wanted, "requirements.lock is out of date"
+    entries = re.split(r"\n(?=[A-Za-z0-9])", open(lock, encoding="utf-8").read())
+    unhashed = [e.split()[0] for e in entries if "==" in e.split("#")[0] and "--hash=sha256:" not in e]
+    assert not unhashed, f"requirements.lock has pins without hashes: {unhashed}"
+    assert len(locked) > len(wanted), "requirements.lock must also pin the indirect packages"
 
 
 def test_dockerfile_cmd_serves_health_with_state_in_the_volume(arena):
