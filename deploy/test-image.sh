@@ -66,11 +66,16 @@ install() {  # Debian packages, only as root on a machine with apt-get
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; } \
     >"$work/apt.log" 2>&1 || { tail -5 "$work/apt.log"; return 1; }
 }
-# runc rather than crun (crun's rlimit and cgroup v1 handling failed here); slirp4netns lets the container
-# reach the emulator on this host's loopback.
+# runc rather than crun (crun failed here); netavark and the iptables it runs (apt would otherwise pick CNI
+# for the build's network, or netavark without iptables); slirp4netns lets the container reach the
+# emulator on this host's loopback.
 missing=()
-for tool in podman:podman runc:runc slirp4netns:slirp4netns curl:curl; do
-  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+for tool in podman runc netavark iptables slirp4netns curl; do
+  if command -v dpkg-query >/dev/null; then
+    dpkg-query -W -f='${Status}' "$tool" 2>/dev/null | grep -q 'ok installed' || missing+=("$tool")
+  elif [ "$tool" != netavark ]; then
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  fi
 done
 if [ ${#missing[@]} -gt 0 ]; then
   install "${missing[@]}" || skip "podman is not installed and cannot be installed here (needs root and apt-get): ${missing[*]}"
@@ -147,7 +152,7 @@ podman build --runtime runc --format docker "${LIMITS[@]}" "${build_args[@]}" "$
 build_seconds=$(( $(date +%s) - t0 ))
 cached=$(grep -c -- '--> Using cache' "$work/build.log" || true)
 image_mb=$(( $(podman image inspect --format '{{.Size}}' "$IMAGE") / 1000000 ))
-ok "built in ${build_seconds} s ($cached steps from the layer cache), image ${image_mb} MB"
+ok "built in ${build_seconds} s (steps from the layer cache: $cached), image ${image_mb} MB"
 ! grep -q -E 'useradd warning|groupadd warning|debconf: unable to initialize frontend' "$work/build.log" ||
   fail "the build warns: $(grep -m1 -E 'useradd warning|groupadd warning|debconf: unable' "$work/build.log")"
 
