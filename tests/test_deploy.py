@@ -139,11 +139,12 @@ def test_dockerfile_is_small_pinned_and_non_root():
 def _pins(path: str) -> dict[str, str]:
     """name -> version of each `name==version` line (continuation lines and comments skipped)."""
     pins = {}
-    for line in open(path, encoding="utf-8"):
-        line = line.split("#")[0].strip().rstrip("\\").strip()
-        if line and not line.startswith("-"):
-            name, _, version = line.partition("==")
-            pins[re.sub(r"[-_.]+", "-", name.lower())] = version.split(";")[0].strip()
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            line = raw.split("#")[0].strip().rstrip("\\").strip()
+            if line and not line.startswith("-"):
+                name, _, version = line.partition("==")
+                pins[re.sub(r"[-_.]+", "-", name.lower())] = version.split(";")[0].strip()
     return pins
 
 
@@ -154,7 +155,8 @@ def test_the_image_lock_file_pins_requirements_txt_with_hashes():
     locked = _pins(lock)
     wanted = _pins(os.path.join(ROOT, "requirements.txt"))
     assert {name: locked.get(name) for name in wanted} == wanted, "requirements.lock is out of date"
-    entries = re.split(r"\n(?=[A-Za-z0-9])", open(lock, encoding="utf-8").read())
+    with open(lock, encoding="utf-8") as f:
+        entries = re.split(r"\n(?=[A-Za-z0-9])", f.read())
     unhashed = [e.split()[0] for e in entries if "==" in e.split("#")[0] and "--hash=sha256:" not in e]
     assert not unhashed, f"requirements.lock has pins without hashes: {unhashed}"
     assert len(locked) > len(wanted), "requirements.lock must also pin the indirect packages"
