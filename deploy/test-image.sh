@@ -119,7 +119,8 @@ else
       --customize-hook='rm -f "$1"/usr/local/bin/activate* "$1"/usr/local/bin/Activate.ps1' \
       --format=tar "$suite" "$work/base.tar" \
       "deb $mirror $suite main" "deb $mirror $suite-updates main" "deb $mirror-security $suite-security main" \
-      >"$work/mmdebstrap.log" 2>&1 || { tail -5 "$work/mmdebstrap.log"; fail "mmdebstrap could not make the stand-in"; }
+      >"$work/mmdebstrap.log" 2>&1 || skip "no base image: $base cannot be pulled and mmdebstrap failed:" \
+        "$(grep -m1 '^E:' "$work/mmdebstrap.log" || tail -1 "$work/mmdebstrap.log")"
     podman import --change "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin" \
       --change "ENV LANG=C.UTF-8" --change 'CMD ["python3"]' "$work/base.tar" "$standin" >/dev/null 2>&1
     rm -f "$work/base.tar"
