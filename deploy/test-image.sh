@@ -16,7 +16,7 @@
 # that a failure. Docker Hub may be unreachable (it is on the CI machines): then the base image is a stand-in
 # made with mmdebstrap, a Debian rootfs of the Dockerfile's release with its Python at /usr/local/bin/python,
 # as the official image has it, and with that image's apt and dpkg settings (no .deb cache, no docs).
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=localhost/lm-arena-bridge:test
@@ -57,6 +57,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'fail "line $LINENO: \`$BASH_COMMAND\` failed"' ERR
 
 # --- podman, and whether it can run containers here ---------------------------------------------------
 
@@ -221,6 +222,11 @@ bridge = [p for p in pids if cmdline(p).endswith("bridge.py") and status(p)["PPi
 print(os.path.basename(cmdline(1).split()[0]), status(bridge[0])["Uid"].split()[0] if bridge else "none")')
 [ "$who" = "tini 10001" ] || fail "expected tini as PID 1 and the bridge as uid 10001, got: $who"
 ok "PID 1 is tini; the bridge runs as uid 10001"
+
+# The build's CA bundle and pip configuration were mounts: nothing of them is in the image.
+leftovers=$(podman exec --user 0 "$NAME" sh -c 'ls -A /root; ls -d /etc/pip.conf /root/host-ca.crt 2>/dev/null; true' | paste -sd' ')
+[ "$leftovers" = ".bashrc .profile" ] || fail "the build left files behind in /root or /etc: $leftovers"
+ok "nothing of the build's CA mount is in the image"
 
 # Fonts the page may measure: CJK (Chinese, Japanese, Korean) and emoji (U+1F600) have a font.
 for pattern in :lang=zh :lang=ja :lang=ko :charset=1f600; do
