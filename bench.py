@@ -462,7 +462,7 @@ class Bench:
         self.model = bridge.resolve_model(models, self.model["publicName"])
         account = self.store.accounts()[0]
         arena = types.SimpleNamespace(params={}, origin=self.emulator.url)
-        self.direct_headers = bridge.ArenaClient.request_headers(arena, account)
+        self.direct_headers = bridge.ArenaSite.request_headers(arena, account)  # type: ignore[arg-type]
         self.bridge_headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         time.sleep(0.3)   # let the discovery burst settle before measuring idle memory
         self.idle_rss = proc_status(self.bridge.pid, "VmRSS")

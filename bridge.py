@@ -1,17 +1,43 @@
 #!/usr/bin/env python3
 """LM Arena Bridge: an OpenAI-compatible endpoint for the models on LM Arena (https://arena.ai).
 
-One file, read top to bottom in the order a request's data flows:
+One file, read top to bottom: every section uses only what the sections above it define, so the file is
+its own table of contents. Each section names one thing.
 
-    1. Settings         flags and environment, one frozen object
-    2. Store            the one SQLite file: accounts, keys, usage, models, site parameters, conversations
-    3. LM Arena client  site discovery, accounts (cookies, expiry, refresh), the stream parser, upstream calls
-    4. Sidecar client   the lazily started Playwright helper (sidecar.py) behind a Unix socket
-    5. OpenAI           request validation, messages -> LM Arena turns, events -> OpenAI chunks and errors
-    6. Rate limiting    per-key requests-per-minute and usage recording
-    7. Dashboard        the admin pages (server-rendered, no external assets)
-    8. Routes           the Starlette app
-    9. CLI              serve, keys, tokens, models
+Contents:
+
+  Part I: Foundations
+    Settings                flags and environment, one frozen object
+    Tools                   time, a sliding window, a prefetching queue
+    Store                   the one SQLite file: accounts, keys, usage, models, site parameters, conversations
+
+  Part II: LM Arena (the upstream; names failures, never chooses a client's status)
+    Site discovery          pure: the page and its JS chunks in, site parameters out
+    Sessions                the Session value type, what users paste, accounts from it
+    Stream and bodies       pure: the data stream parser, ids, request bodies
+    Failure policy          tables: an answer's failure kind, and the next step for the n-th failure
+    Sidecar client          the lazily started Playwright helper (sidecar.py) behind a Unix socket
+    Upstream HTTP client    origin, requests with a browser's fingerprint, discovery, clearance, server actions
+    Account pool            choice, pacing, cool-downs, refresh, sign-up, session adoption
+    Turn runner             open a turn (the policy loop), follow up, stream, uploads
+
+  Part III: Client APIs (each API section defines its own route table)
+    API plumbing            the API error type and its status table, app state, keys, bodies, rate limit, usage
+    OpenAI chat requests    validation, model choice, transcripts, conversation fingerprints
+    OpenAI chat replies     events -> content, chunks and completion objects
+    OpenAI images           image input (data: URIs, URLs) and image generation
+    OpenAI routes           chat completions, streaming, models, images: OPENAI_ROUTES
+  Round 2 adds a part "Agent APIs" here (tool emulation, Anthropic Messages, Responses: each a section
+  with its own routes table, composed by App), and "Browser executor" sections after the sidecar client
+  in Part II, which the turn runner uses.
+
+  Part IV: Operations
+    Dashboard kit           HTML escaping and the shared page layout
+    Dashboard sign-in       admin password, sessions, the login throttle, the sign-in pages
+    Dashboard pages         the admin pages: DASHBOARD, one table of pages
+    App                     health, background jobs, create_app composing every section's routes
+    CLI                     serve, keys, tokens, models: COMMANDS, one table of commands
+
 
 Run `python bridge.py --help` for every flag and environment variable.
 """
@@ -44,12 +70,13 @@ import sys
 import time
 import urllib.parse
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
 if __name__ == "__main__":
     # sqlite_utils imports numpy whenever it is installed, only to map numpy types to columns; the bridge
     # stores none, and numpy (with its BLAS buffers) was 20 MB, a third of the server's idle memory.
-    sys.modules.setdefault("numpy", None)
+    sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
 
 import httpx
 import sqlite_utils
@@ -64,7 +91,7 @@ log = logging.getLogger("bridge")
 
 
 # =====================================================================================================
-# 1. Settings
+# Settings
 # =====================================================================================================
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +226,7 @@ class Settings:
 
 
 # =====================================================================================================
-# 2. Store
+# Tools
 # =====================================================================================================
 
 def now() -> float:
@@ -213,6 +240,109 @@ def format_time(stamp: float | None) -> str:
 def sha256_hex(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
+
+class SlidingWindow:
+    """Events per key over a sliding window, in memory (a restart forgives). It serves both the API keys'
+    requests per minute and the dashboard's sign-in attempts per address."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.times: dict[Any, collections.deque[float]] = {}
+
+    def admit(self, key: Any, allowed: int) -> float:
+        """0 with the event counted, or the seconds until `key` may have another."""
+        at = time.monotonic()
+        recent = self.times.setdefault(key, collections.deque())
+        while recent and at - recent[0] >= self.seconds:
+            recent.popleft()
+        if len(recent) >= allowed:
+            return self.seconds - (at - recent[0])
+        recent.append(at)
+        return 0.0
+
+    def forget(self, key: Any) -> None:
+        self.times.pop(key, None)
+
+    def prune(self) -> None:
+        """Drop keys with no event in the window, so that many keys (addresses) cannot grow it without bound."""
+        at = time.monotonic()
+        for stale in [k for k, times in self.times.items() if not times or at - times[-1] >= self.seconds]:
+            del self.times[stale]
+
+
+class Prefetcher:
+    """Pulls items from an async iterator in a task of its own, up to `ahead` items before the caller
+    (0: no bound), so that the caller can wake up for a keep-alive without disturbing the pull, take
+    every item already pulled at once, and cancel the pull as a plain asyncio task (whose clean-up then
+    completes even inside a cancelled anyio scope). A failure reaches the caller in order, after the
+    items before it. It serves the SSE loop and the browser's relayed stream."""
+    END = object()
+
+    def __init__(self, items: AsyncIterator[Any], ahead: int = 0) -> None:
+        self.items = items
+        self.queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue(ahead)
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._pull())
+
+    async def _pull(self) -> None:
+        try:
+            async for item in self.items:
+                await self.queue.put((item, None))
+            await self.queue.put((self.END, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, raised there
+            await self.queue.put((None, exc))
+
+    @staticmethod
+    def _unpack(item: tuple[Any, BaseException | None]) -> Any:
+        value, error = item
+        if error is not None:
+            raise error
+        return value
+
+    def ready(self) -> Any:
+        """An item (or END) already pulled, without waiting; None when there is none yet."""
+        try:
+            return self._unpack(self.queue.get_nowait())
+        except asyncio.QueueEmpty:
+            return None
+
+    async def next(self, timeout: float | None = None) -> Any:
+        """The next item, None when `timeout` passed first, or END."""
+        self.start()
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self.queue.get()
+        except TimeoutError:
+            return None
+        return self._unpack(item)
+
+    async def finished(self, timeout: float) -> None:
+        """Wait up to `timeout` for the pull to reach the end of the items."""
+        if self.task is not None:
+            await asyncio.wait({self.task}, timeout=timeout)
+
+    def cancel(self) -> None:
+        """Stop the pull without waiting for its clean-up: awaited from inside a cancelled anyio scope,
+        that clean-up was cancelled again half-way (a relayed stream's connection then stayed open)."""
+        if self.task is not None:
+            self.task.cancel()
+
+    async def aclose(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        if isinstance(self.items, AsyncGenerator):
+            with contextlib.suppress(RuntimeError):
+                await self.items.aclose()
+
+
+# =====================================================================================================
+# Store
+# =====================================================================================================
 
 def _migrate_v1(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key")
@@ -495,16 +625,18 @@ class Store:
                          "GROUP BY 1, 2 ORDER BY count DESC", [since])
 
 
-# =====================================================================================================
-# 3. LM Arena client
-# =====================================================================================================
+# #####################################################################################################
+# Part II: LM Arena
+# #####################################################################################################
 
-# --- 3a. Site discovery (pure: HTML and JS text in, parameters out) ----------------------------------
+# =====================================================================================================
+# Site discovery
+# =====================================================================================================
 
 FALLBACK_SITEKEY = "6LeTGMcsAAAAALuIlkVwIxaAuZA8VledA6d3Nnb0"
 FALLBACK_TURNSTILE_SITEKEY = "0x4AAAAAAA65vWDmG-O_lPtT"
 TURNSTILE_RE = re.compile(r'["\'](0x4[0-9A-Za-z_-]{18,})["\']')
-PUSH_RE = re.compile(r'self\.__next_f\.push\(\[\s*1\s*,\s*("(?:[^"\\]|\\.)*")\s*\]\)', re.S)
+PUSH_RE = re.compile(r'self\.__next_f\.push\(\[\s*1\s*,\s*("(?:[^"\\]|\\.)*")\s*\]\)', re.DOTALL)
 CHUNK_RE = re.compile(r'(?:/_next/)?static/chunks/[\w./~-]+?\.js(?:\?dpl=[\w-]+)?')
 SITEKEY_CALL_RE = re.compile(r'\.execute\(\s*["\'](6L[0-9A-Za-z_-]{38})["\']\s*,\s*\{\s*action\s*:\s*["\'](\w+)["\']')
 SITEKEY_SCRIPT_RE = re.compile(r'recaptcha/(?:enterprise|api)\.js\?render=(6L[0-9A-Za-z_-]{38})')
@@ -512,6 +644,27 @@ SERVER_ACTION_RE = re.compile(
     r'createServerReference\)\(\s*"([0-9a-f]{42})"\s*,[^;]*?,\s*"(\w+)"\s*\)')
 JWT_RE = re.compile(r'eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+')
 BUILD_RE = re.compile(r'dpl=(dpl_[\w-]+)')
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict base64 decoding that accepts both alphabets, with or without padding."""
+    text = text.strip().replace("-", "+").replace("_", "/")
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def jwt_claims(token: str) -> dict | None:
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(b64url_decode(parts[1]))
+    except (ValueError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
 
 
 def flight_text(page: str) -> str:
@@ -597,7 +750,19 @@ def is_cloudflare_challenge(status: int, headers: dict[str, str], body: str) -> 
     return status in (403, 503) and ("Just a moment..." in body or "Enable JavaScript and cookies to continue" in body)
 
 
-# --- 3b. Accounts: what users paste, session decoding, expiry -----------------------------------------
+def moved_origin(url: str, origin: str, location: str | None) -> str | None:
+    """The new origin when the site redirects `url` (on `origin`) to the same path elsewhere, as
+    lmarena.ai does to arena.ai; None for any other redirect."""
+    path = url[len(origin):]
+    if not location or not path or not location.endswith(path):
+        return None
+    new = location[:-len(path)]
+    return new if new.startswith(("http://", "https://")) and new != origin else None
+
+
+# =====================================================================================================
+# Sessions
+# =====================================================================================================
 
 AUTH_COOKIE = "arena-auth-prod-v1"
 CHUNK_SIZE = 3180
@@ -605,65 +770,120 @@ CLEARANCE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid", "provisional_user_id"
 EXPIRY_MARGIN = 30.0
 ACCOUNT_INPUT_HELP = ("expected the arena-auth-prod-v1 cookie value (base64-…), its arena-auth-prod-v1.0/.1 "
                       "chunks, a Cookie: header that contains them, or an access-token JWT")
+CHUNK_NAME_RE = re.compile(re.escape(AUTH_COOKIE) + r"\.\d+")
 
 
-def b64url_decode(text: str) -> bytes:
-    """Strict base64 decoding that accepts both alphabets, with or without padding."""
-    text = text.strip().replace("-", "+").replace("_", "/")
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+def join_chunks(cookies: dict[str, str]) -> str:
+    numbered = sorted((int(name.rsplit(".", 1)[1]), value) for name, value in cookies.items()
+                      if CHUNK_NAME_RE.fullmatch(name))
+    return "".join(value for _, value in numbered)
 
 
-def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """One LM Arena session value and the form the site gave it in (arena-protocol §4): "whole" (one
+    `base64-…` cookie), "chunks" (the same value split across `.0`, `.1`… cookies) or "jwt" (a bare access
+    token). Every session format the bridge reads or writes is decoded and encoded here."""
+    value: str
+    form: str = "whole"
 
+    @classmethod
+    def of(cls, account: dict) -> Session:
+        return cls(account["auth"], account["form"])
 
-def jwt_claims(token: str) -> dict | None:
-    parts = token.split(".")
-    if len(parts) != 3:
+    @classmethod
+    def encode(cls, data: dict, form: str = "whole") -> Session:
+        return cls("base64-" + b64url_encode(json.dumps(data, separators=(",", ":")).encode()), form)
+
+    @property
+    def data(self) -> dict | None:
+        """The decoded session object (access_token, refresh_token, expires_at, user…); None for a JWT."""
+        if not self.value.startswith("base64-"):
+            return None
+        try:
+            data = json.loads(b64url_decode(self.value[len("base64-"):]))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) and "access_token" in data else None
+
+    @property
+    def claims(self) -> dict:
+        """The access token's claims (the value itself when it is a bare JWT)."""
+        data = self.data
+        return jwt_claims(data.get("access_token", "") if data is not None else self.value) or {}
+
+    @property
+    def expiry(self) -> float | None:
+        """expires_at of the session, else the JWT's exp; None for an opaque value (learned from a 401)."""
+        data = self.data
+        if data is not None and isinstance(data.get("expires_at"), (int, float)):
+            return float(data["expires_at"])
+        exp = self.claims.get("exp")
+        return float(exp) if isinstance(exp, (int, float)) else None
+
+    @property
+    def owner(self) -> str | None:
+        """The Supabase user the session belongs to."""
+        return self.claims.get("sub")
+
+    @property
+    def anonymous(self) -> bool:
+        return bool(self.claims.get("is_anonymous") or ((self.data or {}).get("user") or {}).get("is_anonymous"))
+
+    def expired(self, at: float | None = None) -> bool:
+        expiry = self.expiry
+        return expiry is not None and (at or now()) >= expiry - EXPIRY_MARGIN
+
+    def cookies(self) -> dict[str, str]:
+        """The cookies that carry the session, in the form the site gave it to us."""
+        if self.form != "chunks":
+            return {AUTH_COOKIE: self.value}
+        return {f"{AUTH_COOKIE}.{i}": self.value[start:start + CHUNK_SIZE]
+                for i, start in enumerate(range(0, len(self.value), CHUNK_SIZE))}
+
+    def refreshed(self, grant: dict) -> Session:
+        """This session after a Supabase refresh grant answered `grant` (a JWT account becomes whole)."""
+        merged = {**(self.data or {}), **grant}
+        if not isinstance(grant.get("expires_at"), (int, float)):
+            exp = (jwt_claims(merged.get("access_token", "")) or {}).get("exp")
+            merged["expires_at"] = int(exp if exp else now() + int(merged.get("expires_in") or 3600))
+        return Session.encode(merged, self.form if self.form != "jwt" else "whole")
+
+    @classmethod
+    def in_jar(cls, cookies: dict[str, str]) -> Session | None:
+        """The session in a cookie jar, whole or chunked, if it decodes and is not expired."""
+        for found in (cls(cookies.get(AUTH_COOKIE, ""), "whole"), cls(join_chunks(cookies), "chunks")):
+            if found.value and found.data is not None and not found.expired():
+                return found
         return None
-    try:
-        claims = json.loads(b64url_decode(parts[1]))
-    except (ValueError, binascii.Error):
-        return None
-    return claims if isinstance(claims, dict) else None
 
+    @classmethod
+    def in_set_cookie(cls, set_cookies: list[str]) -> Session | None:
+        """A fresh session from Set-Cookie headers, whole or chunked; None unless it decodes and is not
+        expired."""
+        jar: dict[str, str] = {}
+        for header in set_cookies:
+            name, _, rest = header.partition("=")
+            jar[name.strip()] = rest.split(";", 1)[0].strip().strip('"')
+        return cls.in_jar(jar)
 
-def decode_session(value: str) -> dict | None:
-    if not value.startswith("base64-"):
-        return None
-    try:
-        session = json.loads(b64url_decode(value[len("base64-"):]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        return None
-    return session if isinstance(session, dict) and "access_token" in session else None
-
-
-def encode_session(session: dict) -> str:
-    return "base64-" + b64url_encode(json.dumps(session, separators=(",", ":")).encode())
-
-
-def session_expiry(value: str) -> float | None:
-    """expires_at of the session, else the JWT's exp; None for an opaque value (learned from a 401)."""
-    session = decode_session(value)
-    if session is not None:
-        if isinstance(session.get("expires_at"), (int, float)):
-            return float(session["expires_at"])
-        claims = jwt_claims(session.get("access_token", ""))
-    else:
-        claims = jwt_claims(value)
-    exp = claims.get("exp") if claims else None
-    return float(exp) if isinstance(exp, (int, float)) else None
-
-
-def session_owner(value: str) -> str | None:
-    """The Supabase user a session (or bare JWT) belongs to."""
-    session = decode_session(value)
-    return (jwt_claims(session["access_token"] if session else value) or {}).get("sub")
-
-
-def is_expired(value: str, at: float | None = None) -> bool:
-    expiry = session_expiry(value)
-    return expiry is not None and (at or now()) >= expiry - EXPIRY_MARGIN
+    @classmethod
+    def from_signup(cls, cookies: dict[str, str], body: Any) -> Session:
+        """The session a sign-up gave (arena-protocol §4.6): its cookie, whole or chunked, else the session
+        in the body, at the top level or under session, data or data.session, or a body that is the value."""
+        if cookies.get(AUTH_COOKIE):
+            return cls(cookies[AUTH_COOKIE])
+        if chunked := join_chunks(cookies):
+            return cls(chunked, "chunks")
+        body_dict = body if isinstance(body, dict) else {}
+        data = body_dict.get("data")
+        nested = data.get("session") if isinstance(data, dict) else None
+        for candidate in (body, body_dict.get("session"), data, nested):
+            if isinstance(candidate, dict) and candidate.get("access_token"):
+                return cls.encode(candidate)
+            if isinstance(candidate, str) and candidate.startswith("base64-"):
+                return cls(candidate)
+        raise ValueError("the sign-up answer held no session")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -683,15 +903,19 @@ def parse_cookie_pairs(text: str) -> dict[str, str]:
     return pairs
 
 
-def join_chunks(cookies: dict[str, str]) -> str:
-    numbered = sorted((int(name.rsplit(".", 1)[1]), value) for name, value in cookies.items()
-                      if re.fullmatch(re.escape(AUTH_COOKIE) + r"\.\d+", name))
-    return "".join(value for _, value in numbered)
-
-
-def split_chunks(value: str) -> dict[str, str]:
-    return {f"{AUTH_COOKIE}.{i}": value[start:start + CHUNK_SIZE]
-            for i, start in enumerate(range(0, len(value), CHUNK_SIZE))}
+def pasted_value(text: str) -> tuple[str, str, dict[str, str]]:
+    """(value, form, cookies) from what a user pasted: cookie pairs (whole or chunks, the later expiry
+    wins), or a bare value, maybe split across lines."""
+    if "=" not in text.split("base64-", 1)[0] and not text.startswith(AUTH_COOKIE):
+        pieces = text.split()
+        return "".join(p.strip('"\'') for p in pieces), "chunks" if len(pieces) > 1 else "whole", {}
+    cookies = parse_cookie_pairs(text)
+    candidates = [s for s in (Session(cookies.get(AUTH_COOKIE, ""), "whole"), Session(join_chunks(cookies), "chunks"))
+                  if s.value]
+    if not candidates:
+        raise ValueError(f"no {AUTH_COOKIE} cookie found: {ACCOUNT_INPUT_HELP}")
+    best = max(candidates, key=lambda s: s.expiry or 0)
+    return best.value, best.form, cookies
 
 
 def parse_account_input(text: str) -> AccountInput:
@@ -703,79 +927,21 @@ def parse_account_input(text: str) -> AccountInput:
         text = text[len("cookie:"):].strip()
     if "%" in text:
         text = urllib.parse.unquote(text)
-    cookies: dict[str, str] = {}
-    if "=" in text.split("base64-", 1)[0] or text.startswith(AUTH_COOKIE):
-        cookies = parse_cookie_pairs(text)
-        whole = cookies.get(AUTH_COOKIE, "")
-        chunked = join_chunks(cookies)
-        candidates = [(v, f) for v, f in ((whole, "whole"), (chunked, "chunks")) if v]
-        if not candidates:
-            raise ValueError(f"no {AUTH_COOKIE} cookie found: {ACCOUNT_INPUT_HELP}")
-        value, form = max(candidates, key=lambda c: session_expiry(c[0]) or 0)
-    else:
-        pieces = text.split()
-        value = "".join(p.strip('"\'') for p in pieces)
-        form = "chunks" if len(pieces) > 1 else "whole"
-    if decode_session(value) is not None:
-        pass
-    elif jwt_claims(value) is not None and "exp" in (jwt_claims(value) or {}):
-        form = "jwt"
-    else:
-        raise ValueError(f"not a valid LM Arena session: {ACCOUNT_INPUT_HELP}")
+    value, form, cookies = pasted_value(text)
+    session = Session(value, form)
+    if session.data is None:
+        if "exp" not in (jwt_claims(value) or {}):
+            raise ValueError(f"not a valid LM Arena session: {ACCOUNT_INPUT_HELP}")
+        session = Session(value, "jwt")
     extras = {name: cookies[name] for name in CLEARANCE_COOKIES if cookies.get(name)}
-    session = decode_session(value) or {}
-    claims = jwt_claims(session.get("access_token", value)) or {}
-    anonymous = bool(claims.get("is_anonymous") or (session.get("user") or {}).get("is_anonymous"))
-    return AccountInput(auth=value, form=form, cookies=extras, anonymous=anonymous)
+    return AccountInput(auth=session.value, form=session.form, cookies=extras, anonymous=session.anonymous)
 
 
-def session_from_signup(cookies: dict[str, str], body: Any) -> str:
-    """The session a sign-up gave (arena-protocol §4.6): its cookie, whole or chunked, else the session in
-    the body, at the top level or under session, data or data.session, or a body that is the value."""
-    value = cookies.get(AUTH_COOKIE) or join_chunks(cookies)
-    if value:
-        return value
-    if isinstance(body, str) and body.startswith("base64-"):
-        return body
-    data = body.get("data") if isinstance(body, dict) else None
-    for candidate in (body, (body or {}).get("session") if isinstance(body, dict) else None, data,
-                      data.get("session") if isinstance(data, dict) else None):
-        if isinstance(candidate, dict) and candidate.get("access_token"):
-            return encode_session(candidate)
-        if isinstance(candidate, str) and candidate.startswith("base64-"):
-            return candidate
-    raise ValueError("the sign-up answer held no session")
-
-
-def auth_cookies(auth: str, form: str) -> dict[str, str]:
-    """The cookies that carry a session, in the form the site gave it to us."""
-    return split_chunks(auth) if form == "chunks" else {AUTH_COOKIE: auth}
-
-
-def refreshed_auth_from_set_cookie(set_cookies: list[str]) -> tuple[str, str] | None:
-    """A fresh session from Set-Cookie headers, whole or chunked; None unless it decodes and is not
-    expired."""
-    jar: dict[str, str] = {}
-    for header in set_cookies:
-        name, _, rest = header.partition("=")
-        jar[name.strip()] = rest.split(";", 1)[0].strip().strip('"')
-    return fresh_session_in(jar)
-
-
-def fresh_session_in(cookies: dict[str, str]) -> tuple[str, str] | None:
-    """The session in a cookie jar, whole or chunked, if it decodes and is not expired."""
-    for value, form in ((cookies.get(AUTH_COOKIE, ""), "whole"), (join_chunks(cookies), "chunks")):
-        if value and decode_session(value) is not None and not is_expired(value):
-            return value, form
-    return None
-
-
-def merge_refreshed_session(old: dict, fresh: dict) -> dict:
-    merged = {**old, **fresh}
-    if not isinstance(fresh.get("expires_at"), (int, float)):
-        exp = (jwt_claims(merged.get("access_token", "")) or {}).get("exp")
-        merged["expires_at"] = int(exp if exp else now() + int(merged.get("expires_in") or 3600))
-    return merged
+def add_account(store: Store, parsed: AccountInput, label: str = "", kind: str | None = None) -> int:
+    return store.add_account(
+        label=label, kind=kind or ("anonymous" if parsed.anonymous else "jwt" if parsed.form == "jwt" else "user"),
+        auth=parsed.auth, form=parsed.form, cookies=json.dumps(parsed.cookies), user_agent=None,
+        expires_at=Session(parsed.auth).expiry, state="ok", failures=0, last_used=0.0)
 
 
 def import_env_accounts(store: Store, values: str) -> None:
@@ -792,16 +958,11 @@ def import_env_accounts(store: Store, values: str) -> None:
             known.add(parsed.auth)
 
 
-def add_account(store: Store, parsed: AccountInput, label: str = "", kind: str | None = None) -> int:
-    return store.add_account(
-        label=label, kind=kind or ("anonymous" if parsed.anonymous else "jwt" if parsed.form == "jwt" else "user"),
-        auth=parsed.auth, form=parsed.form, cookies=json.dumps(parsed.cookies), user_agent=None,
-        expires_at=session_expiry(parsed.auth), state="ok", failures=0, last_used=0.0)
+# =====================================================================================================
+# Stream and bodies
+# =====================================================================================================
 
-
-# --- 3c. Stream parser (pure: bytes in, events out) ---------------------------------------------------
-
-LINE_RE = re.compile(r"([ab])([0-9a-z]):(.*)", re.S)
+LINE_RE = re.compile(r"([ab])([0-9a-z]):(.*)", re.DOTALL)
 CITATION_MARKER_RE = re.compile(r"<!--citation:([^-\s>]+)-->")
 
 
@@ -942,7 +1103,8 @@ def parse_stream(data: bytes | Iterable[bytes]) -> list[Event]:
     return events + parser.close()
 
 
-# --- 3d. Ids and request bodies ------------------------------------------------------------------------
+OUTPUT_KINDS = {"text", "reasoning", "image", "citation"}
+
 
 def uuid7() -> str:
     """RFC 9562 UUIDv7: 48 bits of Unix milliseconds, version 7, variant 10, random rest."""
@@ -987,100 +1149,38 @@ def chat_body(*, evaluation_id: str, model_id: str, content: str, modality: str,
     return body
 
 
-# --- 3e. Talking to LM Arena ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ImageInput:
+    data: bytes
+    mime: str
+    where: str                      # e.g. "messages[2] image 1", for error messages
+
+    @property
+    def digest(self) -> str:
+        return sha256_hex(self.data)
+
+
+# =====================================================================================================
+# Failure policy
+# =====================================================================================================
 
 MAX_UPSTREAM_ATTEMPTS = 3
-RECAPTCHA_COOLDOWN = (20 * 60.0, 2 * 3600.0)   # first cool-down, cap; doubles per consecutive failure
-RATE_LIMIT_COOLDOWN = 60.0                      # when a 429 names no wait
-OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
-DIRECT_RETRY_AFTER = 30 * 60.0                  # an account in browser mode tries the direct path again after this
 
 
-class UpstreamError(Exception):
-    """A failure that ends a chat request; the routes turn it into an OpenAI-shaped error."""
+class ArenaError(Exception):
+    """A failure that ends a request, named by its kind (a short code such as "no_account" or
+    "content_filter"). The upstream layer only names what happened: each client API chooses its status
+    from the kind. `relayed` marks LM Arena's own last answer, passed on after the attempts ran out."""
 
-    def __init__(self, status: int, message: str, code: str, retry_after: float | None = None):
+    def __init__(self, kind: str, message: str, retry_after: float | None = None, relayed: bool = False):
         super().__init__(message)
-        self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
-
-
-@dataclasses.dataclass
-class TurnPlan:
-    """What to send for one chat request: a follow-up on a held evaluation when possible, else a new
-    evaluation whose first message carries the history."""
-    model: dict
-    modality: str
-    new_content: str
-    images: list["ImageInput"]
-    followup: dict | None = None        # conversations row: evaluation_id, account_id
-    followup_content: str = ""
-    attempts: int = 0                   # upstream requests sent for it so far, across all retries
-
-
-@dataclasses.dataclass
-class OpenedTurn:
-    response: Any
-    account_id: int
-    evaluation_id: str
-    turns: int
-
-
-def account_state(account: dict, at: float | None = None) -> str:
-    """The state a request sees: a finished cool-down reads as ok."""
-    at = at or now()
-    if account["state"] == "cooling_down" and (account["cooldown_until"] or 0) <= at:
-        return "ok"
-    return account["state"]
-
-
-def in_browser_mode(account: dict, at: float) -> bool:
-    """The account's chats go through the sidecar's page until its next try of the direct path."""
-    return bool(account["needs_browser"]) and at < (account["direct_retry_at"] or 0)
-
-
-def is_usable(account: dict, at: float | None = None) -> bool:
-    """Can serve now. An account being refreshed counts: its requests wait for the refresh to finish."""
-    return account_state(account, at) in ("ok", "refreshing")
-
-
-def moved_origin(url: str, origin: str, location: str | None) -> str | None:
-    """The new origin when the site redirects `url` (on `origin`) to the same path elsewhere, as
-    lmarena.ai does to arena.ai; None for any other redirect."""
-    path = url[len(origin):]
-    if not location or not path or not location.endswith(path):
-        return None
-    new = location[:-len(path)]
-    return new if new.startswith(("http://", "https://")) and new != origin else None
-
-
-def classify_failure(status: int, headers: dict[str, str], body: str) -> str:
-    """Name what an LM Arena error answer means, so the retry policy can be one table."""
-    lowered = body.lower()
-    if status in (301, 308):
-        return "moved"
-    if is_cloudflare_challenge(status, headers, body):
-        return "cloudflare"
-    if status == 403 and "recaptcha" in lowered:
-        return "recaptcha"
-    if status == 429 and "prompt failed" in lowered:
-        return "recaptcha"
-    if status == 401:
-        return "unauthorized"
-    if status == 429:
-        return "rate_limited"
-    if status == 400 and "mode" in lowered and "not allowed" in lowered:
-        return "mode"
-    if status == 404:
-        return "not_found"
-    if status >= 500:
-        return "server"
-    return "client"
+        self.kind, self.message, self.retry_after, self.relayed = kind, message, retry_after, relayed
 
 
 def error_text(body: str) -> str:
     with contextlib.suppress(ValueError, AttributeError):
         return str(json.loads(body)["error"])
-    title = re.search(r"<title>(.*?)</title>", body, re.S)
+    title = re.search(r"<title>(.*?)</title>", body, re.DOTALL)
     return title.group(1).strip() if title else body.strip()[:200]
 
 
@@ -1102,676 +1202,129 @@ def retry_after_seconds(headers: dict[str, str], body: str) -> float | None:
     return None
 
 
-class ArenaClient:
-    """Everything that crosses the network to LM Arena goes through here, with curl_cffi imitating a
-    browser's TLS and HTTP/2 fingerprint."""
+# What an LM Arena answer other than 200 means: the first row whose test holds names its kind. The tests
+# get (status, lower-case headers, body, lower-case body).
+ANSWER_KINDS: tuple[tuple[str, Callable[[int, dict[str, str], str, str], bool]], ...] = (
+    ("moved", lambda status, headers, body, low: status in (301, 308)),
+    ("cloudflare", lambda status, headers, body, low: is_cloudflare_challenge(status, headers, body)),
+    ("recaptcha", lambda status, headers, body, low: status == 403 and "recaptcha" in low),
+    ("recaptcha", lambda status, headers, body, low: status == 429 and "prompt failed" in low),
+    ("unauthorized", lambda status, headers, body, low: status == 401),
+    ("rate_limited", lambda status, headers, body, low: status == 429),
+    ("mode", lambda status, headers, body, low: status == 400 and "mode" in low and "not allowed" in low),
+    ("not_found", lambda status, headers, body, low: status == 404),
+    ("server", lambda status, headers, body, low: status >= 500),
+    ("client", lambda status, headers, body, low: True),
+)
 
-    def __init__(self, settings: Settings, store: Store, sidecar: "SidecarClient"):
-        self.settings = settings
-        self.store = store
-        self.sidecar = sidecar
-        self.params: dict[str, Any] = store.site_params()
-        moved = self.params.get("moved_origin") or {}
-        self.origin = moved.get("to") if moved.get("from") == settings.arena_url else settings.arena_url
-        sidecar.arena_url = self.origin
-        self.http = AsyncSession(impersonate=settings.impersonate, max_clients=2048)
-        self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self.discovery_lock = asyncio.Lock()
-        self.clearance_lock = asyncio.Lock()
-        self.signup_lock = asyncio.Lock()
-        self.last_discovery = 0.0
-
-    async def aclose(self) -> None:
-        await self.http.close()
-
-    # --- headers and cookies ------------------------------------------------------------------------
-    def request_headers(self, account: dict | None, *, referer: str = "/?mode=direct",
-                        content_type: str | None = "text/plain;charset=UTF-8", accept: str = "*/*") -> dict:
-        # Clearance the sidecar earned goes last: it is bound to the browser's User-Agent sent with it, while
-        # Cloudflare cookies that came with an account (pasted, or from its sign-up) may be stale by now.
-        clearance = self.params.get("clearance") or {}
-        cookies: dict[str, str] = {}
-        user_agent = clearance.get("user_agent")
-        if account is not None:
-            cookies.update(json.loads(account.get("cookies") or "{}"))
-            cookies.update(auth_cookies(account["auth"], account["form"]))
-            user_agent = user_agent or account.get("user_agent")
-        cookies.update(clearance.get("cookies") or {})
-        headers = {"Accept": accept, "Origin": self.origin, "Referer": self.origin + referer,
-                   "Accept-Language": "en-US,en;q=0.9", "Sec-Fetch-Dest": "empty", "Sec-Fetch-Mode": "cors",
-                   "Sec-Fetch-Site": "same-origin"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        if cookies:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
-        if user_agent:
-            headers["User-Agent"] = user_agent
-        return headers
-
-    async def get(self, path: str, account: dict | None = None, timeout: float = 20.0):
-        for _ in range(2):
-            try:
-                response = await self.http.get(self.origin + path, headers=self.request_headers(
-                    account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
-                    timeout=timeout, discard_cookies=True, allow_redirects=False)
-            except Exception as exc:
-                raise UpstreamError(502, f"could not reach LM Arena ({type(exc).__name__})",
-                                    "upstream_unreachable") from None
-            if response.status_code not in (301, 308) or not await self.follow_move(path, response.headers.get("location")):
-                break
-        return response
-
-    async def follow_move(self, path: str, location: str | None) -> bool:
-        """Switch to the site's new origin (kept across restarts). Cookies and clearance of the old host
-        are not valid there, so clearance is dropped; a POST is re-sent by the caller, never replayed as
-        a GET by the HTTP library."""
-        new = moved_origin(self.origin + path, self.origin, location)
-        if new is None:
-            return False
-        log.warning("LM Arena moved from %s to %s; following", self.origin, new)
-        self.origin = new
-        self.store.set_site_params(moved_origin={"from": self.settings.arena_url, "to": new}, clearance={})
-        self.params = self.store.site_params()
-        await self.sidecar.move_to(new)
-        return True
-
-    # --- site discovery -----------------------------------------------------------------------------
-    async def discover(self, min_age: float = 30.0, may_start_browser: bool = True) -> dict[str, Any]:
-        """Fetch the page and its JS chunks; store the model list and site parameters. One at a time, and
-        not again within `min_age` seconds, so that a burst of failures cannot become a burst of page
-        loads. Behind a Cloudflare challenge the sidecar is asked for clearance, unless the caller is a
-        route that must never start a browser (the model list)."""
-        async with self.discovery_lock:
-            if now() - self.last_discovery < min_age:
-                return self.params
-            self.last_discovery = now()
-            page = await self.get("/")
-            if is_cloudflare_challenge(page.status_code, dict(page.headers), page.text) and may_start_browser:
-                await self.clear_cloudflare()
-                page = await self.get("/")
-            if page.status_code != 200:
-                raise UpstreamError(502, f"LM Arena page answered {page.status_code}", "discovery_failed")
-            chunk_urls = extract_chunk_urls(page.text)
-            semaphore = asyncio.Semaphore(8)
-
-            async def fetch(path: str) -> str:
-                async with semaphore:
-                    with contextlib.suppress(Exception):
-                        response = await self.get(path)
-                        if response.status_code == 200:
-                            return response.text
-                return ""
-
-            scripts = await asyncio.gather(*(fetch(p) for p in chunk_urls))
-            found = discover_site(page.text, scripts)
-            models = found.pop("models", None)
-            if models:
-                self.store.replace_models(models)
-            if found:
-                self.store.set_site_params(**found)
-            self.params = self.store.site_params()
-            log.info("discovered LM Arena: %d models, sitekey %s, %d server actions",
-                     len(models or []), "found" if found.get("sitekey") else "not found",
-                     len(found.get("server_actions") or {}))
-            return self.params
-
-    def arena_mode(self) -> str:
-        return self.params.get("arena_mode") or self.settings.arena_mode
-
-    # --- anti-bot -----------------------------------------------------------------------------------
-    async def recaptcha_token(self, action: str) -> str | None:
-        """A fresh v3 token from the sidecar, or None when the sidecar is off (the request then goes
-        without one and the site decides)."""
-        if self.settings.sidecar == "off":
-            return None
-        sitekey = self.params.get("sitekey") or FALLBACK_SITEKEY
-        return await self.sidecar.token(sitekey, action)
-
-    async def clear_cloudflare(self) -> None:
-        async with self.clearance_lock:
-            cookies, user_agent = await self.sidecar.clearance()
-            self.store.set_site_params(clearance={"cookies": cookies, "user_agent": user_agent})
-            self.params = self.store.site_params()
-
-    # --- accounts -----------------------------------------------------------------------------------
-    def usable_accounts(self, exclude: set[int]) -> list[dict]:
-        at = now()
-        return [a for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)
-                and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
-
-    def pick_account(self, exclude: set[int]) -> dict | None:
-        """The least recently used account that can serve now."""
-        usable = self.usable_accounts(exclude)
-        if not usable:
-            return None
-        at = now()
-        account = min(usable, key=lambda a: a["last_used"] or 0)
-        self.store.update_account(account["id"], last_used=at)
-        return account
-
-    def unavailable_error(self, last: UpstreamError | None = None) -> UpstreamError:
-        """Why no account can serve, with the soonest recovery as Retry-After, and what LM Arena said last."""
-        error = self._unavailable_error()
-        if last is not None:
-            error.message += f" Last answer from LM Arena: {last.message}"
-        return error
-
-    def _unavailable_error(self) -> UpstreamError:
-        accounts = self.store.accounts()
-        if not accounts:
-            return UpstreamError(503, "No LM Arena account is configured. Add one in the dashboard or with "
-                                      "`python bridge.py tokens add VALUE`.", "no_account")
-        at = now()
-        waits = [a["cooldown_until"] - at for a in accounts if a["state"] == "cooling_down"
-                 and (a["cooldown_until"] or 0) > at]
-        paced = [self.settings.account_min_interval - (at - (a["last_used"] or 0)) for a in accounts
-                 if is_usable(a, at)]
-        waits += [w for w in paced if w > 0]
-        if waits:
-            wait = max(1.0, min(waits))
-            return UpstreamError(503, f"Every LM Arena account is cooling down; the first is usable again in "
-                                      f"{int(wait)} s.", "accounts_cooling_down", retry_after=wait)
-        return UpstreamError(503, "No LM Arena account is usable (all expired or invalid); add a fresh one.",
-                             "no_usable_account")
-
-    def cool_down(self, account: dict, seconds: float, reason: str) -> None:
-        self.store.update_account(account["id"], state="cooling_down", cooldown_until=now() + seconds,
-                                  cooldown_reason=reason, last_error=reason)
-        log.warning("account %s cooling down for %d s: %s", account["id"], seconds, reason)
-
-    def recaptcha_backoff(self, account: dict) -> float:
-        first, cap = RECAPTCHA_COOLDOWN
-        return min(cap, first * 2 ** (account.get("failures") or 0))
-
-    async def fresh_account(self, account: dict) -> dict | None:
-        """The account with a session that is not about to expire, refreshing it when needed."""
-        if not is_expired(account["auth"]):
-            return account
-        return await self.refresh(account)
-
-    async def refresh(self, account: dict) -> dict | None:
-        """Refresh one account's session: the page's Set-Cookie first, then the Supabase refresh grant.
-
-        Refreshes of one account are serialised, and the result is stored with compare-and-swap, so two
-        requests racing here end with the newest session stored and both using it."""
-        async with self.refresh_locks[account["id"]]:
-            current = self.store.account(account["id"])
-            if current is None:
-                return None
-            if current["auth"] != account["auth"] and not is_expired(current["auth"]):
-                return current
-            # A cool-down outlives a refresh: the site's verdict was about the account, not its session.
-            after = "cooling_down" if account_state(current) == "cooling_down" else "ok"
-            self.store.update_account(current["id"], state="refreshing")
-            try:
-                fresh = await self.refresh_by_page(current) or await self.refresh_by_grant(current)
-            except BaseException:           # cancelled (the client left): the next request tries again
-                self.store.update_account(current["id"], state=current["state"])
-                raise
-            if fresh is None:
-                self.store.update_account(current["id"], state="expired",
-                                          last_error="session expired and could not be refreshed")
-                log.warning("account %s expired: refresh failed", current["id"])
-                return None
-            value, form = fresh
-            if self.store.swap_account_auth(current["id"], current["auth"], auth=value, form=form,
-                                            expires_at=session_expiry(value), state=after, last_error=None):
-                log.info("account %s refreshed", current["id"])
-            return self.store.account(current["id"])
-
-    async def refresh_by_page(self, account: dict) -> tuple[str, str] | None:
-        if decode_session(account["auth"]) is None:
-            return None
-        with contextlib.suppress(Exception):
-            response = await self.get("/", account)
-            return refreshed_auth_from_set_cookie(response.headers.get_list("set-cookie"))
-        return None
-
-    async def refresh_by_grant(self, account: dict) -> tuple[str, str] | None:
-        session = decode_session(account["auth"])
-        anon_key = self.params.get("anon_key")
-        if session is None or not session.get("refresh_token") or not anon_key:
-            return None
-        issuer = (jwt_claims(session.get("access_token", "")) or {}).get("iss")
-        if not issuer:
-            return None
-        try:
-            response = await self.http.post(
-                issuer.rstrip("/") + "/token?grant_type=refresh_token",
-                headers={"apikey": anon_key, "Authorization": f"Bearer {anon_key}",
-                         "Content-Type": "application/json", "Accept": "application/json"},
-                data=json.dumps({"refresh_token": session["refresh_token"]}), timeout=20, discard_cookies=True)
-            if response.status_code != 200:
-                log.warning("refresh grant answered %s", response.status_code)
-                return None
-            value = encode_session(merge_refreshed_session(session, response.json()))
-        except Exception as exc:  # network or JSON failure: the account is simply not refreshed
-            log.warning("refresh grant failed: %s", type(exc).__name__)
-            return None
-        return value, account["form"] if account["form"] != "jwt" else "whole"
-
-    # --- chat -----------------------------------------------------------------------------------------
-    async def open_turn(self, plan: TurnPlan, deadline: float) -> OpenedTurn:
-        """Send one chat turn, moving between accounts and retrying by arena-protocol §8, within a
-        bounded number of attempts; returns once LM Arena answers 200."""
-        excluded: set[int] = set()
-        followup = plan.followup
-        browser_mode: set[int] = set()
-        recaptcha_retried: set[int] = set()
-        refreshed: set[int] = set()
-        cloudflare_cleared = server_retried = False
-        last: UpstreamError | None = None
-        while plan.attempts < MAX_UPSTREAM_ATTEMPTS:
-            if now() >= deadline:
-                break
-            plan.attempts += 1
-            account = await self.account_for(followup, excluded)
-            if account is None and followup is not None:
-                followup = None
-                account = await self.account_for(None, excluded)
-            if account is None:
-                raise self.unavailable_error(last)
-            attachments = await upload_images(self, account, plan.images) if plan.images else []
-            evaluation_id = followup["evaluation_id"] if followup else uuid7()
-            path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
-                    else "/nextjs-api/stream/create-evaluation")
-            in_page = account["id"] in browser_mode or self.wants_browser(account, plan.model)
-            action = self.params.get("recaptcha_action") or "chat_submit"
-            body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"],
-                             content=plan.followup_content if followup else plan.new_content,
-                             modality=plan.modality, attachments=attachments,
-                             mode=None if followup else self.arena_mode(),
-                             token=None if in_page else await self.recaptcha_token(action))
-            if in_page:
-                response = await self.post_in_page(path, body, account, action, deadline)
-            else:
-                response = await self.post_stream(path, body, account, deadline)
-            if response.status_code == 200:
-                self.remember_path(account, in_page)
-                turns = followup["turns"] + 1 if followup else 1
-                return OpenedTurn(response, account["id"], evaluation_id, turns)
-            text = (await response.acontent()).decode("utf-8", "replace")[:4000]
-            await response.aclose()
-            headers = {k.lower(): v for k, v in response.headers.items()}
-            kind = classify_failure(response.status_code, headers, text)
-            message = error_text(text)
-            log.info("LM Arena answered %s (%s) on account %s", response.status_code, kind, account["id"])
-            last = UpstreamError(502, f"LM Arena answered {response.status_code}: {message}", kind)
-            if kind == "moved" and await self.follow_move(path, headers.get("location")):
-                continue
-            if kind == "cloudflare" and not cloudflare_cleared:
-                cloudflare_cleared = True
-                await self.clear_cloudflare()
-            elif kind == "cloudflare":
-                raise UpstreamError(503, "LM Arena's Cloudflare challenge was not passed", "cloudflare")
-            elif kind == "recaptcha" and account["id"] not in recaptcha_retried and not account["needs_browser"]:
-                recaptcha_retried.add(account["id"])
-                await self.discover(min_age=2.0)   # a rotated sitekey heals here
-            elif kind == "recaptcha" and not in_page and self.settings.sidecar != "off":
-                # Fresh tokens keep failing from curl: the site wants the browser's own context.
-                log.info("account %s: reCAPTCHA keeps failing outside the browser; using in-page fetch", account["id"])
-                browser_mode.add(account["id"])
-            elif kind == "recaptcha":
-                self.store.update_account(account["id"], failures=(account.get("failures") or 0) + 1)
-                self.cool_down(account, self.recaptcha_backoff(account), "reCAPTCHA validation kept failing")
-                excluded.add(account["id"])
-            elif kind == "unauthorized" and account["id"] not in refreshed:
-                refreshed.add(account["id"])
-                if await self.refresh(account) is None:
-                    excluded.add(account["id"])
-            elif kind == "unauthorized":
-                self.store.update_account(account["id"], state="expired", last_error=message)
-                excluded.add(account["id"])
-            elif kind == "rate_limited":
-                wait = retry_after_seconds(headers, text) or RATE_LIMIT_COOLDOWN
-                self.cool_down(account, wait, f"rate limited by LM Arena: {message}")
-                excluded.add(account["id"])
-            elif kind == "mode" and not followup:
-                mode = OTHER_MODE.get(self.arena_mode(), "direct")
-                self.store.set_site_params(arena_mode=mode)
-                self.params["arena_mode"] = mode
-                log.info("LM Arena refused the mode; switching to %s", mode)
-            elif kind == "not_found" and followup:
-                followup = None
-            elif kind == "server" and not server_retried:
-                server_retried = True
-                await asyncio.sleep(0.5)
-            else:
-                raise upstream_client_error(response.status_code, message, kind)
-        if last is not None and excluded and not self.usable_accounts(excluded):
-            raise self.unavailable_error(last)
-        if last is not None:
-            raise last
-        raise UpstreamError(504, "LM Arena did not answer in time", "upstream_timeout")
-
-    def wants_browser(self, account: dict, model: dict) -> bool:
-        """In-page fetch for models configured so, and for accounts that needed it until their next
-        try of the direct path."""
-        if self.settings.sidecar == "off":
-            return False
-        if model.get("publicName") in {m.strip() for m in self.settings.browser_models.split(",") if m.strip()}:
-            return True
-        return in_browser_mode(account, now())
-
-    def remember_path(self, account: dict, in_page: bool) -> None:
-        """Record which path worked: browser mode sticks for a while, a direct success clears it."""
-        if in_page:
-            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=1,
-                                      direct_retry_at=now() + DIRECT_RETRY_AFTER)
-        elif account["failures"] or account["last_error"] or account["needs_browser"]:
-            # Only when something changes: this runs on every successful request.
-            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=0)
-
-    async def post_in_page(self, path: str, body: dict, account: dict, action: str, deadline: float) -> "BrowserResponse":
-        """The chat request run by the sidecar's page with its own fetch, token minted in that page."""
-        # Only the session: the page keeps its own Cloudflare cookies, which match its User-Agent.
-        cookies = auth_cookies(account["auth"], account["form"])
-        request = {"url": self.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
-                   "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": cookies,
-                   "action": action, "sitekey": self.params.get("sitekey") or FALLBACK_SITEKEY}
-        response = BrowserResponse(self.sidecar.fetch_stream(request))
-        try:
-            await asyncio.wait_for(response.open(), timeout=max(0.1, deadline - now()))
-        except asyncio.TimeoutError:
-            await response.aclose()
-            raise UpstreamError(504, "LM Arena did not answer the in-page request in time", "upstream_timeout") from None
-        return response
-
-    async def sign_up_anonymous(self) -> dict:
-        """Create an anonymous LM Arena account through the sidecar, as the site does for a new visitor.
-
-        At most one attempt per signup_interval, remembered in SQLite so that neither failures nor
-        restarts can turn into a sign-up loop."""
-        async with self.signup_lock:
-            last = float(self.store.meta("last_signup_attempt") or 0)
-            wait = last + self.settings.signup_interval - now()
-            if wait > 0:
-                raise UpstreamError(503, f"No LM Arena account is usable and the last anonymous sign-up was "
-                                         f"recent; the next is allowed in {int(wait)} s. Add an account with "
-                                         f"`python bridge.py tokens add VALUE`.", "no_account", retry_after=wait)
-            self.store.set_meta("last_signup_attempt", str(now()))
-            log.info("no usable LM Arena account: signing up anonymously through the browser sidecar")
-            try:
-                result = await self.sidecar.signup(self.params.get("turnstile_sitekey") or FALLBACK_TURNSTILE_SITEKEY,
-                                                   self.params.get("sitekey") or FALLBACK_SITEKEY)
-                parsed = parse_account_input(session_from_signup(result.get("cookies") or {}, result.get("body")))
-            except (SidecarError, ValueError) as exc:
-                raise UpstreamError(503, f"Could not create an anonymous LM Arena account: {exc}", "signup_failed",
-                                    retry_after=self.settings.signup_interval) from None
-            cookies = {k: v for k, v in (result.get("cookies") or {}).items() if k in CLEARANCE_COOKIES}
-            account_id = self.store.add_account(
-                label="anonymous, created automatically", kind="anonymous", auth=parsed.auth, form=parsed.form,
-                cookies=json.dumps(cookies), user_agent=result.get("user_agent"), expires_at=session_expiry(parsed.auth),
-                state="ok", failures=0, last_used=0.0)
-            log.info("anonymous LM Arena account %s created", account_id)
-            return self.store.account(account_id)
-
-    def may_sign_up(self) -> bool:
-        """Only with zero setup or when every account has expired; never while some merely cool down."""
-        if self.settings.anonymous == "off" or self.settings.sidecar == "off":
-            return False
-        return all(a["state"] in ("expired", "invalid") for a in self.store.accounts())
-
-    async def account_for(self, followup: dict | None, excluded: set[int]) -> dict | None:
-        """The account that owns the held conversation (the site refuses follow-ups from another), or
-        any usable account for a new one."""
-        if followup is not None:
-            account = self.store.account(followup["account_id"])
-            if account is None or account["id"] in excluded or not is_usable(account):
-                return None
-        else:
-            account = self.pick_account(excluded)
-            if account is None and not excluded and self.may_sign_up():
-                account = await self.sign_up_anonymous()
-        while account is not None:
-            fresh = await self.fresh_account(account)
-            if fresh is not None or followup is not None:
-                return fresh
-            excluded.add(account["id"])
-            account = self.pick_account(excluded)
-        return None
-
-    async def post_stream(self, path: str, body: dict, account: dict, deadline: float):
-        try:
-            return await asyncio.wait_for(self.http.post(
-                self.origin + path, data=json.dumps(body, ensure_ascii=False).encode(),
-                headers=self.request_headers(account), stream=True, timeout=None, discard_cookies=True,
-                allow_redirects=False), timeout=max(0.1, deadline - now()))
-        except asyncio.TimeoutError:
-            raise UpstreamError(504, "LM Arena did not answer in time", "upstream_timeout") from None
-        except Exception as exc:
-            raise UpstreamError(502, f"could not reach LM Arena ({type(exc).__name__})", "upstream_unreachable")
-
-    async def stream_events(self, opened: OpenedTurn) -> AsyncIterator[Event]:
-        """Model A's events as they arrive; the upstream response is closed however this ends (including
-        when the client goes away and the task is cancelled)."""
-        parser = StreamParser()
-        chunks = opened.response.aiter_content()
-        try:
-            while True:
-                try:   # asyncio.timeout, not wait_for: no extra task per chunk (the relay's hot path)
-                    async with asyncio.timeout(self.settings.stream_idle_timeout):
-                        chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    yield Event("error", "LM Arena went silent mid-reply")
-                    return
-                except Exception as exc:
-                    yield Event("error", f"the connection to LM Arena broke mid-reply ({type(exc).__name__})")
-                    return
-                for event in parser.feed(chunk):
-                    yield event
-                    if event.kind == "finish":
-                        await self.adopt_session(opened)
-                        return
-            for event in parser.close():
-                yield event
-            await self.adopt_session(opened)
-        finally:
-            await opened.response.aclose()
-
-    async def adopt_session(self, opened: OpenedTurn) -> None:
-        """Keep a session the site rotated while answering (Set-Cookie on the reply, or the page's cookie
-        jar after an in-page fetch): Supabase refresh tokens are single-use, so a rotation the bridge did
-        not store would leave it holding a session that can no longer be refreshed."""
-        response = opened.response
-        if isinstance(response, BrowserResponse):
-            fresh = fresh_session_in(await response.final_cookies(timeout=5.0))
-        else:
-            fresh = refreshed_auth_from_set_cookie(response.headers.get_list("set-cookie"))
-        account = self.store.account(opened.account_id) if fresh else None
-        # The page's jar is shared by every account's in-page requests: only this account's user counts.
-        if fresh and account and fresh[0] != account["auth"] and session_owner(fresh[0]) == session_owner(account["auth"]) \
-                and (session_expiry(fresh[0]) or 0) >= (session_expiry(account["auth"]) or 0):
-            value, form = fresh
-            if self.store.swap_account_auth(account["id"], account["auth"], auth=value, form=form,
-                                            expires_at=session_expiry(value)):
-                log.info("account %s: kept the session LM Arena rotated while answering", account["id"])
+# When an answer is final (LM Arena refused the request itself): the first row whose test on (status,
+# lower-case message) holds names the failure and how to say it; else "upstream_<status>".
+REFUSALS: tuple[tuple[Callable[[int, str], bool], str, str], ...] = (
+    (lambda status, low: "private models" in low, "model_not_available",
+     "LM Arena serves this model only in anonymous battles"),
+    (lambda status, low: status == 422 or "flagged" in low, "content_filter", "LM Arena's moderation flagged the message"),
+    (lambda status, low: status == 413, "attachment_too_large", "LM Arena refused the attachment as too large"),
+    (lambda status, low: status == 404, "model_not_found", "LM Arena does not serve this model here"),
+    (lambda status, low: status == 403, "upstream_forbidden", "LM Arena refused the request"),
+)
 
 
-class BrowserResponse:
-    """An in-page fetch relayed by the sidecar, with the few members of a curl_cffi response that the
-    chat path reads, so both paths share one retry policy and one stream reader.
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """An LM Arena answer other than 200, as the failure policy reads it."""
+    status: int
+    headers: dict[str, str]      # lower-case names
+    body: str
 
-    The body is read by a task of its own: when a client goes away, Starlette cancels the request
-    through an anyio cancel scope that would also cancel the clean-up of a read in progress, and the
-    page's fetch would run on. Cancelling this reader task is a plain asyncio cancellation whose
-    clean-up completes, so the sidecar sees the close and aborts the page's fetch."""
+    @property
+    def kind(self) -> str:
+        low = self.body.lower()
+        return next(kind for kind, test in ANSWER_KINDS if test(self.status, self.headers, self.body, low))
 
-    def __init__(self, stream: AsyncIterator[Any]):
-        self.stream = stream
-        self.status_code = 0
-        self.headers: dict[str, str] = {}
-        self.chunks: asyncio.Queue = asyncio.Queue()
-        self.reader: asyncio.Task | None = None
-        self.cookies: dict[str, str] = {}       # the page's cookie jar once its fetch is done
+    @property
+    def message(self) -> str:
+        return error_text(self.body)
 
-    async def open(self) -> None:
-        self.status_code, self.headers = await self.stream.__anext__()
-        self.reader = asyncio.create_task(self._read())
+    @property
+    def retry_after(self) -> float | None:
+        return retry_after_seconds(self.headers, self.body)
 
-    async def _read(self) -> None:
-        try:
-            async for chunk in self.stream:
-                if isinstance(chunk, dict):
-                    self.cookies = chunk
-                else:
-                    self.chunks.put_nowait(chunk.encode())
-            self.chunks.put_nowait(None)
-        except Exception as exc:
-            self.chunks.put_nowait(exc)
+    def relayed(self) -> ArenaError:
+        return ArenaError(self.kind, f"LM Arena answered {self.status}: {self.message}", relayed=True)
 
-    async def final_cookies(self, timeout: float) -> dict[str, str]:
-        """The page's cookies after the fetch, waiting a little for its end (it follows the finish line)."""
-        if self.reader is not None:
-            await asyncio.wait({self.reader}, timeout=timeout)
-        return self.cookies
-
-    async def aiter_content(self) -> AsyncIterator[bytes]:
-        while (item := await self.chunks.get()) is not None:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-    async def acontent(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_content()])
-
-    async def aclose(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-        else:
-            await self.stream.aclose()
+    def refusal(self) -> ArenaError:
+        message = self.message
+        low = message.lower()
+        kind, what = next(((kind, what) for test, kind, what in REFUSALS if test(self.status, low)),
+                          (f"upstream_{self.status}", "LM Arena refused the request"))
+        return ArenaError(kind, f"{what}: {message}")
 
 
-def upstream_client_error(status: int, message: str, kind: str) -> UpstreamError:
-    """LM Arena refused the request itself: pass on a fitting status, never retry."""
-    lowered = message.lower()
-    if "private models" in lowered:
-        return UpstreamError(403, f"LM Arena serves this model only in anonymous battles: {message}",
-                             "model_not_available")
-    if status == 422 or "flagged" in lowered:
-        return UpstreamError(422, f"LM Arena's moderation flagged the message: {message}", "content_filter")
-    if status == 413:
-        return UpstreamError(413, f"LM Arena refused the attachment as too large: {message}", "attachment_too_large")
-    if status == 404:
-        return UpstreamError(404, f"LM Arena does not serve this model here: {message}", "model_not_found")
-    if status == 403:
-        return UpstreamError(403, f"LM Arena refused the request: {message}", "upstream_forbidden")
-    return UpstreamError(400 if status < 500 else 502, f"LM Arena refused the request: {message}",
-                         f"upstream_{status}")
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What to do about one kind of failure. The n-th failure of the kind (n from 0, counted per account
+    or per request) runs the first step from steps[n] on that applies; past the end, the last step
+    repeats. When no step applies, the answer is final and the request fails with it ("refuse")."""
+    scope: str                  # "account" or "request"
+    steps: tuple[str, ...]
 
 
-# --- 3f. Uploads: server actions and storage (arena-protocol §11, §12.1) --------------------------------
-
-def parse_action_response(text: str) -> dict | None:
-    """The `1:` line of a server action's text/x-component answer, if it says success."""
-    for line in text.splitlines():
-        ident, sep, payload = line.partition(":")
-        if sep and ident == "1":
-            with contextlib.suppress(ValueError):
-                value = json.loads(payload)
-                if isinstance(value, dict) and value.get("success") is True:
-                    return value.get("data") or {}
-    return None
-
-
-async def call_server_action(arena: ArenaClient, account: dict, name: str, args: list,
-                             fields: tuple[str, ...]) -> list[str]:
-    """POST a Next.js server action and return the string `fields` of its data; on an unknown id,
-    rediscover the ids once and try again."""
-    refused_at: float | None = None
-    for _ in range(2):
-        action_id = (arena.params.get("server_actions") or {}).get(name)
-        if not action_id or refused_at is not None:
-            # Only a discovery that began after the refused call can know the new id; one that did is
-            # reused, so that the uploads in flight during a deployment share one page load.
-            await arena.discover(min_age=now() - refused_at if refused_at is not None else 2.0)
-            action_id = (arena.params.get("server_actions") or {}).get(name)
-        if not action_id:
-            raise UpstreamError(502, f"LM Arena's {name} server action was not found on the site", "site_changed")
-        headers = arena.request_headers(account, referer="/", accept="text/x-component")
-        headers["Next-Action"] = action_id
-        sent = now()
-        try:
-            response = await arena.http.post(arena.origin + "/?mode=direct", data=json.dumps(args), headers=headers,
-                                             timeout=30, discard_cookies=True, allow_redirects=False)
-        except Exception as exc:
-            raise UpstreamError(502, f"LM Arena's {name} could not be reached ({type(exc).__name__})",
-                                "upload_failed") from None
-        if response.status_code == 404:
-            refused_at = sent
-            continue
-        data = parse_action_response(response.text) if response.status_code == 200 else None
-        values = [data.get(field) for field in fields] if data is not None else []
-        if values and all(isinstance(v, str) and v for v in values):
-            return values
-        answer = "without " + " and ".join(fields) if response.status_code == 200 else str(response.status_code)
-        raise UpstreamError(502, f"LM Arena's {name} answered {answer}", "upload_failed")
-    raise UpstreamError(502, f"LM Arena's {name} server action id is stale even after rediscovery", "site_changed")
+# The retry policy of a chat attempt (arena-protocol §8), one row per failure kind. The steps:
+#   follow_move     the site moved to another origin: switch to it and send again
+#   clear_cloudflare  get Cloudflare clearance from the browser sidecar and send again
+#   give_up         fail with the kind (a challenge the browser could not pass)
+#   rediscover      reload the site's parameters (a rotated reCAPTCHA sitekey heals here) and send again
+#   go_in_page      send this account's chats through the sidecar's page (fresh tokens keep failing from curl)
+#   back_off        cool the account down, doubling per consecutive failure, and move to another
+#   refresh         refresh the account's session and send again (another account when that fails)
+#   expire          mark the account expired and move to another
+#   cool_down       cool the account down as long as LM Arena asked, and move to another
+#   switch_mode     try the other arena mode for new conversations
+#   start_over      the held conversation is gone: start a new one carrying the history
+#   pause           wait a moment and send again
+#   refuse          fail with what LM Arena said
+POLICY: dict[str, Rule] = {
+    "moved": Rule("request", ("follow_move",)),
+    "cloudflare": Rule("request", ("clear_cloudflare", "give_up")),
+    "recaptcha": Rule("account", ("rediscover", "go_in_page", "back_off")),
+    "unauthorized": Rule("account", ("refresh", "expire")),
+    "rate_limited": Rule("account", ("cool_down",)),
+    "mode": Rule("request", ("switch_mode",)),
+    "not_found": Rule("request", ("start_over",)),
+    "server": Rule("request", ("pause", "refuse")),
+    "client": Rule("request", ("refuse",)),
+}
 
 
-async def put_upload(arena: ArenaClient, upload_url: str, image: ImageInput) -> None:
-    try:
-        put = await arena.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
-                                   timeout=60, discard_cookies=True)
-    except Exception as exc:
-        raise UpstreamError(502, f"the image upload to LM Arena's storage failed ({type(exc).__name__})",
-                            "upload_failed") from None
-    if put.status_code not in (200, 201, 204):
-        raise UpstreamError(502, f"LM Arena's storage answered {put.status_code} to the image upload",
-                            "upload_failed")
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """What the policy may look at when it picks a step for one failed attempt."""
+    needs_browser: bool         # the account has been in browser mode
+    in_page: bool               # this attempt went through the sidecar's page
+    followup: bool              # it continued a held conversation
+    sidecar: bool               # a sidecar may be used
+    moved: bool                 # the answer redirected to the same path on another origin
 
 
-async def retry_once(step: Callable[[], Any], what: str) -> Any:
-    """Run one upload step, and once more if it fails: server actions and storage fail transiently, and
-    repeating one step is cheaper than starting the upload over."""
-    try:
-        return await step()
-    except UpstreamError as error:
-        log.info("%s failed (%s); retrying once", what, error.message)
-        return await step()
+# When a step can help; a step not named here always applies.
+STEP_APPLIES: dict[str, Callable[[Attempt], bool]] = {
+    "follow_move": lambda a: a.moved,
+    "rediscover": lambda a: not a.needs_browser,
+    "go_in_page": lambda a: not a.in_page and a.sidecar,
+    "switch_mode": lambda a: not a.followup,
+    "start_over": lambda a: a.followup,
+}
 
 
-async def upload_image(arena: ArenaClient, account: dict, image: ImageInput) -> dict:
-    """generateUploadUrl -> PUT -> getSignedUrl (arena-protocol §12.1), with the chat request's own
-    account: the site shows an attachment only to the user who uploaded it."""
-    extension = image.mime.split("/")[1].replace("jpeg", "jpg")
-    filename = f"upload-{image.digest[:12]}.{extension}"
-    upload_url, key = await retry_once(lambda: call_server_action(
-        arena, account, "generateUploadUrl", [filename, image.mime], ("uploadUrl", "key")), "generateUploadUrl")
-    await retry_once(lambda: put_upload(arena, upload_url, image), "the image PUT")
-    (url,) = await retry_once(lambda: call_server_action(
-        arena, account, "getSignedUrl", [key], ("url",)), "getSignedUrl")
-    return {"name": key, "contentType": image.mime, "url": url}
-
-
-def signed_url_expiry(url: str) -> float | None:
-    """When a presigned URL stops working: X-Amz-Date + X-Amz-Expires (arena-protocol §12.1)."""
-    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
-    with contextlib.suppress(KeyError, ValueError):
-        return calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) + int(query["X-Amz-Expires"])
-    return None
-
-
-async def upload_images(arena: ArenaClient, account: dict, images: list[ImageInput]) -> list[dict]:
-    """Attachments for a chat turn. An image this account uploaded before is reused until shortly before
-    its signed URL expires, so that a client resending the same image (a regenerate, a repeated
-    question) does not upload it again."""
-    attachments = []
-    for image in images:
-        cache_key = f"{account['id']}:{image.digest}"
-        attachment = arena.store.cached_upload(cache_key)
-        if attachment is None:
-            attachment = await upload_image(arena, account, image)
-            expires = signed_url_expiry(attachment["url"]) or now() + SIGNED_URL_LIFETIME
-            arena.store.remember_upload(cache_key, account["id"], attachment, expires - UPLOAD_EXPIRY_MARGIN)
-        attachments.append(attachment)
-    return attachments
+def next_step(kind: str, failures: int, attempt: Attempt) -> str:
+    """The step for the `failures`-th earlier failure of `kind` (0: the first), by POLICY."""
+    steps = POLICY[kind].steps
+    candidates = steps[failures:] or steps[-1:]
+    return next((step for step in candidates if STEP_APPLIES.get(step, lambda a: True)(attempt)), "refuse")
 
 
 # =====================================================================================================
-# 4. Sidecar client
+# Sidecar client
 # =====================================================================================================
 
 class SidecarError(Exception):
@@ -1817,8 +1370,9 @@ class SidecarClient:
         self._refills: dict[tuple[str, str], asyncio.Task] = {}
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "SidecarClient":
-        return cls(socket_path=settings.socket_path, arena_url=settings.arena_url, browser=settings.browser,
+    def from_settings(cls, settings: Settings, arena_url: str) -> SidecarClient:
+        """The sidecar for `settings`, on LM Arena's current origin (it may have moved since it was set)."""
+        return cls(socket_path=settings.socket_path, arena_url=arena_url, browser=settings.browser,
                    mode=settings.sidecar, request_timeout=settings.sidecar_timeout,
                    idle_timeout=settings.sidecar_idle, headful=settings.headful, log_level=settings.log_level)
 
@@ -2108,21 +1662,897 @@ class SidecarClient:
 
 
 # =====================================================================================================
-# 5. OpenAI translation
+# Upstream HTTP client
+# =====================================================================================================
+
+OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
+
+
+def current_origin(settings: Settings, store: Store) -> str:
+    """Where LM Arena lives now: the configured origin, or where it moved to (kept across restarts)."""
+    moved = store.site_params().get("moved_origin") or {}
+    return moved.get("to") if moved.get("from") == settings.arena_url else settings.arena_url
+
+
+def unreachable(exc: BaseException) -> ArenaError:
+    return ArenaError("upstream_unreachable", f"could not reach LM Arena ({type(exc).__name__})")
+
+
+def parse_action_response(text: str) -> dict | None:
+    """The `1:` line of a server action's text/x-component answer, if it says success."""
+    for line in text.splitlines():
+        ident, sep, payload = line.partition(":")
+        if sep and ident == "1":
+            with contextlib.suppress(ValueError):
+                value = json.loads(payload)
+                if isinstance(value, dict) and value.get("success") is True:
+                    return value.get("data") or {}
+    return None
+
+
+class ArenaSite:
+    """LM Arena's site over HTTP, with curl_cffi imitating a browser's TLS and HTTP/2 fingerprint: its
+    origin (and a move to another), the headers and cookies of a request, discovery of the site's
+    parameters, Cloudflare clearance and reCAPTCHA tokens from the sidecar, and server actions."""
+
+    def __init__(self, settings: Settings, store: Store, sidecar: SidecarClient):
+        self.settings = settings
+        self.store = store
+        self.sidecar = sidecar
+        self.params: dict[str, Any] = store.site_params()
+        self.origin = current_origin(settings, store)
+        self.http = AsyncSession(impersonate=settings.impersonate, max_clients=2048)  # type: ignore[arg-type]
+        self.discovery_lock = asyncio.Lock()
+        self.clearance_lock = asyncio.Lock()
+        self.last_discovery = 0.0
+
+    async def aclose(self) -> None:
+        await self.http.close()
+
+    # --- requests -----------------------------------------------------------------------------------
+    def request_headers(self, account: dict | None, *, referer: str = "/?mode=direct",
+                        content_type: str | None = "text/plain;charset=UTF-8", accept: str = "*/*") -> dict:
+        # Clearance the sidecar earned goes last: it is bound to the browser's User-Agent sent with it, while
+        # Cloudflare cookies that came with an account (pasted, or from its sign-up) may be stale by now.
+        clearance = self.params.get("clearance") or {}
+        cookies: dict[str, str] = {}
+        user_agent = clearance.get("user_agent")
+        if account is not None:
+            cookies.update(json.loads(account.get("cookies") or "{}"))
+            cookies.update(Session.of(account).cookies())
+            user_agent = user_agent or account.get("user_agent")
+        cookies.update(clearance.get("cookies") or {})
+        headers = {"Accept": accept, "Origin": self.origin, "Referer": self.origin + referer,
+                   "Accept-Language": "en-US,en;q=0.9", "Sec-Fetch-Dest": "empty", "Sec-Fetch-Mode": "cors",
+                   "Sec-Fetch-Site": "same-origin"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        if user_agent:
+            headers["User-Agent"] = user_agent
+        return headers
+
+    async def get(self, path: str, account: dict | None = None, timeout: float = 20.0) -> Any:
+        for _ in range(2):
+            try:
+                response = await self.http.get(self.origin + path, headers=self.request_headers(
+                    account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
+                    timeout=timeout, discard_cookies=True, allow_redirects=False)
+            except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
+                raise unreachable(exc) from None
+            if response.status_code not in (301, 308) or not await self.follow_move(path, response.headers.get("location")):
+                break
+        return response
+
+    async def post_stream(self, path: str, body: dict, account: dict, deadline: float) -> Any:
+        try:
+            return await asyncio.wait_for(self.http.post(
+                self.origin + path, data=json.dumps(body, ensure_ascii=False).encode(),
+                headers=self.request_headers(account), stream=True, timeout=None, discard_cookies=True,
+                allow_redirects=False), timeout=max(0.1, deadline - now()))
+        except TimeoutError:
+            raise ArenaError("upstream_timeout", "LM Arena did not answer in time") from None
+        except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
+            raise unreachable(exc) from None
+
+    def moves_to(self, path: str, location: str | None) -> str | None:
+        """The new origin when a redirect of `path` points at the same path elsewhere."""
+        return moved_origin(self.origin + path, self.origin, location)
+
+    async def follow_move(self, path: str, location: str | None) -> bool:
+        """Switch to the site's new origin (kept across restarts). Cookies and clearance of the old host
+        are not valid there, so clearance is dropped; a POST is re-sent by the caller, never replayed as
+        a GET by the HTTP library."""
+        new = self.moves_to(path, location)
+        if new is None:
+            return False
+        log.warning("LM Arena moved from %s to %s; following", self.origin, new)
+        self.origin = new
+        self.store.set_site_params(moved_origin={"from": self.settings.arena_url, "to": new}, clearance={})
+        self.params = self.store.site_params()
+        await self.sidecar.move_to(new)
+        return True
+
+    # --- site discovery -----------------------------------------------------------------------------
+    async def discover(self, min_age: float = 30.0, may_start_browser: bool = True) -> dict[str, Any]:
+        """Fetch the page and its JS chunks; store the model list and site parameters. One at a time, and
+        not again within `min_age` seconds, so that a burst of failures cannot become a burst of page
+        loads. Behind a Cloudflare challenge the sidecar is asked for clearance, unless the caller is a
+        route that must never start a browser (the model list)."""
+        async with self.discovery_lock:
+            if now() - self.last_discovery < min_age:
+                return self.params
+            self.last_discovery = now()
+            page = await self.get("/")
+            if is_cloudflare_challenge(page.status_code, dict(page.headers), page.text) and may_start_browser:
+                await self.clear_cloudflare()
+                page = await self.get("/")
+            if page.status_code != 200:
+                raise ArenaError("discovery_failed", f"LM Arena page answered {page.status_code}")
+            scripts = await self.scripts(extract_chunk_urls(page.text))
+            found = discover_site(page.text, scripts)
+            models = found.pop("models", None)
+            if models:
+                self.store.replace_models(models)
+            if found:
+                self.store.set_site_params(**found)
+            self.params = self.store.site_params()
+            log.info("discovered LM Arena: %d models, sitekey %s, %d server actions",
+                     len(models or []), "found" if found.get("sitekey") else "not found",
+                     len(found.get("server_actions") or {}))
+            return self.params
+
+    async def scripts(self, paths: list[str]) -> list[str]:
+        """The JS chunks' text, eight at a time; a chunk that fails to load reads as empty."""
+        semaphore = asyncio.Semaphore(8)
+
+        async def fetch(path: str) -> str:
+            async with semaphore:
+                with contextlib.suppress(Exception):
+                    response = await self.get(path)
+                    if response.status_code == 200:
+                        return response.text
+            return ""
+
+        return list(await asyncio.gather(*(fetch(p) for p in paths)))
+
+    def arena_mode(self) -> str:
+        return self.params.get("arena_mode") or self.settings.arena_mode
+
+    def switch_mode(self) -> None:
+        """LM Arena refused the mode: new conversations use the other one from now on."""
+        mode = OTHER_MODE.get(self.arena_mode(), "direct")
+        self.store.set_site_params(arena_mode=mode)
+        self.params["arena_mode"] = mode
+        log.info("LM Arena refused the mode; switching to %s", mode)
+
+    # --- anti-bot -----------------------------------------------------------------------------------
+    @property
+    def sitekey(self) -> str:
+        return self.params.get("sitekey") or FALLBACK_SITEKEY
+
+    @property
+    def recaptcha_action(self) -> str:
+        return self.params.get("recaptcha_action") or "chat_submit"
+
+    async def recaptcha_token(self, action: str) -> str | None:
+        """A fresh v3 token from the sidecar, or None when the sidecar is off (the request then goes
+        without one and the site decides)."""
+        if self.settings.sidecar == "off":
+            return None
+        return await self.sidecar.token(self.sitekey, action)
+
+    async def clear_cloudflare(self) -> None:
+        async with self.clearance_lock:
+            cookies, user_agent = await self.sidecar.clearance()
+            self.store.set_site_params(clearance={"cookies": cookies, "user_agent": user_agent})
+            self.params = self.store.site_params()
+
+    # --- server actions (arena-protocol §11) --------------------------------------------------------
+    async def server_action(self, account: dict, name: str, args: list, fields: tuple[str, ...]) -> list[str]:
+        """POST a Next.js server action and return the string `fields` of its data; on an unknown id,
+        rediscover the ids once and try again."""
+        refused_at: float | None = None
+        for _ in range(2):
+            action_id = await self.action_id(name, refused_at)
+            headers = self.request_headers(account, referer="/", accept="text/x-component")
+            headers["Next-Action"] = action_id
+            sent = now()
+            try:
+                response = await self.http.post(self.origin + "/?mode=direct", data=json.dumps(args),
+                                                headers=headers, timeout=30, discard_cookies=True,
+                                                allow_redirects=False)
+            except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
+                raise ArenaError("upload_failed", f"LM Arena's {name} could not be reached ({type(exc).__name__})") \
+                    from None
+            if response.status_code == 404:
+                refused_at = sent
+                continue
+            data = parse_action_response(response.text) if response.status_code == 200 else None
+            values = [data.get(field) for field in fields] if data is not None else []
+            if values and all(isinstance(v, str) and v for v in values):
+                return [str(v) for v in values]
+            answer = "without " + " and ".join(fields) if response.status_code == 200 else str(response.status_code)
+            raise ArenaError("upload_failed", f"LM Arena's {name} answered {answer}")
+        raise ArenaError("site_changed", f"LM Arena's {name} server action id is stale even after rediscovery")
+
+    async def action_id(self, name: str, refused_at: float | None) -> str:
+        action_id = (self.params.get("server_actions") or {}).get(name)
+        if not action_id or refused_at is not None:
+            # Only a discovery that began after the refused call can know the new id; one that did is
+            # reused, so that the uploads in flight during a deployment share one page load.
+            await self.discover(min_age=now() - refused_at if refused_at is not None else 2.0)
+            action_id = (self.params.get("server_actions") or {}).get(name)
+        if not action_id:
+            raise ArenaError("site_changed", f"LM Arena's {name} server action was not found on the site")
+        return action_id
+
+
+# =====================================================================================================
+# Account pool
+# =====================================================================================================
+
+RECAPTCHA_COOLDOWN = (20 * 60.0, 2 * 3600.0)   # first cool-down, cap; doubles per consecutive failure
+RATE_LIMIT_COOLDOWN = 60.0                      # when a 429 names no wait
+DIRECT_RETRY_AFTER = 30 * 60.0                  # an account in browser mode tries the direct path again after this
+
+
+def account_state(account: dict, at: float | None = None) -> str:
+    """The state a request sees: a finished cool-down reads as ok."""
+    at = at or now()
+    if account["state"] == "cooling_down" and (account["cooldown_until"] or 0) <= at:
+        return "ok"
+    return account["state"]
+
+
+def in_browser_mode(account: dict, at: float) -> bool:
+    """The account's chats go through the sidecar's page until its next try of the direct path."""
+    return bool(account["needs_browser"]) and at < (account["direct_retry_at"] or 0)
+
+
+def is_usable(account: dict, at: float | None = None) -> bool:
+    """Can serve now. An account being refreshed counts: its requests wait for the refresh to finish."""
+    return account_state(account, at) in ("ok", "refreshing")
+
+
+class AccountPool:
+    """The LM Arena accounts: which one serves a request (least recently used, paced), cool-downs, the
+    path each needs (direct or in the browser), session refresh, anonymous sign-up, and keeping a session
+    the site rotated while answering."""
+
+    def __init__(self, settings: Settings, store: Store, site: ArenaSite, sidecar: SidecarClient):
+        self.settings = settings
+        self.store = store
+        self.site = site
+        self.sidecar = sidecar
+        self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.signup_lock = asyncio.Lock()
+
+    # --- choice and pacing --------------------------------------------------------------------------
+    def usable(self, exclude: set[int]) -> list[dict]:
+        at = now()
+        return [a for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)
+                and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
+
+    def pick(self, exclude: set[int]) -> dict | None:
+        """The least recently used account that can serve now."""
+        usable = self.usable(exclude)
+        if not usable:
+            return None
+        at = now()
+        account = min(usable, key=lambda a: a["last_used"] or 0)
+        self.store.update_account(account["id"], last_used=at)
+        return account
+
+    async def account_for(self, followup: dict | None, excluded: set[int]) -> dict | None:
+        """The account that owns the held conversation (the site refuses follow-ups from another), or
+        any usable account for a new one, with a session that is not about to expire."""
+        if followup is not None:
+            account = self.store.account(followup["account_id"])
+            if account is None or account["id"] in excluded or not is_usable(account):
+                return None
+        else:
+            account = self.pick(excluded)
+            if account is None and not excluded and self.may_sign_up():
+                account = await self.sign_up_anonymous()
+        while account is not None:
+            fresh = await self.fresh(account)
+            if fresh is not None or followup is not None:
+                return fresh
+            excluded.add(account["id"])
+            account = self.pick(excluded)
+        return None
+
+    def unavailable(self, last: ArenaError | None = None) -> ArenaError:
+        """Why no account can serve, with the soonest recovery as Retry-After, and what LM Arena said last."""
+        error = self._unavailable()
+        if last is not None:
+            error.message += f" Last answer from LM Arena: {last.message}"
+        return error
+
+    def _unavailable(self) -> ArenaError:
+        accounts = self.store.accounts()
+        if not accounts:
+            return ArenaError("no_account", "No LM Arena account is configured. Add one in the dashboard or "
+                                            "with `python bridge.py tokens add VALUE`.")
+        at = now()
+        waits = [a["cooldown_until"] - at for a in accounts if a["state"] == "cooling_down"
+                 and (a["cooldown_until"] or 0) > at]
+        paced = [self.settings.account_min_interval - (at - (a["last_used"] or 0)) for a in accounts
+                 if is_usable(a, at)]
+        waits += [w for w in paced if w > 0]
+        if waits:
+            wait = max(1.0, min(waits))
+            return ArenaError("accounts_cooling_down", f"Every LM Arena account is cooling down; the first is "
+                                                       f"usable again in {int(wait)} s.", retry_after=wait)
+        return ArenaError("no_usable_account",
+                          "No LM Arena account is usable (all expired or invalid); add a fresh one.")
+
+    # --- cool-downs and paths -----------------------------------------------------------------------
+    def cool_down(self, account: dict, seconds: float, reason: str) -> None:
+        self.store.update_account(account["id"], state="cooling_down", cooldown_until=now() + seconds,
+                                  cooldown_reason=reason, last_error=reason)
+        log.warning("account %s cooling down for %d s: %s", account["id"], seconds, reason)
+
+    def back_off(self, account: dict, reason: str) -> None:
+        """A cool-down that doubles with each consecutive failure, up to a cap."""
+        first, cap = RECAPTCHA_COOLDOWN
+        failures = account.get("failures") or 0
+        self.store.update_account(account["id"], failures=failures + 1)
+        self.cool_down(account, min(cap, first * 2 ** failures), reason)
+
+    def expire(self, account: dict, reason: str) -> None:
+        self.store.update_account(account["id"], state="expired", last_error=reason)
+
+    def remember_path(self, account: dict, in_page: bool) -> None:
+        """Record which path worked: browser mode sticks for a while, a direct success clears it."""
+        if in_page:
+            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=1,
+                                      direct_retry_at=now() + DIRECT_RETRY_AFTER)
+        elif account["failures"] or account["last_error"] or account["needs_browser"]:
+            # Only when something changes: this runs on every successful request.
+            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=0)
+
+    # --- refresh ------------------------------------------------------------------------------------
+    async def fresh(self, account: dict) -> dict | None:
+        """The account with a session that is not about to expire, refreshing it when needed."""
+        if not Session.of(account).expired():
+            return account
+        return await self.refresh(account)
+
+    async def refresh(self, account: dict) -> dict | None:
+        """Refresh one account's session: the page's Set-Cookie first, then the Supabase refresh grant.
+
+        Refreshes of one account are serialised, and the result is stored with compare-and-swap, so two
+        requests racing here end with the newest session stored and both using it."""
+        async with self.refresh_locks[account["id"]]:
+            current = self.store.account(account["id"])
+            if current is None:
+                return None
+            if current["auth"] != account["auth"] and not Session.of(current).expired():
+                return current
+            # A cool-down outlives a refresh: the site's verdict was about the account, not its session.
+            after = "cooling_down" if account_state(current) == "cooling_down" else "ok"
+            self.store.update_account(current["id"], state="refreshing")
+            try:
+                fresh = await self.refresh_by_page(current) or await self.refresh_by_grant(current)
+            except BaseException:           # cancelled (the client left): the next request tries again
+                self.store.update_account(current["id"], state=current["state"])
+                raise
+            if fresh is None:
+                self.store.update_account(current["id"], state="expired",
+                                          last_error="session expired and could not be refreshed")
+                log.warning("account %s expired: refresh failed", current["id"])
+                return None
+            if self.store.swap_account_auth(current["id"], current["auth"], auth=fresh.value, form=fresh.form,
+                                            expires_at=fresh.expiry, state=after, last_error=None):
+                log.info("account %s refreshed", current["id"])
+            return self.store.account(current["id"])
+
+    async def refresh_by_page(self, account: dict) -> Session | None:
+        if Session.of(account).data is None:
+            return None
+        with contextlib.suppress(Exception):
+            response = await self.site.get("/", account)
+            return Session.in_set_cookie(response.headers.get_list("set-cookie"))
+        return None
+
+    async def refresh_by_grant(self, account: dict) -> Session | None:
+        session = Session.of(account)
+        data = session.data
+        anon_key = self.site.params.get("anon_key")
+        if data is None or not data.get("refresh_token") or not anon_key:
+            return None
+        issuer = session.claims.get("iss")
+        if not issuer:
+            return None
+        try:
+            response = await self.site.http.post(
+                issuer.rstrip("/") + "/token?grant_type=refresh_token",
+                headers={"apikey": anon_key, "Authorization": f"Bearer {anon_key}",
+                         "Content-Type": "application/json", "Accept": "application/json"},
+                data=json.dumps({"refresh_token": data["refresh_token"]}), timeout=20, discard_cookies=True)
+            if response.status_code != 200:
+                log.warning("refresh grant answered %s", response.status_code)
+                return None
+            return session.refreshed(response.json())
+        except Exception as exc:  # noqa: BLE001 - network or JSON failure: the account is simply not refreshed
+            log.warning("refresh grant failed: %s", type(exc).__name__)
+            return None
+
+    async def adopt(self, account_id: int, fresh: Session | None) -> None:
+        """Keep a session the site rotated while answering (Set-Cookie on the reply, or the page's cookie
+        jar after an in-page fetch): Supabase refresh tokens are single-use, so a rotation the bridge did
+        not store would leave it holding a session that can no longer be refreshed."""
+        account = self.store.account(account_id) if fresh else None
+        if fresh is None or account is None:
+            return
+        held = Session.of(account)
+        # The page's jar is shared by every account's in-page requests: only this account's user counts.
+        if fresh.value != held.value and fresh.owner == held.owner and (fresh.expiry or 0) >= (held.expiry or 0):
+            if self.store.swap_account_auth(account["id"], account["auth"], auth=fresh.value, form=fresh.form,
+                                            expires_at=fresh.expiry):
+                log.info("account %s: kept the session LM Arena rotated while answering", account["id"])
+
+    # --- sign-up ------------------------------------------------------------------------------------
+    def may_sign_up(self) -> bool:
+        """Only with zero setup or when every account has expired; never while some merely cool down."""
+        if self.settings.anonymous == "off" or self.settings.sidecar == "off":
+            return False
+        return all(a["state"] in ("expired", "invalid") for a in self.store.accounts())
+
+    async def sign_up_anonymous(self) -> dict | None:
+        """Create an anonymous LM Arena account through the sidecar, as the site does for a new visitor.
+
+        At most one attempt per signup_interval, remembered in SQLite so that neither failures nor
+        restarts can turn into a sign-up loop."""
+        async with self.signup_lock:
+            last = float(self.store.meta("last_signup_attempt") or 0)
+            wait = last + self.settings.signup_interval - now()
+            if wait > 0:
+                raise ArenaError("no_account", f"No LM Arena account is usable and the last anonymous sign-up "
+                                               f"was recent; the next is allowed in {int(wait)} s. Add an account "
+                                               f"with `python bridge.py tokens add VALUE`.", retry_after=wait)
+            self.store.set_meta("last_signup_attempt", str(now()))
+            log.info("no usable LM Arena account: signing up anonymously through the browser sidecar")
+            try:
+                result = await self.sidecar.signup(self.site.params.get("turnstile_sitekey") or FALLBACK_TURNSTILE_SITEKEY,
+                                                   self.site.sitekey)
+                found = Session.from_signup(result.get("cookies") or {}, result.get("body"))
+                parsed = parse_account_input(found.value)
+            except (SidecarError, ValueError) as exc:
+                raise ArenaError("signup_failed", f"Could not create an anonymous LM Arena account: {exc}",
+                                 retry_after=self.settings.signup_interval) from None
+            cookies = {k: v for k, v in (result.get("cookies") or {}).items() if k in CLEARANCE_COOKIES}
+            account_id = self.store.add_account(
+                label="anonymous, created automatically", kind="anonymous", auth=parsed.auth, form=parsed.form,
+                cookies=json.dumps(cookies), user_agent=result.get("user_agent"),
+                expires_at=Session(parsed.auth).expiry, state="ok", failures=0, last_used=0.0)
+            log.info("anonymous LM Arena account %s created", account_id)
+            return self.store.account(account_id)
+
+
+# =====================================================================================================
+# Turn runner
+# =====================================================================================================
+
+SIGNED_URL_LIFETIME = 3600.0      # when a signed URL does not say (arena-protocol §12.1)
+UPLOAD_EXPIRY_MARGIN = 600.0      # a reused attachment must stay readable while the site answers with it
+
+
+@dataclasses.dataclass
+class OpenedTurn:
+    response: Any
+    account_id: int
+    evaluation_id: str
+    turns: int
+
+
+@dataclasses.dataclass
+class TurnPlan:
+    """What to send for one chat request: a follow-up on a held evaluation when possible, else a new
+    evaluation whose first message carries the history."""
+    model: dict
+    modality: str
+    new_content: str
+    images: list[ImageInput]
+    followup: dict | None = None        # conversations row: evaluation_id, account_id
+    followup_content: str = ""
+    attempts: int = 0                   # upstream requests sent for it so far, across all retries
+    opened: OpenedTurn | None = None    # the turn that answered, once one did
+
+
+@dataclasses.dataclass
+class Tries:
+    """One request's attempts so far, as the policy loop keeps them."""
+    followup: dict | None
+    excluded: set[int] = dataclasses.field(default_factory=set)
+    in_page: set[int] = dataclasses.field(default_factory=set)       # accounts moved to the page for it
+    failures: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    last: ArenaError | None = None
+
+    def count(self, kind: str, account_id: int) -> int:
+        """How many earlier failures of `kind` in its rule's scope; counts this one."""
+        key = (kind, account_id if POLICY[kind].scope == "account" else None)
+        self.failures[key] += 1
+        return self.failures[key] - 1
+
+
+@dataclasses.dataclass
+class Failure:
+    """One failed attempt, as a policy step acts on it."""
+    answer: Answer
+    account: dict
+    path: str
+    in_page: bool
+    tries: Tries
+
+
+class BrowserResponse:
+    """An in-page fetch relayed by the sidecar, with the few members of a curl_cffi response that the
+    chat path reads, so both paths share one retry policy and one stream reader.
+
+    The body is read by a Prefetcher: when a client goes away, Starlette cancels the request through an
+    anyio cancel scope that would also cancel the clean-up of a read in progress, and the page's fetch
+    would run on. Cancelling the prefetcher's task is a plain asyncio cancellation whose clean-up
+    completes, so the sidecar sees the close and aborts the page's fetch."""
+
+    def __init__(self, stream: AsyncGenerator[Any, None]):
+        self.stream = stream
+        self.status_code = 0
+        self.headers: dict[str, str] = {}
+        self.body: Prefetcher | None = None
+        self.cookies: dict[str, str] = {}       # the page's cookie jar once its fetch is done
+
+    async def open(self) -> None:
+        self.status_code, self.headers = await self.stream.__anext__()
+        self.body = Prefetcher(self._chunks())
+        self.body.start()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        async for item in self.stream:
+            if isinstance(item, dict):
+                self.cookies = item
+            else:
+                yield item.encode()
+
+    async def final_cookies(self, timeout: float) -> dict[str, str]:
+        """The page's cookies after the fetch, waiting a little for its end (it follows the finish line)."""
+        if self.body is not None:
+            await self.body.finished(timeout)
+        return self.cookies
+
+    async def aiter_content(self) -> AsyncIterator[bytes]:
+        assert self.body is not None, "open() first"
+        while (chunk := await self.body.next()) is not Prefetcher.END:
+            yield chunk
+
+    async def acontent(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_content()])
+
+    async def aclose(self) -> None:
+        if self.body is not None:
+            self.body.cancel()
+        else:
+            await self.stream.aclose()
+
+
+def check_event(event: Event) -> None:
+    """An error LM Arena reports once the reply has begun ends the request."""
+    if event.kind == "error":
+        raise ArenaError("upstream_error", f"LM Arena error: {event.value}")
+    if event.kind == "finish" and event.value == "error":
+        raise ArenaError("upstream_error", "LM Arena reported an error while generating the reply")
+
+
+async def retry_once(step: Callable[[], Any], what: str) -> Any:
+    """Run one upload step, and once more if it fails: server actions and storage fail transiently, and
+    repeating one step is cheaper than starting the upload over."""
+    try:
+        return await step()
+    except ArenaError as error:
+        log.info("%s failed (%s); retrying once", what, error.message)
+        return await step()
+
+
+def signed_url_expiry(url: str) -> float | None:
+    """When a presigned URL stops working: X-Amz-Date + X-Amz-Expires (arena-protocol §12.1)."""
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    with contextlib.suppress(KeyError, ValueError):
+        return calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) + int(query["X-Amz-Expires"])
+    return None
+
+
+class TurnRunner:
+    """Runs chat turns on LM Arena: picks an account, uploads the images, sends the turn (a follow-up on a
+    held conversation when possible), retries by the failure policy, and streams model A's events."""
+
+    def __init__(self, settings: Settings, store: Store, site: ArenaSite, pool: AccountPool,
+                 sidecar: SidecarClient):
+        self.settings = settings
+        self.store = store
+        self.site = site
+        self.pool = pool
+        self.sidecar = sidecar
+        self.browser_models = {m.strip() for m in settings.browser_models.split(",") if m.strip()}
+
+    # --- a whole turn ---------------------------------------------------------------------------------
+    async def events(self, plan: TurnPlan, deadline: float) -> AsyncIterator[Event]:
+        """Model A's events, after retries; `plan.opened` is the turn that answered. A 200 that carries no
+        reply (empty body, only a finish or an error line) is retried once, in a new evaluation carrying
+        the history, before anything reaches the client; all retries share one budget of upstream
+        requests (arena-protocol §8). An error from LM Arena after the reply began is raised in order."""
+        for retried in (False, True):
+            plan.opened = await self.open(plan, deadline)
+            empty_reason = "an empty reply"
+            started = False
+            stream = self.stream(plan.opened)
+            try:
+                async for event in stream:
+                    if not started and event.kind in ("error", "finish"):
+                        if event.kind == "error":
+                            empty_reason = event.value
+                        break
+                    check_event(event)
+                    started = started or event.kind in OUTPUT_KINDS
+                    yield event
+            finally:
+                await stream.aclose()
+            if started:
+                return
+            log.warning("LM Arena answered without content (%s)", empty_reason)
+            if retried or plan.attempts >= MAX_UPSTREAM_ATTEMPTS:
+                raise ArenaError("empty_reply", f"LM Arena returned no content: {empty_reason}")
+            plan.followup = None
+
+    # --- opening a turn: the policy loop ----------------------------------------------------------------
+    async def open(self, plan: TurnPlan, deadline: float) -> OpenedTurn:
+        """Send one chat turn, moving between accounts and retrying by POLICY, within a bounded number of
+        attempts; returns once LM Arena answers 200."""
+        tries = Tries(followup=plan.followup)
+        while plan.attempts < MAX_UPSTREAM_ATTEMPTS and now() < deadline:
+            plan.attempts += 1
+            account = await self.account(tries)
+            opened = await self.send(plan, tries, account, deadline)
+            if isinstance(opened, OpenedTurn):
+                return opened
+            await self.handle(opened)
+        if tries.last is not None and tries.excluded and not self.pool.usable(tries.excluded):
+            raise self.pool.unavailable(tries.last)
+        if tries.last is not None:
+            raise tries.last
+        raise ArenaError("upstream_timeout", "LM Arena did not answer in time")
+
+    async def account(self, tries: Tries) -> dict:
+        """The account for the next attempt; a follow-up whose account cannot serve starts over."""
+        account = await self.pool.account_for(tries.followup, tries.excluded)
+        if account is None and tries.followup is not None:
+            tries.followup = None
+            account = await self.pool.account_for(None, tries.excluded)
+        if account is None:
+            raise self.pool.unavailable(tries.last)
+        return account
+
+    async def send(self, plan: TurnPlan, tries: Tries, account: dict, deadline: float) -> OpenedTurn | Failure:
+        followup = tries.followup
+        attachments = await self.upload_images(account, plan.images) if plan.images else []
+        evaluation_id = followup["evaluation_id"] if followup else uuid7()
+        path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
+                else "/nextjs-api/stream/create-evaluation")
+        in_page = account["id"] in tries.in_page or self.wants_browser(account, plan.model)
+        action = self.site.recaptcha_action
+        body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"],
+                         content=plan.followup_content if followup else plan.new_content,
+                         modality=plan.modality, attachments=attachments,
+                         mode=None if followup else self.site.arena_mode(),
+                         token=None if in_page else await self.site.recaptcha_token(action))
+        if in_page:
+            response = await self.post_in_page(path, body, account, action, deadline)
+        else:
+            response = await self.site.post_stream(path, body, account, deadline)
+        if response.status_code == 200:
+            self.pool.remember_path(account, in_page)
+            return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1)
+        text = (await response.acontent()).decode("utf-8", "replace")[:4000]
+        await response.aclose()
+        answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, text)
+        return Failure(answer, account, path, in_page, tries)
+
+    async def handle(self, failure: Failure) -> None:
+        """Run the policy's next step for a failed attempt (a step may raise to end the request)."""
+        answer, account, tries = failure.answer, failure.account, failure.tries
+        kind = answer.kind
+        log.info("LM Arena answered %s (%s) on account %s", answer.status, kind, account["id"])
+        tries.last = answer.relayed()
+        attempt = Attempt(needs_browser=bool(account["needs_browser"]), in_page=failure.in_page,
+                          followup=tries.followup is not None, sidecar=self.settings.sidecar != "off",
+                          moved=self.site.moves_to(failure.path, answer.headers.get("location")) is not None)
+        step = next_step(kind, tries.count(kind, account["id"]), attempt)
+        await getattr(self, "step_" + step)(failure)
+
+    # --- the policy's steps (named in POLICY) ---------------------------------------------------------
+    async def step_follow_move(self, failure: Failure) -> None:
+        await self.site.follow_move(failure.path, failure.answer.headers.get("location"))
+
+    async def step_clear_cloudflare(self, failure: Failure) -> None:
+        await self.site.clear_cloudflare()
+
+    async def step_give_up(self, failure: Failure) -> None:
+        raise ArenaError("cloudflare", "LM Arena's Cloudflare challenge was not passed")
+
+    async def step_rediscover(self, failure: Failure) -> None:
+        await self.site.discover(min_age=2.0)   # a rotated sitekey heals here
+
+    async def step_go_in_page(self, failure: Failure) -> None:
+        log.info("account %s: reCAPTCHA keeps failing outside the browser; using in-page fetch",
+                 failure.account["id"])
+        failure.tries.in_page.add(failure.account["id"])
+
+    async def step_back_off(self, failure: Failure) -> None:
+        self.pool.back_off(failure.account, "reCAPTCHA validation kept failing")
+        failure.tries.excluded.add(failure.account["id"])
+
+    async def step_refresh(self, failure: Failure) -> None:
+        if await self.pool.refresh(failure.account) is None:
+            failure.tries.excluded.add(failure.account["id"])
+
+    async def step_expire(self, failure: Failure) -> None:
+        self.pool.expire(failure.account, failure.answer.message)
+        failure.tries.excluded.add(failure.account["id"])
+
+    async def step_cool_down(self, failure: Failure) -> None:
+        answer = failure.answer
+        self.pool.cool_down(failure.account, answer.retry_after or RATE_LIMIT_COOLDOWN,
+                            f"rate limited by LM Arena: {answer.message}")
+        failure.tries.excluded.add(failure.account["id"])
+
+    async def step_switch_mode(self, failure: Failure) -> None:
+        self.site.switch_mode()
+
+    async def step_start_over(self, failure: Failure) -> None:
+        failure.tries.followup = None
+
+    async def step_pause(self, failure: Failure) -> None:
+        await asyncio.sleep(0.5)
+
+    async def step_refuse(self, failure: Failure) -> None:
+        raise failure.answer.refusal()
+
+    # --- the two paths ------------------------------------------------------------------------------------
+    def wants_browser(self, account: dict, model: dict) -> bool:
+        """In-page fetch for models configured so, and for accounts that needed it until their next
+        try of the direct path."""
+        if self.settings.sidecar == "off":
+            return False
+        return model.get("publicName") in self.browser_models or in_browser_mode(account, now())
+
+    async def post_in_page(self, path: str, body: dict, account: dict, action: str, deadline: float) -> BrowserResponse:
+        """The chat request run by the sidecar's page with its own fetch, token minted in that page."""
+        # Only the session: the page keeps its own Cloudflare cookies, which match its User-Agent.
+        request = {"url": self.site.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
+                   "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": Session.of(account).cookies(),
+                   "action": action, "sitekey": self.site.sitekey}
+        response = BrowserResponse(self.sidecar.fetch_stream(request))
+        try:
+            await asyncio.wait_for(response.open(), timeout=max(0.1, deadline - now()))
+        except TimeoutError:
+            await response.aclose()
+            raise ArenaError("upstream_timeout", "LM Arena did not answer the in-page request in time") from None
+        return response
+
+    # --- streaming ------------------------------------------------------------------------------------
+    async def stream(self, opened: OpenedTurn) -> AsyncIterator[Event]:
+        """Model A's events as they arrive; the upstream response is closed however this ends (including
+        when the client goes away and the task is cancelled)."""
+        parser = StreamParser()
+        chunks = opened.response.aiter_content()
+        try:
+            while True:
+                try:   # asyncio.timeout, not wait_for: no extra task per chunk (the relay's hot path)
+                    async with asyncio.timeout(self.settings.stream_idle_timeout):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    yield Event("error", "LM Arena went silent mid-reply")
+                    return
+                except Exception as exc:  # noqa: BLE001 - any broken connection ends the reply the same way
+                    yield Event("error", f"the connection to LM Arena broke mid-reply ({type(exc).__name__})")
+                    return
+                for event in parser.feed(chunk):
+                    yield event
+                    if event.kind == "finish":
+                        await self.adopt_session(opened)
+                        return
+            for event in parser.close():
+                yield event
+            await self.adopt_session(opened)
+        finally:
+            await opened.response.aclose()
+
+    async def adopt_session(self, opened: OpenedTurn) -> None:
+        response = opened.response
+        if isinstance(response, BrowserResponse):
+            fresh = Session.in_jar(await response.final_cookies(timeout=5.0))
+        else:
+            fresh = Session.in_set_cookie(response.headers.get_list("set-cookie"))
+        await self.pool.adopt(opened.account_id, fresh)
+
+    # --- uploads (arena-protocol §12.1) -----------------------------------------------------------------
+    async def upload_images(self, account: dict, images: list[ImageInput]) -> list[dict]:
+        """Attachments for a chat turn. An image this account uploaded before is reused until shortly
+        before its signed URL expires, so that a client resending the same image (a regenerate, a
+        repeated question) does not upload it again."""
+        attachments = []
+        for image in images:
+            cache_key = f"{account['id']}:{image.digest}"
+            attachment = self.store.cached_upload(cache_key)
+            if attachment is None:
+                attachment = await self.upload_image(account, image)
+                expires = signed_url_expiry(attachment["url"]) or now() + SIGNED_URL_LIFETIME
+                self.store.remember_upload(cache_key, account["id"], attachment, expires - UPLOAD_EXPIRY_MARGIN)
+            attachments.append(attachment)
+        return attachments
+
+    async def upload_image(self, account: dict, image: ImageInput) -> dict:
+        """generateUploadUrl -> PUT -> getSignedUrl, with the chat request's own account: the site shows
+        an attachment only to the user who uploaded it."""
+        extension = image.mime.split("/")[1].replace("jpeg", "jpg")
+        filename = f"upload-{image.digest[:12]}.{extension}"
+        upload_url, key = await retry_once(lambda: self.site.server_action(
+            account, "generateUploadUrl", [filename, image.mime], ("uploadUrl", "key")), "generateUploadUrl")
+        await retry_once(lambda: self.put_upload(upload_url, image), "the image PUT")
+        (url,) = await retry_once(lambda: self.site.server_action(
+            account, "getSignedUrl", [key], ("url",)), "getSignedUrl")
+        return {"name": key, "contentType": image.mime, "url": url}
+
+    async def put_upload(self, upload_url: str, image: ImageInput) -> None:
+        try:
+            put = await self.site.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
+                                           timeout=60, discard_cookies=True)
+        except Exception as exc:  # noqa: BLE001 - any network failure is one answer: the upload failed
+            raise ArenaError("upload_failed", f"the image upload to LM Arena's storage failed "
+                                              f"({type(exc).__name__})") from None
+        if put.status_code not in (200, 201, 204):
+            raise ArenaError("upload_failed", f"LM Arena's storage answered {put.status_code} to the image upload")
+
+
+# #####################################################################################################
+# Part III: Client APIs
+# #####################################################################################################
+
+# =====================================================================================================
+# API plumbing
 # =====================================================================================================
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 502: "upstream_error", 503: "service_unavailable",
                504: "timeout_error"}
-FINISH_REASONS = {"stop": "stop", "length": "length", "content-filter": "content_filter",
-                  "content_filter": "content_filter"}
-ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-SOURCES_HEADING = "\n\nSources:\n"
+
+# The client status for each kind of LM Arena failure; any other kind is a 502, and so is LM Arena's own
+# answer passed on (`relayed`). "upstream_<status>" (a refusal the table does not name) is a 400 for a
+# 4xx status, else a 502.
+ARENA_STATUS = {
+    "no_account": 503, "accounts_cooling_down": 503, "no_usable_account": 503, "signup_failed": 503,
+    "cloudflare": 503, "model_not_available": 403, "upstream_forbidden": 403, "content_filter": 422,
+    "attachment_too_large": 413, "model_not_found": 404, "upstream_timeout": 504,
+}
+
+
+def arena_status(error: ArenaError) -> int:
+    if error.relayed:
+        return 502
+    if error.kind in ARENA_STATUS:
+        return ARENA_STATUS[error.kind]
+    code = error.kind.removeprefix("upstream_")
+    return 400 if code.isdigit() and int(code) < 500 else 502
 
 
 class ApiError(Exception):
-    """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}} with its HTTP status."""
+    """The one error type with an HTTP status and headers: what a client API answers a failure with. Its
+    body here is OpenAI's {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, code: str, param: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -2135,24 +2565,25 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
     @classmethod
-    def from_upstream(cls, error: UpstreamError) -> "ApiError":
+    def from_arena(cls, error: ArenaError) -> ApiError:
+        status = arena_status(error)
         headers = {}
         if error.retry_after is not None:
             headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
             if error.retry_after > 120:
                 headers["x-should-retry"] = "false"
-        elif error.status == 503:
+        elif status == 503:
             headers["x-should-retry"] = "false"
-        return cls(error.status, error.message, error.code, headers=headers)
+        return cls(status, error.message, error.kind, headers=headers)
 
 
 def api_error_for(error: Exception) -> ApiError:
-    """The OpenAI error for anything that ends a request: an unexpected exception is logged and becomes a
+    """The API error for anything that ends a request: an unexpected exception is logged and becomes a
     500 in the same shape, never a bare text page or a cut stream."""
     if isinstance(error, ApiError):
         return error
-    if isinstance(error, UpstreamError):
-        return ApiError.from_upstream(error)
+    if isinstance(error, ArenaError):
+        return ApiError.from_arena(error)
     if isinstance(error, SidecarError):
         return ApiError(503, f"The browser sidecar could not help: {error}", "sidecar_unavailable",
                         headers={"x-should-retry": "false"})
@@ -2160,7 +2591,111 @@ def api_error_for(error: Exception) -> ApiError:
     return ApiError(500, f"The bridge failed unexpectedly ({type(error).__name__}); see its log.", "internal_error")
 
 
-# --- 5a. Requests in ---------------------------------------------------------------------------------
+class RateLimiter:
+    """Requests per minute per API key, over a sliding 60-second window (in memory: a restart forgives)."""
+
+    def __init__(self) -> None:
+        self.window = SlidingWindow(60.0)
+
+    def check(self, key: dict) -> None:
+        rpm = key.get("rpm") or 0
+        if rpm <= 0:
+            return
+        wait = self.window.admit(key["id"], rpm)
+        if wait:
+            seconds = max(1, int(wait + 0.999))
+            raise ApiError(429, f"This API key is limited to {rpm} requests per minute; retry in {seconds} s.",
+                           "rate_limit_exceeded", headers={"Retry-After": str(seconds)})
+
+
+class UsageRecorder:
+    """Usage rows are buffered and written in batches by a background task, so that no request waits on
+    an SQLite write."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pending: list[dict] = []
+
+    def add(self, key_id: int | None, model: str | None, status: int, started: float, prompt_tokens: int = 0,
+            completion_tokens: int = 0, error: str | None = None) -> None:
+        self.pending.append({"ts": now(), "key_id": key_id, "model": model, "status": status,
+                             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "error": error})
+
+    def flush(self) -> None:
+        rows, self.pending = self.pending, []
+        self.store.record_usage(rows)
+
+
+@dataclasses.dataclass
+class BridgeState:
+    """Everything a request handler needs; one per app, kept on `app.state.bridge`."""
+    settings: Settings
+    store: Store
+    sidecar: SidecarClient
+    site: ArenaSite
+    pool: AccountPool
+    turns: TurnRunner
+    limiter: RateLimiter
+    usage: UsageRecorder
+    logins: SlidingWindow
+    tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
+
+    async def models(self) -> list[dict]:
+        """The stored model list; on a first start with none stored yet, wait (bounded) for discovery."""
+        models = self.store.models()
+        if not models:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.site.discover(min_age=5.0, may_start_browser=False), 30)
+            models = self.store.models()
+        if not models:
+            raise ApiError(503, "The model list is not known yet: LM Arena could not be reached.", "models_unknown")
+        return models
+
+
+def bridge(request: Request) -> BridgeState:
+    return request.app.state.bridge
+
+
+def authenticate(request: Request) -> dict:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", "missing_api_key")
+    key = bridge(request).store.key_by_secret(secret.strip())
+    if key is None:
+        raise ApiError(401, "Invalid API key.", "invalid_api_key")
+    return key
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ApiError(400, "The request body is not valid JSON.", "invalid_json") from None
+
+
+# =====================================================================================================
+# OpenAI chat requests
+# =====================================================================================================
+
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+SOURCES_HEADING = "\n\nSources:\n"
+
 
 @dataclasses.dataclass
 class Message:
@@ -2280,8 +2815,6 @@ def resolve_model(models: list[dict], name: str, with_images: bool = False, moda
     return public[0]
 
 
-# --- 5b. Messages -> one LM Arena turn ----------------------------------------------------------------
-
 ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool result"}
 
 
@@ -2327,8 +2860,12 @@ def conversation_fingerprint(key_id: int, model: str, messages: list[Message]) -
     return sha256_hex(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
 
 
-# --- 5c. Events out -------------------------------------------------------------------------------------
+# =====================================================================================================
+# OpenAI chat replies
+# =====================================================================================================
 
+FINISH_REASONS = {"stop": "stop", "length": "length", "content-filter": "content_filter",
+                  "content_filter": "content_filter"}
 MARKER_START = "<!--citation:"
 
 
@@ -2358,6 +2895,22 @@ class ReplyBuilder:
         self.finish_reason = "stop"
         self.usage: dict | None = None
         self.annotations: list[dict] = []
+
+    def add(self, event: Event) -> tuple[str, str] | None:
+        """Fold one event into the reply; returns a ("content"|"reasoning", text) delta to relay."""
+        if event.kind == "text":
+            text = self.text(event.value)
+            return ("content", text) if text else None
+        if event.kind == "reasoning":
+            self.reasoning.append(event.value)
+            return "reasoning", event.value
+        if event.kind == "citation":
+            self.add_sources(event.value)
+        elif event.kind == "image":
+            self.images.extend(event.value)
+        elif event.kind == "finish":
+            self.finish_reason, self.usage = event.value, event.usage
+        return None
 
     def text(self, delta: str) -> str:
         text = self.held + delta
@@ -2472,24 +3025,11 @@ def completion_object(completion_id: str, created: int, model: str, builder: Rep
             "usage": usage}
 
 
-# --- 5d. Images in: checked and fetched ----------------------------------------------------------------
+# =====================================================================================================
+# OpenAI images
+# =====================================================================================================
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
-SIGNED_URL_LIFETIME = 3600.0      # when a signed URL does not say (arena-protocol §12.1)
-UPLOAD_EXPIRY_MARGIN = 600.0      # a reused attachment must stay readable while the site answers with it
-
-
-@dataclasses.dataclass
-class ImageInput:
-    data: bytes
-    mime: str
-    where: str                      # e.g. "messages[2] image 1", for error messages
-
-    @property
-    def digest(self) -> str:
-        return sha256_hex(self.data)
-
-
 def sniff_image_type(data: bytes) -> str | None:
     """The image type from its first bytes; the declared type is not trusted."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -2641,8 +3181,6 @@ async def load_image(url: str, where: str, settings: Settings, http: AsyncSessio
     return check_image(data, where)
 
 
-# --- 5e. Images out: the OpenAI images API ---------------------------------------------------------------
-
 IMAGE_SIZE_RE = re.compile(r"([1-9]\d{0,4})x([1-9]\d{0,4})")
 ASPECT_RATIO_RE = re.compile(r"([1-9]\d*):([1-9]\d*)")
 MAX_GENERATED_IMAGE_BYTES = 50 * 1024 * 1024    # generated images can be 4K PNGs, well above the input cap
@@ -2710,169 +3248,261 @@ async def generated_image_bytes(http: AsyncSession, url: str) -> bytes:
         try:
             return b64url_decode(url.partition(",")[2])
         except (binascii.Error, ValueError):
-            raise UpstreamError(502, "LM Arena sent an image that is not valid base64", "image_download_failed") \
+            raise ApiError(502, "LM Arena sent an image that is not valid base64", "image_download_failed") \
                 from None
     try:
         return await fetch_bytes(http, url, timeout=30, limit=MAX_GENERATED_IMAGE_BYTES)
     except FetchError as exc:
-        raise UpstreamError(502, f"The generated image {exc}.", "image_download_failed") from None
+        raise ApiError(502, f"The generated image {exc}.", "image_download_failed") from None
 
 
 # =====================================================================================================
-# 6. Rate limiting and usage
+# OpenAI routes
 # =====================================================================================================
 
-class RateLimiter:
-    """Requests per minute per API key, over a sliding 60-second window (in memory: a restart forgives)."""
+def model_created(model: dict, default: int) -> int:
+    """A uuid7 id carries its creation time; older uuid4 ids get the discovery time."""
+    with contextlib.suppress(ValueError, TypeError):
+        parsed = uuid.UUID(model["id"])
+        if parsed.version == 7:
+            return (parsed.int >> 80) // 1000
+    return default
 
-    def __init__(self) -> None:
-        self.windows: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 
-    def check(self, key: dict) -> None:
-        rpm = key.get("rpm") or 0
-        if rpm <= 0:
+async def list_models(request: Request) -> Response:
+    key = authenticate(request)
+    state = bridge(request)
+    started = time.perf_counter()
+    updated = int(state.store.site_params_updated() or now())
+    seen: set[str] = set()
+    data = []
+    for model in usable_models(await state.models()):
+        if model["publicName"] in seen:
+            continue
+        seen.add(model["publicName"])
+        data.append({"id": model["publicName"], "object": "model", "created": model_created(model, updated),
+                     "owned_by": model["organization"]})
+    state.usage.add(key["id"], None, 200, started)  # no model: counted per key, not per model
+    return JSONResponse({"object": "list", "data": data})
+
+
+@dataclasses.dataclass
+class ChatJob:
+    """One chat request from validation to the recorded result."""
+    state: BridgeState
+    key: dict
+    chat: ChatRequest
+    plan: TurnPlan
+    started: float
+    completion_id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
+    created: int = dataclasses.field(default_factory=lambda: int(now()))
+
+    def events(self) -> AsyncIterator[Event]:
+        return self.state.turns.events(self.plan, now() + self.state.settings.request_timeout)
+
+    def succeeded(self, builder: ReplyBuilder) -> None:
+        """Remember which evaluation now holds this exact history, for the next turn's follow-up."""
+        opened = self.plan.opened
+        if opened is None:
             return
-        at = time.monotonic()
-        window = self.windows[key["id"]]
-        while window and at - window[0] >= 60:
-            window.popleft()
-        if len(window) >= rpm:
-            wait = max(1, int(60 - (at - window[0]) + 0.999))
-            raise ApiError(429, f"This API key is limited to {rpm} requests per minute; retry in {wait} s.",
-                           "rate_limit_exceeded", headers={"Retry-After": str(wait)})
-        window.append(at)
+        history = [*self.chat.messages, Message("assistant", builder.full_content, [])]
+        fingerprint = conversation_fingerprint(self.key["id"], self.chat.model, history)
+        self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
+                                               self.plan.model["id"], self.key["id"], opened.turns)
+
+    def fail(self, error: Exception) -> ApiError:
+        """Record a failure of this job and turn it into the OpenAI error to answer with."""
+        api_error = api_error_for(error)
+        self.record(api_error.status, error=api_error.code)
+        return api_error
+
+    def record(self, status: int, usage: dict | None = None, error: str | None = None) -> None:
+        usage = usage or {}
+        self.state.usage.add(self.key["id"], self.chat.model, status, self.started,
+                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error)
 
 
-class UsageRecorder:
-    """Usage rows are buffered and written in batches by a background task, so that no request waits on
-    an SQLite write."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.pending: list[dict] = []
-
-    def add(self, key_id: int | None, model: str | None, status: int, started: float, prompt_tokens: int = 0,
-            completion_tokens: int = 0, error: str | None = None) -> None:
-        self.pending.append({"ts": now(), "key_id": key_id, "model": model, "status": status,
-                             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-                             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "error": error})
-
-    def flush(self) -> None:
-        rows, self.pending = self.pending, []
-        self.store.record_usage(rows)
+def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict) -> TurnPlan:
+    settings = state.settings
+    content, dropped = render_transcript(chat.messages, settings.max_prompt_chars)
+    if dropped:
+        log.info("history longer than %d characters: the %d earliest turns were left out",
+                 settings.max_prompt_chars, dropped)
+    followup = None
+    last = chat.messages[-1]
+    if len(chat.messages) > 1 and last.role == "user":
+        fingerprint = conversation_fingerprint(key["id"], chat.model, chat.messages[:-1])
+        followup = state.store.conversation_for(fingerprint, settings.conversation_ttl)
+    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=[],
+                    followup=followup, followup_content=render_message(last, describe_images=False))
 
 
-# =====================================================================================================
-# 7. Dashboard
-# =====================================================================================================
-
-# --- 7a. Admin password, sessions, login throttle -------------------------------------------------------
-
-SCRYPT_COST = {"n": 2 ** 15, "r": 8, "p": 1}    # about 32 MiB and 70 ms per check
-SCRYPT_MAXMEM = 64 * 1024 * 1024
-SESSION_COOKIE = "bridge_session"
-SESSION_TTL = 12 * 3600.0
-LOGIN_ATTEMPTS = (5, 15 * 60.0)                  # attempts allowed per client address, per window (s)
-FORM_LIMIT = 256 * 1024
+async def accepted_post(request: Request) -> tuple[BridgeState, dict, float, Any]:
+    """What every OpenAI POST starts with: the key, its rate limit, then the JSON body."""
+    state = bridge(request)
+    key = authenticate(request)
+    state.limiter.check(key)
+    return state, key, time.perf_counter(), await read_json(request, state.settings.max_body)
 
 
-def hash_password(password: str) -> str:
-    salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, maxmem=SCRYPT_MAXMEM, dklen=32, **SCRYPT_COST)
-    return "scrypt${n}${r}${p}$".format(**SCRYPT_COST) + f"{salt.hex()}${digest.hex()}"
-
-
-def verify_password(password: str, stored: str | None) -> bool:
-    """The cost parameters travel with each hash, so they can be raised later without locking anyone out."""
+@contextlib.contextmanager
+def recorded_refusals(state: BridgeState, key: dict, model: str, started: float) -> Iterator[None]:
+    """Input refused before a job exists is recorded as usage too (once a job runs, the job records)."""
     try:
-        _, n, r, p, salt, digest = (stored or "").split("$")
-        expected = bytes.fromhex(digest)
-        candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
-                                   maxmem=SCRYPT_MAXMEM, dklen=len(expected))
-    except ValueError:
-        return False
-    return hmac.compare_digest(candidate, expected)
+        yield
+    except ApiError as error:
+        state.usage.add(key["id"], model, error.status, started, error=error.code)
+        raise
 
 
-def ensure_admin_password(store: Store, configured: str | None) -> None:
-    """BRIDGE_ADMIN_PASSWORD is applied whenever its value changes, so that a password changed on the page
-    survives restarts until the variable changes. Without it, a password is generated on the first start
-    and printed this once; only hashes are kept."""
-    if configured:
-        if not verify_password(configured, store.meta("admin_password_env")):
-            hashed = hash_password(configured)
-            store.set_admin_password(hashed)
-            store.set_meta("admin_password_env", hashed)
-    elif store.meta("admin_password") is None:
-        password = secrets.token_urlsafe(15)
-        store.set_admin_password(hash_password(password))
-        log.warning("generated dashboard password (shown only this once; set BRIDGE_ADMIN_PASSWORD or change "
-                    "it on the settings page): %s", password)
+async def chat_completions(request: Request) -> Response:
+    state, key, started, body = await accepted_post(request)
+    chat = parse_chat_request(body)
+    with recorded_refusals(state, key, chat.model, started):
+        model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
+        plan = plan_turn(state, key, chat, model)
+        plan.images = await load_images(chat.messages, model, state.settings, state.site.http,
+                                        with_history=plan.followup is None)
+    job = ChatJob(state, key, chat, plan, started)
+    if chat.stream:
+        return await stream_chat(job)
+    return await complete_chat(job)
 
 
-class LoginThrottle:
-    """Login attempts per client address over a sliding window, in memory (a restart forgives, as with the
-    API rate limiter). Attempts are counted before the password is checked, so a burst of parallel guesses
-    cannot slip past the limit."""
-
-    def __init__(self) -> None:
-        self.attempts: dict[str, collections.deque] = {}
-
-    def attempt(self, address: str) -> float:
-        """0 with the attempt counted, or the seconds until this address may try again."""
-        allowed, window = LOGIN_ATTEMPTS
-        at = time.monotonic()
-        for stale in [a for a, times in self.attempts.items() if at - times[-1] >= window]:
-            del self.attempts[stale]  # so that guesses from many addresses cannot grow this without bound
-        recent = self.attempts.setdefault(address, collections.deque())
-        while recent and at - recent[0] >= window:
-            recent.popleft()
-        if len(recent) >= allowed:
-            return window - (at - recent[0])
-        recent.append(at)
-        return 0.0
-
-    def forgive(self, address: str) -> None:
-        self.attempts.pop(address, None)
+async def run_to_end(job: ChatJob) -> ReplyBuilder:
+    """A turn that is not streamed: the whole reply folded into a builder. A failure is recorded and
+    raised as an API error."""
+    builder = ReplyBuilder()
+    events = job.events()
+    try:
+        async for event in events:
+            builder.add(event)
+    except Exception as error:
+        raise job.fail(error) from None
+    finally:
+        await events.aclose()
+    builder.finish()
+    return builder
 
 
-def client_address(request: Request) -> str:
-    """Behind a trusted proxy, the address that proxy saw: the last X-Forwarded-For hop, the one it added."""
-    forwarded = request.headers.get("x-forwarded-for", "")
-    if forwarded and bridge(request).settings.trusted_proxy:
-        return forwarded.rsplit(",", 1)[-1].strip()
-    return request.client.host if request.client else "unknown"
+async def complete_chat(job: ChatJob) -> Response:
+    builder = await run_to_end(job)
+    usage = completion_usage(job.plan.new_content, builder)
+    job.succeeded(builder)
+    job.record(200, usage)
+    return JSONResponse(completion_object(job.completion_id, job.created, job.chat.model, builder, usage))
 
 
-def is_https(request: Request) -> bool:
-    proto = request.headers.get("x-forwarded-proto", "")
-    if proto and bridge(request).settings.trusted_proxy:
-        return proto.split(",")[0].strip().lower() == "https"
-    return request.url.scheme == "https"
+async def image_generations(request: Request) -> Response:
+    """OpenAI's images API on an image model: one LM Arena turn in the image modality, run by the chat
+    machinery, with the images of the reply as the answer. The turn is not remembered as a conversation:
+    this API has no history to continue."""
+    state, key, started, body = await accepted_post(request)
+    ask = parse_image_request(body)
+    with recorded_refusals(state, key, ask.model, started):
+        model = resolve_model(await state.models(), ask.model, modality="image")
+        if choose_modality(model) != "image":
+            raise ApiError(400, f"The model `{ask.model}` does not generate images; pick an image model from "
+                                "/v1/models.", "model_without_image_output", "model")
+    chat = ChatRequest(model=ask.model, messages=[Message("user", image_prompt(ask, model), [])], stream=False,
+                       include_usage=False)
+    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model), started)
+    builder = await run_to_end(job)
+    try:
+        if not builder.images:
+            raise ApiError(502, f"LM Arena answered without an image: {builder.full_content[:300]!r}",
+                                "no_image")
+        data = [await image_item(state.site.http, url, ask.response_format) for url in builder.images]
+    except Exception as error:
+        raise job.fail(error) from None
+    job.record(200, completion_usage(job.plan.new_content, builder))
+    return JSONResponse({"created": job.created, "data": data})
 
 
-def current_session(request: Request) -> dict | None:
-    token = request.cookies.get(SESSION_COOKIE)
-    return bridge(request).store.admin_session(sha256_hex(token)) if token else None
+async def stream_chat(job: ChatJob) -> Response:
+    """Wait (up to one ping interval) for the first event, so that a failure before any byte is a plain
+    HTTP error; after that, errors become an SSE error event followed by [DONE]."""
+    pump = Prefetcher(job.events(), ahead=16)
+    interval = job.state.settings.ping_interval
+    try:
+        first = await pump.next(interval)
+    except Exception as error:
+        await pump.aclose()
+        raise job.fail(error) from None
+    except BaseException:
+        await pump.aclose()
+        raise
+    return StreamingResponse(sse_body(job, pump, first), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def start_session(request: Request, response: Response) -> Response:
-    """Only the token's hash is stored: a copy of the database cannot be replayed as a login."""
-    token = secrets.token_urlsafe(32)
-    bridge(request).store.create_admin_session(sha256_hex(token), secrets.token_urlsafe(32), now() + SESSION_TTL)
-    response.set_cookie(SESSION_COOKIE, token, max_age=int(SESSION_TTL), path="/", httponly=True,
-                        samesite="strict", secure=is_https(request))
-    return response
+async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[str]:
+    encoder = ChunkEncoder(job.completion_id, job.created, job.chat.model, job.chat.include_usage)
+    builder = ReplyBuilder()
+    interval = job.state.settings.ping_interval
+    yield encoder.delta(role="assistant", content="")
+    try:
+        event = first
+        while event is not Prefetcher.END:
+            # Events that are already there go out as one write: a write per event was most of a
+            # stream's cost. An error still comes after everything before it.
+            parts: list[str] = []
+            try:
+                while event is not Prefetcher.END:
+                    if event is None or event.kind == "heartbeat":
+                        parts.append(": ping\n\n")
+                    else:
+                        delta = builder.add(event)
+                        if delta is not None:
+                            parts.append(encoder.content(delta[1]) if delta[0] == "content"
+                                         else encoder.reasoning(delta[1]))
+                    event = pump.ready()
+                    if event is None:
+                        break
+            except Exception:
+                if parts:
+                    yield "".join(parts)
+                raise
+            if parts:
+                yield "".join(parts)
+            if event is None:
+                event = await pump.next(interval)
+        tail = builder.finish()
+        if tail:
+            yield encoder.delta(content=tail, annotations=builder.annotations) if builder.annotations else encoder.content(tail)
+        yield encoder.finish(openai_finish_reason(builder.finish_reason))
+        usage = completion_usage(job.plan.new_content, builder)
+        if job.chat.include_usage:
+            yield encoder.usage(usage)
+        yield "data: [DONE]\n\n"
+        job.succeeded(builder)
+        job.record(200, usage)
+    except asyncio.CancelledError:
+        job.record(499, error="client_disconnected")
+        raise
+    except Exception as error:
+        yield sse_error(job.fail(error))
+    finally:
+        await pump.aclose()
 
 
-async def read_form(request: Request) -> dict[str, str]:
-    fields = urllib.parse.parse_qs((await read_body(request, FORM_LIMIT)).decode("utf-8", "replace"),
-                                   keep_blank_values=True)
-    return {name: values[0] for name, values in fields.items()}
+def openai_routes() -> list[Route]:
+    """The OpenAI API, under /v1 and under /api/v1."""
+    routes = []
+    for prefix in ("/v1", "/api/v1"):
+        routes += [Route(f"{prefix}/models", list_models),
+                   Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
+                   Route(f"{prefix}/images/generations", image_generations, methods=["POST"])]
+    return routes
 
 
-# --- 7b. HTML building blocks ---------------------------------------------------------------------------
+# #####################################################################################################
+# Part IV: Operations
+# #####################################################################################################
+
+# =====================================================================================================
+# Dashboard kit
+# =====================================================================================================
 
 class Html(str):
     """Markup that is safe as it is. Every other value is escaped on its way into a template."""
@@ -2888,6 +3518,24 @@ def fill(template: str, **values: Any) -> Html:
 
 def join(parts: Iterable[Any]) -> Html:
     return Html("".join(esc(part) for part in parts))
+
+
+@dataclasses.dataclass
+class Admin:
+    """A signed-in dashboard request: the session, on a POST the submitted form, and the pages of the
+    navigation bar as (path, label)."""
+    session: dict
+    form: dict[str, str]
+    nav: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def csrf_field(self) -> Html:
+        return fill('<input type="hidden" name="csrf" value="{csrf}">', csrf=self.session["csrf"])
+
+    def number(self, name: str) -> int | None:
+        with contextlib.suppress(ValueError):
+            return int(self.form.get(name, ""))
+        return None
 
 
 STYLE = """
@@ -2974,7 +3622,7 @@ def render(title: str, body: Html, admin: "Admin | None" = None, status: int = 2
     header = Html("")
     if admin is not None:
         links = join(fill('<a href="{path}" class="{on}">{label}</a>', path=path, label=label,
-                          on="on" if label == title else "") for path, label, _ in DASHBOARD)
+                          on="on" if label == title else "") for path, label in admin.nav)
         header = fill(HEADER, links=links, csrf=admin.csrf_field)
     document = fill(PAGE, title=title, nonce=nonce, style=Html(STYLE), header=header, body=body,
                     script=Html(COPY_SCRIPT))
@@ -3090,23 +3738,145 @@ def site_param_text(key: str, stored: str) -> str:
     return param_text(value)
 
 
-# --- 7c. Pages ------------------------------------------------------------------------------------------
+# =====================================================================================================
+# Dashboard sign-in
+# =====================================================================================================
 
-@dataclasses.dataclass
-class Admin:
-    """A signed-in dashboard request: the session, and on a POST the submitted form."""
-    session: dict
-    form: dict[str, str]
+SCRYPT_COST = {"n": 2 ** 15, "r": 8, "p": 1}    # about 32 MiB and 70 ms per check
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+SESSION_COOKIE = "bridge_session"
+SESSION_TTL = 12 * 3600.0
+LOGIN_ATTEMPTS = (5, 15 * 60.0)                  # attempts allowed per client address, per window (s)
+FORM_LIMIT = 256 * 1024
 
-    @property
-    def csrf_field(self) -> Html:
-        return fill('<input type="hidden" name="csrf" value="{csrf}">', csrf=self.session["csrf"])
 
-    def number(self, name: str) -> int | None:
-        with contextlib.suppress(ValueError):
-            return int(self.form.get(name, ""))
-        return None
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, maxmem=SCRYPT_MAXMEM, dklen=32, **SCRYPT_COST)
+    return "scrypt${n}${r}${p}$".format(**SCRYPT_COST) + f"{salt.hex()}${digest.hex()}"
 
+
+def verify_password(password: str, stored: str | None) -> bool:
+    """The cost parameters travel with each hash, so they can be raised later without locking anyone out."""
+    try:
+        _, n, r, p, salt, digest = (stored or "").split("$")
+        expected = bytes.fromhex(digest)
+        candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                                   maxmem=SCRYPT_MAXMEM, dklen=len(expected))
+    except ValueError:
+        return False
+    return hmac.compare_digest(candidate, expected)
+
+
+def ensure_admin_password(store: Store, configured: str | None) -> None:
+    """BRIDGE_ADMIN_PASSWORD is applied whenever its value changes, so that a password changed on the page
+    survives restarts until the variable changes. Without it, a password is generated on the first start
+    and printed this once; only hashes are kept."""
+    if configured:
+        if not verify_password(configured, store.meta("admin_password_env")):
+            hashed = hash_password(configured)
+            store.set_admin_password(hashed)
+            store.set_meta("admin_password_env", hashed)
+    elif store.meta("admin_password") is None:
+        password = secrets.token_urlsafe(15)
+        store.set_admin_password(hash_password(password))
+        log.warning("generated dashboard password (shown only this once; set BRIDGE_ADMIN_PASSWORD or change "
+                    "it on the settings page): %s", password)
+
+
+def client_address(request: Request) -> str:
+    """Behind a trusted proxy, the address that proxy saw: the last X-Forwarded-For hop, the one it added."""
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and bridge(request).settings.trusted_proxy:
+        return forwarded.rsplit(",", 1)[-1].strip()
+    return request.client.host if request.client else "unknown"
+
+
+def is_https(request: Request) -> bool:
+    proto = request.headers.get("x-forwarded-proto", "")
+    if proto and bridge(request).settings.trusted_proxy:
+        return proto.split(",")[0].strip().lower() == "https"
+    return request.url.scheme == "https"
+
+
+def current_session(request: Request) -> dict | None:
+    token = request.cookies.get(SESSION_COOKIE)
+    return bridge(request).store.admin_session(sha256_hex(token)) if token else None
+
+
+def start_session(request: Request, response: Response) -> Response:
+    """Only the token's hash is stored: a copy of the database cannot be replayed as a login."""
+    token = secrets.token_urlsafe(32)
+    bridge(request).store.create_admin_session(sha256_hex(token), secrets.token_urlsafe(32), now() + SESSION_TTL)
+    response.set_cookie(SESSION_COOKIE, token, max_age=int(SESSION_TTL), path="/", httponly=True,
+                        samesite="strict", secure=is_https(request))
+    return response
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    fields = urllib.parse.parse_qs((await read_body(request, FORM_LIMIT)).decode("utf-8", "replace"),
+                                   keep_blank_values=True)
+    return {name: values[0] for name, values in fields.items()}
+
+
+LOGIN_FORM = """<div class="login card"><h1>LM Arena Bridge</h1>{message}<form method="post">
+<label class="muted small" for="password">Dashboard password</label>
+<input type="password" id="password" name="password" required autofocus autocomplete="current-password">
+<button>Sign in</button></form></div>"""
+
+
+def login_page(message: Html = Html(""), status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return render("Sign in", fill(LOGIN_FORM, message=message), status=status, headers=headers)
+
+
+async def home(request: Request) -> Response:
+    return redirect("/dashboard" if current_session(request) else "/login")
+
+
+async def login(request: Request) -> Response:
+    if request.method == "GET":
+        return redirect("/dashboard") if current_session(request) else login_page()
+    state, address = bridge(request), client_address(request)
+    allowed, _ = LOGIN_ATTEMPTS
+    state.logins.prune()
+    wait = state.logins.admit(address, allowed)
+    if wait:
+        return login_page(note(f"Too many sign-in attempts: try again in {int(wait) + 1} s.", "bad"), 429,
+                          {"Retry-After": str(int(wait) + 1)})
+    form = await read_form(request)
+    if not await asyncio.to_thread(verify_password, form.get("password", ""), state.store.meta("admin_password")):
+        log.warning("dashboard sign-in with a wrong password from %s", address)
+        return login_page(note("Wrong password.", "bad"), 401)
+    state.logins.forget(address)
+    return start_session(request, redirect("/dashboard"))
+
+
+async def logout(request: Request, admin: Admin) -> Response:
+    bridge(request).store.end_admin_session(admin.session["token_hash"])
+    response = redirect("/login")
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=is_https(request))
+    return response
+
+
+def signed_in(handler: Callable[[Request, Admin], Any], nav: tuple[tuple[str, str], ...] = ()) -> Callable[[Request], Any]:
+    """A dashboard endpoint: without a session, off to /login; a POST must carry its session's CSRF token.
+    `nav` is the navigation bar its pages show."""
+    async def endpoint(request: Request) -> Response:
+        session = current_session(request)
+        if session is None:
+            return redirect("/login")
+        form = await read_form(request) if request.method == "POST" else {}
+        forged = not hmac.compare_digest(form.get("csrf", "").encode(), session["csrf"].encode())
+        if request.method == "POST" and forged:
+            return render("Forbidden", note("This form did not come from this dashboard session (or the session "
+                                            "changed). Reload the page and try again.", "bad"), status=403)
+        return await handler(request, Admin(session, form, nav))
+    return endpoint
+
+
+# =====================================================================================================
+# Dashboard pages
+# =====================================================================================================
 
 async def run_action(request: Request, admin: Admin, actions: dict[str, Callable]) -> Html:
     """On a POST, run the form's action and return its outcome as a notice; on a GET, nothing."""
@@ -3185,7 +3955,7 @@ async def refresh_account_action(state: BridgeState, admin: Admin) -> Html:
     if account is None:
         return note(f"No account {admin.form.get('id')}.", "bad")
     try:
-        fresh = await state.arena.refresh(account)
+        fresh = await state.pool.refresh(account)
     except Exception as exc:  # the page reports it; the account keeps its state
         return note(f"Account {account['id']} could not be refreshed: {type(exc).__name__}: {exc}", "bad")
     if fresh is None:
@@ -3297,7 +4067,7 @@ def model_capabilities(model: dict) -> list[str]:
 
 async def refresh_models_action(state: BridgeState, admin: Admin) -> Html:
     try:
-        await state.arena.discover(min_age=0)
+        await state.site.discover(min_age=0)
     except Exception as exc:  # shown on the page; the stored list stays as it was
         return note(f"LM Arena could not be reached: {type(exc).__name__}: {exc}", "bad")
     return note(f"Model list refreshed: {len(state.store.models())} models.")
@@ -3366,462 +4136,21 @@ async def settings_page(request: Request, admin: Admin) -> Response:
     return render("Settings", body, admin)
 
 
-# --- 7d. Sign-in and the dashboard's routes -------------------------------------------------------------
-
-LOGIN_FORM = """<div class="login card"><h1>LM Arena Bridge</h1>{message}<form method="post">
-<label class="muted small" for="password">Dashboard password</label>
-<input type="password" id="password" name="password" required autofocus autocomplete="current-password">
-<button>Sign in</button></form></div>"""
-
-
-def login_page(message: Html = Html(""), status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return render("Sign in", fill(LOGIN_FORM, message=message), status=status, headers=headers)
-
-
-async def home(request: Request) -> Response:
-    return redirect("/dashboard" if current_session(request) else "/login")
-
-
-async def login(request: Request) -> Response:
-    if request.method == "GET":
-        return redirect("/dashboard") if current_session(request) else login_page()
-    state, address = bridge(request), client_address(request)
-    wait = state.logins.attempt(address)
-    if wait:
-        return login_page(note(f"Too many sign-in attempts: try again in {int(wait) + 1} s.", "bad"), 429,
-                          {"Retry-After": str(int(wait) + 1)})
-    form = await read_form(request)
-    if not await asyncio.to_thread(verify_password, form.get("password", ""), state.store.meta("admin_password")):
-        log.warning("dashboard sign-in with a wrong password from %s", address)
-        return login_page(note("Wrong password.", "bad"), 401)
-    state.logins.forgive(address)
-    return start_session(request, redirect("/dashboard"))
-
-
-async def logout(request: Request, admin: Admin) -> Response:
-    bridge(request).store.end_admin_session(admin.session["token_hash"])
-    response = redirect("/login")
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=is_https(request))
-    return response
-
-
-def signed_in(handler: Callable[[Request, Admin], Any]) -> Callable[[Request], Any]:
-    """A dashboard endpoint: without a session, off to /login; a POST must carry its session's CSRF token."""
-    async def endpoint(request: Request) -> Response:
-        session = current_session(request)
-        if session is None:
-            return redirect("/login")
-        form = await read_form(request) if request.method == "POST" else {}
-        forged = not hmac.compare_digest(form.get("csrf", "").encode(), session["csrf"].encode())
-        if request.method == "POST" and forged:
-            return render("Forbidden", note("This form did not come from this dashboard session (or the session "
-                                            "changed). Reload the page and try again.", "bad"), status=403)
-        return await handler(request, Admin(session, form))
-    return endpoint
-
-
 DASHBOARD = (("/dashboard", "Overview", overview_page), ("/dashboard/accounts", "Accounts", accounts_page),
              ("/dashboard/keys", "API keys", keys_page), ("/dashboard/usage", "Usage", usage_page),
              ("/dashboard/models", "Models", models_page), ("/dashboard/settings", "Settings", settings_page))
 
 
 def dashboard_routes() -> list[Route]:
+    nav = tuple((path, label) for path, label, _ in DASHBOARD)
     return [Route("/", home), Route("/login", login, methods=["GET", "POST"]),
             Route("/logout", signed_in(logout), methods=["POST"]),
-            *(Route(path, signed_in(page), methods=["GET", "POST"]) for path, _, page in DASHBOARD)]
+            *(Route(path, signed_in(page, nav), methods=["GET", "POST"]) for path, _, page in DASHBOARD)]
 
 
 # =====================================================================================================
-# 8. Routes
+# App
 # =====================================================================================================
-
-@dataclasses.dataclass
-class BridgeState:
-    """Everything a request handler needs; one per app, kept on `app.state.bridge`."""
-    settings: Settings
-    store: Store
-    arena: ArenaClient
-    sidecar: SidecarClient
-    limiter: RateLimiter
-    usage: UsageRecorder
-    logins: LoginThrottle = dataclasses.field(default_factory=LoginThrottle)
-    tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
-
-    async def models(self) -> list[dict]:
-        """The stored model list; on a first start with none stored yet, wait (bounded) for discovery."""
-        models = self.store.models()
-        if not models:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.arena.discover(min_age=5.0, may_start_browser=False), 30)
-            models = self.store.models()
-        if not models:
-            raise ApiError(503, "The model list is not known yet: LM Arena could not be reached.", "models_unknown")
-        return models
-
-
-def bridge(request: Request) -> BridgeState:
-    return request.app.state.bridge
-
-
-def authenticate(request: Request) -> dict:
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
-        raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", "missing_api_key")
-    key = bridge(request).store.key_by_secret(secret.strip())
-    if key is None:
-        raise ApiError(401, "Invalid API key.", "invalid_api_key")
-    return key
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
-    return bytes(body)
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise ApiError(400, "The request body is not valid JSON.", "invalid_json") from None
-
-
-def model_created(model: dict, default: int) -> int:
-    """A uuid7 id carries its creation time; older uuid4 ids get the discovery time."""
-    with contextlib.suppress(ValueError, TypeError):
-        parsed = uuid.UUID(model["id"])
-        if parsed.version == 7:
-            return (parsed.int >> 80) // 1000
-    return default
-
-
-async def list_models(request: Request) -> Response:
-    key = authenticate(request)
-    state = bridge(request)
-    started = time.perf_counter()
-    updated = int(state.store.site_params_updated() or now())
-    seen: set[str] = set()
-    data = []
-    for model in usable_models(await state.models()):
-        if model["publicName"] in seen:
-            continue
-        seen.add(model["publicName"])
-        data.append({"id": model["publicName"], "object": "model", "created": model_created(model, updated),
-                     "owned_by": model["organization"]})
-    state.usage.add(key["id"], None, 200, started)  # no model: counted per key, not per model
-    return JSONResponse({"object": "list", "data": data})
-
-
-class EventPump:
-    """Pulls events from a generator in a task of its own, a bounded number ahead of the caller, so that
-    the caller can wake up every `interval` seconds for a keep-alive without disturbing the pull, and can
-    take every event already pulled at once (a burst becomes one write to the client). A failure of the
-    generator reaches the caller in order, after the events before it."""
-    END = object()
-    AHEAD = 16
-
-    def __init__(self, events: AsyncIterator[Event]):
-        self.events = events
-        self.queue: asyncio.Queue = asyncio.Queue(self.AHEAD)     # (event or END, None) or (None, exception)
-        self.task: asyncio.Task | None = None
-
-    async def _pull(self) -> None:
-        try:
-            async for event in self.events:
-                await self.queue.put((event, None))
-            await self.queue.put((self.END, None))
-        except Exception as exc:  # handed to the caller, raised there
-            await self.queue.put((None, exc))
-
-    @staticmethod
-    def _unpack(item: tuple) -> Any:
-        event, error = item
-        if error is not None:
-            raise error
-        return event
-
-    def ready(self) -> Any:
-        """An event (or END) already pulled, without waiting; None when there is none yet."""
-        try:
-            return self._unpack(self.queue.get_nowait())
-        except asyncio.QueueEmpty:
-            return None
-
-    async def next(self, timeout: float | None) -> Any:
-        """The next event, None when `timeout` passed first, or END."""
-        if self.task is None:
-            self.task = asyncio.create_task(self._pull())
-        try:
-            async with asyncio.timeout(timeout):
-                item = await self.queue.get()
-        except TimeoutError:
-            return None
-        return self._unpack(item)
-
-    async def aclose(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(BaseException):
-                await self.task
-        with contextlib.suppress(RuntimeError):
-            await self.events.aclose()
-
-
-OUTPUT_KINDS = {"text", "reasoning", "image", "citation"}
-
-
-@dataclasses.dataclass
-class ChatJob:
-    """One chat request from validation to the recorded result."""
-    state: BridgeState
-    key: dict
-    chat: ChatRequest
-    plan: TurnPlan
-    started: float
-    completion_id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
-    created: int = dataclasses.field(default_factory=lambda: int(now()))
-    opened: OpenedTurn | None = None
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Model A's events, after retries. A 200 that carries no reply (empty body, only a finish or an
-        error line) is retried once, in a new evaluation carrying the history, before anything reaches the
-        client; all retries share one budget of upstream requests (arena-protocol §8)."""
-        deadline = now() + self.state.settings.request_timeout
-        for retried in (False, True):
-            self.opened = await self.state.arena.open_turn(self.plan, deadline)
-            empty_reason = "an empty reply"
-            started = False
-            stream = self.state.arena.stream_events(self.opened)
-            try:
-                async for event in stream:
-                    if not started and event.kind in ("error", "finish"):
-                        if event.kind == "error":
-                            empty_reason = event.value
-                        break
-                    started = started or event.kind in OUTPUT_KINDS
-                    yield event
-            finally:
-                await stream.aclose()
-            if started:
-                return
-            log.warning("LM Arena answered without content (%s)", empty_reason)
-            if retried or self.plan.attempts >= MAX_UPSTREAM_ATTEMPTS:
-                raise UpstreamError(502, f"LM Arena returned no content: {empty_reason}", "empty_reply")
-            self.plan.followup = None
-
-    def apply(self, builder: ReplyBuilder, event: Event) -> tuple[str, str] | None:
-        """Fold one event into the reply; returns a ("content"|"reasoning", text) delta to relay."""
-        if event.kind == "text":
-            text = builder.text(event.value)
-            return ("content", text) if text else None
-        if event.kind == "reasoning":
-            builder.reasoning.append(event.value)
-            return "reasoning", event.value
-        if event.kind == "citation":
-            builder.add_sources(event.value)
-        elif event.kind == "image":
-            builder.images.extend(event.value)
-        elif event.kind == "finish":
-            if event.value == "error":
-                raise UpstreamError(502, "LM Arena reported an error while generating the reply", "upstream_error")
-            builder.finish_reason, builder.usage = event.value, event.usage
-        elif event.kind == "error":
-            raise UpstreamError(502, f"LM Arena error: {event.value}", "upstream_error")
-        return None
-
-    def succeeded(self, builder: ReplyBuilder) -> None:
-        """Remember which evaluation now holds this exact history, for the next turn's follow-up."""
-        opened = self.opened
-        if opened is None:
-            return
-        history = [*self.chat.messages, Message("assistant", builder.full_content, [])]
-        fingerprint = conversation_fingerprint(self.key["id"], self.chat.model, history)
-        self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
-                                               self.plan.model["id"], self.key["id"], opened.turns)
-
-    def fail(self, error: Exception) -> ApiError:
-        """Record a failure of this job and turn it into the OpenAI error to answer with."""
-        api_error = api_error_for(error)
-        self.record(api_error.status, error=api_error.code)
-        return api_error
-
-    def record(self, status: int, usage: dict | None = None, error: str | None = None) -> None:
-        usage = usage or {}
-        self.state.usage.add(self.key["id"], self.chat.model, status, self.started,
-                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error)
-
-
-def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict) -> TurnPlan:
-    settings = state.settings
-    content, dropped = render_transcript(chat.messages, settings.max_prompt_chars)
-    if dropped:
-        log.info("history longer than %d characters: the %d earliest turns were left out",
-                 settings.max_prompt_chars, dropped)
-    followup = None
-    last = chat.messages[-1]
-    if len(chat.messages) > 1 and last.role == "user":
-        fingerprint = conversation_fingerprint(key["id"], chat.model, chat.messages[:-1])
-        followup = state.store.conversation_for(fingerprint, settings.conversation_ttl)
-    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=[],
-                    followup=followup, followup_content=render_message(last, describe_images=False))
-
-
-async def accepted_post(request: Request) -> tuple[BridgeState, dict, float, Any]:
-    """What every OpenAI POST starts with: the key, its rate limit, then the JSON body."""
-    state = bridge(request)
-    key = authenticate(request)
-    state.limiter.check(key)
-    return state, key, time.perf_counter(), await read_json(request, state.settings.max_body)
-
-
-async def chat_completions(request: Request) -> Response:
-    state, key, started, body = await accepted_post(request)
-    chat = parse_chat_request(body)
-    with recorded_refusals(state, key, chat.model, started):
-        model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
-        plan = plan_turn(state, key, chat, model)
-        plan.images = await load_images(chat.messages, model, state.settings, state.arena.http,
-                                        with_history=plan.followup is None)
-    job = ChatJob(state, key, chat, plan, started)
-    if chat.stream:
-        return await stream_chat(job)
-    return await complete_chat(job)
-
-
-@contextlib.contextmanager
-def recorded_refusals(state: BridgeState, key: dict, model: str, started: float) -> Iterator[None]:
-    """Input refused before a job exists is recorded as usage too (once a job runs, the job records)."""
-    try:
-        yield
-    except ApiError as error:
-        state.usage.add(key["id"], model, error.status, started, error=error.code)
-        raise
-
-
-async def run_to_end(job: ChatJob) -> ReplyBuilder:
-    """A turn that is not streamed: the whole reply folded into a builder. A failure is recorded and
-    raised as an API error."""
-    builder = ReplyBuilder()
-    events = job.events()
-    try:
-        async for event in events:
-            job.apply(builder, event)
-    except Exception as error:
-        raise job.fail(error) from None
-    finally:
-        await events.aclose()
-    builder.finish()
-    return builder
-
-
-async def complete_chat(job: ChatJob) -> Response:
-    builder = await run_to_end(job)
-    usage = completion_usage(job.plan.new_content, builder)
-    job.succeeded(builder)
-    job.record(200, usage)
-    return JSONResponse(completion_object(job.completion_id, job.created, job.chat.model, builder, usage))
-
-
-async def image_generations(request: Request) -> Response:
-    """OpenAI's images API on an image model: one LM Arena turn in the image modality, run by the chat
-    machinery, with the images of the reply as the answer. The turn is not remembered as a conversation:
-    this API has no history to continue."""
-    state, key, started, body = await accepted_post(request)
-    ask = parse_image_request(body)
-    with recorded_refusals(state, key, ask.model, started):
-        model = resolve_model(await state.models(), ask.model, modality="image")
-        if choose_modality(model) != "image":
-            raise ApiError(400, f"The model `{ask.model}` does not generate images; pick an image model from "
-                                "/v1/models.", "model_without_image_output", "model")
-    chat = ChatRequest(model=ask.model, messages=[Message("user", image_prompt(ask, model), [])], stream=False,
-                       include_usage=False)
-    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model), started)
-    builder = await run_to_end(job)
-    try:
-        if not builder.images:
-            raise UpstreamError(502, f"LM Arena answered without an image: {builder.full_content[:300]!r}",
-                                "no_image")
-        data = [await image_item(state.arena.http, url, ask.response_format) for url in builder.images]
-    except Exception as error:
-        raise job.fail(error) from None
-    job.record(200, completion_usage(job.plan.new_content, builder))
-    return JSONResponse({"created": job.created, "data": data})
-
-
-async def stream_chat(job: ChatJob) -> Response:
-    """Wait (up to one ping interval) for the first event, so that a failure before any byte is a plain
-    HTTP error; after that, errors become an SSE error event followed by [DONE]."""
-    pump = EventPump(job.events())
-    interval = job.state.settings.ping_interval
-    try:
-        first = await pump.next(interval)
-    except Exception as error:
-        await pump.aclose()
-        raise job.fail(error) from None
-    except BaseException:
-        await pump.aclose()
-        raise
-    return StreamingResponse(sse_body(job, pump, first), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def sse_body(job: ChatJob, pump: EventPump, first: Any) -> AsyncIterator[str]:
-    encoder = ChunkEncoder(job.completion_id, job.created, job.chat.model, job.chat.include_usage)
-    builder = ReplyBuilder()
-    interval = job.state.settings.ping_interval
-    yield encoder.delta(role="assistant", content="")
-    try:
-        event = first
-        while event is not EventPump.END:
-            # Events that are already there go out as one write: a write per event was most of a
-            # stream's cost. An error still comes after everything before it.
-            parts: list[str] = []
-            try:
-                while event is not EventPump.END:
-                    if event is None or event.kind == "heartbeat":
-                        parts.append(": ping\n\n")
-                    else:
-                        delta = job.apply(builder, event)
-                        if delta is not None:
-                            parts.append(encoder.content(delta[1]) if delta[0] == "content"
-                                         else encoder.reasoning(delta[1]))
-                    event = pump.ready()
-                    if event is None:
-                        break
-            except Exception:
-                if parts:
-                    yield "".join(parts)
-                raise
-            if parts:
-                yield "".join(parts)
-            if event is None:
-                event = await pump.next(interval)
-        tail = builder.finish()
-        if tail:
-            yield encoder.delta(content=tail, annotations=builder.annotations) if builder.annotations else encoder.content(tail)
-        yield encoder.finish(openai_finish_reason(builder.finish_reason))
-        usage = completion_usage(job.plan.new_content, builder)
-        if job.chat.include_usage:
-            yield encoder.usage(usage)
-        yield "data: [DONE]\n\n"
-        job.succeeded(builder)
-        job.record(200, usage)
-    except asyncio.CancelledError:
-        job.record(499, error="client_disconnected")
-        raise
-    except Exception as error:
-        yield sse_error(job.fail(error))
-    finally:
-        await pump.aclose()
-
 
 async def health(request: Request) -> Response:
     """Liveness and readiness from local state only: never calls LM Arena, never starts a browser."""
@@ -3866,19 +4195,22 @@ async def every(seconds: float, job: Callable[[], Any], first_delay: float = 0.0
         await asyncio.sleep(seconds)
 
 
-async def discover_and_trim(arena: ArenaClient) -> None:
+async def discover_and_trim(site: ArenaSite) -> None:
     """Discovery, then hand the memory it freed back to the system. Parsing the page and its chunks peaks
     at several MB that glibc would otherwise keep for good, and idle memory is what a small VM pays for."""
-    await arena.discover(min_age=0)
+    await site.discover(min_age=0)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def create_app(settings: Settings) -> Starlette:
     store = Store(settings.db)
-    sidecar = SidecarClient.from_settings(settings)
-    state = BridgeState(settings=settings, store=store, arena=ArenaClient(settings, store, sidecar),
-                        sidecar=sidecar, limiter=RateLimiter(), usage=UsageRecorder(store))
+    sidecar = SidecarClient.from_settings(settings, current_origin(settings, store))
+    site = ArenaSite(settings, store, sidecar)
+    pool = AccountPool(settings, store, site, sidecar)
+    state = BridgeState(settings=settings, store=store, sidecar=sidecar, site=site, pool=pool,
+                        turns=TurnRunner(settings, store, site, pool, sidecar), limiter=RateLimiter(),
+                        usage=UsageRecorder(store), logins=SlidingWindow(LOGIN_ATTEMPTS[1]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -3886,7 +4218,7 @@ def create_app(settings: Settings) -> Starlette:
         if settings.auth_tokens:
             import_env_accounts(store, settings.auth_tokens)
         state.tasks = [
-            asyncio.create_task(every(settings.discovery_interval, lambda: discover_and_trim(state.arena))),
+            asyncio.create_task(every(settings.discovery_interval, lambda: discover_and_trim(state.site))),
             asyncio.create_task(every(2.0, state.usage.flush, first_delay=2.0)),
             asyncio.create_task(every(3600.0, lambda: store.forget_old_conversations(settings.conversation_ttl))),
         ]
@@ -3898,15 +4230,11 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.gather(*state.tasks, return_exceptions=True)
             state.usage.flush()
             await sidecar.aclose()
-            await state.arena.aclose()
+            await state.site.aclose()
             store.close()
 
-    routes = [Route("/health", health), Route("/api/v1/health", health)]
-    for prefix in ("/v1", "/api/v1"):
-        routes += [Route(f"{prefix}/models", list_models),
-                   Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
-                   Route(f"{prefix}/images/generations", image_generations, methods=["POST"])]
-    routes += dashboard_routes()
+    # Each API section and the dashboard define their own routes; a new API adds its table here.
+    routes = [Route("/health", health), Route("/api/v1/health", health), *openai_routes(), *dashboard_routes()]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error_handler, Exception: api_error_handler,
                                         404: not_found_handler, 405: not_found_handler})
@@ -3915,7 +4243,7 @@ def create_app(settings: Settings) -> Starlette:
 
 
 # =====================================================================================================
-# 9. CLI
+# CLI
 # =====================================================================================================
 
 def configure_logging(level: str) -> None:
@@ -3966,65 +4294,107 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_error(message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def create_key_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    key_id, key = store.create_key(args.name, args.rpm if args.rpm is not None else settings.default_rpm)
+    print(f"created key {key_id} ({args.name}); it is shown only now:")
+    print(key)
+    return 0
+
+
+def list_keys_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    for key in store.keys():
+        state = f"revoked {format_time(key['revoked'])}" if key["revoked"] else "active"
+        print(f"{key['id']}\t{key['name']}\t{key['prefix']}…\t{key['rpm']} rpm\t{state}")
+    return 0
+
+
+def revoke_key_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    if not store.revoke_key(args.id):
+        return print_error(f"no active key {args.id}", 1)
+    print(f"revoked key {args.id}")
+    return 0
+
+
+def add_token_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    try:
+        parsed = parse_account_input(" ".join(args.value) if len(args.value) > 1 else args.value[0])
+    except ValueError as exc:
+        return print_error(f"error: {exc}", 2)
+    account_id = add_account(store, parsed, label="added from the CLI")
+    print(f"added account {account_id} ({'anonymous' if parsed.anonymous else parsed.form}), "
+          f"expires {format_time(Session(parsed.auth).expiry)}")
+    return 0
+
+
+def list_tokens_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    at = now()
+    for a in store.accounts():
+        state = account_state(a, at)
+        if state == "cooling_down":
+            state = f"cooling down until {format_time(a['cooldown_until'])} ({a['cooldown_reason']})"
+        print(f"{a['id']}\t{a['kind']}\t{state}\texpires {format_time(a['expires_at'])}\t"
+              f"last error: {a['last_error'] or '-'}")
+    return 0
+
+
+def remove_token_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    if not store.remove_account(args.id):
+        return print_error(f"no account {args.id}", 1)
+    print(f"removed account {args.id}")
+    return 0
+
+
+async def discover_once(settings: Settings, store: Store) -> dict:
+    sidecar = SidecarClient.from_settings(settings, current_origin(settings, store))
+    site = ArenaSite(settings, store, sidecar)
+    try:
+        return await site.discover(min_age=0)
+    finally:
+        await site.aclose()
+        await sidecar.aclose()
+
+
+def refresh_models_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(discover_once(settings, store))
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the command reports it in one line
+        return print_error(f"error: could not refresh from {settings.arena_url}: {exc}", 1)
+    print(f"{len(store.models())} models stored ({len(usable_models(store.models()))} usable)")
+    return 0
+
+
+def list_models_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    for m in usable_models(store.models()):
+        print(f"{m['publicName']}\t{m['organization']}\t{choose_modality(m)}\t"
+              f"{'vision' if accepts_images(m) else '-'}")
+    return 0
+
+
+# Every CLI command but serve: (command, action) -> what runs it, with the settings, the store and the
+# parsed arguments; it returns the exit status.
+COMMANDS: dict[tuple[str, str], Callable[[Settings, Store, argparse.Namespace], int]] = {
+    ("keys", "create"): create_key_command,
+    ("keys", "list"): list_keys_command,
+    ("keys", "revoke"): revoke_key_command,
+    ("tokens", "add"): add_token_command,
+    ("tokens", "list"): list_tokens_command,
+    ("tokens", "remove"): remove_token_command,
+    ("models", "refresh"): refresh_models_command,
+    ("models", "list"): list_models_command,
+}
+
+
 def run_cli(settings: Settings, args: argparse.Namespace) -> int:
     store = Store(settings.db)
-    command, action = args.command, getattr(args, "action", None)
-    if command == "keys" and action == "create":
-        key_id, key = store.create_key(args.name, args.rpm if args.rpm is not None else settings.default_rpm)
-        print(f"created key {key_id} ({args.name}); it is shown only now:")
-        print(key)
-    elif command == "keys" and action == "list":
-        for key in store.keys():
-            state = f"revoked {format_time(key['revoked'])}" if key["revoked"] else "active"
-            print(f"{key['id']}\t{key['name']}\t{key['prefix']}…\t{key['rpm']} rpm\t{state}")
-    elif command == "keys" and action == "revoke":
-        if not store.revoke_key(args.id):
-            print(f"no active key {args.id}", file=sys.stderr)
-            return 1
-        print(f"revoked key {args.id}")
-    elif command == "tokens" and action == "add":
-        try:
-            parsed = parse_account_input(" ".join(args.value) if len(args.value) > 1 else args.value[0])
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        account_id = add_account(store, parsed, label="added from the CLI")
-        print(f"added account {account_id} ({'anonymous' if parsed.anonymous else parsed.form}), "
-              f"expires {format_time(session_expiry(parsed.auth))}")
-    elif command == "tokens" and action == "list":
-        at = now()
-        for a in store.accounts():
-            state = account_state(a, at)
-            if state == "cooling_down":
-                state = f"cooling down until {format_time(a['cooldown_until'])} ({a['cooldown_reason']})"
-            print(f"{a['id']}\t{a['kind']}\t{state}\texpires {format_time(a['expires_at'])}\t"
-                  f"last error: {a['last_error'] or '-'}")
-    elif command == "tokens" and action == "remove":
-        if not store.remove_account(args.id):
-            print(f"no account {args.id}", file=sys.stderr)
-            return 1
-        print(f"removed account {args.id}")
-    elif command == "models" and action == "refresh":
-        async def refresh() -> dict:
-            sidecar = SidecarClient.from_settings(settings)
-            arena = ArenaClient(settings, store, sidecar)
-            try:
-                return await arena.discover(min_age=0)
-            finally:
-                await arena.aclose()
-                await sidecar.aclose()
-        try:
-            asyncio.run(refresh())
-        except Exception as exc:
-            print(f"error: could not refresh from {settings.arena_url}: {exc}", file=sys.stderr)
-            return 1
-        print(f"{len(store.models())} models stored ({len(usable_models(store.models()))} usable)")
-    elif command == "models" and action == "list":
-        for m in usable_models(store.models()):
-            print(f"{m['publicName']}\t{m['organization']}\t{choose_modality(m)}\t"
-                  f"{'vision' if accepts_images(m) else '-'}")
-    store.close()
-    return 0
+    try:
+        return COMMANDS[(args.command, args.action)](settings, store, args)
+    finally:
+        store.close()
 
 
 def serve(settings: Settings) -> None:

@@ -30,7 +30,7 @@ def test_raw_value_is_accepted():
 @pytest.mark.parametrize("alphabet,padding", [("url", False), ("url", True), ("std", True), ("std", False)])
 def test_both_base64_alphabets_with_or_without_padding_decode(alphabet, padding):
     value, _ = session_value(alphabet=alphabet, padding=padding, extra={"pad": "??>>~~" * 7})
-    assert bridge.decode_session(parse_account_input(value).auth)["pad"] == "??>>~~" * 7
+    assert bridge.Session(parse_account_input(value).auth).data["pad"] == "??>>~~" * 7
 
 
 def test_quoted_prefixed_and_percent_encoded_values_are_accepted():
@@ -41,7 +41,7 @@ def test_quoted_prefixed_and_percent_encoded_values_are_accepted():
 
 def test_split_pair_is_joined_in_numeric_order():
     value, _ = session_value(extra={"big": "x" * 7000})
-    chunks = bridge.split_chunks(value)
+    chunks = bridge.Session(value, "chunks").cookies()
     assert len(chunks) >= 3
     pasted = "; ".join(f"{k}={v}" for k, v in reversed(list(chunks.items())))
     parsed = parse_account_input(pasted)
@@ -50,7 +50,7 @@ def test_split_pair_is_joined_in_numeric_order():
 
 def test_chunk_values_given_as_separate_fields_are_joined():
     value, _ = session_value(extra={"big": "x" * 4000})
-    assert parse_account_input("\n".join(bridge.split_chunks(value).values())).auth == value
+    assert parse_account_input("\n".join(bridge.Session(value, "chunks").cookies().values())).auth == value
 
 
 def test_cookie_header_keeps_the_auth_and_cloudflare_cookies():
@@ -63,7 +63,7 @@ def test_cookie_header_keeps_the_auth_and_cloudflare_cookies():
 def test_with_whole_and_chunks_the_later_expiry_wins():
     old, _ = session_value(exp_offset=100)
     new, _ = session_value(exp_offset=5000)
-    chunks = bridge.split_chunks(new)
+    chunks = bridge.Session(new, "chunks").cookies()
     header = f"arena-auth-prod-v1={old}; " + "; ".join(f"{k}={v}" for k, v in chunks.items())
     assert parse_account_input(header).auth == new
 
@@ -71,7 +71,7 @@ def test_with_whole_and_chunks_the_later_expiry_wins():
 def test_bare_jwt_is_accepted_with_its_expiry():
     _, jwt = session_value(exp_offset=600)
     parsed = parse_account_input(jwt)
-    assert parsed.form == "jwt" and abs(bridge.session_expiry(jwt) - (time.time() + 600)) < 5
+    assert parsed.form == "jwt" and abs(bridge.Session(jwt).expiry - (time.time() + 600)) < 5
 
 
 @pytest.mark.parametrize("bad", ["", "hello", "base64-!!!!", "base64-" + base64.b64encode(b'{"no":"token"}').decode(),
@@ -84,34 +84,35 @@ def test_invalid_input_names_what_was_expected(bad):
 def test_expiry_uses_a_30_second_margin():
     soon, _ = session_value(exp_offset=20)
     later, _ = session_value(exp_offset=60)
-    assert bridge.is_expired(soon) and not bridge.is_expired(later)
+    assert bridge.Session(soon).expired() and not bridge.Session(later).expired()
 
 
 def test_refreshed_set_cookie_is_taken_whole_or_chunked_only_when_fresh():
     fresh, _ = session_value()
     stale, _ = session_value(exp_offset=-10)
-    assert bridge.refreshed_auth_from_set_cookie([f"arena-auth-prod-v1={fresh}; Path=/"]) == (fresh, "whole")
-    chunked = [f"{k}={v}; Path=/" for k, v in bridge.split_chunks(fresh).items()]
-    assert bridge.refreshed_auth_from_set_cookie(["arena-auth-prod-v1=; Max-Age=0", *chunked]) == (fresh, "chunks")
-    assert bridge.refreshed_auth_from_set_cookie([f"arena-auth-prod-v1={stale}"]) is None
+    assert bridge.Session.in_set_cookie([f"arena-auth-prod-v1={fresh}; Path=/"]) == bridge.Session(fresh, "whole")
+    chunked = [f"{k}={v}; Path=/" for k, v in bridge.Session(fresh, "chunks").cookies().items()]
+    assert bridge.Session.in_set_cookie(["arena-auth-prod-v1=; Max-Age=0", *chunked]) == bridge.Session(fresh, "chunks")
+    assert bridge.Session.in_set_cookie([f"arena-auth-prod-v1={stale}"]) is None
 
 
 def test_refresh_grant_answer_is_merged_and_gets_expires_at():
-    old = bridge.decode_session(session_value()[0])
+    value = session_value()[0]
+    old = bridge.Session(value).data
     _, jwt = session_value(exp_offset=7200)
-    merged = bridge.merge_refreshed_session(old, {"access_token": jwt, "refresh_token": "r2"})
+    merged = bridge.Session(value).refreshed({"access_token": jwt, "refresh_token": "r2"}).data
     assert merged["refresh_token"] == "r2" and merged["expires_at"] == bridge.jwt_claims(jwt)["exp"]
     assert merged["user"] == old["user"]
 
 
 def test_a_sign_up_session_is_found_in_every_answer_shape():
     value, _ = session_value()
-    session = bridge.decode_session(value)
-    assert bridge.session_from_signup({"arena-auth-prod-v1": value}, None) == value
-    chunks = {f"arena-auth-prod-v1.{i}": c for i, c in enumerate(bridge.split_chunks(value + "x" * 4000).values())}
-    assert bridge.session_from_signup({**chunks, "other": "1"}, None) == value + "x" * 4000
+    session = bridge.Session(value).data
+    assert bridge.Session.from_signup({"arena-auth-prod-v1": value}, None).value == value
+    chunks = {f"arena-auth-prod-v1.{i}": c for i, c in enumerate(bridge.Session(value + "x" * 4000, "chunks").cookies().values())}
+    assert bridge.Session.from_signup({**chunks, "other": "1"}, None).value == value + "x" * 4000
     for body in (session, {"session": session}, {"data": session}, {"data": {"session": session}}):
-        assert bridge.decode_session(bridge.session_from_signup({}, body)) == session
-    assert bridge.session_from_signup({}, "base64-raw") == "base64-raw"
+        assert bridge.Session.from_signup({}, body).data == session
+    assert bridge.Session.from_signup({}, "base64-raw").value == "base64-raw"
     with pytest.raises(ValueError, match="no session"):
-        bridge.session_from_signup({}, {"ok": True})
+        bridge.Session.from_signup({}, {"ok": True})

@@ -73,7 +73,7 @@ def test_expired_session_is_refreshed_by_the_page_before_sending(fresh, api_key,
     [account_id] = fresh.set_accounts(expired)
     assert content(post(fresh, api_key)) == "turn 1: x"
     stored = account_row(fresh, account_id)["auth"]
-    assert stored != expired and not bridge.is_expired(stored)
+    assert stored != expired and not bridge.Session(stored).expired()
     assert arena.session_user(stored) == arena.session_user(expired)
     assert len(arena.chat_requests()) == 1
 
@@ -118,7 +118,7 @@ def test_concurrent_requests_during_a_refresh_keep_one_valid_session(fresh, api_
     refreshes = [r for r in arena.requests if r["path"].startswith("/auth/v1/token")]
     assert len(refreshes) == 1
     stored = account_row(fresh, account_id)["auth"]
-    assert arena.session_user(stored) and not bridge.is_expired(stored)
+    assert arena.session_user(stored) and not bridge.Session(stored).expired()
     assert content(post(fresh, api_key)) == "turn 1: x"
 
 

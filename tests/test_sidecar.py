@@ -259,7 +259,7 @@ def test_signup_creates_an_account_the_emulator_accepts(arena, sidecar):
                                  "recaptcha_sitekey": arena.sitekey, "recaptcha_action": "sign_up"})
     assert r.status_code == 200, r.text
     result = r.json()
-    session = bridge.session_from_signup(result["cookies"], result["body"])
+    session = bridge.Session.from_signup(result["cookies"], result["body"]).value
     assert session.startswith("base64-") and arena.session_user(session)
     assert "provisional_user_id" in result["cookies"]
     assert "Headless" not in result["user_agent"]
@@ -269,7 +269,7 @@ def test_signup_creates_an_account_the_emulator_accepts(arena, sidecar):
     arena.configure(cloudflare=True, cloudflare_delay=0.3)
     r = sidecar.post("/signup", {"turnstile_sitekey": arena.turnstile_sitekey, "recaptcha_sitekey": arena.sitekey})
     assert r.status_code == 200, r.text
-    assert arena.session_user(bridge.session_from_signup(r.json()["cookies"], r.json()["body"]))
+    assert arena.session_user(bridge.Session.from_signup(r.json()["cookies"], r.json()["body"]).value)
     assert "cf_clearance" in r.json()["cookies"]
     arena.configure(cloudflare=False)
     # Without the required reCAPTCHA token the emulator refuses, and the sidecar says so.
