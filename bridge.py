@@ -70,8 +70,8 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 if __name__ == "__main__":
     # sqlite_utils imports numpy whenever it is installed, only to map numpy types to columns; the bridge
@@ -86,6 +86,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework
 
 log = logging.getLogger("bridge")
 
@@ -203,7 +206,7 @@ class Settings:
     shutdown_timeout: float
 
     @classmethod
-    def load(cls, args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> "Settings":
+    def load(cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
         """Defaults, then the environment, then flags: a flag wins over the environment.
         `Settings.load(env={})` gives the defaults alone."""
         env = os.environ if env is None else env
@@ -345,31 +348,31 @@ class Prefetcher:
 # =====================================================================================================
 
 def _migrate_v1(db: sqlite_utils.Database) -> None:
-    db["meta"].create({"key": str, "value": str}, pk="key")
-    db["accounts"].create({
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+    db.table("accounts").create({
         "id": int, "label": str, "kind": str, "auth": str, "form": str, "cookies": str, "user_agent": str,
         "expires_at": float, "state": str, "cooldown_until": float, "cooldown_reason": str, "failures": int,
         "last_error": str, "last_used": float, "created": float, "needs_browser": int, "direct_retry_at": float,
     }, pk="id", not_null={"auth"}, defaults={"state": "ok", "failures": 0, "last_used": 0.0, "needs_browser": 0})
-    db["api_keys"].create({
+    db.table("api_keys").create({
         "id": int, "name": str, "prefix": str, "hash": str, "rpm": int, "created": float, "revoked": float,
     }, pk="id")
-    db["api_keys"].create_index(["hash"], unique=True)
-    db["usage"].create({
+    db.table("api_keys").create_index(["hash"], unique=True)
+    db.table("usage").create({
         "id": int, "ts": float, "key_id": int, "model": str, "status": int, "latency_ms": float,
         "prompt_tokens": int, "completion_tokens": int, "error": str,
     }, pk="id")
-    db["usage"].create_index(["ts"])
-    db["models"].create({"position": int, "id": str, "public_name": str, "data": str}, pk="position")
-    db["site_params"].create({"key": str, "value": str, "updated": float}, pk="key")
-    db["conversations"].create({
+    db.table("usage").create_index(["ts"])
+    db.table("models").create({"position": int, "id": str, "public_name": str, "data": str}, pk="position")
+    db.table("site_params").create({"key": str, "value": str, "updated": float}, pk="key")
+    db.table("conversations").create({
         "evaluation_id": str, "account_id": int, "model_id": str, "key_id": int, "turns": int, "updated": float,
     }, pk="evaluation_id")
-    db["conversation_keys"].create({
+    db.table("conversation_keys").create({
         "fingerprint": str, "evaluation_id": str, "turns": int, "updated": float,
     }, pk="fingerprint")
-    db["uploads"].create({"key": str, "account_id": int, "attachment": str, "expires": float}, pk="key")
-    db["admin_sessions"].create({"token_hash": str, "csrf": str, "expires": float}, pk="token_hash")
+    db.table("uploads").create({"key": str, "account_id": int, "attachment": str, "expires": float}, pk="key")
+    db.table("admin_sessions").create({"token_hash": str, "csrf": str, "expires": float}, pk="token_hash")
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1,)
@@ -422,7 +425,7 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.db.conn:
-            self.db["meta"].upsert({"key": key, "value": value}, pk="key")
+            self.db.table("meta").upsert({"key": key, "value": value}, pk="key")
 
     def site_params(self) -> dict[str, Any]:
         return {r["key"]: json.loads(r["value"]) for r in self.rows("SELECT key, value FROM site_params")}
@@ -436,7 +439,7 @@ class Store:
     def set_site_params(self, **values: Any) -> None:
         stamp = now()
         with self.db.conn:
-            self.db["site_params"].upsert_all(
+            self.db.table("site_params").upsert_all(
                 [{"key": k, "value": json.dumps(v), "updated": stamp} for k, v in values.items()], pk="key")
 
     # --- models ---------------------------------------------------------------------------------------
@@ -444,7 +447,7 @@ class Store:
         self._models = None
         with self.db.conn:
             self.db.execute("DELETE FROM models")
-            self.db["models"].insert_all(
+            self.db.table("models").insert_all(
                 [{"position": i, "id": m.get("id"), "public_name": m.get("publicName"), "data": json.dumps(m)}
                  for i, m in enumerate(models)], pk="position")
 
@@ -467,7 +470,7 @@ class Store:
     def add_account(self, **fields: Any) -> int:
         fields.setdefault("created", now())
         with self.db.conn:
-            return self.db["accounts"].insert(fields).last_pk
+            return int(self.db.table("accounts").insert(fields).last_pk or 0)
 
     def accounts(self) -> list[dict]:
         return self.rows("SELECT * FROM accounts ORDER BY id")
@@ -484,7 +487,7 @@ class Store:
             if not fields or self.db.execute(
                     f"UPDATE accounts SET {sets} WHERE id = ?",
                     [*map(sqlite_utils.db.jsonify_if_needed, fields.values()), account_id]).rowcount != 1:
-                self.db["accounts"].get(account_id)
+                self.db.table("accounts").get(account_id)
 
     def swap_account_auth(self, account_id: int, old_auth: str, **fields: Any) -> bool:
         """Store a refreshed session only if nobody stored a newer one meanwhile (compare-and-swap)."""
@@ -503,16 +506,16 @@ class Store:
     def create_key(self, name: str, rpm: int) -> tuple[int, str]:
         key = "sk-arena-" + secrets.token_urlsafe(32)
         with self.db.conn:
-            key_id = self.db["api_keys"].insert({
+            key_id = self.db.table("api_keys").insert({
                 "name": name, "prefix": key[:13], "hash": sha256_hex(key), "rpm": rpm, "created": now(),
                 "revoked": None}).last_pk
-        return key_id, key
+        return int(key_id or 0), key
 
     def key_by_secret(self, key: str) -> dict | None:
         rows = self.rows("SELECT * FROM api_keys WHERE hash = ? AND revoked IS NULL", [sha256_hex(key)])
         return rows[0] if rows else None
 
-    def keys(self) -> list[dict]:
+    def api_keys(self) -> list[dict]:
         return self.rows("SELECT id, name, prefix, rpm, created, revoked FROM api_keys ORDER BY id")
 
     def revoke_key(self, key_id: int) -> bool:
@@ -522,7 +525,7 @@ class Store:
     def record_usage(self, rows: list[dict]) -> None:
         if rows:
             with self.db.conn:
-                self.db["usage"].insert_all(rows)
+                self.db.table("usage").insert_all(rows)
 
     # --- conversations --------------------------------------------------------------------------------
     def conversation_for(self, fingerprint: str, ttl: float) -> dict | None:
@@ -557,7 +560,7 @@ class Store:
 
     def remember_upload(self, key: str, account_id: int, attachment: dict, expires: float) -> None:
         with self.db.conn:
-            self.db["uploads"].upsert({"key": key, "account_id": account_id, "attachment": json.dumps(attachment),
+            self.db.table("uploads").upsert({"key": key, "account_id": account_id, "attachment": json.dumps(attachment),
                                        "expires": expires}, pk="key")
 
     def forget_old_conversations(self, ttl: float) -> None:
@@ -571,13 +574,13 @@ class Store:
     def set_admin_password(self, hashed: str, keep_session: str | None = None) -> None:
         """A new password signs out every session but the one that set it."""
         with self.db.conn:
-            self.db["meta"].upsert({"key": "admin_password", "value": hashed}, pk="key")
+            self.db.table("meta").upsert({"key": "admin_password", "value": hashed}, pk="key")
             self.db.execute("DELETE FROM admin_sessions WHERE token_hash IS NOT ?", [keep_session])
 
     def create_admin_session(self, token_hash: str, csrf: str, expires: float) -> None:
         with self.db.conn:
             self.db.execute("DELETE FROM admin_sessions WHERE expires < ?", [now()])
-            self.db["admin_sessions"].insert({"token_hash": token_hash, "csrf": csrf, "expires": expires})
+            self.db.table("admin_sessions").insert({"token_hash": token_hash, "csrf": csrf, "expires": expires})
 
     def admin_session(self, token_hash: str) -> dict | None:
         rows = self.rows("SELECT * FROM admin_sessions WHERE token_hash = ? AND expires > ?", [token_hash, now()])
@@ -720,6 +723,18 @@ def extract_anon_key(text: str) -> str | None:
     return None
 
 
+def add_keys_in(text: str, found: dict[str, Any]) -> None:
+    """The sitekeys and the anon key that `text` holds, where no earlier text gave them."""
+    if "sitekey" not in found and (key := extract_sitekey(text)):
+        found["sitekey"] = key[0]
+        if key[1]:
+            found["recaptcha_action"] = key[1]
+    if "anon_key" not in found and (anon := extract_anon_key(text)):
+        found["anon_key"] = anon
+    if "turnstile_sitekey" not in found and (turnstile := TURNSTILE_RE.search(text)):
+        found["turnstile_sitekey"] = turnstile.group(1)
+
+
 def discover_site(page: str, scripts: Iterable[str]) -> dict[str, Any]:
     """Everything the bridge learns from the site's HTML and JS chunks; keys left out when not found."""
     found: dict[str, Any] = {}
@@ -728,15 +743,8 @@ def discover_site(page: str, scripts: Iterable[str]) -> dict[str, Any]:
         found["models"] = models
     actions: dict[str, str] = {}
     for text in (page, *scripts):
-        if "sitekey" not in found and (key := extract_sitekey(text)):
-            found["sitekey"] = key[0]
-            if key[1]:
-                found["recaptcha_action"] = key[1]
+        add_keys_in(text, found)
         actions.update(extract_server_actions(text))
-        if "anon_key" not in found and (anon := extract_anon_key(text)):
-            found["anon_key"] = anon
-        if "turnstile_sitekey" not in found and (turnstile := TURNSTILE_RE.search(text)):
-            found["turnstile_sitekey"] = turnstile.group(1)
     if actions:
         found["server_actions"] = actions
     if build := BUILD_RE.search(page):
@@ -976,27 +984,6 @@ class Event:
     usage: dict | None = None
 
 
-def parse_part(code: str, payload: Any) -> Event | None:
-    if code == "0":
-        if payload == "hasArenaError":
-            return Event("error", "LM Arena reported an error while generating the reply")
-        return Event("text", payload) if isinstance(payload, str) else None
-    if code == "g":
-        return Event("reasoning", payload) if isinstance(payload, str) else None
-    if code == "3":
-        return Event("error", payload if isinstance(payload, str) else json.dumps(payload))
-    if code == "d":
-        payload = payload if isinstance(payload, dict) else {}
-        return Event("finish", payload.get("finishReason") or "stop", normalise_usage(payload.get("usage")))
-    if code == "2":
-        return parse_data_part(payload)
-    if code == "c":
-        return parse_citation(payload)
-    if code == "k" and isinstance(payload, dict) and str(payload.get("mimeType", "")).startswith("image/"):
-        return Event("image", [f"data:{payload['mimeType']};base64,{payload.get('data', '')}"])
-    return None
-
-
 def parse_data_part(payload: Any) -> Event | None:
     images = []
     heartbeat = False
@@ -1035,6 +1022,40 @@ def normalise_usage(usage: Any) -> dict | None:
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def parse_text_part(payload: Any) -> Event | None:
+    if payload == "hasArenaError":
+        return Event("error", "LM Arena reported an error while generating the reply")
+    return Event("text", payload) if isinstance(payload, str) else None
+
+
+def parse_finish_part(payload: Any) -> Event:
+    payload = payload if isinstance(payload, dict) else {}
+    return Event("finish", payload.get("finishReason") or "stop", normalise_usage(payload.get("usage")))
+
+
+def parse_file_part(payload: Any) -> Event | None:
+    if isinstance(payload, dict) and str(payload.get("mimeType", "")).startswith("image/"):
+        return Event("image", [f"data:{payload['mimeType']};base64,{payload.get('data', '')}"])
+    return None
+
+
+# What each line code of the data stream carries (arena-protocol §7.2); other codes are not model output.
+PART_PARSERS: dict[str, Callable[[Any], Event | None]] = {
+    "0": parse_text_part,
+    "g": lambda payload: Event("reasoning", payload) if isinstance(payload, str) else None,
+    "3": lambda payload: Event("error", payload if isinstance(payload, str) else json.dumps(payload)),
+    "d": parse_finish_part,
+    "2": parse_data_part,
+    "c": parse_citation,
+    "k": parse_file_part,
+}
+
+
+def parse_part(code: str, payload: Any) -> Event | None:
+    parser = PART_PARSERS.get(code)
+    return parser(payload) if parser is not None else None
 
 
 def parse_stream_line(line: str) -> tuple[str, Event | None] | None:
@@ -1431,7 +1452,7 @@ class SidecarClient:
                                               "recaptcha_action": "sign_up"})
         return result
 
-    async def fetch_stream(self, request: dict) -> AsyncIterator[tuple[int, dict] | str]:
+    async def fetch_stream(self, request: dict) -> AsyncGenerator[tuple[int, dict] | str | dict, None]:
         """Run a request with the page's own fetch(): yields (status, headers) first, then text chunks, and
         last the page's cookies as a dict (the site may have rotated the session while answering).
 
@@ -1610,7 +1631,7 @@ class SidecarClient:
                     await http.post("/shutdown", timeout=1.0)
             try:
                 await asyncio.wait_for(proc.wait(), self.STOP_TIMEOUT)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
@@ -1671,7 +1692,7 @@ OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
 def current_origin(settings: Settings, store: Store) -> str:
     """Where LM Arena lives now: the configured origin, or where it moved to (kept across restarts)."""
     moved = store.site_params().get("moved_origin") or {}
-    return moved.get("to") if moved.get("from") == settings.arena_url else settings.arena_url
+    return str(moved["to"]) if moved.get("from") == settings.arena_url and moved.get("to") else settings.arena_url
 
 
 def unreachable(exc: BaseException) -> ArenaError:
@@ -1690,6 +1711,16 @@ def parse_action_response(text: str) -> dict | None:
     return None
 
 
+def action_values(status: int, text: str, name: str, fields: tuple[str, ...]) -> list[str]:
+    """The string `fields` of a server action's answer; ArenaError unless it succeeded with all of them."""
+    data = parse_action_response(text) if status == 200 else None
+    values = [data.get(field) for field in fields] if data is not None else []
+    if values and all(isinstance(v, str) and v for v in values):
+        return [str(v) for v in values]
+    answer = "without " + " and ".join(fields) if status == 200 else str(status)
+    raise ArenaError("upload_failed", f"LM Arena's {name} answered {answer}")
+
+
 class ArenaSite:
     """LM Arena's site over HTTP, with curl_cffi imitating a browser's TLS and HTTP/2 fingerprint: its
     origin (and a move to another), the headers and cookies of a request, discovery of the site's
@@ -1701,7 +1732,7 @@ class ArenaSite:
         self.sidecar = sidecar
         self.params: dict[str, Any] = store.site_params()
         self.origin = current_origin(settings, store)
-        self.http = AsyncSession(impersonate=settings.impersonate, max_clients=2048)  # type: ignore[arg-type]
+        self.http: AsyncSession = AsyncSession(impersonate=settings.impersonate, max_clients=2048)
         self.discovery_lock = asyncio.Lock()
         self.clearance_lock = asyncio.Lock()
         self.last_discovery = 0.0
@@ -1866,15 +1897,9 @@ class ArenaSite:
             except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
                 raise ArenaError("upload_failed", f"LM Arena's {name} could not be reached ({type(exc).__name__})") \
                     from None
-            if response.status_code == 404:
-                refused_at = sent
-                continue
-            data = parse_action_response(response.text) if response.status_code == 200 else None
-            values = [data.get(field) for field in fields] if data is not None else []
-            if values and all(isinstance(v, str) and v for v in values):
-                return [str(v) for v in values]
-            answer = "without " + " and ".join(fields) if response.status_code == 200 else str(response.status_code)
-            raise ArenaError("upload_failed", f"LM Arena's {name} answered {answer}")
+            if response.status_code != 404:
+                return action_values(response.status_code, response.text, name, fields)
+            refused_at = sent
         raise ArenaError("site_changed", f"LM Arena's {name} server action id is stale even after rediscovery")
 
     async def action_id(self, name: str, refused_at: float | None) -> str:
@@ -1948,14 +1973,7 @@ class AccountPool:
     async def account_for(self, followup: dict | None, excluded: set[int]) -> dict | None:
         """The account that owns the held conversation (the site refuses follow-ups from another), or
         any usable account for a new one, with a session that is not about to expire."""
-        if followup is not None:
-            account = self.store.account(followup["account_id"])
-            if account is None or account["id"] in excluded or not is_usable(account):
-                return None
-        else:
-            account = self.pick(excluded)
-            if account is None and not excluded and self.may_sign_up():
-                account = await self.sign_up_anonymous()
+        account = await self.first_choice(followup, excluded)
         while account is not None:
             fresh = await self.fresh(account)
             if fresh is not None or followup is not None:
@@ -1964,6 +1982,15 @@ class AccountPool:
             account = self.pick(excluded)
         return None
 
+    async def first_choice(self, followup: dict | None, excluded: set[int]) -> dict | None:
+        if followup is not None:
+            account = self.store.account(followup["account_id"])
+            return account if account is not None and account["id"] not in excluded and is_usable(account) else None
+        account = self.pick(excluded)
+        if account is None and not excluded and self.may_sign_up():
+            account = await self.sign_up_anonymous()
+        return account
+
     def unavailable(self, last: ArenaError | None = None) -> ArenaError:
         """Why no account can serve, with the soonest recovery as Retry-After, and what LM Arena said last."""
         error = self._unavailable()
@@ -1971,19 +1998,21 @@ class AccountPool:
             error.message += f" Last answer from LM Arena: {last.message}"
         return error
 
+    def soonest_recovery(self, accounts: list[dict], at: float) -> float | None:
+        """Seconds until the first account cools down or its pacing allows a request; None: none will."""
+        waits = [a["cooldown_until"] - at for a in accounts if account_state(a, at) == "cooling_down"]
+        paced = [self.settings.account_min_interval - (at - (a["last_used"] or 0)) for a in accounts
+                 if is_usable(a, at)]
+        waits += [w for w in paced if w > 0]
+        return max(1.0, min(waits)) if waits else None
+
     def _unavailable(self) -> ArenaError:
         accounts = self.store.accounts()
         if not accounts:
             return ArenaError("no_account", "No LM Arena account is configured. Add one in the dashboard or "
                                             "with `python bridge.py tokens add VALUE`.")
-        at = now()
-        waits = [a["cooldown_until"] - at for a in accounts if a["state"] == "cooling_down"
-                 and (a["cooldown_until"] or 0) > at]
-        paced = [self.settings.account_min_interval - (at - (a["last_used"] or 0)) for a in accounts
-                 if is_usable(a, at)]
-        waits += [w for w in paced if w > 0]
-        if waits:
-            wait = max(1.0, min(waits))
+        wait = self.soonest_recovery(accounts, now())
+        if wait is not None:
             return ArenaError("accounts_cooling_down", f"Every LM Arena account is cooling down; the first is "
                                                        f"usable again in {int(wait)} s.", retry_after=wait)
         return ArenaError("no_usable_account",
@@ -2090,10 +2119,10 @@ class AccountPool:
             return
         held = Session.of(account)
         # The page's jar is shared by every account's in-page requests: only this account's user counts.
-        if fresh.value != held.value and fresh.owner == held.owner and (fresh.expiry or 0) >= (held.expiry or 0):
-            if self.store.swap_account_auth(account["id"], account["auth"], auth=fresh.value, form=fresh.form,
-                                            expires_at=fresh.expiry):
-                log.info("account %s: kept the session LM Arena rotated while answering", account["id"])
+        rotated = fresh.value != held.value and fresh.owner == held.owner and (fresh.expiry or 0) >= (held.expiry or 0)
+        if rotated and self.store.swap_account_auth(account["id"], account["auth"], auth=fresh.value,
+                                                    form=fresh.form, expires_at=fresh.expiry):
+            log.info("account %s: kept the session LM Arena rotated while answering", account["id"])
 
     # --- sign-up ------------------------------------------------------------------------------------
     def may_sign_up(self) -> bool:
@@ -2278,7 +2307,7 @@ class TurnRunner:
         self.browser_models = {m.strip() for m in settings.browser_models.split(",") if m.strip()}
 
     # --- a whole turn ---------------------------------------------------------------------------------
-    async def events(self, plan: TurnPlan, deadline: float) -> AsyncIterator[Event]:
+    async def events(self, plan: TurnPlan, deadline: float) -> AsyncGenerator[Event, None]:
         """Model A's events, after retries; `plan.opened` is the turn that answered. A 200 that carries no
         reply (empty body, only a finish or an error line) is retried once, in a new evaluation carrying
         the history, before anything reaches the client; all retries share one budget of upstream
@@ -2342,11 +2371,9 @@ class TurnRunner:
                 else "/nextjs-api/stream/create-evaluation")
         in_page = account["id"] in tries.in_page or self.wants_browser(account, plan.model)
         action = self.site.recaptcha_action
-        body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"],
-                         content=plan.followup_content if followup else plan.new_content,
-                         modality=plan.modality, attachments=attachments,
-                         mode=None if followup else self.site.arena_mode(),
-                         token=None if in_page else await self.site.recaptcha_token(action))
+        body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"], modality=plan.modality,
+                         attachments=attachments, token=None if in_page else await self.site.recaptcha_token(action),
+                         **self.turn_fields(plan, followup))
         if in_page:
             response = await self.post_in_page(path, body, account, action, deadline)
         else:
@@ -2358,6 +2385,12 @@ class TurnRunner:
         await response.aclose()
         answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, text)
         return Failure(answer, account, path, in_page, tries)
+
+    def turn_fields(self, plan: TurnPlan, followup: dict | None) -> dict[str, Any]:
+        """A follow-up sends only the newest message and no mode; a new evaluation the whole history."""
+        if followup is not None:
+            return {"content": plan.followup_content, "mode": None}
+        return {"content": plan.new_content, "mode": self.site.arena_mode()}
 
     async def handle(self, failure: Failure) -> None:
         """Run the policy's next step for a failed attempt (a step may raise to end the request)."""
@@ -2442,7 +2475,7 @@ class TurnRunner:
         return response
 
     # --- streaming ------------------------------------------------------------------------------------
-    async def stream(self, opened: OpenedTurn) -> AsyncIterator[Event]:
+    async def stream(self, opened: OpenedTurn) -> AsyncGenerator[Event, None]:
         """Model A's events as they arrive; the upstream response is closed however this ends (including
         when the client goes away and the task is cancelled)."""
         parser = StreamParser()
@@ -2768,26 +2801,28 @@ def parse_message(raw: Any, index: int) -> Message:
         texts.append(content)
     elif isinstance(content, list):
         for j, part in enumerate(content):
-            part_param = f"{param}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str) or not url:
-                    raise ApiError(400, f"{part_param}.image_url.url must be a string.", "invalid_value", part_param)
-                images.append(url)
-            else:
-                raise ApiError(400, f"{part_param} has an unsupported type {kind!r}; use text or image_url.",
-                               "unsupported_content", part_param)
-    elif content is None and role in ("assistant", "tool", "function"):
-        pass
-    else:
+            parse_content_part(part, f"{param}.content[{j}]", texts, images)
+    elif content is not None or role not in ("assistant", "tool", "function"):
         raise ApiError(400, f"{param}.content must be a string or an array of content parts.", "invalid_type",
                        f"{param}.content")
     role = "system" if role == "developer" else "tool" if role == "function" else role
     return Message(role=role, text="\n".join(texts), images=images)
+
+
+def parse_content_part(part: Any, param: str, texts: list[str], images: list[str]) -> None:
+    """One part of a content array: its text or image URL is added to `texts` or `images`."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+        texts.append(part["text"])
+    elif kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str) or not url:
+            raise ApiError(400, f"{param}.image_url.url must be a string.", "invalid_value", param)
+        images.append(url)
+    else:
+        raise ApiError(400, f"{param} has an unsupported type {kind!r}; use text or image_url.",
+                       "unsupported_content", param)
 
 
 def usable_models(models: list[dict]) -> list[dict]:
@@ -2795,21 +2830,24 @@ def usable_models(models: list[dict]) -> list[dict]:
     return [m for m in models if not is_stealth(m) and choose_modality(m) is not None]
 
 
+# Which entries of a public name can be served, in order; when none is left, the refusal (status, code, why).
+MODEL_FILTERS: tuple[tuple[Callable[[dict], bool], int, str, str], ...] = (
+    (lambda m: True, 404, "model_not_found", "does not exist on LM Arena (see /v1/models)."),
+    (lambda m: choose_modality(m) is not None, 404, "model_not_found",
+     "outputs neither text, images nor search results; this bridge cannot serve it."),
+    (lambda m: not is_stealth(m), 403, "model_not_available",
+     "is a stealth model: LM Arena only serves it in anonymous battles, not by name."),
+)
+
+
 def resolve_model(models: list[dict], name: str, with_images: bool = False, modality: str | None = None) -> dict:
     """The entry for a public name. Names are not unique: prefer one we can serve, one whose output is the
     wanted `modality` (arena-protocol §9.4), and with images in the request, one that takes image input."""
-    entries = [m for m in models if m.get("publicName") == name]
-    if not entries:
-        raise ApiError(404, f"The model `{name}` does not exist on LM Arena (see /v1/models).", "model_not_found",
-                       "model")
-    servable = [m for m in entries if choose_modality(m) is not None]
-    if not servable:
-        raise ApiError(404, f"The model `{name}` outputs neither text, images nor search results; this bridge "
-                            "cannot serve it.", "model_not_found", "model")
-    public = [m for m in servable if not is_stealth(m)]
-    if not public:
-        raise ApiError(403, f"The model `{name}` is a stealth model: LM Arena only serves it in anonymous "
-                            "battles, not by name.", "model_not_available", "model")
+    public = [m for m in models if m.get("publicName") == name]
+    for keep, status, code, why in MODEL_FILTERS:
+        public = [m for m in public if keep(m)]
+        if not public:
+            raise ApiError(status, f"The model `{name}` {why}", code, "model")
     public.sort(key=lambda m: (modality is not None and choose_modality(m) != modality,
                                with_images and not accepts_images(m)))
     return public[0]
@@ -2825,6 +2863,18 @@ def render_message(message: Message, describe_images: bool) -> str:
     return text
 
 
+def transcript_block(message: Message, last: bool) -> str:
+    return f"[{ROLE_LABELS[message.role]}]\n{render_message(message, describe_images=not last)}"
+
+
+def keep_newest(head: list[str], body: list[str], limit: int) -> tuple[str, int]:
+    """`head` and the newest blocks of `body` (at least one) within `limit` characters, and how many were left out."""
+    dropped = 0
+    while len(body) - dropped > 1 and len("\n\n".join(head + body[dropped:])) > limit:
+        dropped += 1
+    return "\n\n".join(head + body[dropped:]), dropped
+
+
 def render_transcript(messages: list[Message], limit: int) -> tuple[str, int]:
     """The whole history as one role-labelled message, system prompts first and once, newest turns kept
     when it would exceed `limit` characters. Returns the text and how many turns were dropped."""
@@ -2832,17 +2882,8 @@ def render_transcript(messages: list[Message], limit: int) -> tuple[str, int]:
     turns = [m for m in messages if m.role != "system"]
     if len(turns) == 1 and not system:
         return render_message(turns[0], describe_images=False), 0
-
-    def block(m: Message, last: bool) -> str:
-        return f"[{ROLE_LABELS[m.role]}]\n{render_message(m, describe_images=not last)}"
-
-    head = [block(m, False) for m in system]
-    body = [block(m, i == len(turns) - 1) for i, m in enumerate(turns)]
-    dropped = 0
-    while len(body) > 1 and len("\n\n".join(head + body)) > limit:
-        body.pop(0)
-        dropped += 1
-    return "\n\n".join(head + body), dropped
+    head = [transcript_block(m, False) for m in system]
+    return keep_newest(head, [transcript_block(m, i == len(turns) - 1) for i, m in enumerate(turns)], limit)
 
 
 def normalise_for_match(message: Message) -> list[str]:
@@ -3087,7 +3128,7 @@ def public_address(host: str) -> str:
     if not infos or not all(ipaddress.ip_address(info[4][0]).is_global for info in infos):
         raise ValueError(f"the host {host} is a private or loopback address (allowed only with "
                          "BRIDGE_ALLOW_PRIVATE_URLS=1)")
-    return infos[0][4][0]
+    return str(infos[0][4][0])
 
 
 def pinned_session(url: str, address: str, impersonate: str) -> AsyncSession:
@@ -3112,7 +3153,7 @@ async def fetch_bytes(http: AsyncSession, url: str, timeout: float, limit: int =
     redirect could lead to an address that was never checked."""
     try:
         response = await http.get(url, timeout=timeout, stream=True, discard_cookies=True, allow_redirects=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any network failure: the URL could not be fetched
         raise FetchError(f"could not be fetched ({type(exc).__name__})", "image_url_unreachable") from None
     try:
         if response.status_code != 200:
@@ -3125,7 +3166,7 @@ async def fetch_bytes(http: AsyncSession, url: str, timeout: float, limit: int =
         return bytes(data)
     except FetchError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any network failure: the download broke off
         raise FetchError(f"broke off while reading ({type(exc).__name__})", "image_url_unreachable") from None
     finally:
         await response.aclose()
@@ -3148,6 +3189,22 @@ async def fetch_image_url(url: str, where: str, settings: Settings, http: AsyncS
         raise ApiError(400, f"{where}: the image URL {exc}.", exc.code, where) from None
 
 
+def takes_one_image(model: dict, newest: Message) -> bool | None:
+    """Whether the model takes one image per message (None: no image input at all); refuses the newest
+    message's images when the model cannot take them."""
+    if not accepts_images(model):
+        if newest.images:
+            raise ApiError(400, f"The model `{model.get('publicName')}` does not accept image input.",
+                           "model_without_vision", "messages")
+        return None
+    image_caps = model["capabilities"]["inputCapabilities"]["image"]
+    single = isinstance(image_caps, dict) and image_caps.get("multipleImages") is False
+    if single and len(newest.images) > 1:
+        raise ApiError(400, f"The model `{model.get('publicName')}` takes one image per message.",
+                       "too_many_images", "messages")
+    return single
+
+
 async def load_images(messages: list[Message], model: dict, settings: Settings, http: AsyncSession,
                       with_history: bool = False) -> list[ImageInput]:
     """The images to attach, checked and read into memory: the newest user turn's, where any refusal is a
@@ -3155,16 +3212,9 @@ async def load_images(messages: list[Message], model: dict, settings: Settings, 
     that takes several images) the earlier user turns' images come first; one of those that cannot be
     read stays an [image] mark in the transcript, as it would for a model without vision."""
     last = len(messages) - 1
-    if not accepts_images(model):
-        if messages[last].images:
-            raise ApiError(400, f"The model `{model.get('publicName')}` does not accept image input.",
-                           "model_without_vision", "messages")
+    single = takes_one_image(model, messages[last])
+    if single is None:
         return []
-    image_caps = model["capabilities"]["inputCapabilities"]["image"]
-    single = isinstance(image_caps, dict) and image_caps.get("multipleImages") is False
-    if single and len(messages[last].images) > 1:
-        raise ApiError(400, f"The model `{model.get('publicName')}` takes one image per message.",
-                       "too_many_images", "messages")
     earlier = [] if single or not with_history else [
         (i, j, url) for i, m in enumerate(messages[:last]) if m.role == "user" for j, url in enumerate(m.images)]
     images = []
@@ -3297,7 +3347,7 @@ class ChatJob:
     completion_id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
     created: int = dataclasses.field(default_factory=lambda: int(now()))
 
-    def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncGenerator[Event, None]:
         return self.state.turns.events(self.plan, now() + self.state.settings.request_timeout)
 
     def succeeded(self, builder: ReplyBuilder) -> None:
@@ -3377,7 +3427,7 @@ async def run_to_end(job: ChatJob) -> ReplyBuilder:
     try:
         async for event in events:
             builder.add(event)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         raise job.fail(error) from None
     finally:
         await events.aclose()
@@ -3413,7 +3463,7 @@ async def image_generations(request: Request) -> Response:
             raise ApiError(502, f"LM Arena answered without an image: {builder.full_content[:300]!r}",
                                 "no_image")
         data = [await image_item(state.site.http, url, ask.response_format) for url in builder.images]
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         raise job.fail(error) from None
     job.record(200, completion_usage(job.plan.new_content, builder))
     return JSONResponse({"created": job.created, "data": data})
@@ -3426,7 +3476,7 @@ async def stream_chat(job: ChatJob) -> Response:
     interval = job.state.settings.ping_interval
     try:
         first = await pump.next(interval)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         await pump.aclose()
         raise job.fail(error) from None
     except BaseException:
@@ -3434,6 +3484,38 @@ async def stream_chat(job: ChatJob) -> Response:
         raise
     return StreamingResponse(sse_body(job, pump, first), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse_burst(event: Any, pump: Prefetcher, builder: ReplyBuilder, encoder: ChunkEncoder) -> tuple[str, Any, Exception | None]:
+    """Every event already pulled, from `event` on, as one write (a write per event was most of a
+    stream's cost); then the next event (None: none pulled yet; or END) and a failure that came after
+    them, for the caller to raise once the write is out."""
+    parts: list[str] = []
+    try:
+        while event is not Prefetcher.END:
+            if event is None or event.kind == "heartbeat":
+                parts.append(": ping\n\n")
+            else:
+                delta = builder.add(event)
+                if delta is not None:
+                    parts.append(encoder.content(delta[1]) if delta[0] == "content" else encoder.reasoning(delta[1]))
+            event = pump.ready()
+            if event is None:
+                break
+    except Exception as error:  # noqa: BLE001 - handed back, raised by the caller after the events before it
+        return "".join(parts), None, error
+    return "".join(parts), event, None
+
+
+def sse_ending(job: ChatJob, builder: ReplyBuilder, encoder: ChunkEncoder, tail: str, usage: dict) -> Iterator[str]:
+    """The chunks after the last event: the reply's tail (held-back text, images, sources), the finish
+    reason, usage, [DONE]."""
+    if tail:
+        yield encoder.delta(content=tail, annotations=builder.annotations) if builder.annotations else encoder.content(tail)
+    yield encoder.finish(openai_finish_reason(builder.finish_reason))
+    if job.chat.include_usage:
+        yield encoder.usage(usage)
+    yield "data: [DONE]\n\n"
 
 
 async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[str]:
@@ -3444,43 +3526,23 @@ async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[
     try:
         event = first
         while event is not Prefetcher.END:
-            # Events that are already there go out as one write: a write per event was most of a
-            # stream's cost. An error still comes after everything before it.
-            parts: list[str] = []
-            try:
-                while event is not Prefetcher.END:
-                    if event is None or event.kind == "heartbeat":
-                        parts.append(": ping\n\n")
-                    else:
-                        delta = builder.add(event)
-                        if delta is not None:
-                            parts.append(encoder.content(delta[1]) if delta[0] == "content"
-                                         else encoder.reasoning(delta[1]))
-                    event = pump.ready()
-                    if event is None:
-                        break
-            except Exception:
-                if parts:
-                    yield "".join(parts)
-                raise
-            if parts:
-                yield "".join(parts)
+            text, event, error = sse_burst(event, pump, builder, encoder)
+            if text:
+                yield text
+            if error is not None:
+                raise error
             if event is None:
                 event = await pump.next(interval)
         tail = builder.finish()
-        if tail:
-            yield encoder.delta(content=tail, annotations=builder.annotations) if builder.annotations else encoder.content(tail)
-        yield encoder.finish(openai_finish_reason(builder.finish_reason))
         usage = completion_usage(job.plan.new_content, builder)
-        if job.chat.include_usage:
-            yield encoder.usage(usage)
-        yield "data: [DONE]\n\n"
+        for chunk in sse_ending(job, builder, encoder, tail, usage):
+            yield chunk
         job.succeeded(builder)
         job.record(200, usage)
     except asyncio.CancelledError:
         job.record(499, error="client_disconnected")
         raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the stream's boundary: every failure becomes an SSE error
         yield sse_error(job.fail(error))
     finally:
         await pump.aclose()
@@ -3615,7 +3677,7 @@ def security_headers(nonce: str) -> dict[str, str]:
             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 
-def render(title: str, body: Html, admin: "Admin | None" = None, status: int = 200,
+def render(title: str, body: Html, admin: Admin | None = None, status: int = 200,
            headers: dict[str, str] | None = None) -> HTMLResponse:
     """One page in the shared layout; with a signed-in admin, the nav bar and sign-out button."""
     nonce = secrets.token_urlsafe(16)
@@ -3665,7 +3727,7 @@ def stats(items: Iterable[tuple[str, Any]]) -> Html:
         fill("<div><small>{label}</small><b>{value}</b></div>", label=label, value=value) for label, value in items))
 
 
-def button(admin: "Admin", action: str, label: str, tone: str = "quiet", **fields: Any) -> Html:
+def button(admin: Admin, action: str, label: str, tone: str = "quiet", **fields: Any) -> Html:
     """A one-button form for an action on a table row."""
     hidden = join(fill('<input type="hidden" name="{name}" value="{value}">', name=name, value=value)
                   for name, value in {"action": action, **fields}.items())
@@ -3673,7 +3735,7 @@ def button(admin: "Admin", action: str, label: str, tone: str = "quiet", **field
                 csrf=admin.csrf_field, hidden=hidden, tone=tone, label=label)
 
 
-def form_card(admin: "Admin", action: str, fields: Html, label: str) -> Html:
+def form_card(admin: Admin, action: str, fields: Html, label: str) -> Html:
     """A page's main form for one action: its fields in a row, then the submit button."""
     return fill('<div class="card"><form method="post" class="row">{csrf}<input type="hidden" name="action" '
                 'value="{action}">{fields}<button>{label}</button></form></div>',
@@ -3825,8 +3887,8 @@ LOGIN_FORM = """<div class="login card"><h1>LM Arena Bridge</h1>{message}<form m
 <button>Sign in</button></form></div>"""
 
 
-def login_page(message: Html = Html(""), status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return render("Sign in", fill(LOGIN_FORM, message=message), status=status, headers=headers)
+def login_page(message: Html | None = None, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return render("Sign in", fill(LOGIN_FORM, message=message or Html("")), status=status, headers=headers)
 
 
 async def home(request: Request) -> Response:
@@ -3956,7 +4018,7 @@ async def refresh_account_action(state: BridgeState, admin: Admin) -> Html:
         return note(f"No account {admin.form.get('id')}.", "bad")
     try:
         fresh = await state.pool.refresh(account)
-    except Exception as exc:  # the page reports it; the account keeps its state
+    except Exception as exc:  # noqa: BLE001 - the page reports it; the account keeps its state
         return note(f"Account {account['id']} could not be refreshed: {type(exc).__name__}: {exc}", "bad")
     if fresh is None:
         return note(f"Account {account['id']} could not be refreshed: the session expired; add a fresh one.", "bad")
@@ -4068,7 +4130,7 @@ def model_capabilities(model: dict) -> list[str]:
 async def refresh_models_action(state: BridgeState, admin: Admin) -> Html:
     try:
         await state.site.discover(min_age=0)
-    except Exception as exc:  # shown on the page; the stored list stays as it was
+    except Exception as exc:  # noqa: BLE001 - shown on the page; the stored list stays as it was
         return note(f"LM Arena could not be reached: {type(exc).__name__}: {exc}", "bad")
     return note(f"Model list refreshed: {len(state.store.models())} models.")
 
@@ -4190,7 +4252,7 @@ async def every(seconds: float, job: Callable[[], Any], first_delay: float = 0.0
             result = job()
             if asyncio.iscoroutine(result):
                 await result
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing run is logged and the loop goes on
             log.warning("background job %s failed: %s", getattr(job, "__name__", job), exc)
         await asyncio.sleep(seconds)
 
@@ -4307,7 +4369,7 @@ def create_key_command(settings: Settings, store: Store, args: argparse.Namespac
 
 
 def list_keys_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    for key in store.keys():
+    for key in store.api_keys():
         state = f"revoked {format_time(key['revoked'])}" if key["revoked"] else "active"
         print(f"{key['id']}\t{key['name']}\t{key['prefix']}…\t{key['rpm']} rpm\t{state}")
     return 0
@@ -4399,6 +4461,7 @@ def run_cli(settings: Settings, args: argparse.Namespace) -> int:
 
 def serve(settings: Settings) -> None:
     import errno
+
     import hypercorn.asyncio
     import hypercorn.config
 
@@ -4443,7 +4506,7 @@ def serve(settings: Settings) -> None:
             loop.add_signal_handler(sig, on_signal, sig.name)
         loop.set_exception_handler(on_loop_error)
         log.info("serving on http://%s:%d (LM Arena at %s)", settings.host, settings.port, settings.arena_url)
-        await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
+        await hypercorn.asyncio.serve(cast("ASGIFramework", app), config, shutdown_trigger=stop.wait)
         log.info("stopped")
 
     asyncio.run(main())

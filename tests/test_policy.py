@@ -1,0 +1,165 @@
+"""The failure policy as tables (arena-protocol §8): what an LM Arena answer means, the step each failure
+runs, and the status a client sees. Pure: no network, no bridge process."""
+from __future__ import annotations
+
+import pytest
+
+import bridge
+from bridge import Answer, ArenaError, Attempt, next_step
+
+DIRECT = Attempt(needs_browser=False, in_page=False, followup=False, sidecar=True, moved=False)
+
+
+def steps(kind: str, attempt: Attempt = DIRECT, n: int = 4) -> list[str]:
+    """The steps of the first `n` failures of one kind, all seen with the same attempt."""
+    return [next_step(kind, failures, attempt) for failures in range(n)]
+
+
+# --- what an answer means -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status,headers,body,kind", [
+    (301, {"location": "https://new.example/"}, "", "moved"),
+    (308, {}, "", "moved"),
+    (403, {"cf-mitigated": "challenge"}, "", "cloudflare"),
+    (503, {}, "<title>Just a moment...</title>", "cloudflare"),
+    (403, {}, "Enable JavaScript and cookies to continue", "cloudflare"),
+    (403, {}, '{"error":"reCAPTCHA validation failed"}', "recaptcha"),
+    (429, {}, '{"error":"Prompt failed"}', "recaptcha"),
+    (401, {}, '{"error":"Unauthorized"}', "unauthorized"),
+    (429, {"retry-after": "5"}, '{"error":"Too many requests"}', "rate_limited"),
+    (400, {}, '{"error":"mode direct-battle is not allowed"}', "mode"),
+    (404, {}, '{"error":"Evaluation not found"}', "not_found"),
+    (500, {}, "oops", "server"),
+    (503, {}, "maintenance", "server"),
+    (400, {}, '{"error":"bad"}', "client"),
+    (422, {}, '{"error":"flagged"}', "client"),
+])
+def test_an_answer_is_named_by_the_first_matching_row(status, headers, body, kind):
+    assert Answer(status, headers, body).kind == kind
+
+
+def test_every_answer_kind_has_a_rule():
+    assert {kind for kind, _ in bridge.ANSWER_KINDS} == set(bridge.POLICY)
+
+
+def test_the_message_is_the_json_error_or_the_page_title():
+    assert Answer(400, {}, '{"error": "no such model"}').message == "no such model"
+    assert Answer(503, {}, "<html><title> Down </title></html>").message == "Down"
+
+
+def test_a_relayed_answer_names_its_kind_and_status():
+    error = Answer(429, {}, '{"error":"slow down"}').relayed()
+    assert error.relayed and error.kind == "rate_limited" and error.message == "LM Arena answered 429: slow down"
+
+
+@pytest.mark.parametrize("status,body,kind,start", [
+    (400, '{"error":"Private models are only in battles"}', "model_not_available", "LM Arena serves this model only"),
+    (422, '{"error":"no"}', "content_filter", "LM Arena's moderation flagged"),
+    (400, '{"error":"Message flagged"}', "content_filter", "LM Arena's moderation flagged"),
+    (413, '{"error":"big"}', "attachment_too_large", "LM Arena refused the attachment"),
+    (404, '{"error":"gone"}', "model_not_found", "LM Arena does not serve this model"),
+    (403, '{"error":"no"}', "upstream_forbidden", "LM Arena refused the request"),
+    (400, '{"error":"bad"}', "upstream_400", "LM Arena refused the request"),
+    (500, '{"error":"boom"}', "upstream_500", "LM Arena refused the request"),
+])
+def test_a_final_answer_is_a_named_refusal(status, body, kind, start):
+    error = Answer(status, {}, body).refusal()
+    assert error.kind == kind and error.message.startswith(start) and not error.relayed
+
+
+# --- the step for the n-th failure --------------------------------------------------------------------
+
+def test_recaptcha_rediscovers_then_goes_in_page_then_backs_off():
+    assert steps("recaptcha") == ["rediscover", "go_in_page", "back_off", "back_off"]
+
+
+def test_recaptcha_on_an_account_in_browser_mode_goes_in_page_at_once_then_backs_off_there():
+    direct = Attempt(needs_browser=True, in_page=False, followup=False, sidecar=True, moved=False)
+    in_page = Attempt(needs_browser=True, in_page=True, followup=False, sidecar=True, moved=False)
+    assert [next_step("recaptcha", 0, direct), next_step("recaptcha", 1, in_page)] == ["go_in_page", "back_off"]
+    assert next_step("recaptcha", 0, in_page) == "back_off"
+
+
+def test_recaptcha_in_the_page_or_without_sidecar_backs_off_after_the_rediscovery():
+    in_page = Attempt(needs_browser=False, in_page=True, followup=False, sidecar=True, moved=False)
+    no_sidecar = Attempt(needs_browser=False, in_page=False, followup=False, sidecar=False, moved=False)
+    assert steps("recaptcha", in_page, 2) == steps("recaptcha", no_sidecar, 2) == ["rediscover", "back_off"]
+
+
+def test_cloudflare_is_cleared_once_then_the_request_gives_up():
+    assert steps("cloudflare", n=3) == ["clear_cloudflare", "give_up", "give_up"]
+
+
+def test_unauthorized_refreshes_once_then_expires_the_account():
+    assert steps("unauthorized", n=3) == ["refresh", "expire", "expire"]
+
+
+def test_rate_limited_cools_the_account_down_every_time():
+    assert steps("rate_limited", n=3) == ["cool_down"] * 3
+
+
+def test_a_move_is_followed_only_to_the_same_path_elsewhere():
+    moved = Attempt(needs_browser=False, in_page=False, followup=False, sidecar=True, moved=True)
+    assert steps("moved", moved, 2) == ["follow_move"] * 2
+    assert steps("moved", DIRECT, 1) == ["refuse"]
+
+
+def test_a_refused_mode_switches_for_new_conversations_and_is_final_on_a_follow_up():
+    followup = Attempt(needs_browser=False, in_page=False, followup=True, sidecar=True, moved=False)
+    assert steps("mode", DIRECT, 2) == ["switch_mode"] * 2
+    assert steps("mode", followup, 1) == ["refuse"]
+
+
+def test_a_lost_conversation_starts_over_and_a_missing_model_is_final():
+    followup = Attempt(needs_browser=False, in_page=False, followup=True, sidecar=True, moved=False)
+    assert steps("not_found", followup, 1) == ["start_over"]
+    assert steps("not_found", DIRECT, 1) == ["refuse"]
+
+
+def test_a_server_error_pauses_once_then_is_final():
+    assert steps("server", n=3) == ["pause", "refuse", "refuse"]
+
+
+def test_any_other_answer_is_final():
+    assert steps("client", n=2) == ["refuse", "refuse"]
+
+
+def test_every_step_of_the_policy_has_a_handler_in_the_turn_runner():
+    named = {step for rule in bridge.POLICY.values() for step in rule.steps} | {"refuse"}
+    assert all(callable(getattr(bridge.TurnRunner, "step_" + step, None)) for step in named)
+    assert set(bridge.STEP_APPLIES) <= named
+
+
+def test_failures_are_counted_per_account_or_per_request_as_the_rule_says():
+    tries = bridge.Tries(followup=None)
+    assert [tries.count("recaptcha", 1), tries.count("recaptcha", 2), tries.count("recaptcha", 1)] == [0, 0, 1]
+    assert [tries.count("cloudflare", 1), tries.count("cloudflare", 2)] == [0, 1]
+
+
+# --- the status a client sees -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error,status", [
+    (ArenaError("no_account", "x"), 503),
+    (ArenaError("accounts_cooling_down", "x", retry_after=5), 503),
+    (ArenaError("cloudflare", "x"), 503),
+    (ArenaError("cloudflare", "x", relayed=True), 502),
+    (ArenaError("content_filter", "x"), 422),
+    (ArenaError("model_not_available", "x"), 403),
+    (ArenaError("attachment_too_large", "x"), 413),
+    (ArenaError("model_not_found", "x"), 404),
+    (ArenaError("upstream_timeout", "x"), 504),
+    (ArenaError("upstream_400", "x"), 400),
+    (ArenaError("upstream_502", "x"), 502),
+    (ArenaError("upload_failed", "x"), 502),
+    (ArenaError("empty_reply", "x"), 502),
+])
+def test_the_openai_layer_chooses_the_status_from_the_kind(error, status):
+    api_error = bridge.ApiError.from_arena(error)
+    assert api_error.status == status and api_error.code == error.kind
+
+
+def test_a_retry_after_becomes_a_header_and_a_long_one_says_not_to_retry():
+    short = bridge.ApiError.from_arena(ArenaError("accounts_cooling_down", "x", retry_after=4.2))
+    long = bridge.ApiError.from_arena(ArenaError("accounts_cooling_down", "x", retry_after=600))
+    assert short.headers == {"Retry-After": "5"}
+    assert long.headers == {"Retry-After": "600", "x-should-retry": "false"}
