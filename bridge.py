@@ -4361,6 +4361,9 @@ def print_error(message: str, code: int) -> int:
     return code
 
 
+Command = Callable[[Settings, Store, argparse.Namespace], int]
+
+
 def create_key_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
     key_id, key = store.create_key(args.name, args.rpm if args.rpm is not None else settings.default_rpm)
     print(f"created key {key_id} ({args.name}); it is shown only now:")
@@ -4375,11 +4378,14 @@ def list_keys_command(settings: Settings, store: Store, args: argparse.Namespace
     return 0
 
 
-def revoke_key_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    if not store.revoke_key(args.id):
-        return print_error(f"no active key {args.id}", 1)
-    print(f"revoked key {args.id}")
-    return 0
+def removal_command(remove: Callable[[Store, int], bool], missing: str, done: str) -> Command:
+    """A command that ends one stored thing by its id: `remove` says whether there was one."""
+    def run(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+        if not remove(store, args.id):
+            return print_error(f"no {missing} {args.id}", 1)
+        print(f"{done} {args.id}")
+        return 0
+    return run
 
 
 def add_token_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
@@ -4401,13 +4407,6 @@ def list_tokens_command(settings: Settings, store: Store, args: argparse.Namespa
             state = f"cooling down until {format_time(a['cooldown_until'])} ({a['cooldown_reason']})"
         print(f"{a['id']}\t{a['kind']}\t{state}\texpires {format_time(a['expires_at'])}\t"
               f"last error: {a['last_error'] or '-'}")
-    return 0
-
-
-def remove_token_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    if not store.remove_account(args.id):
-        return print_error(f"no account {args.id}", 1)
-    print(f"removed account {args.id}")
     return 0
 
 
@@ -4439,13 +4438,13 @@ def list_models_command(settings: Settings, store: Store, args: argparse.Namespa
 
 # Every CLI command but serve: (command, action) -> what runs it, with the settings, the store and the
 # parsed arguments; it returns the exit status.
-COMMANDS: dict[tuple[str, str], Callable[[Settings, Store, argparse.Namespace], int]] = {
+COMMANDS: dict[tuple[str, str], Command] = {
     ("keys", "create"): create_key_command,
     ("keys", "list"): list_keys_command,
-    ("keys", "revoke"): revoke_key_command,
+    ("keys", "revoke"): removal_command(Store.revoke_key, "active key", "revoked key"),
     ("tokens", "add"): add_token_command,
     ("tokens", "list"): list_tokens_command,
-    ("tokens", "remove"): remove_token_command,
+    ("tokens", "remove"): removal_command(Store.remove_account, "account", "removed account"),
     ("models", "refresh"): refresh_models_command,
     ("models", "list"): list_models_command,
 }
