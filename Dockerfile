@@ -19,12 +19,13 @@ ARG DEBIAN_FRONTEND=noninteractive
 # scripts can measure rendered text. fonts-liberation (the metric-compatible Arial/Times/Courier that
 # pages expect), fonts-noto-color-emoji, and fonts-wqy-microhei for Chinese, Japanese and Korean (5 MB,
 # where fonts-noto-cjk takes 90 MB).
-# xvfb: a virtual display for BRIDGE_HEADFUL=1; sidecar.py starts Xvfb itself when DISPLAY is unset.
+# xvfb, xauth: a virtual display for BRIDGE_HEADFUL=1; sidecar.py starts one with xvfb-run when DISPLAY
+# is unset, and xvfb-run needs xauth (only a recommendation of xvfb's).
 # tini: PID 1 that forwards SIGTERM to the bridge and reaps the browser's orphaned processes.
 # libatomic1: needed by the Node.js binary inside the playwright wheel, and not pulled in by the above.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends chromium fonts-liberation fonts-noto-color-emoji \
-      fonts-wqy-microhei xvfb tini libatomic1 \
+      fonts-wqy-microhei xvfb xauth tini libatomic1 \
  && rm -rf /var/lib/apt/lists/*
 
 # A fixed, non-root uid: a bind-mounted /data must be writable by 10001 (`chown 10001:10001 DIR`).

@@ -45,9 +45,9 @@ fail() {
   say "FAILED: $*"
   if podman container exists "$NAME" 2>/dev/null; then
     say "--- container log (last 40 lines) ---"
-    podman logs "$NAME" 2>&1 | tail -40
+    podman logs "$NAME" 2>&1 | tail -40 | cut -c1-300
   fi
-  [ -s "$work/arena.log" ] && { say "--- emulator log (last 10 lines) ---"; tail -10 "$work/arena.log"; }
+  [ -s "$work/arena.log" ] && { say "--- emulator log (last 10 lines) ---"; tail -10 "$work/arena.log" | cut -c1-200; }
   exit 1
 }
 cleanup() {
@@ -168,14 +168,15 @@ arena_pid=$!
 for _ in $(seq 50); do curl -sf "$arena/__emulator/config" >/dev/null && break; sleep 0.1; done
 [ "$(curl -sf "$arena/__emulator/config" | json 'd["recaptcha"]')" = required ] || fail "the emulator did not start with reCAPTCHA on"
 
-start() {  # start NAME: the README's `docker run`, on 127.0.0.1, pointed at the emulator
+start() {  # start NAME [OPTION...]: the README's `docker run`, on 127.0.0.1, pointed at the emulator
+  local name=$1; shift
   # slirp4netns with allow_host_loopback: 10.0.2.2 in the container is this host's 127.0.0.1.
-  "${RUN[@]}" -d --name "$1" --network slirp4netns:allow_host_loopback=true -p "127.0.0.1:$port:8000" \
-    -v "$VOLUME:/data" -e "ARENA_URL=http://10.0.2.2:$arena_port" "$IMAGE" >/dev/null 2>"$work/run.log" ||
+  "${RUN[@]}" -d --name "$name" --network slirp4netns:allow_host_loopback=true -p "127.0.0.1:$port:8000" \
+    -v "$VOLUME:/data" -e "ARENA_URL=http://10.0.2.2:$arena_port" "$@" "$IMAGE" >/dev/null 2>"$work/run.log" ||
     { cat "$work/run.log"; fail "podman run failed"; }
   for _ in $(seq 300); do
     curl -sf "http://127.0.0.1:$port/api/v1/health" >/dev/null && return 0
-    [ "$(podman inspect --format '{{.State.Running}}' "$1")" = true ] || fail "the container exited"
+    [ "$(podman inspect --format '{{.State.Running}}' "$name")" = true ] || fail "the container exited"
     sleep 0.1
   done
   fail "no answer on /api/v1/health within 30 s"
@@ -245,14 +246,18 @@ chat() {  # chat TEXT true|false: one chat completion with the key
     -d "{\"model\": \"$MODEL\", \"stream\": $2, \"messages\": [{\"role\": \"user\", \"content\": \"$1\"}]}" \
     "$bridge/v1/chat/completions"
 }
-t0=$(date +%s.%N)
-chat "hello from the image" false >"$work/chat.json"
-reply=$(json 'd["choices"][0]["message"]["content"]' <"$work/chat.json" 2>/dev/null) ||
-  fail "the chat failed: $(head -c 400 "$work/chat.json")"
-[[ $reply == *"hello from the image"* ]] || fail "unexpected reply: $reply"
-sidecar=$(curl -sf "$bridge/api/v1/health" | json 'd["checks"]["sidecar"]["state"]')
-[ "$sidecar" = running ] || fail "the sidecar is $sidecar after a chat that needed reCAPTCHA"
-ok "a chat with reCAPTCHA required works: Chromium in the container minted the token ($(since "$t0") s)"
+recaptcha_chat() {  # recaptcha_chat TEXT HEADFUL: a chat whose token Chromium mints; prints its seconds
+  local t0; t0=$(date +%s.%N)
+  chat "$1" false >"$work/chat.json"
+  reply=$(json 'd["choices"][0]["message"]["content"]' <"$work/chat.json" 2>/dev/null) ||
+    fail "the chat failed: $(head -c 400 "$work/chat.json")"
+  [[ $reply == *"$1"* ]] || fail "unexpected reply: $reply"
+  sidecar=$(curl -sf "$bridge/api/v1/health" | json 'd["checks"]["sidecar"]')
+  [[ $sidecar == *"'state': 'running'"*"'headful': $2"* ]] || fail "the sidecar after a chat that needed reCAPTCHA: $sidecar"
+  since "$t0"
+}
+took=$(recaptcha_chat "hello from the image" False)
+ok "a chat with reCAPTCHA required works: headless Chromium in the container minted the token ($took s)"
 browser_memory=$(memory)
 
 # SIGTERM during a ~3 s stream: the stream ends with [DONE], the container exits 0 before the stop timeout.
@@ -275,8 +280,9 @@ ok "SIGTERM: the open stream finished (12 of 12 lines, [DONE]), exit code 0 afte
 curl -sf -X POST -d '{"lines": 0, "line_delay": 0}' "$arena/__emulator/config" >/dev/null
 
 # A new container on the same volume: same key, same account, same password, none generated anew.
+# This one is headful (BRIDGE_HEADFUL=1: Chromium with a window, under Xvfb).
 podman rm "$NAME" >/dev/null 2>>"$work/podman.log"
-start "$NAME"
+start "$NAME" -e BRIDGE_HEADFUL=1
 ! podman logs "$NAME" 2>&1 | grep -q 'generated dashboard password' || fail "a new password was generated"
 [[ $(signin) == 30[23]\ */dashboard ]] || fail "the password did not survive the new container"
 status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "$bridge/v1/models")
@@ -284,6 +290,9 @@ status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" 
 accounts=$(curl -sf "$bridge/api/v1/health" | json 'd["checks"]["accounts"]["total"]')
 [ "$accounts" = 1 ] || fail "the account did not survive the new container: $accounts accounts"
 ok "a new container on the same volume keeps the key, the account and the password"
+took=$(recaptcha_chat "hello from a window" True)
+ok "with BRIDGE_HEADFUL=1 a chat works: Chromium under Xvfb minted the token ($took s)"
+headful_memory=$(memory)
 
 say "PASSED in $(( $(date +%s) - started )) s: build ${build_seconds} s, image ${image_mb} MB," \
-  "memory idle ${idle_memory}, with Chromium ${browser_memory}"
+  "memory idle ${idle_memory}, with Chromium ${browser_memory}, headful ${headful_memory}"
