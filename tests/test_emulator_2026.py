@@ -37,9 +37,13 @@ def arena():
     emulator.stop()
 
 
-@pytest.fixture
-def client(arena):
+@pytest.fixture(autouse=True)
+def _defaults(arena):
     arena.reset()
+
+
+@pytest.fixture
+def client():
     with httpx.Client(timeout=10) as c:
         yield c
 
@@ -303,6 +307,27 @@ def test_u5_a_provisional_id_is_used_once(arena, client):
         r = client.post(arena.url + "/nextjs-api/sign-up",
                         json={"recaptchaToken": arena.mint_token("sign_up"), "provisionalUserId": pid})
     assert r.status_code == 400 and r.json() == {"error": "User already exists"}
+
+
+@pytest.mark.skipif(not BROWSER, reason="needs Chromium")
+@pytest.mark.parametrize("knobs", [{}, {"signup_turnstile": "none", "provisional_id_store": "local_storage"}],
+                         ids=["2025-turnstile-and-cookie", "2026-body-and-local-storage"])
+def test_u5_the_page_signs_itself_up_in_chromium(arena, knobs):
+    from playwright.sync_api import sync_playwright
+    arena.configure(page_auto_signup=True, turnstile_delay=0.05, **knobs)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=BROWSER, headless=True)
+        try:
+            context = browser.new_context(user_agent=UA)
+            page = context.new_page()
+            page.goto(arena.url + "/")
+            page.wait_for_function("() => window.__arenaSignUp !== undefined", timeout=10000)
+            status = page.evaluate("() => window.__arenaSignUp")
+            jar = {c["name"]: c["value"] for c in context.cookies(arena.url)}
+        finally:
+            browser.close()
+    assert status == 200 and arena.session_user(jar["arena-auth-prod-v1"])
+    assert ("provisional_user_id" in jar) == (knobs == {})
 
 
 def test_u5_the_2026_body_fails_where_turnstile_is_still_required(arena, client):

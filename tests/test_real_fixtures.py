@@ -225,8 +225,11 @@ def test_the_bridge_reads_each_real_model_list_from_a_page(tmp_path, name, split
     path = tmp_path / "models.json"
     path.write_text(json.dumps(models), encoding="utf-8")
     emulator = FakeArena(models_path=str(path))
-    emulator.configure(flight_split=split)
-    assert extract_models(emulator.site.page_html()) == models
+    try:
+        emulator.configure(flight_split=split)
+        assert extract_models(emulator.site.page_html()) == models
+    finally:
+        emulator.stop()
 
 
 # --- the emulator's 2026 pages (U8): where the bridge must find the sitekey ------------------------------------------

@@ -339,7 +339,7 @@ class Chat:
             cut = self.core.rng.randint(1, max(1, len(blob) - 1))
         opts = StreamOptions.from_knobs(self.core.knobs)
         if cut is not None:
-            blob, opts.disconnect_after = blob[:int(cut)], int(cut)
+            blob, opts.hang_up = blob[:int(cut)], True
         writer = StreamWriter(h, opts, self.core.rng)
         writer.start(capture.headers)
         writer.run(WRITE_PLANS[opts.split](blob.splitlines(keepends=True), self.core.rng),

@@ -179,7 +179,8 @@ class StreamOptions:
     first_byte_delay: float = 0.0
     line_delay: float = 0.0
     stream_framing: str = "chunked"
-    disconnect_after: int | None = None
+    disconnect_after: int | None = None    # lines, then hang up (a stream fault)
+    hang_up: bool = False                  # hang up after the last piece instead of ending the body
 
     @classmethod
     def from_knobs(cls, knobs: dict, fault: dict | None = None) -> StreamOptions:
@@ -188,7 +189,7 @@ class StreamOptions:
             if fault and fault.get(name) is not None:
                 setattr(opts, name, fault[name])
         if fault and fault.get("disconnect_after") is not None:
-            opts.disconnect_after = int(fault["disconnect_after"])
+            opts.disconnect_after, opts.hang_up = int(fault["disconnect_after"]), True
         return opts
 
     @property
@@ -290,7 +291,7 @@ class StreamWriter:
                 if idx == len(pieces) - 1:
                     before_last()
                 self.write(piece)
-            if self.opts.disconnect_after is not None:
+            if self.opts.hang_up:
                 self._cut()
             if not pieces:
                 before_last()
