@@ -5,6 +5,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+import httpx
 import pytest
 from fake_arena import FakeArena
 from harness import BridgeProcess
@@ -15,6 +16,19 @@ def arena():
     emulator = FakeArena().start()
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture
+def default_knobs(arena):
+    """The emulator with every knob at its default (accounts and evaluations stay)."""
+    arena.reset()
+
+
+@pytest.fixture
+def raw():
+    """A plain HTTP client, for raw requests to the emulator."""
+    with httpx.Client(timeout=10) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
