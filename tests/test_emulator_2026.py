@@ -88,6 +88,15 @@ def test_u1_the_token_does_not_reveal_the_page_id(arena):
     assert "tab-secret" not in json.dumps(arena.recaptcha.decode(arena.mint_token(context="tab-secret")))
 
 
+def test_u1_also_binds_sign_up_tokens_to_their_page(arena, raw):
+    arena.configure(context_bound_tokens=True, signup_turnstile="none", provisional_id_store="local_storage")
+    body = {"recaptchaToken": arena.mint_token("sign_up", context="tab-1"), "provisionalUserId": str(uuid.uuid4())}
+    r = raw.post(arena.url + "/nextjs-api/sign-up", json=body)
+    assert r.status_code == 403 and r.json() == {"error": "recaptcha validation failed"}
+    body["recaptchaToken"] = arena.mint_token("sign_up", context="tab-1")
+    assert raw.post(arena.url + "/nextjs-api/sign-up", json=body, headers={PAGE_HEADER: "tab-1"}).status_code == 200
+
+
 @pytest.mark.skipif(not BROWSER, reason="needs Chromium")
 def test_u1_in_chromium_the_pages_own_fetch_passes_and_a_replay_with_its_cookies_fails(arena, raw):
     from playwright.sync_api import sync_playwright
@@ -196,6 +205,20 @@ def test_u3_skipping_the_battle_turn_lets_the_conversation_continue(arena, raw):
     assert r.status_code == 200 and r.json() == {"success": True}
     r = post(raw, arena, eid, "three", s)
     assert r.status_code == 200 and parse_stream(r.text)[0] == "turn 3: three"
+
+
+def test_u3_skip_accepts_the_model_message_id_spelling(arena, raw):
+    s = arena.new_session()
+    eid, second, _ = battle_conversation(raw, arena, s)
+    r = raw.post(arena.url + f"/nextjs-api/stream/skip-direct-battle/{eid}", headers={"Cookie": cookie_header(s)},
+                 json={"modelAMessageId": second["modelAMessageId"], "modelBMessageId": second["modelBMessageId"]})
+    assert r.status_code == 200
+
+
+def test_u3_skip_needs_the_owning_account(arena, raw):
+    eid, second, _ = battle_conversation(raw, arena, arena.new_session())
+    assert skip(raw, arena, eid, arena.new_session(), second["modelAMessageId"],
+                second["modelBMessageId"]).status_code == 401
 
 
 def test_u3_skipping_without_a_battle_turn_is_only_allowed_for_first_response(arena, raw):
@@ -447,6 +470,15 @@ def test_u9_strict_2026_body_refuses_a_body_without_its_fields(arena, raw):
 def test_u9_strict_2026_body_accepts_the_web_clients_body(arena, raw):
     arena.configure(strict_2026_body=True)
     assert post_chat(raw, arena, CREATE, body_2026(arena), arena.new_session()).status_code == 200
+
+
+def test_u9_the_retry_endpoint_takes_the_browsers_body_of_a_token_alone(arena, raw):
+    s = arena.new_session()
+    body = create_body(arena, "hello")
+    post_chat(raw, arena, CREATE, body, s)
+    path = f"/nextjs-api/stream/retry-evaluation-session-message/{body['id']}/messages/{body['modelAMessageId']}"
+    r = post_chat(raw, arena, path, {"recaptchaV3Token": arena.mint_token("chat_retry")}, s, method="PUT")
+    assert r.status_code == 200 and parse_stream(r.text)[0] == "turn 1: hello"
 
 
 def test_u9_models_gain_display_name_and_user_selectable(arena, raw):
