@@ -25,11 +25,14 @@ Contents:
     API plumbing            the API error type and its status table, app state, keys, bodies, rate limit, usage
     OpenAI chat requests    validation, model choice, transcripts, conversation fingerprints
     OpenAI chat replies     events -> content, chunks and completion objects
+    Tool emulation: requests  pure, for every API: tools, tool choice, formats -> instructions; tool history
+    Tool emulation: replies   pure: <tool_call> blocks out of a streaming reply, the loop guard, JSON answers
+    OpenAI chat tools       tools, tool_choice, response_format, refusals in; Ollama's model list out
     OpenAI images           image input (data: URIs, URLs) and image generation
     OpenAI routes           chat completions, streaming, models, images: OPENAI_ROUTES
-  Round 2 adds a part "Agent APIs" here (tool emulation, Anthropic Messages, Responses: each a section
-  with its own routes table, composed by App), and "Browser executor" sections after the sidecar client
-  in Part II, which the turn runner uses.
+  Round 2 adds a part "Agent APIs" here (Anthropic Messages, Responses: each a section with its own
+  routes table, composed by App, on the tool emulation above), and "Browser executor" sections after the
+  sidecar client in Part II, which the turn runner uses.
 
   Part IV: Operations
     Dashboard kit           HTML escaping and the shared page layout
@@ -2731,10 +2734,21 @@ SOURCES_HEADING = "\n\nSources:\n"
 
 
 @dataclasses.dataclass
+class ToolCall:
+    """A function call in an assistant turn: the id its result refers to, the function, its arguments."""
+    id: str
+    name: str
+    arguments: str                      # a JSON object, as text (the form OpenAI's APIs carry it in)
+
+
+@dataclasses.dataclass
 class Message:
     role: str
     text: str
     images: list[str]                   # image_url values as sent: data: URIs or http(s) URLs
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)   # an assistant turn's calls
+    tool_call_id: str | None = None     # a tool result: the call it answers
+    name: str | None = None             # a tool result: the function, when the API says (else found by id)
 
 
 @dataclasses.dataclass
@@ -2786,6 +2800,39 @@ def parse_chat_request(body: Any) -> ChatRequest:
                        include_usage=bool(options.get("include_usage")))
 
 
+def parse_tool_calls(raw: Any, param: str) -> list[ToolCall]:
+    """An assistant message's `tool_calls`, as a client sends them back."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ApiError(400, f"{param}.tool_calls must be an array.", "invalid_type", f"{param}.tool_calls")
+    return [parse_tool_call(item, f"{param}.tool_calls[{i}]") for i, item in enumerate(raw)]
+
+
+def parse_tool_call(item: Any, where: str) -> ToolCall:
+    function = item.get("function") if isinstance(item, dict) else None
+    arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    if (not isinstance(function, dict) or not isinstance(item.get("id"), str)
+            or not isinstance(function.get("name"), str) or not isinstance(arguments, str)):
+        raise ApiError(400, f"{where} must have an `id` and a `function` with a `name` and `arguments`.",
+                       "invalid_value", where)
+    return ToolCall(item["id"], function["name"], arguments)
+
+
+def tool_fields(raw: dict, role: str, param: str) -> dict[str, Any]:
+    """An assistant message's calls; a tool result's call id (and the function, from the legacy role)."""
+    if role == "assistant":
+        return {"tool_calls": parse_tool_calls(raw.get("tool_calls"), param)}
+    if role != "tool":
+        return {}
+    call_id, name = raw.get("tool_call_id"), raw.get("name")
+    if call_id is not None and not isinstance(call_id, str):
+        raise ApiError(400, f"{param}.tool_call_id must be a string.", "invalid_type", f"{param}.tool_call_id")
+    return {"tool_call_id": call_id, "name": name if isinstance(name, str) else None}
+
+
 def parse_message(raw: Any, index: int) -> Message:
     param = f"messages[{index}]"
     if not isinstance(raw, dict):
@@ -2806,7 +2853,7 @@ def parse_message(raw: Any, index: int) -> Message:
         raise ApiError(400, f"{param}.content must be a string or an array of content parts.", "invalid_type",
                        f"{param}.content")
     role = "system" if role == "developer" else "tool" if role == "function" else role
-    return Message(role=role, text="\n".join(texts), images=images)
+    return Message(role=role, text="\n".join(texts), images=images, **tool_fields(raw, role, param))
 
 
 def parse_content_part(part: Any, param: str, texts: list[str], images: list[str]) -> None:
@@ -2886,6 +2933,14 @@ def render_transcript(messages: list[Message], limit: int) -> tuple[str, int]:
     return keep_newest(head, [transcript_block(m, i == len(turns) - 1) for i, m in enumerate(turns)], limit)
 
 
+def canonical_json(text: str) -> str:
+    """JSON text in one spelling (clients send arguments back re-serialised); other text as it is."""
+    try:
+        return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except ValueError:
+        return text
+
+
 def normalise_for_match(message: Message) -> list[str]:
     """What must be equal for two histories to be the same conversation. Clients trim whitespace and
     drop or keep the Sources footer the bridge added, so neither counts."""
@@ -2893,7 +2948,8 @@ def normalise_for_match(message: Message) -> list[str]:
     if message.role == "assistant":
         text = text.split(SOURCES_HEADING.strip("\n"), 1)[0]
     images = [sha256_hex(url)[:16] for url in message.images]
-    return [message.role, " ".join(text.split()), *images]
+    calls = [f"{call.name} {canonical_json(call.arguments)}" for call in message.tool_calls]
+    return [message.role, " ".join(text.split()), *images, *calls]
 
 
 def conversation_fingerprint(key_id: int, model: str, messages: list[Message]) -> str:
@@ -3042,6 +3098,12 @@ class ChunkEncoder:
         return self.bare + ',"choices":[],"usage":' + json.dumps(usage) + "}\n\n"
 
 
+def chat_tool_call(call: ToolCall, index: int | None = None) -> dict:
+    """A call in OpenAI's shape: in `message.tool_calls`, or with its `index` in a streamed delta."""
+    shaped = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return shaped if index is None else {"index": index, **shaped}
+
+
 def sse_error(error: ApiError) -> str:
     return "data: " + json.dumps(error.body(), ensure_ascii=False) + "\n\ndata: [DONE]\n\n"
 
@@ -3064,6 +3126,718 @@ def completion_object(completion_id: str, created: int, model: str, builder: Rep
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": openai_finish_reason(builder.finish_reason)}],
             "usage": usage}
+
+
+# =====================================================================================================
+# Tool emulation: requests
+# =====================================================================================================
+
+# LM Arena has no tool calling (SPEC §7.1). The tools become instructions in the system part of the turn,
+# the model writes <tool_call> blocks, and a streaming parser (the next section) turns them back into
+# calls. The three client APIs share both sections; each maps only its own request fields in (to
+# ToolSpec, ToolConfig, OutputFormat, Message) and its own events out.
+
+TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+TOOL_CHOICES = ("auto", "none", "required", "function")
+OUTPUT_KINDS_JSON = ("json_object", "json_schema")
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """One function the model may call: its name, what it does, its parameters as a JSON Schema."""
+    name: str
+    description: str
+    parameters: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolConfig:
+    """A request's tools and how the model may use them.
+
+    choice: auto | none | required | function (then `function` names the one it must call).
+    parallel: several calls in one reply, or only the first."""
+    tools: tuple[ToolSpec, ...] = ()
+    choice: str = "auto"
+    function: str | None = None
+    parallel: bool = True
+
+    @property
+    def callable(self) -> tuple[ToolSpec, ...]:
+        """The tools a call may name: none with `none`, only the named one with a named choice."""
+        if self.choice == "none":
+            return ()
+        if self.choice == "function":
+            return tuple(t for t in self.tools if t.name == self.function)
+        return self.tools
+
+    @property
+    def must_call(self) -> bool:
+        return self.choice in ("required", "function") and bool(self.callable)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFormat:
+    """What the reply's content must be: text | json_object | json_schema (with `schema`, named `name`)."""
+    kind: str = "text"
+    name: str = ""
+    schema: dict | None = None
+
+    @property
+    def is_json(self) -> bool:
+        return self.kind in OUTPUT_KINDS_JSON
+
+
+def tool_spec(name: Any, description: Any, parameters: Any, param: str) -> ToolSpec:
+    """A checked ToolSpec from any API's fields; `param` names the tool in error messages."""
+    if not isinstance(name, str) or not TOOL_NAME_RE.fullmatch(name):
+        raise ApiError(400, f"{param}.name must be 1-128 letters, digits, '_', '-', '.' or ':'.", "invalid_value",
+                       f"{param}.name")
+    if description is not None and not isinstance(description, str):
+        raise ApiError(400, f"{param}.description must be a string.", "invalid_type", f"{param}.description")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise ApiError(400, f"{param}.parameters must be a JSON Schema object.", "invalid_type", f"{param}.parameters")
+    return ToolSpec(name, description or "", parameters)
+
+
+def tool_config(tools: list[ToolSpec], choice: str = "auto", function: str | None = None,
+                parallel: bool = True, param: str = "tool_choice") -> ToolConfig:
+    """A checked ToolConfig: names unique, the choice known, a named or required call possible."""
+    names = [t.name for t in tools]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ApiError(400, f"Two tools are named `{duplicate}`; tool names must be unique.", "invalid_value", "tools")
+    problem = tool_choice_problem(choice, function, names)
+    if problem:
+        raise ApiError(400, f"`{param}` {problem}.", "invalid_value", param)
+    return ToolConfig(tuple(tools), choice, function if choice == "function" else None, parallel)
+
+
+def tool_choice_problem(choice: str, function: str | None, names: list[str]) -> str:
+    if choice not in TOOL_CHOICES:
+        return "must be auto, none, required or a named function"
+    if choice in ("required", "function") and not names:
+        return "asks for a tool call, but the request has no tools"
+    if choice == "function" and function not in names:
+        return f"names the function `{function}`, which is not among the tools"
+    return ""
+
+
+def output_format(kind: Any, name: Any = None, schema: Any = None, param: str = "response_format") -> OutputFormat:
+    """A checked OutputFormat. A schema is checked here, so that a broken one is the client's 400 and not
+    the model's invalid_model_output later."""
+    if kind in (None, "text"):
+        return OutputFormat()
+    if kind not in OUTPUT_KINDS_JSON:
+        raise ApiError(400, f"`{param}.type` must be text, json_object or json_schema.", "invalid_value",
+                       f"{param}.type")
+    if kind == "json_object":
+        return OutputFormat("json_object")
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"`{param}` of type json_schema needs a `schema` object.", "invalid_value", param)
+    import jsonschema  # lazily: see json_schema_validator
+
+    try:
+        json_schema_validator(schema).check_schema(schema)
+    except jsonschema.SchemaError as error:
+        raise ApiError(400, f"`{param}` has an invalid JSON Schema: {error.message}", "invalid_value",
+                       param) from None
+    return OutputFormat("json_schema", name if isinstance(name, str) else "", schema)
+
+
+def json_schema_validator(schema: dict) -> Any:
+    """The validator class for a schema's draft. jsonschema is imported here, not at the top: it costs
+    60 ms and 6 MB, and only requests with a schema need it."""
+    import jsonschema
+
+    return jsonschema.validators.validator_for(schema)
+
+
+# --- tools and tool history -> instructions and text for the model ------------------------------------
+
+TRIM_LIMITS = {"description": 2_000, "tool_list": 40_000, "tool_result": 40_000}    # characters
+TRIM_MARKER = "[… {count} characters {what} left out by the bridge …]"
+TOOL_PROMPT = """# Tools
+
+You can call the functions listed below. To call one, write a block in exactly this form, with the \
+arguments as a JSON object that matches the function's parameters:
+<tool_call>{{"name": "<function name>", "arguments": {{...}}}}</tool_call>
+{parallel}
+{choice}
+After your call blocks, stop: the results come back in the next message as <tool_response> blocks. Never \
+write a <tool_response> yourself.
+
+Functions, one JSON object each:
+{functions}"""
+CHOICE_RULES = {
+    "auto": "Call a function when it helps with the request; otherwise answer in plain text.",
+    "required": "You must call at least one function in this reply.",
+    "function": "You must call the function `{function}` in this reply.",
+}
+NONE_RULE = "# Tools\n\nDo not call any function in this reply and write no <tool_call> blocks; answer in text."
+PARALLEL_RULES = {True: "You may write several blocks to call several functions at once.",
+                  False: "Call at most one function per reply: write one block only."}
+PREFILL_RULE = ("# Continue\n\nThe last assistant message is unfinished. Continue it exactly where it ends, "
+                "without repeating any of it: your reply is appended to it as it is.")
+FORMAT_RULES = {
+    "json_object": "# Reply format\n\nReply with one JSON object and nothing else: no prose, no code fences.",
+    "json_schema": "# Reply format\n\nReply with one JSON value and nothing else (no prose, no code fences); it "
+                   "must validate against this JSON Schema{name}:\n{schema}",
+}
+
+
+def trimmed(text: str, limit: int, what: str) -> str:
+    """`text` cut to about `limit` characters, head and tail kept, with a marker saying how much went."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 3, limit // 3
+    marker = TRIM_MARKER.format(count=f"{len(text) - head - tail:,}", what=what)
+    return f"{text[:head]}\n{marker}\n{text[len(text) - tail:]}"
+
+
+def function_lines(tools: tuple[ToolSpec, ...]) -> list[str]:
+    """One JSON line per tool. Descriptions are cut at TRIM_LIMITS; past the tool list's budget, tools
+    are listed without their parameters, and both say so."""
+    lines: list[str] = []
+    size = 0
+    for tool in tools:
+        entry: dict[str, Any] = {"name": tool.name,
+                                 "description": trimmed(tool.description, TRIM_LIMITS["description"],
+                                                        "of this description")}
+        full = json.dumps({**entry, "parameters": tool.parameters}, ensure_ascii=False)
+        if size + len(full) > TRIM_LIMITS["tool_list"]:
+            entry["parameters"] = "[left out by the bridge: the tool list is too long; ask for them in text]"
+            full = json.dumps(entry, ensure_ascii=False)
+        lines.append(full)
+        size += len(full)
+    return lines
+
+
+def tool_instructions(config: ToolConfig) -> str:
+    """The system-part text that teaches the model the tools; empty when the request has none."""
+    if not config.tools:
+        return ""
+    if not config.callable:
+        return NONE_RULE
+    return TOOL_PROMPT.format(parallel=PARALLEL_RULES[config.parallel],
+                              choice=CHOICE_RULES[config.choice].format(function=config.function),
+                              functions="\n".join(function_lines(config.callable)))
+
+
+def format_instructions(output: OutputFormat) -> str:
+    if not output.is_json:
+        return ""
+    schema = json.dumps(output.schema, ensure_ascii=False) if output.schema is not None else ""
+    return FORMAT_RULES[output.kind].format(name=f" (named {output.name})" if output.name else "", schema=schema)
+
+
+def call_block(call: ToolCall) -> str:
+    """An earlier call as the model would have written it, with the id its result refers to."""
+    try:
+        arguments: Any = json.loads(call.arguments)
+    except ValueError:
+        arguments = call.arguments      # a client's own history may hold anything: shown as it came
+    body = {"id": call.id, "name": call.name, "arguments": arguments}
+    return f"<tool_call>{json.dumps(body, ensure_ascii=False)}</tool_call>"
+
+
+def result_block(message: Message, names: dict[str, str]) -> str:
+    """A tool result, tagged with its call's id and function; very long results are trimmed, visibly."""
+    name = message.name or names.get(message.tool_call_id or "", "")
+    text = trimmed(message.text, TRIM_LIMITS["tool_result"], "of this result")
+    tag = f"<tool_response id={json.dumps(message.tool_call_id or '')} name={json.dumps(name)}>"
+    return f"{tag}\n{text}\n</tool_response>"
+
+
+def render_tool_history(messages: list[Message]) -> list[Message]:
+    """The history with assistant calls and tool results as text, in the form the model is taught."""
+    names = {call.id: call.name for m in messages for call in m.tool_calls}
+    rendered = []
+    for message in messages:
+        if message.tool_calls:
+            blocks = [call_block(call) for call in message.tool_calls]
+            text = "\n".join([message.text, *blocks] if message.text else blocks)
+            rendered.append(Message(message.role, text, message.images))
+        elif message.role == "tool":
+            rendered.append(Message("tool", result_block(message, names), message.images))
+        else:
+            rendered.append(message)
+    return rendered
+
+
+def agent_messages(messages: list[Message], config: ToolConfig, output: OutputFormat) -> list[Message]:
+    """What render_transcript takes for an agent turn: the history as text and the bridge's instructions
+    as the last system message (after the client's own, which they refine). A trailing assistant message
+    is a prefill: the model is asked to continue it."""
+    prefill = PREFILL_RULE if messages and messages[-1].role == "assistant" else ""
+    parts = (tool_instructions(config), format_instructions(output), prefill)
+    instructions = "\n\n".join(part for part in parts if part)
+    rendered = render_tool_history(messages)
+    return [*rendered, Message("system", instructions, [])] if instructions else rendered
+
+
+def new_turn_start(messages: list[Message]) -> int:
+    """Where the turn a request adds begins: after the last assistant message, so a follow-up carries the
+    tool results and user messages since (len(messages) for a prefill: there is no new turn to send)."""
+    start = len(messages)
+    while start > 0 and messages[start - 1].role in ("user", "tool"):
+        start -= 1
+    return start
+
+
+def followup_text(messages: list[Message], start: int, config: ToolConfig, output: OutputFormat) -> str:
+    """The new turn alone, for a follow-up: tool results as <tool_response> blocks, the user's words as
+    they are, and what this request asks of the reply (a required call, a format) once more, since it may
+    differ from the first turn's."""
+    rendered = render_tool_history(messages)[start:]
+    parts = [render_message(message, describe_images=False) for message in rendered]
+    if config.must_call:
+        parts.append(CHOICE_RULES[config.choice].format(function=config.function))
+    parts.append(format_instructions(output))
+    return "\n\n".join(part for part in parts if part)
+
+
+# =====================================================================================================
+# Tool emulation: replies
+# =====================================================================================================
+
+TAG_OPEN, TAG_CLOSE, FENCE = "<tool_call>", "</tool_call>", "```"
+BLOCK_CLOSERS = {TAG_OPEN: TAG_CLOSE, FENCE: FENCE}
+FENCE_HEAD_RE = re.compile(r"```([A-Za-z0-9_+-]*)(\s*)(.?)", re.DOTALL)
+INNER_FENCE_RE = re.compile(r"```[A-Za-z0-9_+-]*\s*(.*?)\s*(?:```)?", re.DOTALL)
+TRAILING_COMMA_RE = re.compile(r'("(?:[^"\\]|\\.)*")|,(\s*[}\]])', re.DOTALL)
+HOLD_NONE, HOLD_UNTIL_CALL, HOLD_ALL = "none", "until_call", "all"
+
+
+def loads_lenient(text: str) -> Any:
+    """json.loads that also takes commas before a closing bracket, a near miss models often write
+    (commas inside strings are left alone). Raises ValueError."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        fixed = TRAILING_COMMA_RE.sub(lambda m: m.group(1) or m.group(2), text)
+        if fixed == text:
+            raise
+        return json.loads(fixed)
+
+
+def partial_start(text: str, words: tuple[str, ...]) -> int:
+    """Where a trailing piece of `text` that may grow into one of `words` begins; len(text) when none."""
+    longest = max(map(len, words)) - 1
+    tail = text[-longest:]
+    if not any(word[0] in tail for word in words):
+        return len(text)                    # the common case, on every delta of a stream
+    for size in range(min(len(text), longest), 0, -1):
+        if any(word.startswith(text[-size:]) for word in words):
+            return len(text) - size
+    return len(text)
+
+
+def fence_kind(text: str) -> str | None:
+    """For text starting with ```: "block" when it opens a fenced JSON object (```json or a bare fence,
+    then `{`), "text" when it cannot, None while the next characters decide."""
+    match = FENCE_HEAD_RE.match(text)
+    assert match is not None                # the caller found the fence at the start
+    language, space, first = match.groups()
+    if language.lower() not in ("", "json") and (space or first):
+        return "text"
+    if not first:
+        return None
+    return "block" if first == "{" else "text"
+
+
+def block_body(raw: str, opener: str) -> str:
+    """The JSON text of a block: without its tags or fence, a closer cut by the end of the reply, a
+    language word, or a fence inside the tags."""
+    body, closer = raw[len(opener):], BLOCK_CLOSERS[opener]
+    body = body[:-len(closer)] if body.endswith(closer) else body[:partial_start(body, (closer,))]
+    if opener == FENCE:
+        return body.lstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    inner = INNER_FENCE_RE.fullmatch(body.strip())
+    return (inner.group(1) if inner else body).strip()
+
+
+def decode_call(body: str, names: set[str]) -> tuple[str, dict] | None:
+    """(name, arguments) when `body` is a JSON object naming a callable function with an object of
+    arguments (missing arguments are an empty object); None otherwise: the block stays text."""
+    try:
+        value = loads_lenient(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or value["name"] not in names:
+        return None
+    arguments = value.get("arguments", {})
+    return (value["name"], arguments) if isinstance(arguments, dict) else None
+
+
+def call_id(seed: str, index: int, prefix: str = "call_") -> str:
+    """A call's id, the same whenever the same reply is read: from the reply's own id and the call's place."""
+    return prefix + sha256_hex(f"{seed}:{index}")[:24]
+
+
+def reply_hold(config: ToolConfig, output: OutputFormat) -> str:
+    """How much text the parser holds back: all of it for a JSON format (the answer is the checked JSON
+    alone), until the first call when a call is required (a reply without one is asked again), else none."""
+    if output.is_json:
+        return HOLD_ALL
+    return HOLD_UNTIL_CALL if config.must_call else HOLD_NONE
+
+
+@dataclasses.dataclass(slots=True)
+class ToolEvent:
+    """What the parser read: text to relay, a complete call, or the end of the reply."""
+    kind: str                       # text | call | end
+    text: str = ""
+    call: ToolCall | None = None
+
+
+class ToolCallParser:
+    """Text deltas of a reply in, ToolEvents out.
+
+    Text is relayed as soon as it cannot be the start of a block; only a possible opener at the end of
+    the text, or an open block, waits. Blocks are `<tool_call>{...}</tool_call>` (SPEC §7.1; its JSON
+    may be fenced) and a fenced JSON object (```json {...}```). A block is a call when it names a
+    callable function and its arguments are an object; otherwise it is text (fail closed). Several
+    blocks are parallel calls, or only the first with parallel calls off. A block cut by the end of the
+    reply is a call when its JSON is complete, text otherwise. Text may be held back (see reply_hold):
+    `held` is then what the caller has not been given."""
+
+    def __init__(self, config: ToolConfig, output: OutputFormat, seed: str, id_prefix: str = "call_"):
+        self.config, self.output = config, output
+        self.names = {tool.name for tool in config.callable}
+        self.hold = reply_hold(config, output)
+        self.seed, self.id_prefix = seed, id_prefix
+        self.pending = ""                   # undecided text, or the block being read
+        self.opener: str | None = None      # the block being read: TAG_OPEN or FENCE
+        self.scanned = 0                    # how much of the block was searched for its closer
+        self.calls: list[ToolCall] = []
+        self.kept: list[str] = []           # text held back (see reply_hold)
+        self.gap = ""                       # trailing whitespace not yet relayed
+        self.parts: list[str] = []          # all of the reply's text (blocks that became calls excluded)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def held(self) -> str:
+        return "".join(self.kept)
+
+    def feed(self, delta: str) -> list[ToolEvent]:
+        events: list[ToolEvent] = []
+        if not self.names or (not self.pending and "<" not in delta and "`" not in delta):
+            self._text(delta, events)       # the common delta: plain text, nothing undecided before it
+            return events
+        self.pending += delta
+        while self._step(events):
+            pass
+        return events
+
+    def close(self) -> list[ToolEvent]:
+        events: list[ToolEvent] = []
+        if self.opener is not None:
+            self._block(self.pending, self.opener, events)
+        else:
+            self._text(self.pending, events)
+        if self.gap and not self.calls:
+            self.gap, text = "", self.gap
+            self.parts.append(text)
+            self._relay(text, events)
+        self.pending, self.opener, self.gap = "", None, ""
+        events.append(ToolEvent("end"))
+        return events
+
+    def _step(self, events: list[ToolEvent]) -> bool:
+        """Decide what can be decided of `pending`; True when a further step may decide more."""
+        if self.opener is None:
+            return self._outside(events)
+        closer = BLOCK_CLOSERS[self.opener]
+        end = self.pending.find(closer, max(len(self.opener), self.scanned - len(closer) + 1))
+        if end < 0:
+            self.scanned = len(self.pending)    # a long block is searched once, not once per delta
+            return False
+        end += len(closer)
+        raw, self.pending = self.pending[:end], self.pending[end:]
+        self._block(raw, self.opener, events)
+        self.opener = None
+        return True
+
+    def _outside(self, events: list[ToolEvent]) -> bool:
+        starts = [(at, opener) for opener in (TAG_OPEN, FENCE) if (at := self.pending.find(opener)) >= 0]
+        if not starts:
+            cut = partial_start(self.pending, (TAG_OPEN, FENCE))
+            self._text(self.pending[:cut], events)
+            self.pending = self.pending[cut:]
+            return False
+        start, opener = min(starts)
+        self._text(self.pending[:start], events)
+        self.pending = self.pending[start:]
+        if opener == FENCE:
+            kind = fence_kind(self.pending)
+            if kind is None:
+                return False
+            if kind == "text":
+                self._text(FENCE, events)
+                self.pending = self.pending[len(FENCE):]
+                return True
+        self.opener, self.scanned = opener, 0
+        return True
+
+    def _block(self, raw: str, opener: str, events: list[ToolEvent]) -> None:
+        decoded = decode_call(block_body(raw, opener), self.names)
+        if decoded is None:
+            self._text(raw, events)
+            return
+        if self.calls and not self.config.parallel:
+            return                          # parallel calls are off: the first call is the reply's only one
+        name, arguments = decoded
+        call = ToolCall(call_id(self.seed, len(self.calls), self.id_prefix), name,
+                        json.dumps(arguments, ensure_ascii=False))
+        self.calls.append(call)
+        if self.kept and self.hold == HOLD_UNTIL_CALL:
+            events.append(ToolEvent("text", self.held))
+            self.kept.clear()
+        events.append(ToolEvent("call", call=call))
+
+    def _text(self, text: str, events: list[ToolEvent]) -> None:
+        if not text:
+            return
+        # Trailing whitespace waits for the text after it: whitespace after the last call is no content, and
+        # however the stream is split, the same text comes out.
+        kept = text.rstrip()
+        if not kept:
+            self.gap += text
+            return
+        text, self.gap = self.gap + kept, text[len(kept):]
+        self.parts.append(text)
+        self._relay(text, events)
+
+    def _relay(self, text: str, events: list[ToolEvent]) -> None:
+        if self.hold == HOLD_ALL or (self.hold == HOLD_UNTIL_CALL and not self.calls):
+            self.kept.append(text)
+        else:
+            events.append(ToolEvent("text", text))
+
+
+# --- after the reply: the loop guard, JSON answers, asking once more, usage ---------------------------
+
+TOOL_LOOP_LIMIT = 3                 # the same call this many times in a row is allowed; once more is a loop
+REPLY_RETRIES = 1                   # requests for a missing call or a repaired JSON answer, per client request
+JSON_FENCE_RE = re.compile(r"```[A-Za-z0-9_+-]*\s*(.*?)```", re.DOTALL)
+JSON_START_RE = re.compile(r"[{\[]")
+TOOL_RETRY_PROMPTS = {
+    "required": "Your reply did not call a function, but this request needs a function call. Call the right "
+                "function now, with a <tool_call> block.",
+    "function": "Your reply did not call `{function}`, but this request needs that call. Call it now, with a "
+                "<tool_call> block.",
+}
+REPAIR_PROMPT = ("Your reply was not valid: {problem}. Reply again with the corrected JSON value alone: no prose, "
+                 "no code fences.")
+
+
+class ToolLoopError(ApiError):
+    """The history ends in the same call, with the same arguments, too many times in a row: answered with
+    this error instead of one more upstream request."""
+
+    def __init__(self, name: str, count: int):
+        super().__init__(400, f"The model called `{name}` with the same arguments {count} times in a row; the "
+                              "bridge stopped this tool loop instead of asking LM Arena again. Change the "
+                              "conversation or the tool's result, then retry.", "tool_loop_detected", "messages")
+
+
+class InvalidModelOutput(ApiError):
+    """The model's answer did not have the requested format, also after one repair request."""
+
+    def __init__(self, problem: str):
+        super().__init__(502, f"The model's reply did not match the requested response format, also after one "
+                              f"repair request: {problem}.", "invalid_model_output",
+                         headers={"x-should-retry": "false"})
+
+
+def call_key(call: ToolCall) -> tuple[str, str]:
+    """What makes two calls the same: the function and its arguments, spelling aside."""
+    return call.name, canonical_json(call.arguments)
+
+
+def check_tool_loop(messages: list[Message], limit: int = TOOL_LOOP_LIMIT) -> None:
+    """Raise ToolLoopError when the history's calls end in more than `limit` identical ones."""
+    calls = [call for message in messages for call in message.tool_calls]
+    if not calls:
+        return
+    last = call_key(calls[-1])
+    run = next((i for i, call in enumerate(reversed(calls)) if call_key(call) != last), len(calls))
+    if run > limit:
+        raise ToolLoopError(calls[-1].name, run)
+
+
+def schema_problem(value: Any, schema: dict) -> str | None:
+    """Why `value` does not validate against `schema`, in one line; None when it does."""
+    import jsonschema  # lazily, as in json_schema_validator
+
+    validator = json_schema_validator(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    return f"at `${where}`: {error.message}"
+
+
+def output_problem(value: Any, output: OutputFormat) -> str | None:
+    if output.kind == "json_object":
+        return None if isinstance(value, dict) else "the JSON value is not an object"
+    assert output.schema is not None
+    return schema_problem(value, output.schema)
+
+
+def json_values(text: str) -> Iterator[Any]:
+    """The JSON values in a reply, best first: the whole reply, each fenced block, then each value that
+    starts in the prose. Trailing commas are forgiven."""
+    for candidate in (text, *(m.group(1) for m in JSON_FENCE_RE.finditer(text))):
+        with contextlib.suppress(ValueError):
+            yield loads_lenient(candidate.strip())
+    fixed = TRAILING_COMMA_RE.sub(lambda m: m.group(1) or m.group(2), text)
+    decoder = json.JSONDecoder()
+    end = 0
+    for match in JSON_START_RE.finditer(fixed):
+        if match.start() < end:
+            continue                    # inside a value already read: its parts are not answers of their own
+        with contextlib.suppress(ValueError):
+            value, end = decoder.raw_decode(fixed, match.start())
+            yield value
+
+
+def checked_json(text: str, output: OutputFormat) -> tuple[str | None, str]:
+    """(the JSON answer alone, "") for the first value in `text` that fits `output`, else (None, why)."""
+    problem = None
+    for value in json_values(text):
+        found = output_problem(value, output)
+        if found is None:
+            return json.dumps(value, ensure_ascii=False), ""
+        problem = problem or found
+    return None, problem or "the reply contains no JSON value"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What to do with a finished reply. answer: relay `content` (the text the parser held back, or the
+    checked JSON that replaces it); ask_again: send `prompt` as the next user turn of the same
+    conversation and read that reply instead; fail: raise InvalidModelOutput(problem)."""
+    action: str
+    content: str = ""
+    prompt: str = ""
+    problem: str = ""
+
+
+def judge_reply(parser: ToolCallParser, attempt: int) -> Verdict:
+    """The policy after a reply (after parser.close()): a required call that did not come is asked for
+    once more, then the reply is the answer; a JSON answer is extracted and checked, asked for once more,
+    then an error. `attempt` counts the requests already made for this client request, from 0."""
+    config, output = parser.config, parser.output
+    retry = attempt < REPLY_RETRIES
+    if not parser.calls and config.must_call and retry:
+        return Verdict("ask_again", prompt=TOOL_RETRY_PROMPTS[config.choice].format(function=config.function))
+    if parser.calls or not output.is_json:
+        return Verdict("answer", content=parser.held)
+    content, problem = checked_json(parser.text, output)
+    if content is not None:
+        return Verdict("answer", content=content)
+    if retry:
+        return Verdict("ask_again", prompt=REPAIR_PROMPT.format(problem=problem), problem=problem)
+    return Verdict("fail", problem=problem)
+
+
+def calls_tokens(calls: list[ToolCall]) -> int:
+    """The completion tokens of a reply's calls, estimated like its text."""
+    return sum(estimate_tokens(call.name + call.arguments) for call in calls)
+
+
+def agent_prompt_tokens(messages: list[Message], config: ToolConfig, output: OutputFormat, limit: int) -> int:
+    """The prompt tokens of an agent turn, tool definitions and earlier calls included, without sending it
+    (Anthropic's count_tokens)."""
+    return estimate_tokens(render_transcript(agent_messages(messages, config, output), limit)[0])
+
+
+# =====================================================================================================
+# OpenAI chat tools
+# =====================================================================================================
+
+UNSUPPORTED_CHAT_FIELDS = (     # (field, whether a value is refused, why): a clear 400, never a silent drop
+    ("logprobs", lambda value: value is True, "LM Arena does not return token log probabilities"),
+    ("top_logprobs", lambda value: bool(value), "LM Arena does not return token log probabilities"),
+    ("audio", lambda value: value is not None, "LM Arena's models give no audio output"),
+    ("modalities", lambda value: isinstance(value, list) and "audio" in value,
+     "LM Arena's models give no audio output"),
+    ("functions", lambda value: bool(value), "the legacy `functions` field is not supported; send `tools`"),
+    ("function_call", lambda value: value is not None,
+     "the legacy `function_call` field is not supported; send `tool_choice`"),
+)
+OLLAMA_VERSION = "0.12.6"       # what the Ollama probes report: a version current clients accept
+
+
+def refuse_unsupported(body: dict) -> None:
+    for field, refused, why in UNSUPPORTED_CHAT_FIELDS:
+        if field in body and refused(body[field]):
+            raise ApiError(400, f"`{field}` cannot be served: {why}.", "unsupported_parameter", field)
+
+
+def chat_tool_spec(raw: Any, index: int) -> ToolSpec:
+    param = f"tools[{index}]"
+    function = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(function, dict) or raw.get("type", "function") != "function":
+        raise ApiError(400, f"{param} must be {{\"type\": \"function\", \"function\": {{...}}}}: only function "
+                            "tools can be emulated on LM Arena.", "invalid_value", param)
+    return tool_spec(function.get("name"), function.get("description"), function.get("parameters"),
+                     f"{param}.function")
+
+
+def chat_tool_choice(raw: Any) -> tuple[str, str | None]:
+    if raw is None:
+        return "auto", None
+    if raw in ("auto", "none", "required"):
+        return raw, None
+    function = raw.get("function") if isinstance(raw, dict) and raw.get("type") == "function" else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return "function", function["name"]
+    raise ApiError(400, "`tool_choice` must be auto, none, required or {\"type\": \"function\", \"function\": "
+                        "{\"name\": ...}}.", "invalid_value", "tool_choice")
+
+
+def parse_chat_tools(body: dict) -> ToolConfig:
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request."""
+    raw = body.get("tools") or []
+    if not isinstance(raw, list):
+        raise ApiError(400, "`tools` must be an array.", "invalid_type", "tools")
+    tools = [chat_tool_spec(tool, i) for i, tool in enumerate(raw)]
+    choice, function = chat_tool_choice(body.get("tool_choice"))
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, "`parallel_tool_calls` must be a boolean.", "invalid_type", "parallel_tool_calls")
+    if not tools and choice == "none":
+        return ToolConfig()
+    return tool_config(tools, choice, function, parallel is not False)
+
+
+def parse_response_format(raw: Any) -> OutputFormat:
+    if raw is None:
+        return OutputFormat()
+    if not isinstance(raw, dict):
+        raise ApiError(400, "`response_format` must be an object.", "invalid_type", "response_format")
+    spec = raw.get("json_schema") if raw.get("type") == "json_schema" else {}
+    if not isinstance(spec, dict):
+        raise ApiError(400, "`response_format.json_schema` must be an object.", "invalid_type",
+                       "response_format.json_schema")
+    return output_format(raw.get("type"), spec.get("name"), spec.get("schema"))
+
+
+def ollama_models(models: list[dict], at: float) -> dict:
+    """The model list in the shape of Ollama's /api/tags (and /api/ps), for clients that probe for Ollama."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    names = list(dict.fromkeys(m["publicName"] for m in usable_models(models)))
+    return {"models": [{"name": name, "model": name, "modified_at": stamp, "size": 0,
+                        "digest": sha256_hex(name), "details": {"format": "", "family": "", "families": None,
+                                                                "parameter_size": "", "quantization_level": ""}}
+                       for name in names]}
 
 
 # =====================================================================================================
