@@ -30,11 +30,15 @@ Contents:
     OpenAI chat tools       tools, tool_choice, response_format, refusals in; Ollama's model list out
     OpenAI images           image input (data: URIs, URLs) and image generation
     OpenAI routes           chat completions, streaming, models, images: OPENAI_ROUTES
-  Round 2 adds a part "Agent APIs" here (Anthropic Messages, Responses: each a section with its own
-  routes table, composed by App, on the tool emulation above), and "Browser executor" sections after the
-  sidecar client in Part II, which the turn runner uses.
+  Round 2 adds "Browser executor" sections after the sidecar client in Part II, which the turn runner uses.
 
-  Part IV: Operations
+  Part IV: Agent APIs (SPEC §7.2, §7.3: Claude Code, Codex CLI)
+    Anthropic requests      pure: a Messages body -> the turn (history with calls and results, tools, format)
+    Anthropic replies       pure: the turn's events -> Messages SSE, message bodies, Anthropic's errors
+    Responses requests      pure: a Responses body (instructions, items, tools, text.format) -> the turn
+    Responses replies       pure: the turn's events -> Responses SSE with sequence numbers, response objects
+
+  Part V: Operations
     Dashboard kit           HTML escaping and the shared page layout
     Dashboard sign-in       admin password, sessions, the login throttle, the sign-in pages
     Dashboard pages         the admin pages: DASHBOARD, one table of pages
@@ -2773,6 +2777,14 @@ def required_string(body: dict, name: str) -> str:
     return value.strip()
 
 
+def required_array(body: dict, name: str) -> list:
+    value = body.get(name)
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"`{name}` is required and must be a non-empty array.", "missing_required_parameter",
+                       name)
+    return value
+
+
 def require_one(body: dict, what: str) -> None:
     """`n` other than 1 is refused rather than silently answered with one: the site gives one per request."""
     if body.get("n", 1) not in (1, None):
@@ -2782,11 +2794,7 @@ def require_one(body: dict, what: str) -> None:
 def parse_chat_request(body: Any) -> ChatRequest:
     body = json_object(body)
     model = required_string(body, "model")
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise ApiError(400, "`messages` is required and must be a non-empty array.", "missing_required_parameter",
-                       "messages")
-    messages = [parse_message(m, i) for i, m in enumerate(raw_messages)]
+    messages = [parse_message(m, i) for i, m in enumerate(required_array(body, "messages"))]
     if not any(m.role == "user" for m in messages):
         raise ApiError(400, "`messages` must contain at least one user message.", "invalid_value", "messages")
     stream = body.get("stream", False)
@@ -4333,7 +4341,730 @@ def openai_routes() -> list[Route]:
 
 
 # #####################################################################################################
-# Part IV: Operations
+# Part IV: Agent APIs (Anthropic Messages and OpenAI Responses, on the tool emulation and the chat engine)
+# #####################################################################################################
+
+# =====================================================================================================
+# Anthropic requests
+# =====================================================================================================
+
+@dataclasses.dataclass
+class AgentRequest:
+    """A Messages or Responses request in the engine's terms: the history (calls and results included),
+    the tools and how they may be used, and what the answer must look like."""
+    model: str
+    messages: list[Message]
+    tools: ToolConfig
+    output: OutputFormat
+    stream: bool
+
+
+ANTHROPIC_ROLES = ("user", "assistant", "system")   # system: Claude Code sends system messages mid-conversation
+ANTHROPIC_TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "function", "none": "none"}
+# Blocks that carry nothing the model could be given: its own earlier thinking (the text is the model's,
+# the signature the bridge's) and the traces of Anthropic's server tools, which the bridge never runs.
+ANTHROPIC_SKIPPED_BLOCKS = frozenset({
+    "thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+    "code_execution_tool_result", "bash_code_execution_tool_result", "text_editor_code_execution_tool_result",
+    "tool_search_tool_result", "container_upload", "mcp_tool_use", "mcp_tool_result"})
+# Claude Code's first system block is a line for Anthropic's billing (its version and a hash that differs
+# between its kinds of request); it tells the model nothing, so it is left out of the prompt.
+ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header:"
+
+
+@dataclasses.dataclass
+class BlockParts:
+    """What a message's content blocks hold, gathered in order: text, images, calls and tool results."""
+    texts: list[str] = dataclasses.field(default_factory=list)
+    images: list[str] = dataclasses.field(default_factory=list)
+    calls: list[ToolCall] = dataclasses.field(default_factory=list)
+    results: list[Message] = dataclasses.field(default_factory=list)
+
+
+def typed_string(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"`{param}` must be a string.", "invalid_type", param)
+    return value
+
+
+def anthropic_text(parts: BlockParts, block: dict, param: str) -> None:
+    parts.texts.append(typed_string(block.get("text"), f"{param}.text"))
+
+
+def anthropic_image(parts: BlockParts, block: dict, param: str) -> None:
+    """An image source as the engine takes images: a data: URI for base64 data, else the URL."""
+    source = block.get("source")
+    source = source if isinstance(source, dict) else {}
+    kind = source.get("type")
+    if kind == "base64":
+        media = typed_string(source.get("media_type"), f"{param}.source.media_type")
+        parts.images.append(f"data:{media};base64,{typed_string(source.get('data'), f'{param}.source.data')}")
+    elif kind == "url":
+        parts.images.append(typed_string(source.get("url"), f"{param}.source.url"))
+    else:
+        raise ApiError(400, f"`{param}.source.type` must be base64 or url.", "unsupported_content", f"{param}.source")
+
+
+def anthropic_document(parts: BlockParts, block: dict, param: str) -> None:
+    """A document whose text is given; LM Arena takes no PDFs or files, so other sources are refused."""
+    source = block.get("source")
+    if not isinstance(source, dict) or source.get("type") != "text":
+        raise ApiError(400, f"`{param}`: only documents with a text source can be sent to LM Arena.",
+                       "unsupported_content", param)
+    parts.texts.append(typed_string(source.get("data"), f"{param}.source.data"))
+
+
+def anthropic_tool_use(parts: BlockParts, block: dict, param: str) -> None:
+    arguments = block.get("input", {})
+    if not isinstance(arguments, dict):
+        raise ApiError(400, f"`{param}.input` must be an object.", "invalid_type", f"{param}.input")
+    parts.calls.append(ToolCall(typed_string(block.get("id"), f"{param}.id"),
+                                typed_string(block.get("name"), f"{param}.name"),
+                                json.dumps(arguments, ensure_ascii=False)))
+
+
+def anthropic_tool_result(parts: BlockParts, block: dict, param: str) -> None:
+    """A tool result becomes a tool message of its own; its content is a string or text and image blocks."""
+    inner = BlockParts()
+    content = block.get("content")
+    if isinstance(content, str):
+        inner.texts.append(content)
+    elif isinstance(content, list):
+        read_blocks(inner, content, f"{param}.content", ANTHROPIC_RESULT_BLOCKS)
+    elif content is not None:
+        raise ApiError(400, f"`{param}.content` must be a string or an array of blocks.", "invalid_type",
+                       f"{param}.content")
+    text = "\n".join(inner.texts)
+    if block.get("is_error"):
+        text = f"Error: {text}"
+    parts.results.append(Message("tool", text, inner.images,
+                                 tool_call_id=typed_string(block.get("tool_use_id"), f"{param}.tool_use_id")))
+
+
+BlockReader = Callable[[BlockParts, dict, str], None]
+ANTHROPIC_RESULT_BLOCKS: dict[str, BlockReader] = {
+    "text": anthropic_text, "image": anthropic_image, "document": anthropic_document}
+ANTHROPIC_BLOCKS: dict[str, BlockReader] = {
+    **ANTHROPIC_RESULT_BLOCKS, "tool_use": anthropic_tool_use, "tool_result": anthropic_tool_result}
+
+
+def read_blocks(parts: BlockParts, blocks: list, param: str, readers: dict[str, BlockReader]) -> None:
+    for j, block in enumerate(blocks):
+        where = f"{param}[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in ANTHROPIC_SKIPPED_BLOCKS:
+            continue
+        reader = readers.get(kind) if isinstance(kind, str) else None
+        if reader is None:
+            raise ApiError(400, f"`{where}` has an unsupported type {kind!r}; use {', '.join(readers)}.",
+                           "unsupported_content", where)
+        reader(parts, block, where)
+
+
+def anthropic_input_message(raw: Any, index: int) -> list[Message]:
+    """One Anthropic message as engine messages: its tool results first (Anthropic puts them first, and
+    they answer the calls of the turn before), then its text, images and calls, if any."""
+    param = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"`{param}` must be an object.", "invalid_type", param)
+    role = raw.get("role")
+    if role not in ANTHROPIC_ROLES:
+        raise ApiError(400, f"`{param}.role` must be user or assistant.", "invalid_value", f"{param}.role")
+    content = raw.get("content")
+    if isinstance(content, str):
+        return [Message(role, content, [])]
+    if not isinstance(content, list):
+        raise ApiError(400, f"`{param}.content` must be a string or an array of content blocks.", "invalid_type",
+                       f"{param}.content")
+    parts = BlockParts()
+    read_blocks(parts, content, f"{param}.content", ANTHROPIC_BLOCKS)
+    if (parts.calls and role != "assistant") or (parts.results and role != "user"):
+        raise ApiError(400, f"`{param}`: tool_use blocks belong in assistant messages, tool_result blocks in user "
+                            "messages.", "invalid_value", f"{param}.content")
+    messages = parts.results
+    if parts.texts or parts.images or parts.calls or not parts.results:
+        messages.append(Message(role, "\n".join(parts.texts), parts.images, tool_calls=parts.calls))
+    return messages
+
+
+def anthropic_system(raw: Any) -> list[Message]:
+    """`system` as a string or text blocks (their cache_control ignored), as one system message."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        texts = [raw]
+    elif isinstance(raw, list):
+        parts = BlockParts()
+        read_blocks(parts, raw, "system", {"text": anthropic_text})
+        texts = [t for t in parts.texts if not t.startswith(ANTHROPIC_BILLING_PREFIX)]
+    else:
+        raise ApiError(400, "`system` must be a string or an array of text blocks.", "invalid_type", "system")
+    text = "\n".join(t for t in texts if t)
+    return [Message("system", text, [])] if text else []
+
+
+def anthropic_tools(raw: Any) -> list[ToolSpec]:
+    """Custom tools (no `type`, or `custom`). Anthropic's own tools, server tools such as web search and
+    code execution and schema-less ones such as bash_20250124, are left out: LM Arena cannot run them."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ApiError(400, "`tools` must be an array.", "invalid_type", "tools")
+    specs = []
+    for i, tool in enumerate(raw):
+        if not isinstance(tool, dict):
+            raise ApiError(400, f"`tools[{i}]` must be an object.", "invalid_type", f"tools[{i}]")
+        if tool.get("type", "custom") in ("custom", None):
+            specs.append(tool_spec(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]"))
+    return specs
+
+
+def anthropic_tool_config(raw: Any, tools: list[ToolSpec]) -> ToolConfig:
+    choice = raw if raw is not None else {"type": "auto"}
+    if not isinstance(choice, dict) or choice.get("type") not in ANTHROPIC_TOOL_CHOICES:
+        raise ApiError(400, "`tool_choice.type` must be auto, any, tool or none.", "invalid_value", "tool_choice")
+    return tool_config(tools, ANTHROPIC_TOOL_CHOICES[choice["type"]], choice.get("name"),
+                       not choice.get("disable_parallel_tool_use", False), "tool_choice")
+
+
+def anthropic_output(body: dict) -> OutputFormat:
+    """Structured output: `output_config.format` (as Claude Code sends it), or the earlier beta's
+    `output_format`, with a json_schema."""
+    config = body.get("output_config")
+    raw = (config.get("format") if isinstance(config, dict) else None) or body.get("output_format")
+    if raw is None:
+        return OutputFormat()
+    if not isinstance(raw, dict) or raw.get("type") != "json_schema":
+        raise ApiError(400, "`output_config.format.type` must be json_schema.", "invalid_value",
+                       "output_config.format")
+    return output_format("json_schema", None, raw.get("schema"), "output_config.format")
+
+
+def parse_anthropic_request(body: Any) -> AgentRequest:
+    """A Messages (or count_tokens) body. `thinking`, `max_tokens`, `metadata`, `cache_control`,
+    `context_management` and other fields LM Arena cannot honour are accepted and ignored."""
+    body = json_object(body)
+    model = required_string(body, "model")
+    messages = anthropic_system(body.get("system"))
+    for index, message in enumerate(required_array(body, "messages")):
+        messages += anthropic_input_message(message, index)
+    if not any(m.role in ("user", "tool") for m in messages):
+        raise ApiError(400, "`messages` must contain a user message.", "invalid_value", "messages")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "`stream` must be a boolean.", "invalid_type", "stream")
+    tools = anthropic_tools(body.get("tools"))
+    return AgentRequest(model, messages, anthropic_tool_config(body.get("tool_choice"), tools),
+                        anthropic_output(body), stream)
+
+
+# =====================================================================================================
+# Anthropic replies
+# =====================================================================================================
+
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                          "content_filter": "refusal"}
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+# The text part of a delta event, pre-rendered per block kind: relaying text costs one encode of the text.
+ANTHROPIC_DELTAS = {"thinking": ("thinking_delta", "thinking"), "text": ("text_delta", "text")}
+
+
+def sse_event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def anthropic_error_body(error: ApiError) -> dict:
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_stop_reason(finish_reason: str) -> str:
+    """The stop_reason for an engine finish reason (OpenAI's names: stop, length, tool_calls, ...)."""
+    return ANTHROPIC_STOP_REASONS.get(finish_reason, "end_turn")
+
+
+def thinking_signature(message_id: str, index: int) -> str:
+    """The `signature` of a thinking block. Claude Code and the SDK want one and send it back; the bridge
+    drops returned thinking blocks, so it only needs to be an opaque, non-empty string."""
+    return base64.b64encode(f"lmarena-bridge:{message_id}:{index}".encode()).decode()
+
+
+def anthropic_message_object(message_id: str, model: str, content: list[dict], stop_reason: str | None,
+                             input_tokens: int, output_tokens: int) -> dict:
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
+def anthropic_message_body(message_id: str, model: str, reasoning: str, text: str, calls: list[ToolCall],
+                           finish_reason: str, usage: dict) -> dict:
+    """A whole reply as a message: thinking, then text (also when empty, unless there are calls), then one
+    tool_use per call. `usage` is the engine's (prompt_tokens, completion_tokens)."""
+    blocks: list[dict] = []
+    if reasoning:
+        blocks.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(message_id, 0)})
+    if text or not calls:
+        blocks.append({"type": "text", "text": text})
+    blocks += [{"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
+               for call in calls]
+    return anthropic_message_object(message_id, model, blocks, anthropic_stop_reason(finish_reason),
+                                    usage["prompt_tokens"], usage["completion_tokens"])
+
+
+class AnthropicEncoder:
+    """One message's SSE events in Anthropic's order: message_start; per content block
+    content_block_start, its deltas, content_block_stop; message_delta (stop_reason, usage); message_stop.
+    A block opens when the kind of content changes (thinking, text) and closes before the next; a thinking
+    block ends with a signature_delta; each tool call is a tool_use block whose input comes as one
+    input_json_delta (the engine sends a call once it is complete).
+
+    The reply encoders of the agent APIs share these methods: start, reasoning, text, call, finish
+    (with the engine's finish reason and usage), error, and KEEPALIVE while waiting."""
+
+    KEEPALIVE = sse_event("ping", {"type": "ping"})
+    text_json = staticmethod(json.JSONEncoder(ensure_ascii=False).encode)
+
+    def __init__(self, message_id: str, model: str, input_tokens: int):
+        self.message_id, self.model, self.input_tokens = message_id, model, input_tokens
+        self.index = -1
+        self.open: str | None = None            # the kind of the open block: thinking | text
+        self.head = ""                          # the open block's delta event up to its text
+
+    def start(self) -> str:
+        message = anthropic_message_object(self.message_id, self.model, [], None, self.input_tokens, 0)
+        return sse_event("message_start", {"type": "message_start", "message": message})
+
+    def reasoning(self, text: str) -> str:
+        return self._delta("thinking", {"type": "thinking", "thinking": "", "signature": ""}, text)
+
+    def text(self, text: str) -> str:
+        return self._delta("text", {"type": "text", "text": ""}, text)
+
+    def call(self, call: ToolCall) -> str:
+        events = self._close() + self._open({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+        delta = {"type": "input_json_delta", "partial_json": call.arguments}
+        return (events + sse_event("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                           "delta": delta})
+                + sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+
+    def finish(self, finish_reason: str, usage: dict) -> str:
+        delta = {"type": "message_delta",
+                 "delta": {"stop_reason": anthropic_stop_reason(finish_reason), "stop_sequence": None},
+                 "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}}
+        return self._close() + sse_event("message_delta", delta) + sse_event("message_stop", {"type": "message_stop"})
+
+    @staticmethod
+    def error(error: ApiError) -> str:
+        return sse_event("error", anthropic_error_body(error))
+
+    def _delta(self, kind: str, block: dict, text: str) -> str:
+        events = ""
+        if self.open != kind:
+            events = self._close() + self._open(block)
+            self.open = kind
+            delta_type, field = ANTHROPIC_DELTAS[kind]
+            self.head = ('event: content_block_delta\ndata: {"type":"content_block_delta",'
+                         f'"index":{self.index},"delta":{{"type":"{delta_type}","{field}":')
+        return events + self.head + self.text_json(text) + "}}\n\n"
+
+    def _open(self, block: dict) -> str:
+        self.index += 1
+        return sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                 "content_block": block})
+
+    def _close(self) -> str:
+        if self.open is None:
+            return ""
+        events = ""
+        if self.open == "thinking":
+            delta = {"type": "signature_delta", "signature": thinking_signature(self.message_id, self.index)}
+            events = sse_event("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                       "delta": delta})
+        self.open = None
+        return events + sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+
+# =====================================================================================================
+# Responses requests
+# =====================================================================================================
+
+RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+RESPONSES_TOOL_CHOICES = {"auto": "auto", "none": "none", "required": "required"}
+# Items a client sends back that carry nothing for the model: its earlier reasoning (Codex echoes our
+# reasoning items) and the traces of OpenAI's hosted tools, which the bridge never runs.
+RESPONSES_SKIPPED_ITEMS = frozenset({"reasoning", "web_search_call", "file_search_call", "image_generation_call",
+                                     "code_interpreter_call", "mcp_list_tools"})
+
+
+@dataclasses.dataclass
+class ResponsesRequest:
+    """A Responses body: the turn (its messages are the instructions, then the input), what it continues,
+    and the request fields a response object repeats."""
+    turn: AgentRequest
+    instructions: int                   # how many of the turn's first messages are the instructions
+    previous_response_id: str | None
+    store: bool
+    echo: dict
+
+    @property
+    def probe(self) -> bool:
+        """No input at all: clients send this to check the endpoint, and it is answered without LM Arena."""
+        return len(self.turn.messages) == self.instructions and self.previous_response_id is None
+
+    @property
+    def history(self) -> list[Message]:
+        """What a later response that continues this one carries over: everything but the instructions,
+        which OpenAI's API does not carry to a continuation."""
+        return self.turn.messages[self.instructions:]
+
+    def continuing(self, history: list[Message]) -> None:
+        """Put the history of the response this one continues between the instructions and the input."""
+        self.turn.messages[self.instructions:self.instructions] = history
+
+
+def responses_part(part: Any, param: str, texts: list[str], images: list[str]) -> None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("input_text", "output_text"):
+        texts.append(typed_string(part.get("text"), f"{param}.text"))
+    elif kind == "refusal":
+        texts.append(typed_string(part.get("refusal"), f"{param}.refusal"))
+    elif kind == "input_image" and isinstance(part.get("image_url"), str):
+        images.append(part["image_url"])
+    elif kind == "input_image":
+        raise ApiError(400, f"`{param}` needs an `image_url` (a URL or a data: URI); files cannot be sent to "
+                            "LM Arena.", "unsupported_content", param)
+    else:
+        raise ApiError(400, f"`{param}` has an unsupported type {kind!r}; use input_text, output_text or "
+                            "input_image.", "unsupported_content", param)
+
+
+def responses_content(content: Any, param: str) -> tuple[str, list[str]]:
+    """A message's or a tool output's content: a string, or parts."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise ApiError(400, f"`{param}` must be a string or an array of content parts.", "invalid_type", param)
+    texts: list[str] = []
+    images: list[str] = []
+    for j, part in enumerate(content):
+        responses_part(part, f"{param}[{j}]", texts, images)
+    return "\n".join(texts), images
+
+
+def responses_message(messages: list[Message], item: dict, param: str) -> None:
+    role = RESPONSES_ROLES.get(item.get("role"))  # type: ignore[arg-type]
+    if role is None:
+        raise ApiError(400, f"`{param}.role` must be user, assistant, system or developer.", "invalid_value",
+                       f"{param}.role")
+    text, images = responses_content(item.get("content"), f"{param}.content")
+    messages.append(Message(role, text, images))
+
+
+def responses_function_call(messages: list[Message], item: dict, param: str) -> None:
+    """A call the model made joins the assistant turn it belongs to: the message just before, if any."""
+    call = ToolCall(typed_string(item.get("call_id"), f"{param}.call_id"),
+                    typed_string(item.get("name"), f"{param}.name"),
+                    typed_string(item.get("arguments"), f"{param}.arguments"))
+    if messages and messages[-1].role == "assistant":
+        messages[-1].tool_calls.append(call)
+    else:
+        messages.append(Message("assistant", "", [], tool_calls=[call]))
+
+
+def responses_function_output(messages: list[Message], item: dict, param: str) -> None:
+    text, images = responses_content(item.get("output"), f"{param}.output")
+    messages.append(Message("tool", text, images, tool_call_id=typed_string(item.get("call_id"), f"{param}.call_id")))
+
+
+RESPONSES_ITEMS: dict[str, Callable[[list[Message], dict, str], None]] = {
+    "message": responses_message, "function_call": responses_function_call,
+    "function_call_output": responses_function_output}
+
+
+def responses_input(raw: Any, param: str) -> list[Message]:
+    """`input` (or list-form `instructions`): a string is one user message; items are read in order."""
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str):
+        return [Message("user", raw, [])]
+    if not isinstance(raw, list):
+        raise ApiError(400, f"`{param}` must be a string or an array of items.", "invalid_type", param)
+    messages: list[Message] = []
+    for i, item in enumerate(raw):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"`{where}` must be an object.", "invalid_type", where)
+        kind = item.get("type", "message")       # an easy input message has no type
+        if kind in RESPONSES_SKIPPED_ITEMS:
+            continue
+        reader = RESPONSES_ITEMS.get(kind)
+        if reader is None:
+            raise ApiError(400, f"`{where}` has an unsupported type {kind!r}; use message, function_call or "
+                                "function_call_output.", "unsupported_content", where)
+        reader(messages, item, where)
+    return messages
+
+
+def responses_tools(raw: Any) -> list[ToolSpec]:
+    """Function tools. Hosted tools (web_search, file_search, ...), namespaces and custom tools are left
+    out: LM Arena cannot run them, and Codex sends some with every request."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ApiError(400, "`tools` must be an array.", "invalid_type", "tools")
+    return [tool_spec(tool.get("name"), tool.get("description"), tool.get("parameters"), f"tools[{i}]")
+            for i, tool in enumerate(raw) if isinstance(tool, dict) and tool.get("type") == "function"]
+
+
+def responses_tool_config(body: dict, tools: list[ToolSpec]) -> ToolConfig:
+    raw = body.get("tool_choice", "auto")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise ApiError(400, "`parallel_tool_calls` must be a boolean.", "invalid_type", "parallel_tool_calls")
+    if isinstance(raw, str) and raw in RESPONSES_TOOL_CHOICES:
+        return tool_config(tools, RESPONSES_TOOL_CHOICES[raw], None, parallel)
+    if isinstance(raw, dict) and raw.get("type") == "function":
+        return tool_config(tools, "function", raw.get("name"), parallel)
+    if isinstance(raw, dict) and raw.get("type") == "allowed_tools" and raw.get("mode") in RESPONSES_TOOL_CHOICES:
+        allowed = {t.get("name") for t in raw.get("tools") or [] if isinstance(t, dict)}
+        return tool_config([t for t in tools if t.name in allowed], raw["mode"], None, parallel)
+    raise ApiError(400, "`tool_choice` must be auto, none, required, a function or allowed_tools.", "invalid_value",
+                   "tool_choice")
+
+
+def responses_output(raw: Any) -> OutputFormat:
+    text = raw if isinstance(raw, dict) else {}
+    fmt = text.get("format") or {}
+    if not isinstance(fmt, dict):
+        raise ApiError(400, "`text.format` must be an object.", "invalid_type", "text.format")
+    return output_format(fmt.get("type"), fmt.get("name"), fmt.get("schema"), "text.format")
+
+
+def responses_text(output: OutputFormat) -> dict:
+    """The `text` setting a response object repeats."""
+    if output.kind == "json_schema":
+        return {"format": {"type": "json_schema", "name": output.name or "output", "schema": output.schema}}
+    return {"format": {"type": output.kind}}
+
+
+def responses_tool_choice(config: ToolConfig) -> str | dict:
+    """The tool_choice a response object repeats."""
+    return {"type": "function", "name": config.function} if config.choice == "function" else config.choice
+
+
+def parse_responses_request(body: Any) -> ResponsesRequest:
+    """A Responses body. `reasoning`, `include`, `max_output_tokens`, `prompt_cache_key` and other fields
+    LM Arena cannot honour are accepted and ignored."""
+    body = json_object(body)
+    model = required_string(body, "model")
+    instructions = body.get("instructions")
+    system = ([Message("system", instructions, [])] if isinstance(instructions, str) and instructions
+              else responses_input(instructions, "instructions"))
+    messages = system + responses_input(body.get("input"), "input")
+    stream, store = body.get("stream", False), body.get("store", True)
+    previous = body.get("previous_response_id")
+    for name, value, kind in (("stream", stream, bool), ("store", store, bool),
+                              ("previous_response_id", previous, (str, type(None)))):
+        if not isinstance(value, kind):
+            raise ApiError(400, f"`{name}` has the wrong type.", "invalid_type", name)
+    tools = responses_tools(body.get("tools"))
+    config = responses_tool_config(body, tools)
+    output = responses_output(body.get("text"))
+    echo = {"instructions": instructions if isinstance(instructions, str) else None,
+            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
+            "tools": [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
+                       "strict": None} for t in tools],
+            "tool_choice": responses_tool_choice(config), "parallel_tool_calls": config.parallel,
+            "temperature": body.get("temperature"), "top_p": body.get("top_p"), "text": responses_text(output)}
+    return ResponsesRequest(AgentRequest(model, messages, config, output, stream), len(system), previous, store,
+                            echo)
+
+
+# =====================================================================================================
+# Responses replies
+# =====================================================================================================
+
+RESPONSES_ERROR_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}   # else server_error
+RESPONSES_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}   # by finish reason
+
+
+def new_item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def reasoning_item(item_id: str, text: str) -> dict:
+    return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else []}
+
+
+def output_text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    return {"type": "message", "id": item_id, "role": "assistant", "status": status,
+            "content": [output_text_part(text)] if status == "completed" else []}
+
+
+def function_call_item(call: ToolCall, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+            "name": call.name, "arguments": call.arguments if status == "completed" else "", "status": status}
+
+
+
+
+def responses_usage(usage: dict, reasoning: str) -> dict:
+    """The engine's usage (prompt_tokens, completion_tokens) in the Responses shape."""
+    prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": estimate_tokens(reasoning)},
+            "total_tokens": prompt + completion}
+
+
+def responses_error(error: ApiError) -> dict:
+    return {"code": RESPONSES_ERROR_CODES.get(error.status, "server_error"), "message": error.message}
+
+
+def response_object(response_id: str, created_at: int, request: ResponsesRequest, status: str, output: list[dict],
+                    usage: dict | None = None, error: dict | None = None, incomplete: str | None = None) -> dict:
+    """The `response` object, alone or inside a lifecycle event; `output_text` is the SDK's convenience."""
+    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+    body = {"id": response_id, "object": "response", "created_at": created_at, "status": status,
+            "model": request.turn.model, "output": output, "output_text": text, "error": error,
+            "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "previous_response_id": request.previous_response_id, "store": request.store, **request.echo}
+    return body | ({"usage": usage} if usage is not None else {})
+
+
+def responses_body(response_id: str, created_at: int, request: ResponsesRequest, reasoning: str, text: str,
+                   calls: list[ToolCall], finish_reason: str, usage: dict) -> dict:
+    """A whole reply as a response that was not streamed: its reasoning, message and function_call items."""
+    items = [reasoning_item(new_item_id("rs"), reasoning)] if reasoning else []
+    if text or not calls:
+        items.append(message_item(new_item_id("msg"), text))
+    items += [function_call_item(call) for call in calls]
+    incomplete = RESPONSES_INCOMPLETE.get(finish_reason)
+    return response_object(response_id, created_at, request, "incomplete" if incomplete else "completed", items,
+                           usage=responses_usage(usage, reasoning), incomplete=incomplete)
+
+
+class ResponsesEncoder:
+    """One response's SSE events, each with the next sequence_number: response.created and .in_progress;
+    per output item output_item.added, its parts and deltas, output_item.done; then response.completed
+    (or .incomplete, or .failed). Items open when the kind of content changes: a reasoning item (summary
+    text), a message (one output_text part), and one function_call per call (its arguments in one delta:
+    the engine sends a call once it is complete). The finished items are kept for the final response.
+    Its methods are those of AnthropicEncoder; the keep-alive is an SSE comment (the API has no ping event)."""
+
+    KEEPALIVE = ": ping\n\n"
+    text_json = staticmethod(json.JSONEncoder(ensure_ascii=False).encode)
+
+    def __init__(self, response_id: str, created_at: int, request: ResponsesRequest):
+        self.response_id, self.created_at, self.request = response_id, created_at, request
+        self.sequence = -1
+        self.output: list[dict] = []
+        self.open: str | None = None            # reasoning | message
+        self.item_id = ""
+        self.texts: list[str] = []              # the open item's text so far
+        self.head = ("", "", "")                # the open item's delta event: around its sequence number, text
+        self.reasoning_text = ""                # all of the reply's reasoning, for the usage
+
+    def start(self) -> str:
+        response = self.response("in_progress")
+        return (self._event("response.created", response=response)
+                + self._event("response.in_progress", response=response))
+
+    def response(self, status: str, **fields: Any) -> dict:
+        return response_object(self.response_id, self.created_at, self.request, status, self.output, **fields)
+
+    def reasoning(self, text: str) -> str:
+        return self._delta("reasoning", text)
+
+    def text(self, text: str) -> str:
+        return self._delta("message", text)
+
+    def call(self, call: ToolCall) -> str:
+        events = self._close()
+        item = function_call_item(call)
+        index = len(self.output)
+        where = {"item_id": item["id"], "output_index": index}
+        self.output.append(item)
+        return (events
+                + self._event("response.output_item.added", output_index=index,
+                              item=function_call_item(call, "in_progress"))
+                + self._event("response.function_call_arguments.delta", **where, delta=call.arguments)
+                + self._event("response.function_call_arguments.done", **where, name=call.name,
+                              arguments=call.arguments)
+                + self._event("response.output_item.done", output_index=index, item=item))
+
+    def finish(self, finish_reason: str, usage: dict) -> str:
+        events = self._close()
+        usage = responses_usage(usage, self.reasoning_text)
+        incomplete = RESPONSES_INCOMPLETE.get(finish_reason)
+        if incomplete:
+            return events + self._event("response.incomplete",
+                                        response=self.response("incomplete", usage=usage, incomplete=incomplete))
+        return events + self._event("response.completed", response=self.response("completed", usage=usage))
+
+    def error(self, error: ApiError) -> str:
+        return self._close() + self._event("response.failed", response=self.response("failed",
+                                                                                     error=responses_error(error)))
+
+    def _event(self, kind: str, **fields: Any) -> str:
+        self.sequence += 1
+        return sse_event(kind, {"type": kind, "sequence_number": self.sequence, **fields})
+
+    def _delta(self, kind: str, text: str) -> str:
+        events = "" if self.open == kind else self._close() + self._open(kind)
+        self.texts.append(text)
+        self.sequence += 1
+        return f"{events}{self.head[0]}{self.sequence}{self.head[1]}{self.text_json(text)}{self.head[2]}"
+
+    def _open(self, kind: str) -> str:
+        """Open a reasoning item with its summary part, or a message with its output_text part."""
+        self.open, self.texts = kind, []
+        index = len(self.output)
+        if kind == "reasoning":
+            self.item_id = new_item_id("rs")
+            item, event, part = reasoning_item(self.item_id, ""), "response.reasoning_summary_part.added", {
+                "summary_index": 0, "part": {"type": "summary_text", "text": ""}}
+            delta, tail = "response.reasoning_summary_text.delta", ',"summary_index":0,"delta":'
+        else:
+            self.item_id = new_item_id("msg")
+            item, event, part = message_item(self.item_id, "", "in_progress"), "response.content_part.added", {
+                "content_index": 0, "part": output_text_part("")}
+            delta, tail = "response.output_text.delta", ',"content_index":0,"delta":'
+        self.head = (f'event: {delta}\ndata: {{"type":"{delta}","sequence_number":',
+                     f',"item_id":"{self.item_id}","output_index":{index}{tail}',
+                     ',"logprobs":[]}\n\n' if kind == "message" else "}\n\n")
+        return (self._event("response.output_item.added", output_index=index, item=item)
+                + self._event(event, item_id=self.item_id, output_index=index, **part))
+
+    def _close(self) -> str:
+        """Close the open reasoning item or message: its .done events, then the item into the output."""
+        if self.open is None:
+            return ""
+        text, index = "".join(self.texts), len(self.output)
+        where = {"item_id": self.item_id, "output_index": index}
+        if self.open == "reasoning":
+            self.reasoning_text += text
+            item = reasoning_item(self.item_id, text)
+            summary = {"type": "summary_text", "text": text}
+            events = (self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=text)
+                      + self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=summary))
+        else:
+            item = message_item(self.item_id, text)
+            events = (self._event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
+                      + self._event("response.content_part.done", **where, content_index=0,
+                                    part=output_text_part(text)))
+        self.output.append(item)
+        self.open = None
+        return events + self._event("response.output_item.done", output_index=index, item=item)
+
+
+# #####################################################################################################
+# Part V: Operations
 # #####################################################################################################
 
 # =====================================================================================================
