@@ -16,6 +16,7 @@ Contents:
     Sessions                the Session value type, what users paste, accounts from it
     Stream and bodies       pure: the data stream parser, ids, request bodies
     Failure policy          tables: an answer's failure kind, and the next step for the n-th failure
+    Page agent              the JavaScript run in an LM Arena page, by the sidecar and by the userscript
     Sidecar client          the lazily started Playwright helper (sidecar.py) behind a Unix socket
     Upstream HTTP client    origin, requests with a browser's fingerprint, discovery, clearance, server actions
     Account pool            choice, pacing, cool-downs, refresh, sign-up, session adoption
@@ -1352,6 +1353,140 @@ def next_step(kind: str, failures: int, attempt: Attempt) -> str:
 
 
 # =====================================================================================================
+# Page agent
+# =====================================================================================================
+
+PAGE_AGENT_JS = r"""
+// The page agent: the one piece of JavaScript the bridge runs in an LM Arena page, in the sidecar's
+// Chromium (transport: Playwright) and in the user's own browser (transport: the userscript).
+//
+// window.__arenaBridge (version 1), defined once per top-level document, never enumerable:
+//   state()   -> {version, origin, url, user: {id, email, anonymous} | null, sitekeys: [string],
+//                 grecaptcha: bool, interstitial: bool}   the signed-in user comes from the session
+//                 cookie; sitekeys from the live ___grecaptcha_cfg and render=/k= in script URLs
+//   mint(action, sitekey?, timeoutMs?) -> Promise<string>   a reCAPTCHA v3 (Enterprise) token;
+//                 sitekey defaults to the first the page knows; rejects with an Error
+//   chat(jobId, request, emit) -> Promise<void>, never rejects. request = {url, method, headers, body,
+//                 recaptcha?: {action, sitekey, token?}}; url must be on the page's origin. With
+//                 `recaptcha`, the body (JSON) gets recaptchaV3Token: the given token, else one minted.
+//                 emit(event) is awaited (backpressure) and receives, in order:
+//                   {type: 'head', status, headers}  once, when the response starts
+//                   {type: 'chunk', text}            each piece of the body as the page reads it
+//                   {type: 'done'} | {type: 'error', message, aborted}   exactly one, last
+//   abort(jobId) -> bool   cancels that job's fetch; its chat() then emits {type: 'error', aborted: true}
+(() => {
+  if (window !== window.top || window.__arenaBridge) return;
+  const AUTH = 'arena-auth-prod-v1';
+  const FORBIDDEN = /^(accept-charset|accept-encoding|connection|content-length|cookie2?|date|dnt|expect|host|keep-alive|origin|referer|te|trailer|transfer-encoding|upgrade|user-agent|via|sec-.*|proxy-.*)$/i;
+  const jobs = new Map();
+  const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
+  const recaptcha = () => {
+    const g = window.grecaptcha;
+    if (g && g.enterprise && typeof g.enterprise.execute === 'function') return g.enterprise;
+    return g && !g.enterprise && typeof g.execute === 'function' ? g : null;
+  };
+  const user = () => {
+    const jar = {};
+    for (const part of document.cookie.split('; ')) jar[part.slice(0, part.indexOf('='))] = part.slice(part.indexOf('=') + 1);
+    let value = jar[AUTH] || '';
+    if (!value) for (let i = 0; jar[AUTH + '.' + i] !== undefined; i++) value += jar[AUTH + '.' + i];
+    try {
+      const b64 = decodeURIComponent(value).replace(/^base64-/, '').replace(/-/g, '+').replace(/_/g, '/');
+      const u = JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(b64), c => c.charCodeAt(0)))).user;
+      return {id: u.id, email: u.email || null, anonymous: !!u.is_anonymous};
+    } catch (e) { return null; }
+  };
+  const sitekeys = () => {
+    const keys = new Set();
+    const visit = (o, depth) => {
+      if (!o || typeof o !== 'object' || depth > 6 || o === window || o instanceof Node) return;
+      for (const k of Object.keys(o)) {
+        try { if (k === 'sitekey' && typeof o[k] === 'string') keys.add(o[k]); else visit(o[k], depth + 1); } catch (e) {}
+      }
+    };
+    try { visit((window.___grecaptcha_cfg || {}).clients, 0); } catch (e) {}
+    for (const el of document.querySelectorAll('script[src], iframe[src]')) {
+      try {
+        const url = new URL(el.src, location.href);
+        for (const p of ['render', 'k']) { const v = url.searchParams.get(p); if (v && v !== 'explicit') keys.add(v); }
+      } catch (e) {}
+    }
+    return [...keys];
+  };
+  const interstitial = () => document.title.includes('Just a moment...') ||
+    (document.body ? document.body.innerText : '').includes('Enable JavaScript and cookies to continue');
+  const agent = {
+    version: 1,
+    state: () => ({version: 1, origin: location.origin, url: location.href, user: user(), sitekeys: sitekeys(),
+                   grecaptcha: !!recaptcha(), interstitial: interstitial()}),
+    async mint(action, sitekey, timeoutMs = 30000) {
+      const deadline = Date.now() + timeoutMs;
+      while (!recaptcha()) {
+        if (Date.now() > deadline) throw new Error('grecaptcha did not load');
+        await sleep(50);
+      }
+      const g = recaptcha(), key = sitekey || sitekeys()[0];
+      if (!key) throw new Error('the page knows no reCAPTCHA sitekey');
+      const late = sleep(Math.max(0, deadline - Date.now())).then(() => { throw new Error('grecaptcha was not ready in time'); });
+      await Promise.race([new Promise(resolve => g.ready(resolve)), late]);
+      const token = await Promise.race([g.execute(key, {action}), late]);
+      if (typeof token !== 'string' || !token) throw new Error('grecaptcha returned no token');
+      return token;
+    },
+    async chat(jobId, request, emit) {
+      const ctl = new AbortController();
+      jobs.set(jobId, ctl);
+      try {
+        const url = new URL(request.url, location.href);
+        if (url.origin !== location.origin) throw new Error('refused: ' + url.origin + ' is not this page\'s origin');
+        const method = (request.method || 'GET').toUpperCase();
+        const headers = Object.fromEntries(Object.entries(request.headers || {}).filter(([k]) => !FORBIDDEN.test(k)));
+        let body = request.body === undefined ? null : request.body;
+        const rc = request.recaptcha;
+        if (rc) body = JSON.stringify({...JSON.parse(body), recaptchaV3Token: rc.token || await agent.mint(rc.action, rc.sitekey)});
+        if (ctl.signal.aborted) throw new Error('aborted');
+        const init = {method, headers, credentials: 'include', signal: ctl.signal};
+        if (body !== null && method !== 'GET' && method !== 'HEAD') init.body = body;
+        const r = await fetch(url.href, init);
+        const h = {};
+        r.headers.forEach((v, k) => { h[k] = v; });
+        await emit({type: 'head', status: r.status, headers: h});
+        const reader = r.body ? r.body.getReader() : null, dec = new TextDecoder();
+        for (let part = reader && await reader.read(); part && !part.done; part = await reader.read()) {
+          const text = dec.decode(part.value, {stream: true});
+          if (text) await emit({type: 'chunk', text});
+        }
+        const tail = dec.decode();
+        if (tail) await emit({type: 'chunk', text: tail});
+        await emit({type: 'done'});
+      } catch (e) {
+        const aborted = ctl.signal.aborted;
+        try { await emit({type: 'error', message: aborted ? 'aborted' : String(e && e.message || e), aborted}); } catch (_) {}
+      } finally {
+        ctl.abort();
+        jobs.delete(jobId);
+      }
+    },
+    abort(jobId) {
+      const ctl = jobs.get(jobId);
+      if (ctl) ctl.abort();
+      return !!ctl;
+    },
+  };
+  Object.defineProperty(window, '__arenaBridge', {value: Object.freeze(agent), enumerable: false});
+})();
+"""
+
+
+def write_page_agent(path: str) -> str:
+    """The page agent in a file only our user can read or change (it runs with the accounts' sessions), for
+    the sidecar's --page-agent; the sidecar reads it at start and never imports this module."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+        f.write(PAGE_AGENT_JS)
+    return path
+
+
+# =====================================================================================================
 # Sidecar client
 # =====================================================================================================
 
@@ -1603,7 +1738,7 @@ class SidecarClient:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # a stale socket would look like a live sidecar
         args = [self.python, self.sidecar_script, "--socket", self.socket_path, "--arena-url", self.arena_url,
-                "--log-level", self.log_level]
+                "--page-agent", write_page_agent(self.socket_path + ".agent.js"), "--log-level", self.log_level]
         if self.browser:
             args += ["--browser", self.browser]
         if self.headful:
@@ -1632,7 +1767,7 @@ class SidecarClient:
         if proc is not None and proc.returncode is None:
             if force:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()  # its parent watch is gone with it; the browser's driver exits with it
+                    proc.kill()  # its driver, browser and display end when its pipes close
             elif http is not None:
                 with contextlib.suppress(httpx.HTTPError):
                     await http.post("/shutdown", timeout=1.0)

@@ -19,10 +19,12 @@ Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browse
 
 Usage::
 
-    python sidecar.py --socket PATH --arena-url URL [--browser PATH] [--headful] [--log-level info]
+    python sidecar.py --socket PATH --arena-url URL --page-agent FILE [--browser PATH] [--headful]
+                      [--log-level info]
 
 Everything that runs inside the page goes through the page agent (``window.__arenaBridge``), the same
-JavaScript the userscript runs in the user's own browser; only the transport differs (here Playwright).
+JavaScript the userscript runs in the user's own browser; only the transport differs (here Playwright
+bindings). The bridge owns its source and hands it over in the file named by --page-agent.
 
 The kernel ends this process when the bridge dies (PR_SET_PDEATHSIG), even by SIGKILL; the Playwright
 driver and Chromium end with us (their pipes close). Secrets (tokens, cookies) are never logged.
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -95,6 +96,7 @@ PR_SET_PDEATHSIG = 1
 class Settings:
     socket: str
     arena_url: str
+    page_agent: str  # the page agent's JavaScript source
     browser: str | None = None
     headful: bool = False
 
@@ -130,7 +132,8 @@ def need(body: dict, key: str) -> str:
 
 
 def die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when our parent (the bridge) dies, however it dies (Linux only)."""
+    """Ask the kernel for SIGTERM when our parent (the bridge) dies, however it dies (Linux only). The
+    kernel watches the thread that started us: the bridge's event loop thread, which lives as long as it."""
     prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
     if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
         log.warning("PR_SET_PDEATHSIG is not available: the sidecar may outlive a crashed bridge")
@@ -178,9 +181,12 @@ class VirtualDisplay:
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
+        self.env: dict[str, str] = {}
 
     async def start(self) -> dict[str, str]:
-        """The environment a browser needs to use the display."""
+        """The environment a browser needs to use the display (a browser launched again reuses it)."""
+        if self.proc is not None and self.proc.returncode is None:
+            return self.env
         self.proc = await asyncio.create_subprocess_exec(
             "xvfb-run", "-a", "-s", XVFB_SCREEN, "sh", "-c", self.HOLDER,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
@@ -190,7 +196,8 @@ class VirtualDisplay:
             await self.close()
             raise OpError("xvfb-run did not start a display")
         log.info("virtual display %s started by xvfb-run", line[0])
-        return {"DISPLAY": line[0], "XAUTHORITY": line[1]}
+        self.env = {"DISPLAY": line[0], "XAUTHORITY": line[1]}
+        return self.env
 
     async def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -201,130 +208,11 @@ class VirtualDisplay:
 
 
 # ---------------------------------------------------------------------------------------------
-# Page agent (the in-page JavaScript shared with the userscript) and the sidecar's own scripts
+# Calls into the page agent, and the sidecar's own in-page scripts
 # ---------------------------------------------------------------------------------------------
 
-PAGE_AGENT_JS = r"""
-// The page agent: the one piece of JavaScript the bridge runs in an LM Arena page, in the sidecar's
-// Chromium (transport: Playwright) and in the user's own browser (transport: the userscript).
-//
-// window.__arenaBridge (version 1), defined once per top-level document, never enumerable:
-//   state()   -> {version, origin, url, user: {id, email, anonymous} | null, sitekeys: [string],
-//                 grecaptcha: bool, interstitial: bool}   the signed-in user comes from the session
-//                 cookie; sitekeys from the live ___grecaptcha_cfg and render=/k= in script URLs
-//   mint(action, sitekey?, timeoutMs?) -> Promise<string>   a reCAPTCHA v3 (Enterprise) token;
-//                 sitekey defaults to the first the page knows; rejects with an Error
-//   chat(jobId, request, emit) -> Promise<void>, never rejects. request = {url, method, headers, body,
-//                 recaptcha?: {action, sitekey, token?}}; url must be on the page's origin. With
-//                 `recaptcha`, the body (JSON) gets recaptchaV3Token: the given token, else one minted.
-//                 emit(event) is awaited (backpressure) and receives, in order:
-//                   {type: 'head', status, headers}  once, when the response starts
-//                   {type: 'chunk', text}            each piece of the body as the page reads it
-//                   {type: 'done'} | {type: 'error', message, aborted}   exactly one, last
-//   abort(jobId) -> bool   cancels that job's fetch; its chat() then emits {type: 'error', aborted: true}
-(() => {
-  if (window !== window.top || window.__arenaBridge) return;
-  const AUTH = 'arena-auth-prod-v1';
-  const FORBIDDEN = /^(accept-charset|accept-encoding|connection|content-length|cookie2?|date|dnt|expect|host|keep-alive|origin|referer|te|trailer|transfer-encoding|upgrade|user-agent|via|sec-.*|proxy-.*)$/i;
-  const jobs = new Map();
-  const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
-  const recaptcha = () => {
-    const g = window.grecaptcha;
-    if (g && g.enterprise && typeof g.enterprise.execute === 'function') return g.enterprise;
-    return g && !g.enterprise && typeof g.execute === 'function' ? g : null;
-  };
-  const user = () => {
-    const jar = {};
-    for (const part of document.cookie.split('; ')) jar[part.slice(0, part.indexOf('='))] = part.slice(part.indexOf('=') + 1);
-    let value = jar[AUTH] || '';
-    for (let i = 0; !value && jar[AUTH + '.' + i] !== undefined; i++) value += jar[AUTH + '.' + i];
-    try {
-      const b64 = decodeURIComponent(value).replace(/^base64-/, '').replace(/-/g, '+').replace(/_/g, '/');
-      const u = JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(b64), c => c.charCodeAt(0)))).user;
-      return {id: u.id, email: u.email || null, anonymous: !!u.is_anonymous};
-    } catch (e) { return null; }
-  };
-  const sitekeys = () => {
-    const keys = new Set();
-    const visit = (o, depth) => {
-      if (!o || typeof o !== 'object' || depth > 6 || o === window || o instanceof Node) return;
-      for (const k of Object.keys(o)) {
-        try { if (k === 'sitekey' && typeof o[k] === 'string') keys.add(o[k]); else visit(o[k], depth + 1); } catch (e) {}
-      }
-    };
-    try { visit((window.___grecaptcha_cfg || {}).clients, 0); } catch (e) {}
-    for (const el of document.querySelectorAll('script[src], iframe[src]')) {
-      try {
-        const url = new URL(el.src, location.href);
-        for (const p of ['render', 'k']) { const v = url.searchParams.get(p); if (v && v !== 'explicit') keys.add(v); }
-      } catch (e) {}
-    }
-    return [...keys];
-  };
-  const interstitial = () => document.title.includes('Just a moment...') ||
-    (document.body ? document.body.innerText : '').includes('Enable JavaScript and cookies to continue');
-  const agent = {
-    version: 1,
-    state: () => ({version: 1, origin: location.origin, url: location.href, user: user(), sitekeys: sitekeys(),
-                   grecaptcha: !!recaptcha(), interstitial: interstitial()}),
-    async mint(action, sitekey, timeoutMs = 30000) {
-      const deadline = Date.now() + timeoutMs;
-      while (!recaptcha()) {
-        if (Date.now() > deadline) throw new Error('grecaptcha did not load');
-        await sleep(50);
-      }
-      const g = recaptcha(), key = sitekey || sitekeys()[0];
-      if (!key) throw new Error('the page knows no reCAPTCHA sitekey');
-      const late = sleep(Math.max(0, deadline - Date.now())).then(() => { throw new Error('grecaptcha was not ready in time'); });
-      await Promise.race([new Promise(resolve => g.ready(resolve)), late]);
-      const token = await Promise.race([g.execute(key, {action}), late]);
-      if (typeof token !== 'string' || !token) throw new Error('grecaptcha returned no token');
-      return token;
-    },
-    async chat(jobId, request, emit) {
-      const ctl = new AbortController();
-      jobs.set(jobId, ctl);
-      try {
-        const url = new URL(request.url, location.href);
-        if (url.origin !== location.origin) throw new Error('refused: ' + url.origin + ' is not this page\'s origin');
-        const method = (request.method || 'GET').toUpperCase();
-        const headers = Object.fromEntries(Object.entries(request.headers || {}).filter(([k]) => !FORBIDDEN.test(k)));
-        let body = request.body === undefined ? null : request.body;
-        const rc = request.recaptcha;
-        if (rc) body = JSON.stringify({...JSON.parse(body), recaptchaV3Token: rc.token || await agent.mint(rc.action, rc.sitekey)});
-        if (ctl.signal.aborted) throw new Error('aborted');
-        const init = {method, headers, credentials: 'include', signal: ctl.signal};
-        if (body !== null && method !== 'GET' && method !== 'HEAD') init.body = body;
-        const r = await fetch(url.href, init);
-        const h = {};
-        r.headers.forEach((v, k) => { h[k] = v; });
-        await emit({type: 'head', status: r.status, headers: h});
-        const reader = r.body ? r.body.getReader() : null, dec = new TextDecoder();
-        for (let part = reader && await reader.read(); part && !part.done; part = await reader.read()) {
-          const text = dec.decode(part.value, {stream: true});
-          if (text) await emit({type: 'chunk', text});
-        }
-        const tail = dec.decode();
-        if (tail) await emit({type: 'chunk', text: tail});
-        await emit({type: 'done'});
-      } catch (e) {
-        const aborted = ctl.signal.aborted;
-        try { await emit({type: 'error', message: aborted ? 'aborted' : String(e && e.message || e), aborted}); } catch (_) {}
-      } finally {
-        ctl.abort();
-        jobs.delete(jobId);
-      }
-    },
-    abort(jobId) {
-      const ctl = jobs.get(jobId);
-      if (ctl) ctl.abort();
-      return !!ctl;
-    },
-  };
-  Object.defineProperty(window, '__arenaBridge', {value: Object.freeze(agent), enumerable: false});
-})();
-"""
-
+# The page agent (window.__arenaBridge, bridge.py's PAGE_AGENT_JS, its contract documented there) comes
+# from the bridge in a file named by --page-agent: the bridge's own copy, without importing bridge.py.
 STATE_JS = "() => window.__arenaBridge.state()"
 MINT_JS = "([action, sitekey, ms]) => window.__arenaBridge.mint(action, sitekey, ms)"
 CHAT_JS = "([id, request]) => window.__arenaBridge.chat(id, request, event => window.__arenaBridgeEmit(id, event))"
@@ -349,23 +237,51 @@ TURNSTILE_JS = """
 
 
 class PageJob:
-    """One agent chat() in a page. Its events arrive through the binding into a queue; `sent` is set once
-    the request has left with its cookies (or anything came back), after which the context's cookie jar
-    may change without affecting it."""
+    """One agent chat() in a page. Its events arrive through the binding into a queue.
 
-    def __init__(self, page: Any, request: dict, registry: dict[str, PageJob]) -> None:
+    `sent` is set once the request has left with its cookies, after which the context's cookie jar may
+    change without affecting it: Chromium's requestWillBeSentExtraInfo (on `cdp`, the page's CDP session
+    with Network enabled) carries the headers it sent, long before the response may start. Without a
+    CDP session, or when no request matched, the first event back sets it."""
+
+    def __init__(self, page: Any, request: dict, registry: dict[str, PageJob], cdp: Any = None) -> None:
         self.id = uuid.uuid4().hex
         self.page = page
         self.url = urljoin(page.url, request["url"])
         self.method = (request.get("method") or "GET").upper()
         self.request_id: str | None = None
+        self._left: set[str] = set()  # ids of requests that left; may be reported before they are named
         self.queue: asyncio.Queue[dict] = asyncio.Queue()
         self.sent = asyncio.Event()
         self.finished = False
         self.registry = registry
         registry[self.id] = self
+        self._cdp = cdp
+        if cdp is not None:
+            cdp.on("Network.requestWillBeSent", self._on_request)
+            cdp.on("Network.requestWillBeSentExtraInfo", self._on_request_left)
         self.runner = asyncio.ensure_future(page.evaluate(CHAT_JS, [self.id, request]))
         self.runner.add_done_callback(self._ended)
+
+    def _on_request(self, event: dict) -> None:
+        if self.request_id is None and (event["request"]["url"], event["request"]["method"]) == (self.url, self.method):
+            self.request_id = event["requestId"]
+            self._check_sent()
+
+    def _on_request_left(self, event: dict) -> None:
+        self._left.add(event["requestId"])
+        self._check_sent()
+
+    def _check_sent(self) -> None:
+        if self.request_id in self._left:
+            self._mark_sent()
+
+    def _mark_sent(self) -> None:
+        self.sent.set()
+        if self._cdp is not None:
+            self._cdp.remove_listener("Network.requestWillBeSent", self._on_request)
+            self._cdp.remove_listener("Network.requestWillBeSentExtraInfo", self._on_request_left)
+            self._cdp = None
 
     def _ended(self, task: asyncio.Future) -> None:
         # The agent reports its own failures; this catches a page that died under it (crash, navigation).
@@ -373,7 +289,7 @@ class PageJob:
             self.push({"type": "error", "message": f"page failure: {task.exception()}"[:300]})
 
     def push(self, event: dict) -> None:
-        self.sent.set()
+        self._mark_sent()
         self.queue.put_nowait(event)
 
     async def events(self) -> AsyncGenerator[dict, None]:
@@ -384,12 +300,17 @@ class PageJob:
                 self.finished = event.get("type") in ("done", "error")
                 yield event
         finally:
-            self.registry.pop(self.id, None)
-            self.sent.set()
-            if not self.finished:
-                # A new task: awaiting in a generator being closed by cancellation would be cancelled too.
-                log.info("page job %s abandoned by its client; aborting it in the page", self.id[:8])
-                asyncio.ensure_future(self._abort())
+            self.close()
+
+    def close(self) -> None:
+        """Forget the job; one that has not finished is aborted in the page."""
+        if self.registry.pop(self.id, None) is None:
+            return
+        self._mark_sent()
+        if not self.finished:
+            # A new task: awaiting in a generator being closed by cancellation would be cancelled too.
+            log.info("page job %s abandoned by its client; aborting it in the page", self.id[:8])
+            asyncio.ensure_future(self._abort())
 
     async def _abort(self) -> None:
         with contextlib.suppress(PlaywrightError):
@@ -416,8 +337,7 @@ class Browser:
         # The page's fetch reads the context's cookie jar when its request leaves: one account's session in
         # the jar at a time, from setting it until that request is on its way (PageJob.sent).
         self._session_lock = asyncio.Lock()
-        self._sending: PageJob | None = None
-        self._sent_ids: collections.deque[str] = collections.deque(maxlen=32)  # recent requests that left
+        self._cdp: Any = None  # the page's CDP session, Network enabled: PageJob learns when a request left
         self.user_agent: str | None = None
         self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
         self.headful = False
@@ -471,7 +391,7 @@ class Browser:
     async def new_context(self) -> Any:
         ctx = await self._browser.new_context(user_agent=self.user_agent, locale="en-US",
                                               viewport={"width": 1366, "height": 768})
-        await ctx.add_init_script(PAGE_AGENT_JS)
+        await ctx.add_init_script(self.s.page_agent)
         await ctx.expose_binding("__arenaBridgeEmit", self._on_emit)
         return ctx
 
@@ -487,34 +407,11 @@ class Browser:
         page = await self._context.new_page()
         page.on("crash", lambda _p: self._mark_broken("page crashed"))
         page.on("pageerror", lambda err: log.debug("page error: %s", str(err)[:200]))
-        await self._watch_requests(page)
+        self._cdp = await self._context.new_cdp_session(page)
+        await self._cdp.send("Network.enable")
         self._page = page
         await self._goto(page)
         self.webdriver = await page.evaluate("() => navigator.webdriver === true")
-
-    async def _watch_requests(self, page: Any) -> None:
-        """Learn when a job's request has left with its cookies: Chromium's requestWillBeSentExtraInfo
-        carries the headers it sent, long before the response may start."""
-        cdp = await self._context.new_cdp_session(page)
-        await cdp.send("Network.enable")
-        cdp.on("Network.requestWillBeSent", self._on_request)
-        cdp.on("Network.requestWillBeSentExtraInfo", self._on_request_sent)
-
-    def _on_request(self, event: dict) -> None:
-        job = self._sending
-        if job is not None and job.request_id is None and event["request"]["url"] == job.url \
-                and event["request"]["method"] == job.method:
-            job.request_id = event["requestId"]
-            self._check_sent(job)
-
-    def _on_request_sent(self, event: dict) -> None:
-        self._sent_ids.append(event["requestId"])  # may come before requestWillBeSent
-        if self._sending is not None:
-            self._check_sent(self._sending)
-
-    def _check_sent(self, job: PageJob) -> None:
-        if job.request_id is not None and job.request_id in self._sent_ids:
-            job.sent.set()
 
     async def _goto(self, page: Any) -> Any:
         response = await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
@@ -736,21 +633,26 @@ class Browser:
         page = await self.page()  # after the mint, which may have replaced a broken page
         async with self._session_lock:
             await self.set_cookies(spec.get("cookies") or {})
-            job = self._sending = PageJob(page, request, self.jobs)
+            job = PageJob(page, request, self.jobs, self._cdp)
             try:
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(TimeoutError):  # then the first event back tells
                     await asyncio.wait_for(job.sent.wait(), OP_TIMEOUT)
-            finally:
-                self._sending = None
+            except BaseException:
+                job.close()  # cancelled: the client left before the request did
+                raise
         async for event in job.events():
-            if event["type"] == "head":
-                yield {"status": event["status"], "headers": event["headers"]}
-            elif event["type"] == "chunk":
-                yield {"chunk": event["text"]}
-            elif event["type"] == "error":
-                yield {"error": event["message"]}
-            else:  # the site may have rotated cookies while answering (Set-Cookie is not visible to JS)
-                yield {"done": True, "cookies": await self.host_cookies(self._context)}
+            yield await self._fetch_line(event)
+
+    async def _fetch_line(self, event: dict) -> dict:
+        """A page agent event as a /fetch line."""
+        if event["type"] == "head":
+            return {"status": event["status"], "headers": event["headers"]}
+        if event["type"] == "chunk":
+            return {"chunk": event["text"]}
+        if event["type"] == "error":
+            return {"error": event["message"]}
+        # The site may have rotated cookies while answering (Set-Cookie is not visible to JS).
+        return {"done": True, "cookies": await self.host_cookies(self._context)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,37 +665,29 @@ def error(message: str, status: int) -> JSONResponse:
 
 
 def first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return str(exc).splitlines()[0][:300] if str(exc) else ""
 
 
-async def guarded(coro: Any, timeout: float, what: str) -> Any:
-    """Bound a browser operation; a timeout says what timed out."""
-    try:
-        return await asyncio.wait_for(coro, timeout)
-    except TimeoutError as exc:
-        raise TimeoutError(f"{what} timed out after {timeout:.0f}s") from exc
-
-
-def handler(fn: Any) -> Any:
-    """A JSON endpoint: the body parsed, failures answered as 400, 504 (timeouts) or 502."""
+def handler(fn: Any, timeout: float | None) -> Any:
+    """A JSON endpoint bounded by `timeout`: the body parsed, failures answered as 400, 504 or 502."""
     async def endpoint(request: Request) -> Response:
-        raw = await request.body()
         try:
-            payload = json.loads(raw) if raw.strip() else {}
+            payload = json.loads((await request.body()).strip() or b"{}")
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
             return error("the request body must be a JSON object", 400)
         try:
-            return await fn(payload)
+            return await asyncio.wait_for(fn(payload), timeout)
         except BadRequest as exc:
             return error(str(exc), 400)
         except (TimeoutError, PlaywrightTimeout) as exc:
-            log.warning("%s: %s", request.url.path, first_line(exc))
-            return error(first_line(exc) or "timed out", 504)
+            message = first_line(exc) or f"{request.url.path[1:]} timed out after {timeout:.0f}s"
+            log.warning("%s: %s", request.url.path, message)
+            return error(message, 504)
         except (OpError, PlaywrightError, OSError) as exc:
             log.warning("%s failed: %s", request.url.path, first_line(exc))
-            return error(first_line(exc), 502)
+            return error(first_line(exc) or type(exc).__name__, 502)
     return endpoint
 
 
@@ -810,28 +704,24 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
 
     async def token(body: dict) -> Response:
         action = body.get("action") or "chat_submit"
-        value = await guarded(browser.token(need(body, "sitekey"), action), LAUNCH_TIMEOUT + OP_TIMEOUT, "token mint")
+        value = await browser.token(need(body, "sitekey"), action)
         log.info("minted a %s token (%d chars)", action, len(value))
         return JSONResponse({"token": value})
 
-    async def clearance(body: dict) -> Response:
-        wait = float(body.get("timeout") or CLEARANCE_TIMEOUT)
-        cookies, ua = await guarded(browser.clearance(wait), LAUNCH_TIMEOUT + wait + 10, "clearance")
+    async def clearance(_: dict) -> Response:
+        cookies, ua = await browser.clearance()
         return JSONResponse({"cookies": cookies, "user_agent": ua})
 
     async def signup(body: dict) -> Response:
-        result = await guarded(browser.signup(need(body, "turnstile_sitekey"), body.get("recaptcha_sitekey"),
-                                              body.get("recaptcha_action") or "sign_up"),
-                               LAUNCH_TIMEOUT + 2 * OP_TIMEOUT, "sign-up")
-        return JSONResponse(result)
+        return JSONResponse(await browser.signup(need(body, "turnstile_sitekey"), body.get("recaptcha_sitekey"),
+                                                 body.get("recaptcha_action") or "sign_up"))
 
     async def fetch(body: dict) -> Response:
         need(body, "url")
         if not isinstance(body.get("cookies") or {}, dict) or not isinstance(body.get("headers") or {}, dict):
             raise BadRequest("'cookies' and 'headers' must be objects")
         stream = browser.fetch(body)
-        # Wait (bounded) for the status line so that a failure before it is a plain HTTP error.
-        first = await guarded(anext(stream), LAUNCH_TIMEOUT + OP_TIMEOUT, "in-page fetch")
+        first = await anext(stream)  # within the handler's bound: a failure before it is a plain HTTP error
         if "error" in first:
             await stream.aclose()
             return error(first["error"], 502)
@@ -851,14 +741,11 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
         asyncio.get_running_loop().call_later(0.1, shutdown.set)
         return JSONResponse({"ok": True})
 
-    return Starlette(routes=[
-        Route("/status", handler(status), methods=["GET"]),
-        Route("/token", handler(token), methods=["POST"]),
-        Route("/clearance", handler(clearance), methods=["POST"]),
-        Route("/signup", handler(signup), methods=["POST"]),
-        Route("/fetch", handler(fetch), methods=["POST"]),
-        Route("/shutdown", handler(stop), methods=["POST"]),
-    ])
+    bound = LAUNCH_TIMEOUT + OP_TIMEOUT  # a first call also launches the browser
+    routes = [("/status", "GET", status, None), ("/token", "POST", token, bound),
+              ("/clearance", "POST", clearance, bound + CLEARANCE_TIMEOUT), ("/signup", "POST", signup, bound + OP_TIMEOUT),
+              ("/fetch", "POST", fetch, bound), ("/shutdown", "POST", stop, None)]
+    return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method]) for path, method, fn, timeout in routes])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -895,13 +782,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Playwright browser sidecar for the LM Arena bridge")
     p.add_argument("--socket", required=True, help="Unix socket path")
     p.add_argument("--arena-url", required=True, help="LM Arena base URL")
+    p.add_argument("--page-agent", required=True, type=argparse.FileType(encoding="utf-8"),
+                   help="file with the page agent's JavaScript (written by the bridge)")
     p.add_argument("--browser", help="Chromium/Chrome binary (default: Playwright's, else one on PATH)")
     p.add_argument("--headful", action="store_true", help="a browser with a window (under xvfb-run if no display)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s sidecar %(levelname)s %(message)s")
-    asyncio.run(main_async(Settings(args.socket, args.arena_url.rstrip("/"), args.browser, args.headful)))
+    with args.page_agent as f:
+        page_agent = f.read()
+    asyncio.run(main_async(Settings(args.socket, args.arena_url.rstrip("/"), page_agent, args.browser, args.headful)))
     return 0
 
 

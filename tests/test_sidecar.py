@@ -19,6 +19,7 @@ import time
 import httpx
 import pytest
 from fake_arena import AUTH_COOKIE, make_uuid7
+from harness import upstream_aborted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDECAR = os.path.join(ROOT, "sidecar.py")
@@ -36,9 +37,18 @@ BROWSER = _find_browser()
 pytestmark = pytest.mark.skipif(not BROWSER, reason="no Chromium/Chrome binary found")
 
 import bridge
-from bridge import SidecarClient, SidecarError
+from bridge import PAGE_AGENT_JS, SidecarClient, SidecarError
 
 # --- fixtures -------------------------------------------------------------------------------------
+
+
+def sidecar_argv(socket_path: str, arena_url: str, *extra: str) -> list[str]:
+    """sidecar.py's command line as the bridge builds it, the page agent in a file beside the socket."""
+    agent = socket_path + ".agent.js"
+    with open(agent, "w", encoding="utf-8") as f:
+        f.write(PAGE_AGENT_JS)
+    return [sys.executable, SIDECAR, "--socket", socket_path, "--arena-url", arena_url, "--page-agent", agent,
+            "--browser", BROWSER, *extra]
 
 
 class Sidecar:
@@ -48,9 +58,8 @@ class Sidecar:
         self.socket = os.path.join(folder, "sidecar.sock")
         self.log_path = os.path.join(folder, "sidecar.log")
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, SIDECAR, "--socket", self.socket, "--arena-url", arena_url, "--browser", BROWSER,
-                 *extra], stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(sidecar_argv(self.socket, arena_url, *extra), stdout=subprocess.DEVNULL,
+                                         stderr=log)
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://sidecar",
                                  timeout=60)
         deadline = time.time() + 15
@@ -204,10 +213,14 @@ def test_fetch_relays_the_stream_as_it_arrives(arena, sidecar):
 
 
 def test_fetch_errors_before_the_status_and_http_errors_pass_through(arena, sidecar):
+    r = sidecar.post("/fetch", {"url": "/nowhere", "method": "GET"})
+    assert r.status_code == 200  # the page's fetch answered (404): not an error of the sidecar
+    # The page agent runs requests on the page's own origin only.
     r = sidecar.post("/fetch", {"url": "http://127.0.0.1:9/nowhere", "method": "GET"})
-    assert r.status_code == 502 and r.json()["error"]
+    assert r.status_code == 502 and "is not this page's origin" in r.json()["error"]
     with sidecar.http.stream("POST", "/fetch", json={"url": "/nextjs-api/stream/create-evaluation",
-                                                      "method": "POST", "body": json.dumps(create_body())}) as resp:
+                                                      "method": "POST", "body": json.dumps(create_body()),
+                                                      "cookies": {AUTH_COOKIE: arena.new_session()}}) as resp:
         items, _ = read_ndjson(resp)
     # No token was asked for: the site's own error comes back as a normal response.
     assert items[0]["status"] == 403 and items[-1]["done"] is True
@@ -306,10 +319,9 @@ def test_the_sidecar_its_browser_and_display_end_when_the_bridge_is_killed(arena
     if headful and not shutil.which("xvfb-run"):
         pytest.skip("xvfb-run is not installed (apt-get install xvfb)")
     socket_path = str(tmp_path / "s.sock")
-    argv = [sys.executable, SIDECAR, "--socket", socket_path, "--arena-url", arena.url, "--browser", BROWSER]
+    argv = sidecar_argv(socket_path, arena.url, *(["--headful"] if headful else []))
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, *argv, *(["--headful"] if headful else [])],
-                              stdout=subprocess.PIPE, env=env)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *argv], stdout=subprocess.PIPE, env=env)
     try:
         pid = int(parent.stdout.readline())
         http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://sidecar", timeout=60)
@@ -342,6 +354,88 @@ def test_a_killed_headful_sidecar_leaves_no_display_behind(arena, tmp_path, monk
     finally:
         s.proc.kill()
         s.http.close()
+
+
+# --- the page agent, as a userscript runs it: injected into a plain page, a JavaScript transport ------------
+
+
+@pytest.fixture
+def agent_page(arena):
+    """A plain Chromium page on the emulator with the page agent injected at document start (one browser
+    per test: Playwright's sync API holds an event loop while it runs)."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=BROWSER, args=["--no-sandbox"])
+        context = browser.new_context()
+        context.add_init_script(PAGE_AGENT_JS)
+        page = context.new_page()
+        yield context, page
+        browser.close()
+
+
+# The transport of these tests: events collected in the page, as a userscript would forward them.
+RUN_CHAT_JS = """async ([id, request]) => {
+  const events = [];
+  await window.__arenaBridge.chat(id, request, async e => { events.push(e); });
+  return events;
+}"""
+
+
+def test_the_page_agent_reports_the_signed_in_user_the_sitekeys_and_the_origin(arena, agent_page):
+    context, page = agent_page
+    session = arena.new_session(anonymous=False, big=True)
+    context.add_cookies([{"name": f"{AUTH_COOKIE}.{i}", "value": part, "url": arena.url + "/"}
+                         for i, part in enumerate(arena.split_session(session))])  # the chunked form
+    page.goto(arena.url)
+    state = page.evaluate("() => window.__arenaBridge.state()")
+    user = arena.decode_session(session)["user"]
+    assert state["user"] == {"id": user["id"], "email": user["email"], "anonymous": False}
+    assert state["origin"] == arena.url and state["url"].startswith(arena.url)
+    assert arena.sitekey in state["sitekeys"] and state["grecaptcha"] and not state["interstitial"]
+    # The live reCAPTCHA configuration names keys no script URL shows (the real site's clients).
+    page.evaluate("() => { window.___grecaptcha_cfg = {clients: {0: {x: {y: {sitekey: '6LcfgOnlyKey'}}}}}; }")
+    assert "6LcfgOnlyKey" in page.evaluate("() => window.__arenaBridge.state().sitekeys")
+    # Not enumerable, and not in frames: the agent adds as little as it can to what the site sees.
+    assert page.evaluate("() => Object.keys(window).includes('__arenaBridge')") is False
+
+
+def test_the_page_agent_mints_runs_a_chat_and_streams_its_events_in_order(arena, agent_page):
+    context, page = agent_page
+    arena.configure(context_bound_tokens=True, lines=4)  # only a token minted in this page is accepted
+    context.add_cookies([{"name": AUTH_COOKIE, "value": arena.new_session(), "url": arena.url + "/"}])
+    page.goto(arena.url)
+    request = {"url": "/nextjs-api/stream/create-evaluation", "method": "POST",
+               "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "body": json.dumps(create_body("agent")),
+               "recaptcha": {"action": "chat_submit", "sitekey": arena.sitekey}}
+    events = page.evaluate(RUN_CHAT_JS, ["job-1", request])
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "head" and kinds[-1] == "done" and set(kinds[1:-1]) == {"chunk"}
+    assert events[0]["status"] == 200 and events[0]["headers"]["content-type"].startswith("text/event-stream")
+    text = "".join(e["text"] for e in events[1:-1])
+    assert all(f'a0:"line {i}\\n"' in text for i in range(1, 5))
+    [sent] = arena.chat_requests()
+    assert sent["json"]["recaptchaV3Token"].startswith("0cAFcWeA")
+
+
+def test_the_page_agent_aborts_a_job_and_reports_it_last(arena, agent_page):
+    context, page = agent_page
+    arena.configure(recaptcha="off", lines=40, line_delay=0.1)
+    context.add_cookies([{"name": AUTH_COOKIE, "value": arena.new_session(), "url": arena.url + "/"}])
+    page.goto(arena.url)
+    request = {"url": "/nextjs-api/stream/create-evaluation", "method": "POST", "body": json.dumps(create_body())}
+    events = page.evaluate("""async ([id, request]) => {
+      const events = [];
+      await window.__arenaBridge.chat(id, request, async e => {
+        events.push(e);
+        if (e.type === 'chunk' && events.length === 3) window.__arenaBridge.abort(id);
+      });
+      return [events, window.__arenaBridge.abort(id)];
+    }""", ["job-2", request])
+    events, known_after = events
+    assert [e["type"] for e in events[:3]] == ["head", "chunk", "chunk"]
+    assert events[-1] == {"type": "error", "message": "aborted", "aborted": True} and len(events) < 10
+    assert known_after is False  # a finished job is forgotten
+    assert upstream_aborted(arena, timeout=5)
 
 
 # --- the bridge's SidecarClient -------------------------------------------------------------------
@@ -379,6 +473,9 @@ def test_client_lazy_start_pool_restart_and_stop(arena, tmp_path):
             status = await client.status()
             assert status["state"] == "running" and status["browser"] == "running"
             first_pid = status["pid"]
+            # The page agent the sidecar runs is the bridge's, in a file as private as the socket.
+            agent = tmp_path / "client.sock.agent.js"
+            assert agent.read_text() == PAGE_AGENT_JS and stat.S_IMODE(agent.stat().st_mode) == 0o600
             # The pool refills in the background: the next call does not wait for a mint.
             for _ in range(50):
                 if len(client._pool.get((arena.sitekey, "chat_submit"), ())) >= 2:
