@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from harness import BridgeProcess, upstream_aborted
 
 BROWSER = os.environ.get("BRIDGE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
