@@ -5880,8 +5880,9 @@ async def api_error_handler(request: Request, error: Exception) -> Response:
 async def not_found_handler(request: Request, error: Exception) -> Response:
     status = getattr(error, "status_code", 404)
     message = "Method not allowed." if status == 405 else f"No route {request.url.path}."
+    # Starlette's 405 names the route's methods in its Allow header (RFC 9110 §15.5.6 requires it).
     return JSONResponse(ApiError(status, message, "not_found" if status == 404 else "method_not_allowed").body(),
-                        status_code=status)
+                        status_code=status, headers=getattr(error, "headers", None))
 
 
 async def every(seconds: float, job: Callable[[], Any], first_delay: float = 0.0) -> None:

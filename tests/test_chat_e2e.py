@@ -179,6 +179,12 @@ def test_models_route_needs_a_key(fresh):
     assert_error(httpx.get(fresh.url + "/v1/models"), 401)
 
 
+def test_a_wrong_method_is_405_naming_the_allowed_ones_in_allow(fresh, api_key):
+    response = httpx.get(fresh.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"})
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in [m.strip() for m in response.headers["allow"].split(",")]
+
+
 def test_rpm_over_the_limit_is_429_with_retry_after(fresh):
     key = fresh.create_key(rpm=2)
     assert post(fresh, key, GOOD).status_code == 200
