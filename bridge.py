@@ -404,11 +404,24 @@ class Store:
         self.migrate()
 
     def migrate(self) -> None:
-        with self.db.conn:
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-                step(self.db)
-                self.db.execute(f"PRAGMA user_version = {number}")
+        """Each migration runs in one transaction with its version bump, so a crash half-way leaves the
+        version before it and the next start runs it again. The transaction is explicit: Python's sqlite3
+        opens none for DDL (CREATE TABLE), so each statement would otherwise commit on its own. IMMEDIATE,
+        and the version read inside it, so that two processes starting at once migrate one after the other."""
+        conn = self.db.conn
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = self.schema_version
+                if version < len(MIGRATIONS):
+                    MIGRATIONS[version](self.db)
+                    conn.execute(f"PRAGMA user_version = {version + 1}")
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+            if version >= len(MIGRATIONS):
+                return
 
     @property
     def schema_version(self) -> int:

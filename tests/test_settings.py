@@ -3,6 +3,8 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
+
 import bridge
 from harness import ROOT
 
@@ -64,6 +66,21 @@ def test_schema_is_versioned_and_migrates_forward(tmp_path):
     store = bridge.Store(str(tmp_path / "m.db"))
     assert store.schema_version == len(bridge.MIGRATIONS)
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_migration_that_fails_half_way_leaves_a_database_that_starts(tmp_path, monkeypatch):
+    first = bridge.MIGRATIONS[0]
+
+    def crashes_after_its_first_tables(db):
+        first(db)
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(bridge, "MIGRATIONS", (crashes_after_its_first_tables,))
+    with pytest.raises(RuntimeError, match="power cut"):
+        bridge.Store(str(tmp_path / "m.db"))
+    monkeypatch.undo()
+    store = bridge.Store(str(tmp_path / "m.db"))
+    assert store.schema_version == len(bridge.MIGRATIONS) and store.accounts() == []
 
 
 def test_arena_auth_tokens_are_imported_at_start_once(arena, tmp_path):
