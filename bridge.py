@@ -165,8 +165,9 @@ OPTIONS: tuple[Option, ...] = (
            "least seconds between two anonymous sign-ups"),
     Option("browser_models", "--browser-models", ("BRIDGE_BROWSER_MODELS",), str, "",
            "models (public names, comma separated) always sent through the sidecar's page"),
-    Option("arena_mode", "--arena-mode", ("BRIDGE_ARENA_MODE",), str, "direct-battle",
-           "mode sent for new conversations (direct-battle or direct; the other is tried on a mode error)"),
+    Option("arena_mode", "--arena-mode", ("BRIDGE_ARENA_MODE",), str, None,
+           "mode sent for new conversations: direct-battle or direct (unset: direct-battle, or the mode learned "
+           "when LM Arena refused the other; a mode error tries the other)"),
     Option("impersonate", "--impersonate", ("BRIDGE_IMPERSONATE",), str, "chrome",
            "browser whose TLS/HTTP2 fingerprint curl_cffi imitates"),
     Option("account_min_interval", "--account-min-interval", ("BRIDGE_ACCOUNT_MIN_INTERVAL",), float, 0.0,
@@ -207,7 +208,7 @@ class Settings:
     anonymous: str
     signup_interval: float
     browser_models: str
-    arena_mode: str
+    arena_mode: str | None
     impersonate: str
     account_min_interval: float
     trusted_proxy: bool
@@ -1842,6 +1843,7 @@ class SidecarClient:
 # =====================================================================================================
 
 OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
+DEFAULT_ARENA_MODE = "direct-battle"
 
 
 def current_origin(settings: Settings, store: Store) -> str:
@@ -1889,8 +1891,10 @@ class ArenaSite:
         self.origin = current_origin(settings, store)
         self.http: AsyncSession = AsyncSession(impersonate=settings.impersonate, max_clients=2048)
         self.discovery_lock = asyncio.Lock()
-        self.clearance_lock = asyncio.Lock()
+        self.clearance: asyncio.Task | None = None      # the clearance in flight, shared by every request
         self.last_discovery = 0.0
+        # An explicit --arena-mode wins at start; the mode learned from a refusal is only the default.
+        self.mode: str = settings.arena_mode or self.params.get("arena_mode") or DEFAULT_ARENA_MODE
 
     async def aclose(self) -> None:
         await self.http.close()
@@ -2004,14 +2008,14 @@ class ArenaSite:
         return list(await asyncio.gather(*(fetch(p) for p in paths)))
 
     def arena_mode(self) -> str:
-        return self.params.get("arena_mode") or self.settings.arena_mode
+        return self.mode
 
     def switch_mode(self) -> None:
-        """LM Arena refused the mode: new conversations use the other one from now on."""
-        mode = OTHER_MODE.get(self.arena_mode(), "direct")
-        self.store.set_site_params(arena_mode=mode)
-        self.params["arena_mode"] = mode
-        log.info("LM Arena refused the mode; switching to %s", mode)
+        """LM Arena refused the mode: new conversations use the other one from now on, and later starts
+        without an explicit --arena-mode too."""
+        self.mode = OTHER_MODE.get(self.mode, "direct")
+        self.store.set_site_params(arena_mode=self.mode)
+        log.info("LM Arena refused the mode; switching to %s", self.mode)
 
     # --- anti-bot -----------------------------------------------------------------------------------
     @property
@@ -2030,10 +2034,17 @@ class ArenaSite:
         return await self.sidecar.token(self.sitekey, action)
 
     async def clear_cloudflare(self) -> None:
-        async with self.clearance_lock:
-            cookies, user_agent = await self.sidecar.clearance()
-            self.store.set_site_params(clearance={"cookies": cookies, "user_agent": user_agent})
-            self.params = self.store.site_params()
+        """Single-flight: requests challenged while a clearance runs wait for it and share its cookies,
+        instead of each running its own in the browser, one after another. Shielded: a waiter that is
+        cancelled (its client left) does not cancel the clearance the others wait for."""
+        if self.clearance is None or self.clearance.done():
+            self.clearance = asyncio.create_task(self._clear_cloudflare())
+        await asyncio.shield(self.clearance)
+
+    async def _clear_cloudflare(self) -> None:
+        cookies, user_agent = await self.sidecar.clearance()
+        self.store.set_site_params(clearance={"cookies": cookies, "user_agent": user_agent})
+        self.params = self.store.site_params()
 
     # --- server actions (arena-protocol §11) --------------------------------------------------------
     async def server_action(self, account: dict, name: str, args: list, fields: tuple[str, ...]) -> list[str]:
@@ -2232,6 +2243,9 @@ class AccountPool:
             if self.store.swap_account_auth(current["id"], current["auth"], auth=fresh.value, form=fresh.form,
                                             expires_at=fresh.expiry, state=after, last_error=None):
                 log.info("account %s refreshed", current["id"])
+            else:   # another writer stored a newer session meanwhile: keep it, and end the refresh all the same
+                self.store.write("UPDATE accounts SET state = ? WHERE id = ? AND state = 'refreshing'",
+                                 [after, current["id"]])
             return self.store.account(current["id"])
 
     async def refresh_by_page(self, account: dict) -> Session | None:

@@ -1,0 +1,84 @@
+"""The upstream client and the account pool without a network: clearance, refresh, the arena mode."""
+import asyncio
+
+from test_accounts import session_value
+
+import bridge
+
+
+class SlowSidecar:
+    """A stand-in for the browser sidecar whose clearance takes a while and is counted."""
+
+    def __init__(self):
+        self.clearances = 0
+
+    async def clearance(self):
+        self.clearances += 1
+        await asyncio.sleep(0.2)
+        return {"cf_clearance": f"c{self.clearances}"}, "Mozilla/5.0 test"
+
+
+def parts(tmp_path, sidecar=None, **env):
+    settings = bridge.Settings.load(env={"BRIDGE_DB": str(tmp_path / "u.db"), "BRIDGE_SIDECAR": "off", **env})
+    store = bridge.Store(settings.db)
+    site = bridge.ArenaSite(settings, store, sidecar or SlowSidecar())
+    return settings, store, site
+
+
+def test_concurrent_cloudflare_challenges_share_one_clearance(tmp_path):
+    sidecar = SlowSidecar()
+    _, store, site = parts(tmp_path, sidecar)
+
+    async def challenged_at_once():
+        await asyncio.gather(*(site.clear_cloudflare() for _ in range(5)))
+        await site.aclose()
+
+    asyncio.run(challenged_at_once())
+    assert sidecar.clearances == 1
+    assert store.site_params()["clearance"] == {"cookies": {"cf_clearance": "c1"}, "user_agent": "Mozilla/5.0 test"}
+
+
+def test_a_refresh_that_loses_its_compare_and_swap_leaves_the_account_usable(tmp_path):
+    settings, store, site = parts(tmp_path)
+    pool = bridge.AccountPool(settings, store, site, site.sidecar)
+    stale, _ = session_value(exp_offset=-60)
+    account_id = bridge.add_account(store, bridge.parse_account_input(stale))
+    newer, _ = session_value(exp_offset=3600)
+
+    async def page_refresh_while_another_writer_stores_a_session(account):
+        store.update_account(account_id, auth=newer)        # e.g. a session adopted from a reply meanwhile
+        return bridge.Session(session_value(exp_offset=1800)[0])
+
+    pool.refresh_by_page = page_refresh_while_another_writer_stores_a_session
+
+    async def refresh():
+        result = await pool.refresh(store.account(account_id))
+        await site.aclose()
+        return result
+
+    result = asyncio.run(refresh())
+    row = store.account(account_id)
+    assert row["state"] == "ok" and row["auth"] == newer and result["auth"] == newer
+
+
+def test_an_explicit_arena_mode_wins_over_the_mode_learned_before(tmp_path):
+    _, store, _ = parts(tmp_path)
+    store.set_site_params(arena_mode="direct")
+    assert parts(tmp_path, BRIDGE_ARENA_MODE="direct-battle")[2].arena_mode() == "direct-battle"
+    args = bridge.build_parser().parse_args(["--arena-mode", "direct-battle"])
+    settings = bridge.Settings.load(args, env={"BRIDGE_DB": str(tmp_path / "u.db")})
+    assert bridge.ArenaSite(settings, store, SlowSidecar()).arena_mode() == "direct-battle"
+
+
+def test_without_a_flag_the_learned_arena_mode_is_the_default(tmp_path):
+    _, store, site = parts(tmp_path)
+    assert site.arena_mode() == "direct-battle"
+    store.set_site_params(arena_mode="direct")
+    assert parts(tmp_path)[2].arena_mode() == "direct"
+
+
+def test_a_refused_mode_switches_for_this_run_even_when_the_flag_named_it(tmp_path):
+    _, store, site = parts(tmp_path, BRIDGE_ARENA_MODE="direct")
+    site.switch_mode()
+    assert site.arena_mode() == "direct-battle"
+    assert store.site_params()["arena_mode"] == "direct-battle"
