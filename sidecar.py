@@ -218,6 +218,7 @@ MINT_JS = "([action, sitekey, ms]) => window.__arenaBridge.mint(action, sitekey,
 CHAT_JS = "([id, request]) => window.__arenaBridge.chat(id, request, event => window.__arenaBridgeEmit(id, event))"
 ABORT_JS = "(id) => window.__arenaBridge.abort(id)"
 GRECAPTCHA_JS = "() => window.__arenaBridge.state().grecaptcha"
+PASSED_JS = "() => !window.__arenaBridge.state().interstitial"
 SCRIPT_ORIGIN_JS = "(n) => { const s = [...document.scripts].find(s => s.src.includes(n)); return s ? new URL(s.src).origin : null; }"
 
 # Sign-up only (the sidecar's anonymous accounts): render a Turnstile widget and wait for its token.
@@ -377,9 +378,8 @@ class Browser:
             env={**os.environ, **(display or {})})
         try:
             # The real UA minus "Headless": sites (and Cloudflare) reject HeadlessChrome.
-            probe = await self._browser.new_page()
-            self.user_agent = (await probe.evaluate("navigator.userAgent")).replace("HeadlessChrome", "Chrome")
-            await probe.close()
+            version = await (await self._browser.new_browser_cdp_session()).send("Browser.getVersion")
+            self.user_agent = version["userAgent"].replace("HeadlessChrome", "Chrome")
             self._context = await self.new_context()
         except BaseException:
             await self.close()  # half a launch would look "running" to the next call
@@ -535,23 +535,17 @@ class Browser:
     async def pass_interstitial(self, page: Any, context: Any, timeout: float) -> None:
         """Wait (bounded) until a Cloudflare interstitial on page clears; a no-op when there is none."""
         deadline = time.monotonic() + timeout
-        challenged = await self.is_interstitial(page)
-        if challenged:
-            log.info("Cloudflare interstitial on %s; waiting up to %.0fs", self.s.origin, timeout)
-        while challenged:
+        while await self.is_interstitial(page):
             if time.monotonic() > deadline:
                 raise TimeoutError("the Cloudflare challenge did not clear")
+            log.info("Cloudflare interstitial on %s; waiting for it to clear", self.s.origin)
             await self._click_turnstile(page)
-            await asyncio.sleep(0.5)
-            with contextlib.suppress(PlaywrightError):
+            with contextlib.suppress(PlaywrightError):  # the challenge reloads the page once it is passed
+                await page.wait_for_function(PASSED_JS, timeout=2000)
                 await page.wait_for_load_state("load", timeout=5000)
-            challenged = await self.is_interstitial(page)
-            if challenged and "cf_clearance" in await self.host_cookies(context):
+            if await self.is_interstitial(page) and "cf_clearance" in await self.host_cookies(context):
                 # The cookie is set but the page script has not reloaded yet: do it ourselves.
-                await asyncio.sleep(1.0)
-                if await self.is_interstitial(page):
-                    await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
-                    challenged = await self.is_interstitial(page)
+                await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
 
     @staticmethod
     async def _click_turnstile(page: Any) -> None:
