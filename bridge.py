@@ -1227,14 +1227,38 @@ def error_text(body: str) -> str:
     return title.group(1).strip() if title else body.strip()[:200]
 
 
+RETRY_AFTER_LEAST = 5.0       # `retry-after: 0` alone (or a date passed): a short wait, never a retry loop
+RETRY_AFTER_MOST = 86400.0    # anything longer (`inf`, a huge number) is absurd: a day, so no account is lost for ever
+QUOTA_COOLDOWN = 3600.0       # `retry-after: 0` beside a `ratelimit` header that names no reset: a used-up quota (U7)
+
+
+def retry_after_value(value: str) -> float | None:
+    """The seconds a Retry-After value says, delta-seconds or an HTTP date; None when it is neither."""
+    with contextlib.suppress(ValueError):
+        seconds = float(value)
+        return None if math.isnan(seconds) else seconds
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        from email.utils import parsedate_to_datetime
+        return parsedate_to_datetime(value).timestamp() - now()
+    return None
+
+
 def retry_after_seconds(headers: dict[str, str], body: str) -> float | None:
-    value = headers.get("retry-after")
-    if value:
-        with contextlib.suppress(ValueError):
-            return max(0.0, float(value))
-        with contextlib.suppress(TypeError, ValueError):
-            from email.utils import parsedate_to_datetime
-            return max(0.0, parsedate_to_datetime(value).timestamp() - now())
+    """How long LM Arena asked to wait, between RETRY_AFTER_LEAST and RETRY_AFTER_MOST; None when it did not
+    say (the caller's default applies). `retry-after: 0` is never "retry now": with a `ratelimit` header it
+    means a quota is used up until that header's reset (arena-protocol §0 U7), alone a short wait."""
+    seconds = asked_wait(headers, body)
+    return None if seconds is None else min(RETRY_AFTER_MOST, max(RETRY_AFTER_LEAST, seconds))
+
+
+def asked_wait(headers: dict[str, str], body: str) -> float | None:
+    """The wait an answer names, unbounded: Retry-After, else the modality or model quota headers."""
+    seconds = retry_after_value(headers.get("retry-after", "").strip())
+    if seconds is not None and seconds <= 0 and "ratelimit" in headers:
+        reset = re.search(r"\breset=(\d+)", headers["ratelimit"])
+        return float(reset.group(1)) if reset and int(reset.group(1)) > 0 else QUOTA_COOLDOWN
+    if seconds is not None:
+        return seconds
     if headers.get("ratelimit-modality") and headers.get("ratelimit-remaining"):
         with contextlib.suppress(ValueError):
             return float(headers["ratelimit-remaining"])
@@ -2605,7 +2629,8 @@ class TurnRunner:
 
     async def step_cool_down(self, failure: Failure) -> None:
         answer = failure.answer
-        self.pool.cool_down(failure.account, answer.retry_after or RATE_LIMIT_COOLDOWN,
+        asked = answer.retry_after
+        self.pool.cool_down(failure.account, RATE_LIMIT_COOLDOWN if asked is None else asked,
                             f"rate limited by LM Arena: {answer.message}")
         failure.tries.excluded.add(failure.account["id"])
 

@@ -68,6 +68,13 @@ def test_short_cool_down_allows_client_retries(fresh, api_key, arena):
     assert "x-should-retry" not in response.headers
 
 
+def test_a_429_with_retry_after_zero_cools_down_briefly_not_for_the_default_minute(fresh, api_key, arena):
+    [account_id] = fresh.set_accounts(arena.new_session())
+    arena.fault(times=1, status=429, headers={"retry-after": "0"}, body={"error": "Too Many Requests"})
+    assert post(fresh, api_key).status_code == 503
+    assert 0 < account_row(fresh, account_id)["cooldown_until"] - time.time() <= bridge.RETRY_AFTER_LEAST
+
+
 def test_expired_session_is_refreshed_by_the_page_before_sending(fresh, api_key, arena):
     expired = arena.new_session(lifetime=-60)
     [account_id] = fresh.set_accounts(expired)

@@ -163,3 +163,42 @@ def test_a_retry_after_becomes_a_header_and_a_long_one_says_not_to_retry():
     long = bridge.ApiError.from_arena(ArenaError("accounts_cooling_down", "x", retry_after=600))
     assert short.headers == {"Retry-After": "5"}
     assert long.headers == {"Retry-After": "600", "x-should-retry": "false"}
+
+
+# --- how long a 429 asks to wait ----------------------------------------------------------------------
+
+def wait(headers: dict[str, str]) -> float | None:
+    return Answer(429, headers, '{"error":"Too many requests"}').retry_after
+
+
+def test_retry_after_zero_beside_a_ratelimit_header_waits_for_its_reset():
+    assert wait({"retry-after": "0", "ratelimit": "limit=3, remaining=0, reset=600"}) == 600
+
+
+def test_retry_after_zero_beside_a_ratelimit_header_without_a_reset_is_a_used_up_quota():
+    u7 = {"retry-after": "0", "ratelimit-modality": "image", "ratelimit": "limit=0, remaining=0, reset=0"}
+    assert wait(u7) == bridge.QUOTA_COOLDOWN > 60
+
+
+def test_retry_after_zero_alone_is_a_short_wait_not_retry_now():
+    assert wait({"retry-after": "0"}) == bridge.RETRY_AFTER_LEAST
+    assert wait({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == bridge.RETRY_AFTER_LEAST
+
+
+@pytest.mark.parametrize("value", ["inf", "Infinity", "1e999", "99999999999999999999", "31536000"])
+def test_absurdly_long_retry_after_values_are_clamped_to_a_day(value):
+    assert wait({"retry-after": value}) == bridge.RETRY_AFTER_MOST == 86400
+
+
+@pytest.mark.parametrize("value", ["-5", "-inf"])
+def test_a_negative_retry_after_is_the_short_wait(value):
+    assert wait({"retry-after": value}) == bridge.RETRY_AFTER_LEAST
+
+
+@pytest.mark.parametrize("value", ["nan", "soon", ""])
+def test_a_retry_after_that_says_nothing_leaves_the_default_to_the_caller(value):
+    assert wait({"retry-after": value}) is None
+
+
+def test_an_ordinary_retry_after_is_kept():
+    assert wait({"retry-after": "30"}) == 30.0
