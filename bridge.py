@@ -967,25 +967,57 @@ def parse_account_input(text: str) -> AccountInput:
     return AccountInput(auth=session.value, form=session.form, cookies=extras, anonymous=session.anonymous)
 
 
-def add_account(store: Store, parsed: AccountInput, label: str = "", kind: str | None = None) -> int:
-    return store.add_account(
-        label=label, kind=kind or ("anonymous" if parsed.anonymous else "jwt" if parsed.form == "jwt" else "user"),
-        auth=parsed.auth, form=parsed.form, cookies=json.dumps(parsed.cookies), user_agent=None,
-        expires_at=Session(parsed.auth).expiry, state="ok", failures=0, last_used=0.0)
+def account_of(store: Store, session: Session) -> dict | None:
+    """The stored account of the session's LM Arena user (or holding this very value, when it names none)."""
+    owner = session.owner
+    return next((a for a in store.accounts()
+                 if a["auth"] == session.value or (owner and Session.of(a).owner == owner)), None)
+
+
+def add_account(store: Store, parsed: AccountInput, label: str = "", kind: str | None = None) -> tuple[int, str]:
+    """Store an account, recognised by its LM Arena user id: adding a user that is stored already updates
+    that account instead of adding a twin (twins break each other's refresh: refresh tokens are single-use).
+    The newer session wins, so that an old value (ARENA_AUTH_TOKENS at every start, after the site rotated
+    the session) never replaces the one the site rotated to; an expired or invalid account takes any.
+    Returns the account's id and what happened: "added", "updated" or "unchanged"."""
+    session = Session(parsed.auth, parsed.form)
+    held = account_of(store, session)
+    if held is None:
+        return store.add_account(
+            label=label, kind=kind or ("anonymous" if parsed.anonymous else "jwt" if parsed.form == "jwt" else "user"),
+            auth=parsed.auth, form=parsed.form, cookies=json.dumps(parsed.cookies), user_agent=None,
+            expires_at=session.expiry, state="ok", failures=0, last_used=0.0), "added"
+    newer = (session.expiry or 0) > (Session.of(held).expiry or 0)
+    if held["auth"] == parsed.auth or not (newer or held["state"] in ("expired", "invalid")):
+        return held["id"], "unchanged"
+    # A cool-down outlives a new session: the site's verdict was about the account, not its session.
+    store.update_account(held["id"], auth=parsed.auth, form=parsed.form, expires_at=session.expiry,
+                         cookies=json.dumps(parsed.cookies) if parsed.cookies else held["cookies"],
+                         state="cooling_down" if held["state"] == "cooling_down" else "ok", failures=0,
+                         last_error=None)
+    return held["id"], "updated"
+
+
+# What adding an account says, by what happened (the CLI and the dashboard add the id and the expiry).
+ADD_OUTCOMES = {
+    "added": "Account {id} added",
+    "updated": "Account {id} updated: it is the same LM Arena user; its new session is stored",
+    "unchanged": "Account {id} already holds this LM Arena user's session (the same or a newer one); nothing changed",
+}
 
 
 def import_env_accounts(store: Store, values: str) -> None:
-    """ARENA_AUTH_TOKENS: add each account not stored yet; a bad value is reported, never fatal."""
-    known = {a["auth"] for a in store.accounts()}
+    """ARENA_AUTH_TOKENS: add each account, or update the one of the same user (a session the site rotated
+    since is newer and stays); a bad value is reported, never fatal."""
     for raw in filter(None, (v.strip() for v in re.split(r"[,\n]", values))):
         try:
             parsed = parse_account_input(raw)
         except ValueError as exc:
             log.error("ARENA_AUTH_TOKENS: skipped one value: %s", exc)
             continue
-        if parsed.auth not in known:
-            add_account(store, parsed, label="from ARENA_AUTH_TOKENS")
-            known.add(parsed.auth)
+        account_id, outcome = add_account(store, parsed, label="from ARENA_AUTH_TOKENS")
+        if outcome != "unchanged":
+            log.info("ARENA_AUTH_TOKENS: %s", ADD_OUTCOMES[outcome].format(id=account_id))
 
 
 # =====================================================================================================
@@ -5693,8 +5725,8 @@ async def add_account_action(state: BridgeState, admin: Admin) -> Html:
         parsed = parse_account_input(admin.form.get("value", ""))
     except ValueError as exc:
         return note(exc, "bad")
-    account_id = add_account(state.store, parsed, label=admin.form.get("label", "").strip()[:100])
-    return note(f"Account {account_id} added ({'anonymous' if parsed.anonymous else parsed.form}).")
+    account_id, outcome = add_account(state.store, parsed, label=admin.form.get("label", "").strip()[:100])
+    return note(f"{ADD_OUTCOMES[outcome].format(id=account_id)} ({'anonymous' if parsed.anonymous else parsed.form}).")
 
 
 async def remove_account_action(state: BridgeState, admin: Admin) -> Html:
@@ -6086,9 +6118,10 @@ def add_token_command(settings: Settings, store: Store, args: argparse.Namespace
         parsed = parse_account_input(" ".join(args.value) if len(args.value) > 1 else args.value[0])
     except ValueError as exc:
         return print_error(f"error: {exc}", 2)
-    account_id = add_account(store, parsed, label="added from the CLI")
-    print(f"added account {account_id} ({'anonymous' if parsed.anonymous else parsed.form}), "
-          f"expires {format_time(Session(parsed.auth).expiry)}")
+    account_id, outcome = add_account(store, parsed, label="added from the CLI")
+    held = store.account(account_id) or {}
+    print(f"{ADD_OUTCOMES[outcome].format(id=account_id)} ({'anonymous' if parsed.anonymous else parsed.form}), "
+          f"expires {format_time(held.get('expires_at'))}")
     return 0
 
 

@@ -103,7 +103,7 @@ class BridgeProcess:
         """Replace all arena accounts with these (any input form)."""
         for account in self.store.accounts():
             self.store.remove_account(account["id"])
-        return [bridge.add_account(self.store, bridge.parse_account_input(v)) for v in values]
+        return [bridge.add_account(self.store, bridge.parse_account_input(v))[0] for v in values]
 
     def abandon_stream(self, key: str, body: dict, after: str) -> None:
         """Stream a chat and hang up as soon as a line containing `after` arrives, as a client that goes away."""

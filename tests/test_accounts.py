@@ -116,3 +116,49 @@ def test_a_sign_up_session_is_found_in_every_answer_shape():
     assert bridge.Session.from_signup({}, "base64-raw").value == "base64-raw"
     with pytest.raises(ValueError, match="no session"):
         bridge.Session.from_signup({}, {"ok": True})
+
+
+# --- one account per LM Arena user --------------------------------------------------------------------
+
+def user_session(user, exp_offset=3600):
+    """A session of one LM Arena user (the `sub` of its access token), unique by its expiry."""
+    claims = {"iss": "https://x.supabase.co/auth/v1", "sub": user, "exp": int(time.time()) + exp_offset}
+    jwt = "eyJhbGciOiJFUzI1NiJ9." + base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=") + ".s"
+    return bridge.Session.encode({"access_token": jwt, "refresh_token": f"r{exp_offset}",
+                                  "expires_at": claims["exp"], "user": {"id": user}}).value
+
+
+def test_thirty_adds_of_one_cookie_make_one_account(tmp_path):
+    store = bridge.Store(str(tmp_path / "a.db"))
+    value = user_session("user-1")
+    outcomes = [bridge.add_account(store, parse_account_input(value)) for _ in range(30)]
+    assert len(store.accounts()) == 1
+    assert outcomes[0][1] == "added" and {outcome for _, outcome in outcomes[1:]} == {"unchanged"}
+
+
+def test_adding_a_newer_session_of_a_stored_user_updates_that_account(tmp_path):
+    store = bridge.Store(str(tmp_path / "a.db"))
+    account_id, _ = bridge.add_account(store, parse_account_input(user_session("user-1", 600)))
+    store.update_account(account_id, state="expired", last_error="session expired")
+    newer = user_session("user-1", 7200)
+    assert bridge.add_account(store, parse_account_input(newer)) == (account_id, "updated")
+    [row] = store.accounts()
+    assert (row["auth"], row["state"], row["last_error"]) == (newer, "ok", None)
+
+
+def test_an_env_account_the_site_rotated_is_not_imported_again_at_the_next_start(tmp_path):
+    store = bridge.Store(str(tmp_path / "a.db"))
+    configured = user_session("user-1", 600)
+    bridge.import_env_accounts(store, configured)
+    [account] = store.accounts()
+    rotated = user_session("user-1", 3600)                # LM Arena rotated the session while answering
+    assert store.swap_account_auth(account["id"], configured, auth=rotated)
+    bridge.import_env_accounts(store, configured)         # the next start reads the same ARENA_AUTH_TOKENS
+    assert [a["auth"] for a in store.accounts()] == [rotated]
+
+
+def test_sessions_of_different_users_are_different_accounts(tmp_path):
+    store = bridge.Store(str(tmp_path / "a.db"))
+    for user in ("user-1", "user-2"):
+        bridge.add_account(store, parse_account_input(user_session(user)))
+    assert len(store.accounts()) == 2

@@ -210,6 +210,17 @@ def test_account_can_be_added_and_removed(admin, dash, arena):
     assert dash.store.account(int(added)) is None
 
 
+def test_adding_an_account_of_a_stored_user_updates_it_and_says_so(admin, dash, arena):
+    value = arena.new_session()
+    admin.goto(dash.url + "/dashboard/accounts")
+    for _ in range(2):
+        admin.fill("textarea[name=value]", value)
+        admin.click("button:text('Add account')")
+    added = re.search(r"Account (\d+) already holds this LM Arena user's session",
+                      admin.locator(".note.ok").inner_text()).group(1)
+    assert [a["id"] for a in dash.store.accounts() if a["auth"] == value] == [int(added)]
+
+
 def test_usage_page_draws_the_top_models_as_an_svg_chart(admin, dash):
     key = create_key(admin, dash.url, "charted")
     reply = httpx.post(dash.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,

@@ -121,3 +121,12 @@ def test_a_conversation_that_moved_on_is_not_offered_for_an_older_history(tmp_pa
     store.remember_conversation("after-turn-2", "eval-1", 1, "model", 1, turns=2)
     assert store.conversation_for("after-turn-1", ttl=60) is None
     assert store.conversation_for("after-turn-2", ttl=60)["turns"] == 2
+
+
+def test_tokens_add_of_a_stored_user_updates_its_account_and_says_so(arena, tmp_path):
+    value = arena.new_session()
+    add = lambda v: subprocess.run([sys.executable, f"{ROOT}/bridge.py", "--db", str(tmp_path / "b.db"), "tokens",
+                                    "add", v], capture_output=True, text=True, check=True).stdout
+    assert add(value).startswith("Account 1 added")
+    assert add(value).startswith("Account 1 already holds this LM Arena user's session")
+    assert len(bridge.Store(str(tmp_path / "b.db")).accounts()) == 1

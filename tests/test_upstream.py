@@ -42,7 +42,7 @@ def test_a_refresh_that_loses_its_compare_and_swap_leaves_the_account_usable(tmp
     settings, store, site = parts(tmp_path)
     pool = bridge.AccountPool(settings, store, site, site.sidecar)
     stale, _ = session_value(exp_offset=-60)
-    account_id = bridge.add_account(store, bridge.parse_account_input(stale))
+    account_id, _ = bridge.add_account(store, bridge.parse_account_input(stale))
     newer, _ = session_value(exp_offset=3600)
 
     async def page_refresh_while_another_writer_stores_a_session(account):
