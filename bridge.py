@@ -29,8 +29,9 @@ Contents:
     Tool emulation: requests  pure, for every API: tools, tool choice, formats -> instructions; tool history
     Tool emulation: replies   pure: <tool_call> blocks out of a streaming reply, the loop guard, JSON answers
     OpenAI chat tools       tools, tool_choice, response_format, refusals in; Ollama's model list out
+    Chat jobs               one chat request on the engine: plan, read for calls, ask once more, remember
     OpenAI images           image input (data: URIs, URLs) and image generation
-    OpenAI routes           chat completions, streaming, models, images: OPENAI_ROUTES
+    OpenAI routes           chat completions, streaming, models, images, probes: OPENAI_ROUTES
   Round 2 adds "Browser executor" sections after the sidecar client in Part II, which the turn runner uses.
 
   Part IV: Agent APIs (SPEC §7.2, §7.3: Claude Code, Codex CLI)
@@ -2414,6 +2415,7 @@ class TurnPlan:
     followup: dict | None = None        # conversations row: evaluation_id, account_id
     followup_content: str = ""
     attempts: int = 0                   # upstream requests sent for it so far, across all retries
+    dropped: int = 0                    # the earliest turns left out of new_content, to stay within the limit
     opened: OpenedTurn | None = None    # the turn that answered, once one did
 
 
@@ -3344,14 +3346,18 @@ def completion_usage(prompt_text: str, builder: ReplyBuilder) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_object(completion_id: str, created: int, model: str, builder: ReplyBuilder, usage: dict) -> dict:
-    message: dict[str, Any] = {"role": "assistant", "content": builder.full_content, "refusal": None,
-                               "annotations": builder.annotations}
+def completion_object(completion_id: str, created: int, model: str, builder: ReplyBuilder, usage: dict,
+                      content: str, calls: list[ToolCall], finish_reason: str) -> dict:
+    """The whole reply; `content` is what the client sees of the text (tool-call blocks taken out), null
+    beside calls when there is none, as OpenAI answers."""
+    message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""),
+                               "refusal": None, "annotations": builder.annotations}
+    if calls:
+        message["tool_calls"] = [chat_tool_call(call) for call in calls]
     if builder.reasoning:
         message["reasoning_content"] = "".join(builder.reasoning)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": openai_finish_reason(builder.finish_reason)}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage}
 
 
@@ -4068,6 +4074,155 @@ def ollama_models(models: list[dict], at: float) -> dict:
 
 
 # =====================================================================================================
+# Chat jobs
+# =====================================================================================================
+# One chat request on the conversation engine, whatever API it came in: the turn planned (a follow-up
+# when LM Arena holds the history), the reply read for tool calls and formats, asked once more when the
+# policy says so (judge_reply), and the conversation remembered for the next turn. An API section turns
+# the job's output items into its own events.
+
+TRIMMED_HEADER = "x-bridge-history-trimmed"     # how many of the earliest turns were left out
+
+
+@dataclasses.dataclass
+class ChatJob:
+    """One chat request from validation to the recorded result."""
+    state: BridgeState
+    key: dict
+    chat: ChatRequest
+    plan: TurnPlan
+    started: float
+    tools: ToolConfig = ToolConfig()
+    output: OutputFormat = OutputFormat()
+    completion_id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
+    created: int = dataclasses.field(default_factory=lambda: int(now()))
+    builder: ReplyBuilder = dataclasses.field(default_factory=ReplyBuilder)
+    content: list[str] = dataclasses.field(default_factory=list)     # the content relayed
+    calls: list[ToolCall] = dataclasses.field(default_factory=list)
+
+    def events(self) -> AsyncGenerator[Event, None]:
+        return self.state.turns.events(self.plan, now() + self.state.settings.request_timeout)
+
+    async def outputs(self) -> AsyncGenerator[tuple[str, Any], None]:
+        """What to relay, in order: ("content" | "reasoning", text), ("call", (index, ToolCall)),
+        ("annotated", (text, annotations)) and ("ping", ""). A reply the policy asks again for (judge_reply)
+        is held back whole, so nothing of it was relayed; the next reply replaces it."""
+        for attempt in range(REPLY_RETRIES + 1):
+            self.builder = ReplyBuilder()
+            parser = ToolCallParser(self.tools, self.output, seed=f"{self.completion_id}:{attempt}")
+            async with contextlib.aclosing(self.events()) as events:
+                async for event in events:
+                    for item in self.fold(parser, event):
+                        yield item
+            tail = parser.feed(self.builder.finish()) + parser.close()
+            verdict = judge_reply(parser, attempt)
+            if verdict.action == "ask_again":
+                log.info("asking once more in the same conversation: %s", verdict.problem or "no tool call")
+                self.ask_again(parser, verdict.prompt)
+                continue
+            if verdict.action == "fail":
+                raise InvalidModelOutput(verdict.problem)
+            for item in self.finish(tail, verdict.content):
+                yield item
+            return
+
+    def fold(self, parser: ToolCallParser, event: Event) -> list[tuple[str, Any]]:
+        if event.kind == "heartbeat":
+            return [("ping", "")]
+        delta = self.builder.add(event)
+        if delta is None:
+            return []
+        if delta[0] == "reasoning":
+            return [delta]
+        return self.relay(parser.feed(delta[1]))
+
+    def relay(self, events: list[ToolEvent]) -> list[tuple[str, Any]]:
+        items: list[tuple[str, Any]] = []
+        for event in events:
+            if event.kind == "text":
+                self.content.append(event.text)
+                items.append(("content", event.text))
+            elif event.call is not None:
+                items.append(("call", (len(self.calls), event.call)))
+                self.calls.append(event.call)
+        return items
+
+    def finish(self, tail: list[ToolEvent], held: str) -> list[tuple[str, Any]]:
+        """The last items: the end of the reply, and the text held back (or the JSON answer replacing it);
+        with citations, the closing text carries the annotations, as OpenAI streams them."""
+        items = self.relay([*tail, ToolEvent("text", held)] if held else tail)
+        if not self.builder.annotations:
+            return items
+        text = "".join(value for kind, value in items if kind == "content")
+        return [item for item in items if item[0] != "content"] + [("annotated", (text, self.builder.annotations))]
+
+    def ask_again(self, parser: ToolCallParser, prompt: str) -> None:
+        """The next turn of the same evaluation asks again; the reply that failed stays in it (the model
+        sees what it is corrected for), and a new evaluation, if one must be opened, carries it too."""
+        opened = self.plan.opened
+        history = [*self.chat.messages, Message("assistant", parser.text, [], tool_calls=parser.calls),
+                   Message("user", prompt, [])]
+        content, _ = render_transcript(agent_messages(history, self.tools, self.output),
+                                       self.state.settings.max_prompt_chars)
+        followup = None if opened is None else {"evaluation_id": opened.evaluation_id,
+                                                "account_id": opened.account_id, "turns": opened.turns}
+        self.plan = dataclasses.replace(self.plan, new_content=content, images=[], followup=followup,
+                                        followup_content=prompt, opened=None)
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.calls else openai_finish_reason(self.builder.finish_reason)
+
+    def usage(self) -> dict:
+        return completion_usage(self.plan.new_content, self.builder)
+
+    def succeeded(self) -> None:
+        """Remember which evaluation now holds this exact history, for the next turn's follow-up."""
+        opened = self.plan.opened
+        if opened is None:
+            return
+        reply = Message("assistant", "".join(self.content), [], tool_calls=self.calls)
+        fingerprint = conversation_fingerprint(self.key["id"], self.chat.model, [*self.chat.messages, reply])
+        self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
+                                               self.plan.model["id"], self.key["id"], opened.turns)
+
+    def fail(self, error: Exception) -> ApiError:
+        """Record a failure of this job and turn it into the OpenAI error to answer with."""
+        api_error = api_error_for(error)
+        self.record(api_error.status, error=api_error.code)
+        return api_error
+
+    def record(self, status: int, usage: dict | None = None, error: str | None = None) -> None:
+        usage = usage or {}
+        self.state.usage.add(self.key["id"], self.chat.model, status, self.started,
+                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """A history trimmed to fit is said, never silent (the log has it too)."""
+        trimmed = self.plan.dropped and self.plan.followup is None
+        return {TRIMMED_HEADER: str(self.plan.dropped)} if trimmed else {}
+
+
+def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict, tools: ToolConfig = ToolConfig(),
+              output: OutputFormat = OutputFormat()) -> TurnPlan:
+    """A follow-up when the history before the new turn is held on LM Arena; else the whole history."""
+    settings = state.settings
+    content, dropped = render_transcript(agent_messages(chat.messages, tools, output), settings.max_prompt_chars)
+    if dropped:
+        log.info("history longer than %d characters: the %d earliest turns were left out",
+                 settings.max_prompt_chars, dropped)
+    followup = None
+    start = new_turn_start(chat.messages)
+    if 0 < start < len(chat.messages):
+        fingerprint = conversation_fingerprint(key["id"], chat.model, chat.messages[:start])
+        followup = state.store.conversation_for(fingerprint, settings.conversation_ttl)
+    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=[],
+                    followup=followup, followup_content=followup_text(chat.messages, start, tools, output),
+                    dropped=dropped)
+
+
+# =====================================================================================================
 # OpenAI images
 # =====================================================================================================
 
@@ -4337,55 +4492,13 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
-@dataclasses.dataclass
-class ChatJob:
-    """One chat request from validation to the recorded result."""
-    state: BridgeState
-    key: dict
-    chat: ChatRequest
-    plan: TurnPlan
-    started: float
-    completion_id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
-    created: int = dataclasses.field(default_factory=lambda: int(now()))
-
-    def events(self) -> AsyncGenerator[Event, None]:
-        return self.state.turns.events(self.plan, now() + self.state.settings.request_timeout)
-
-    def succeeded(self, builder: ReplyBuilder) -> None:
-        """Remember which evaluation now holds this exact history, for the next turn's follow-up."""
-        opened = self.plan.opened
-        if opened is None:
-            return
-        history = [*self.chat.messages, Message("assistant", builder.full_content, [])]
-        fingerprint = conversation_fingerprint(self.key["id"], self.chat.model, history)
-        self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
-                                               self.plan.model["id"], self.key["id"], opened.turns)
-
-    def fail(self, error: Exception) -> ApiError:
-        """Record a failure of this job and turn it into the OpenAI error to answer with."""
-        api_error = api_error_for(error)
-        self.record(api_error.status, error=api_error.code)
-        return api_error
-
-    def record(self, status: int, usage: dict | None = None, error: str | None = None) -> None:
-        usage = usage or {}
-        self.state.usage.add(self.key["id"], self.chat.model, status, self.started,
-                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error)
-
-
-def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict) -> TurnPlan:
-    settings = state.settings
-    content, dropped = render_transcript(chat.messages, settings.max_prompt_chars)
-    if dropped:
-        log.info("history longer than %d characters: the %d earliest turns were left out",
-                 settings.max_prompt_chars, dropped)
-    followup = None
-    last = chat.messages[-1]
-    if len(chat.messages) > 1 and last.role == "user":
-        fingerprint = conversation_fingerprint(key["id"], chat.model, chat.messages[:-1])
-        followup = state.store.conversation_for(fingerprint, settings.conversation_ttl)
-    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=[],
-                    followup=followup, followup_content=render_message(last, describe_images=False))
+OUTPUT_ENCODERS: dict[str, Callable[[ChunkEncoder, Any], str]] = {
+    "content": ChunkEncoder.content,
+    "reasoning": ChunkEncoder.reasoning,
+    "call": lambda encoder, value: encoder.delta(tool_calls=[chat_tool_call(value[1], value[0])]),
+    "annotated": lambda encoder, value: encoder.delta(content=value[0], annotations=value[1]),
+    "ping": lambda encoder, value: ": ping\n\n",
+}
 
 
 async def accepted_post(request: Request) -> tuple[BridgeState, dict, float, Any]:
@@ -4410,38 +4523,37 @@ async def chat_completions(request: Request) -> Response:
     state, key, started, body = await accepted_post(request)
     chat = parse_chat_request(body)
     with recorded_refusals(state, key, chat.model, started):
+        refuse_unsupported(body)
+        tools, output = parse_chat_tools(body), parse_response_format(body.get("response_format"))
+        check_tool_loop(chat.messages)
         model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
-        plan = plan_turn(state, key, chat, model)
+        plan = plan_turn(state, key, chat, model, tools, output)
         plan.images = await load_images(chat.messages, model, state.settings, state.site.http,
                                         with_history=plan.followup is None)
-    job = ChatJob(state, key, chat, plan, started)
+    job = ChatJob(state, key, chat, plan, started, tools, output)
     if chat.stream:
         return await stream_chat(job)
     return await complete_chat(job)
 
 
 async def run_to_end(job: ChatJob) -> ReplyBuilder:
-    """A turn that is not streamed: the whole reply folded into a builder. A failure is recorded and
-    raised as an API error."""
-    builder = ReplyBuilder()
-    events = job.events()
+    """A turn that is not streamed: the whole reply read. A failure is recorded and raised as an API error."""
     try:
-        async for event in events:
-            builder.add(event)
+        async with contextlib.aclosing(job.outputs()) as outputs:
+            async for _ in outputs:
+                pass
     except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         raise job.fail(error) from None
-    finally:
-        await events.aclose()
-    builder.finish()
-    return builder
+    return job.builder
 
 
 async def complete_chat(job: ChatJob) -> Response:
     builder = await run_to_end(job)
-    usage = completion_usage(job.plan.new_content, builder)
-    job.succeeded(builder)
+    usage = job.usage()
+    job.succeeded()
     job.record(200, usage)
-    return JSONResponse(completion_object(job.completion_id, job.created, job.chat.model, builder, usage))
+    return JSONResponse(completion_object(job.completion_id, job.created, job.chat.model, builder, usage,
+                                          "".join(job.content), job.calls, job.finish_reason), headers=job.headers)
 
 
 async def image_generations(request: Request) -> Response:
@@ -4466,14 +4578,14 @@ async def image_generations(request: Request) -> Response:
         data = [await image_item(state.site.http, url, ask.response_format) for url in builder.images]
     except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         raise job.fail(error) from None
-    job.record(200, completion_usage(job.plan.new_content, builder))
+    job.record(200, job.usage())
     return JSONResponse({"created": job.created, "data": data})
 
 
 async def stream_chat(job: ChatJob) -> Response:
-    """Wait (up to one ping interval) for the first event, so that a failure before any byte is a plain
+    """Wait (up to one ping interval) for the first item, so that a failure before any byte is a plain
     HTTP error; after that, errors become an SSE error event followed by [DONE]."""
-    pump = Prefetcher(job.events(), ahead=16)
+    pump = Prefetcher(job.outputs(), ahead=16)
     interval = job.state.settings.ping_interval
     try:
         first = await pump.next(interval)
@@ -4484,36 +4596,28 @@ async def stream_chat(job: ChatJob) -> Response:
         await pump.aclose()
         raise
     return StreamingResponse(sse_body(job, pump, first), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **job.headers})
 
 
-def sse_burst(event: Any, pump: Prefetcher, builder: ReplyBuilder, encoder: ChunkEncoder) -> tuple[str, Any, Exception | None]:
-    """Every event already pulled, from `event` on, as one write (a write per event was most of a
-    stream's cost); then the next event (None: none pulled yet; or END) and a failure that came after
-    them, for the caller to raise once the write is out."""
+def sse_burst(item: Any, pump: Prefetcher, encoder: ChunkEncoder) -> tuple[str, Any, Exception | None]:
+    """Every item already pulled, from `item` on, as one write (a write per item was most of a stream's
+    cost); then the next item (None: none pulled yet; or END) and a failure that came after them, for the
+    caller to raise once the write is out."""
     parts: list[str] = []
     try:
-        while event is not Prefetcher.END:
-            if event is None or event.kind == "heartbeat":
-                parts.append(": ping\n\n")
-            else:
-                delta = builder.add(event)
-                if delta is not None:
-                    parts.append(encoder.content(delta[1]) if delta[0] == "content" else encoder.reasoning(delta[1]))
-            event = pump.ready()
-            if event is None:
+        while item is not Prefetcher.END:
+            parts.append(": ping\n\n" if item is None else OUTPUT_ENCODERS[item[0]](encoder, item[1]))
+            item = pump.ready()
+            if item is None:
                 break
-    except Exception as error:  # noqa: BLE001 - handed back, raised by the caller after the events before it
+    except Exception as error:  # noqa: BLE001 - handed back, raised by the caller after the items before it
         return "".join(parts), None, error
-    return "".join(parts), event, None
+    return "".join(parts), item, None
 
 
-def sse_ending(job: ChatJob, builder: ReplyBuilder, encoder: ChunkEncoder, tail: str, usage: dict) -> Iterator[str]:
-    """The chunks after the last event: the reply's tail (held-back text, images, sources), the finish
-    reason, usage, [DONE]."""
-    if tail:
-        yield encoder.delta(content=tail, annotations=builder.annotations) if builder.annotations else encoder.content(tail)
-    yield encoder.finish(openai_finish_reason(builder.finish_reason))
+def sse_ending(job: ChatJob, encoder: ChunkEncoder, usage: dict) -> Iterator[str]:
+    """The chunks after the last item: the finish reason, usage, [DONE]."""
+    yield encoder.finish(job.finish_reason)
     if job.chat.include_usage:
         yield encoder.usage(usage)
     yield "data: [DONE]\n\n"
@@ -4521,24 +4625,22 @@ def sse_ending(job: ChatJob, builder: ReplyBuilder, encoder: ChunkEncoder, tail:
 
 async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[str]:
     encoder = ChunkEncoder(job.completion_id, job.created, job.chat.model, job.chat.include_usage)
-    builder = ReplyBuilder()
     interval = job.state.settings.ping_interval
     yield encoder.delta(role="assistant", content="")
     try:
-        event = first
-        while event is not Prefetcher.END:
-            text, event, error = sse_burst(event, pump, builder, encoder)
+        item = first
+        while item is not Prefetcher.END:
+            text, item, error = sse_burst(item, pump, encoder)
             if text:
                 yield text
             if error is not None:
                 raise error
-            if event is None:
-                event = await pump.next(interval)
-        tail = builder.finish()
-        usage = completion_usage(job.plan.new_content, builder)
-        for chunk in sse_ending(job, builder, encoder, tail, usage):
+            if item is None:
+                item = await pump.next(interval)
+        usage = job.usage()
+        for chunk in sse_ending(job, encoder, usage):
             yield chunk
-        job.succeeded(builder)
+        job.succeeded()
         job.record(200, usage)
     except asyncio.CancelledError:
         job.record(499, error="client_disconnected")
@@ -4549,6 +4651,29 @@ async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[
         await pump.aclose()
 
 
+UNSUPPORTED_ENDPOINTS = {       # path under /v1 -> why LM Arena cannot serve it
+    "embeddings": "LM Arena has no embedding models",
+    "completions": "LM Arena serves chat models only: use /v1/chat/completions",
+    "audio/{rest:path}": "LM Arena's models neither transcribe nor speak audio",
+}
+
+
+def unsupported_endpoint(why: str) -> Callable[[Request], Awaitable[Response]]:
+    async def answer(request: Request) -> Response:
+        authenticate(request)
+        raise ApiError(400, f"{request.url.path} cannot be served: {why}.", "unsupported_endpoint")
+    return answer
+
+
+async def ollama_probe(request: Request) -> Response:
+    """Ollama's /api/tags, /api/ps and /api/version, for clients that check for an Ollama server (OpenWebUI):
+    the model list in its shape, without a key, as Ollama answers."""
+    if request.url.path.endswith("/version"):
+        return JSONResponse({"version": OLLAMA_VERSION})
+    return JSONResponse(ollama_models(await bridge(request).models(), bridge(request).store.site_params_updated()
+                                      or now()))
+
+
 def openai_routes() -> list[Route]:
     """The OpenAI API, under /v1 and under /api/v1."""
     routes = []
@@ -4556,6 +4681,10 @@ def openai_routes() -> list[Route]:
         routes += [Route(f"{prefix}/models", list_models),
                    Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
                    Route(f"{prefix}/images/generations", image_generations, methods=["POST"])]
+        routes += [Route(f"{prefix}/{path}", unsupported_endpoint(why), methods=["GET", "POST"])
+                   for path, why in UNSUPPORTED_ENDPOINTS.items()]
+    for prefix in ("", "/api/v1"):
+        routes += [Route(f"{prefix}/api/{probe}", ollama_probe) for probe in ("tags", "ps", "version")]
     return routes
 
 
