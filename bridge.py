@@ -3759,7 +3759,12 @@ class ToolCallParser:
 
     def feed(self, delta: str) -> list[ToolEvent]:
         events: list[ToolEvent] = []
-        if not self.names or (not self.pending and "<" not in delta and "`" not in delta):
+        if not self.names:                  # nothing can be a call: the text passes as it came, delta by delta
+            if delta:
+                self.parts.append(delta)
+                self._relay(delta, events)
+            return events
+        if not self.pending and "<" not in delta and "`" not in delta:
             self._text(delta, events)       # the common delta: plain text, nothing undecided before it
             return events
         self.pending += delta

@@ -526,3 +526,9 @@ def test_an_assistant_message_with_tool_calls_and_a_tool_result_are_read():
         {"role": "tool", "tool_call_id": "call_1", "content": "done"}]})
     assert chat.messages[1].tool_calls == [ToolCall("call_1", "f", "{}")]
     assert (chat.messages[2].role, chat.messages[2].tool_call_id, chat.messages[2].text) == ("tool", "call_1", "done")
+
+
+def test_without_callable_tools_the_text_passes_delta_by_delta_as_it_came():
+    parser = ToolCallParser(ToolConfig(), TEXT, seed="s")
+    assert [texts(parser.feed(piece)) for piece in ("line 1\n", "line 2\n", "  ")] == ["line 1\n", "line 2\n", "  "]
+    assert parser.text == "line 1\nline 2\n  "
