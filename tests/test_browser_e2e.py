@@ -43,10 +43,13 @@ def browser_bridge(arena, tmp_path_factory):
 
 @pytest.fixture
 def bb(arena, browser_bridge):
-    """The browser bridge with default emulator knobs (reCAPTCHA required) and one fresh account."""
+    """The browser bridge with default emulator knobs (reCAPTCHA required) and one fresh account. The knobs
+    are reset afterwards too: a bridge started by a later test (a Cloudflare challenge left on would stop
+    its discovery) must not depend on the order the tests ran in."""
     arena.reset()
     browser_bridge.set_accounts(arena.new_session())
-    return browser_bridge
+    yield browser_bridge
+    arena.reset()
 
 
 @pytest.fixture
