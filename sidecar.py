@@ -50,6 +50,20 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when our parent (the bridge) dies, however it dies (Linux only). The
+    kernel watches the thread that started us: the bridge's event loop thread, which lives as long as it."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        print("sidecar: PR_SET_PDEATHSIG is not available: it may outlive a crashed bridge", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    die_with_parent()  # before the imports below, which take up to a second: the bridge may die meanwhile
+
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from playwright.async_api import Error as PlaywrightError
@@ -89,7 +103,6 @@ CLEARANCE_TIMEOUT = 30.0
 REAL_SITE_HOSTS = ("arena.ai", "lmarena.ai")
 CLOUDFLARE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid")
 XVFB_SCREEN = "-screen 0 1920x1080x24"
-PR_SET_PDEATHSIG = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +140,8 @@ def need(body: dict, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Process: parent death, memory, the browser binary, a virtual display
+# Process: memory, the browser binary, a virtual display
 # ---------------------------------------------------------------------------------------------
-
-
-def die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when our parent (the bridge) dies, however it dies (Linux only). The
-    kernel watches the thread that started us: the bridge's event loop thread, which lives as long as it."""
-    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        log.warning("PR_SET_PDEATHSIG is not available: the sidecar may outlive a crashed bridge")
 
 
 def rss_mb(root_pid: int) -> float:
@@ -772,7 +777,6 @@ async def main_async(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()  # first: the bridge may die while we start
     p = argparse.ArgumentParser(description="Playwright browser sidecar for the LM Arena bridge")
     p.add_argument("--socket", required=True, help="Unix socket path")
     p.add_argument("--arena-url", required=True, help="LM Arena base URL")
