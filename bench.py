@@ -42,6 +42,12 @@ import bridge  # noqa: E402
 
 HOST = "127.0.0.1"
 PROMPT = "bench"
+# Phase 7: what an agent sends (20 function tools) and what its model answers with (a call after the text).
+TOOLS = [{"type": "function", "function": {
+    "name": f"tool_{i}", "description": f"Bench tool {i}: reads or writes the file at `path`, `count` times.",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "count": {"type": "integer"}},
+                   "required": ["path"]}}} for i in range(20)]
+CALL = '<tool_call>{"name": "tool_7", "arguments": {"path": "/tmp/bench.txt", "count": 3}}</tool_call>'
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -337,8 +343,8 @@ def expected_lines(n: int) -> str:
     return "".join(f"line {i}\n" for i in range(1, n + 1))
 
 
-def sse_text(body: bytes) -> str:
-    """The content of an OpenAI SSE stream; raises unless it ends with finish_reason stop and [DONE]."""
+def sse_text(body: bytes, expect_finish: str = "stop") -> str:
+    """The content of an OpenAI SSE stream; raises unless it ends with `expect_finish` and [DONE]."""
     parts, finish, done = [], None, False
     for event in body.decode("utf-8").split("\n\n"):
         if not event or event.startswith(":"):
@@ -352,9 +358,16 @@ def sse_text(body: bytes) -> str:
         for choice in obj["choices"]:
             parts.append(choice["delta"].get("content") or "")
             finish = choice.get("finish_reason") or finish
-    if not done or finish != "stop":
-        raise ValueError(f"stream ended without stop/[DONE] (finish={finish}, done={done})")
+    if not done or finish != expect_finish:
+        raise ValueError(f"stream ended without {expect_finish}/[DONE] (finish={finish}, done={done})")
     return "".join(parts)
+
+
+def sse_calls(body: bytes) -> list[dict]:
+    """The tool_calls deltas of an OpenAI SSE stream."""
+    events = [json.loads(e[len("data: "):]) for e in body.decode("utf-8").split("\n\n")
+              if e.startswith("data: {")]
+    return [call for obj in events for choice in obj["choices"] for call in choice["delta"].get("tool_calls", [])]
 
 
 def arena_text(body: bytes) -> str:
@@ -368,18 +381,21 @@ class Target:
     """How to send one chat turn to the bridge (OpenAI) or straight to the emulator (create-evaluation
     with the body and headers the bridge itself would send)."""
 
-    def __init__(self, bench: "Bench", direct: bool):
-        self.bench, self.direct = bench, direct
+    def __init__(self, bench: "Bench", direct: bool, tools: bool = False):
+        self.bench, self.direct, self.tools = bench, direct, tools
 
     def request(self, stream: bool) -> tuple[str, bytes, dict[str, str]]:
         b = self.bench
         if self.direct:
             body = bridge.chat_body(evaluation_id=bridge.uuid7(), model_id=b.model["id"], content=PROMPT,
-                                    modality="chat", attachments=[], mode=b.settings.arena_mode, token=None)
+                                    modality="chat", attachments=[], token=None,
+                                    mode=b.settings.arena_mode or bridge.DEFAULT_ARENA_MODE)
             return ("/nextjs-api/stream/create-evaluation", json.dumps(body, ensure_ascii=False).encode(),
                     b.direct_headers)
-        body = {"model": b.model["publicName"], "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
+        body = {"model": b.model["publicName"], "messages": [{"role": "user", "content": PROMPT}], "stream": stream,
+                **({"tools": TOOLS} if self.tools else {})}
         return "/v1/chat/completions", json.dumps(body).encode(), b.bridge_headers
+
 
     @property
     def port(self) -> int:
@@ -655,9 +671,61 @@ class Bench:
                           f"{cpu_shares(used, time.perf_counter() - t_start)}")
         self.row("6 relay rate, one 10,000-line stream", rates[False], "lines/s", ">= 20,000 lines/s",
                  median(rates[False]) >= 20_000, fmt="{:,.0f}")
+        self.plain_rate = median(rates[False])
         per_line = used["bridge"] / ((runs + 1) * lines) * 1e6
         self.row("    bridge CPU per relayed line", [per_line], "us", fmt="{:.1f}", n=runs + 1)
         self.row("    emulator alone (direct)", rates[True], "lines/s", fmt="{:,.0f}")
+        self.plain_cpu_per_line = per_line
+
+    # --- 7: tools ------------------------------------------------------------------------------------
+    def tool_latency(self, runs: int) -> tuple[list[float], list[float]]:
+        """The added latency (ms) of a one-line reply, without and with TOOLS in the request: both through
+        the bridge, alternating with direct requests, so that drift hits all three alike."""
+        self.emulator.configure(lines=1)
+        targets = (Target(self, True), Target(self, False), Target(self, False, tools=True))
+        session: curl.Session[curl.Response] = curl.Session(impersonate=self.settings.impersonate)
+        times: dict[tuple[bool, bool], list[float]] = {(t.direct, t.tools): [] for t in targets}
+        warmup = max(20, runs // 10)
+        for i in range(warmup + runs):
+            for target in targets[i % 3:] + targets[:i % 3]:
+                path, body, headers = target.request(False)
+                t0 = time.perf_counter()
+                response = session.post(target.base + path, data=body, headers=headers, timeout=30,
+                                        discard_cookies=True)
+                elapsed = (time.perf_counter() - t0) * 1000
+                if response.status_code != 200 or target.text(response.content, False) != "line 1\n":
+                    raise RuntimeError(f"tool latency: bad reply {response.status_code} {response.content[:300]!r}")
+                if i >= warmup:
+                    times[(target.direct, target.tools)].append(elapsed)
+        session.close()
+        direct = times[(True, False)]
+        return ([b - d for b, d in zip(times[(False, False)], direct)],
+                [b - d for b, d in zip(times[(False, True)], direct)])
+
+    def tool_relay(self, runs: int, lines: int = 10_000) -> None:
+        """One long stream with 20 tool definitions that ends in a call: every line passes the tool-call
+        parser, and the call goes out as tool_calls."""
+        script = [[f"a0:{json.dumps(f'line {i}{chr(10)}')}" for i in range(1, lines + 1)]
+                  + [f"a0:{json.dumps(CALL[i:i + 16])}" for i in range(0, len(CALL), 16)]
+                  + ['ad:{"finishReason":"stop"}']]
+        expected, target, rates = expected_lines(lines), Target(self, False, tools=True), []
+        before, t_start = self.cpu_snapshot(), time.perf_counter()
+        for i in range(runs + 1):
+            self.emulator.configure(script=script)
+            path, body, headers = target.request(True)
+            reply = asyncio.run(http_post(target.port, path, body, headers))
+            if (reply.status != 200 or sse_text(reply.body, "tool_calls") != expected.rstrip("\n")
+                    or [c["function"]["name"] for c in sse_calls(reply.body)] != ["tool_7"]):
+                raise RuntimeError(f"tool relay: bad reply {reply.status} {reply.body[-300:]!r}")
+            if i:
+                rates.append(lines / (reply.ended - reply.started))
+        used = self.cpu_delta(before)
+        self.notes.append(f"tool relay phase: CPU {cpu_shares(used, time.perf_counter() - t_start)}")
+        self.row("7 relay rate with 20 tools, ending in a call", rates, "lines/s", ">= 90% of phase 6",
+                 median(rates) >= 0.9 * self.plain_rate, fmt="{:,.0f}")
+        per_line = used["bridge"] / ((runs + 1) * lines) * 1e6
+        self.row("    bridge CPU per relayed line", [per_line], "us", "<= 110% of phase 6",
+                 per_line <= 1.1 * self.plain_cpu_per_line, fmt="{:.1f}", n=runs + 1)
 
     # --- 5: cold start ------------------------------------------------------------------------------
     def cold_start(self, runs: int) -> None:
@@ -736,6 +804,12 @@ class Bench:
                           f"{self.first_round_peak:.0f}")
         print("6. relay rate (one long stream)", flush=True)
         self.relay(2 if q else 8)
+        print("7. tools (20 definitions; a streamed call)", flush=True)
+        plain, tools = self.tool_latency(200 if q else 1000)
+        self.row("7 added latency with 20 tools, non-streaming", tools, "ms", "<= 110% without",
+                 median(tools) <= 1.1 * median(plain))
+        self.row("    the same requests without tools", plain, "ms")
+        self.tool_relay(2 if q else 8)
         self.stop_profile()
         self.bridge.stop()
         print("5. cold start", flush=True)
