@@ -6072,20 +6072,31 @@ def dashboard_routes() -> list[Route]:
 # App
 # =====================================================================================================
 
+def may_see_details(request: Request) -> bool:
+    """An API key or a dashboard session. The health route is public (a platform's checks call it without
+    credentials, and on Fly anyone can), so without either it shows no account's label or error."""
+    if current_session(request) is not None:
+        return True
+    try:
+        authenticate(request)
+    except ApiError:
+        return False
+    return True
+
+
 async def health(request: Request) -> Response:
-    """Liveness and readiness from local state only: never calls LM Arena, never starts a browser."""
+    """Liveness and readiness from local state only: never calls LM Arena, never starts a browser. Without
+    credentials only the status and counts; with them each account and the sidecar too."""
     state = bridge(request)
     at = now()
     accounts = state.store.accounts()
     usable = [a for a in accounts if is_usable(a, at)]
     models = state.store.model_count()
-    checks = {
-        "accounts": {"usable": len(usable), "total": len(accounts),
-                     "items": [{f: a[f] for f in ACCOUNT_PUBLIC_FIELDS} | {"state": account_state(a, at)}
-                               for a in accounts]},
-        "models": {"known": models},
-        "sidecar": await state.sidecar.status(),
-    }
+    checks: dict[str, Any] = {"accounts": {"usable": len(usable), "total": len(accounts)}, "models": {"known": models}}
+    if may_see_details(request):
+        checks["accounts"]["items"] = [{f: a[f] for f in ACCOUNT_PUBLIC_FIELDS} | {"state": account_state(a, at)}
+                                       for a in accounts]
+        checks["sidecar"] = await state.sidecar.status()
     status = "ok" if usable and models else "degraded"
     return JSONResponse({"status": status, "checks": checks})
 

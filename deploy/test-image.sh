@@ -257,7 +257,7 @@ recaptcha_chat() {  # recaptcha_chat TEXT HEADFUL: a chat whose token Chromium m
   reply=$(json 'd["choices"][0]["message"]["content"]' <"$work/chat.json" 2>/dev/null) ||
     fail "the chat failed: $(head -c 400 "$work/chat.json")"
   [[ $reply == *"$1"* ]] || fail "unexpected reply: $reply"
-  sidecar=$(curl -sf "$bridge/api/v1/health" | json 'd["checks"]["sidecar"]["state"], d["checks"]["sidecar"].get("headful")')
+  sidecar=$(curl -sf -H "Authorization: Bearer $key" "$bridge/api/v1/health" | json 'd["checks"]["sidecar"]["state"], d["checks"]["sidecar"].get("headful")')
   [ "$sidecar" = "running $2" ] || fail "the sidecar after a chat that needed reCAPTCHA: $sidecar (expected running $2)"
   took=$(since "$t0")
 }

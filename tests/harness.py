@@ -50,6 +50,7 @@ class BridgeProcess:
         self.process: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
         self._store: bridge.Store | None = None
+        self._health_key: str | None = None
 
     def start(self, timeout: float = 20.0) -> BridgeProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
@@ -98,6 +99,13 @@ class BridgeProcess:
 
     def create_key(self, rpm: int = 10_000, name: str = "test") -> str:
         return self.store.create_key(name, rpm)[1]
+
+    def health(self) -> dict:
+        """The health route's answer with its details (each account, the sidecar), which need a key."""
+        if self._health_key is None:
+            self._health_key = self.create_key(name="health")
+        return httpx.get(self.url + "/health", headers={"Authorization": f"Bearer {self._health_key}"},
+                         timeout=10).json()
 
     def set_accounts(self, *values: str) -> list[int]:
         """Replace all arena accounts with these (any input form)."""

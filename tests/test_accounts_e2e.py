@@ -154,10 +154,30 @@ def test_tokens_list_and_health_show_state_without_secrets(fresh, api_key, arena
     listing = subprocess.run([sys.executable, f"{ROOT}/bridge.py", "--db", fresh.db, "tokens", "list"],
                              capture_output=True, text=True, check=True).stdout
     assert "cooling down until" in listing and value[:30] not in listing
-    health = httpx.get(fresh.url + "/api/v1/health").json()
+    health = httpx.get(fresh.url + "/api/v1/health", headers={"Authorization": f"Bearer {api_key}"}).json()
     item = health["checks"]["accounts"]["items"][0]
     assert health["status"] == "degraded" and item["state"] == "cooling_down" and item["cooldown_until"] > time.time()
     assert value[:30] not in str(health)
+
+
+def test_health_without_credentials_says_only_the_status_and_counts(fresh, arena):
+    [account_id] = fresh.set_accounts(arena.new_session())
+    fresh.store.update_account(account_id, label="alice's work account", last_error="reCAPTCHA failed")
+    health = httpx.get(fresh.url + "/api/v1/health").json()
+    assert health == {"status": health["status"], "checks": {"accounts": {"usable": 1, "total": 1},
+                                                             "models": {"known": health["checks"]["models"]["known"]}}}
+    assert "alice" not in str(health) and "reCAPTCHA" not in str(health)
+
+
+def test_health_shows_each_account_with_an_api_key_or_a_dashboard_session(fresh, api_key, arena):
+    [account_id] = fresh.set_accounts(arena.new_session())
+    fresh.store.update_account(account_id, label="alice's work account")
+    fresh.store.create_admin_session(bridge.sha256_hex("signed-in"), "csrf", time.time() + 60)
+    for credentials in ({"headers": {"Authorization": f"Bearer {api_key}"}},
+                        {"cookies": {bridge.SESSION_COOKIE: "signed-in"}}):
+        checks = httpx.get(fresh.url + "/health", **credentials).json()["checks"]
+        assert checks["accounts"]["items"][0]["label"] == "alice's work account" and "state" in checks["sidecar"]
+    assert "items" not in httpx.get(fresh.url + "/health", headers={"Authorization": "Bearer sk-wrong"}).json()["checks"]["accounts"]
 
 
 @pytest.fixture

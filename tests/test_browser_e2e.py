@@ -58,7 +58,7 @@ def key(bb):
 
 
 def sidecar_pid(proc):
-    return httpx.get(proc.url + "/health").json()["checks"]["sidecar"].get("pid")
+    return proc.health()["checks"]["sidecar"].get("pid")
 
 
 def test_models_and_health_never_start_the_browser(arena, tmp_path):
@@ -66,8 +66,7 @@ def test_models_and_health_never_start_the_browser(arena, tmp_path):
     try:
         key = proc.create_key()
         assert httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-        health = httpx.get(proc.url + "/api/v1/health").json()
-        assert health["checks"]["sidecar"]["state"] == "stopped"
+        assert proc.health()["checks"]["sidecar"]["state"] == "stopped"
         assert not os.path.exists(tmp_path / "s.sock")
     finally:
         proc.stop()
@@ -77,7 +76,7 @@ def test_chat_needing_a_token_starts_the_sidecar_and_succeeds(bb, key, arena):
     assert content(post(bb, key)) == "turn 1: x"
     token = arena.chat_requests()[0]["json"]["recaptchaV3Token"]
     assert token.startswith("0cAFcWeA")
-    assert httpx.get(bb.url + "/health").json()["checks"]["sidecar"]["state"] == "running"
+    assert bb.health()["checks"]["sidecar"]["state"] == "running"
     assert stat.S_IMODE(os.stat(bb.folder + "/s.sock").st_mode) == 0o600
 
 
@@ -128,7 +127,7 @@ def test_killing_the_sidecar_mid_run_restarts_it_on_the_next_request(bb, key, ar
     time.sleep(0.5)
     for _ in range(3):      # the first ones may still be served from the token pool
         assert content(post(bb, key)) == "turn 1: x"
-    assert httpx.get(bb.url + "/health").json()["checks"]["sidecar"]["state"] == "running"
+    assert bb.health()["checks"]["sidecar"]["state"] == "running"
     assert sidecar_pid(bb) not in (None, killed)
 
 
@@ -196,7 +195,7 @@ def test_context_bound_tokens_switch_to_in_page_fetch_which_streams_line_by_line
     assert arrivals[-1][0] - arrivals[0][0] > 2.0          # the first lines came long before the last was produced
     [account] = bb.store.accounts()
     assert account["needs_browser"] == 1
-    health = httpx.get(bb.url + "/health").json()["checks"]["accounts"]["items"][0]
+    health = bb.health()["checks"]["accounts"]["items"][0]
     assert health["needs_browser"] == 1
     arena.clear_log()
     arena.configure(lines=0, line_delay=0)

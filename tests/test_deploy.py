@@ -189,7 +189,11 @@ def test_dockerfile_cmd_serves_health_with_state_in_the_volume(arena):
         try:
             health = wait_for_health(f"http://127.0.0.1:{port}/api/v1/health", proc, log_path)
             assert health["status"] in ("ok", "degraded")
-            assert health["checks"]["sidecar"]["state"] == "stopped"  # the browser starts only when needed
+            store = bridge.Store(env["BRIDGE_DB"])
+            key = store.create_key("health", 0)[1]
+            store.close()
+            details = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", headers={"Authorization": f"Bearer {key}"})
+            assert details.json()["checks"]["sidecar"]["state"] == "stopped"  # the browser starts only when needed
             check = info["healthcheck"]
             assert "/api/v1/health" in " ".join(check["cmd"]) and check["cmd"][0] == "python"
             assert any(o.startswith("--start-period=") for o in check["options"])
@@ -502,7 +506,8 @@ def test_sigterm_stops_the_sidecar_and_its_browser(arena, lifecycle):
     stream = SlowStream(proc.url, key)
     stream.start()
     assert stream.started.wait(60), proc.log()
-    sidecar = httpx.get(proc.url + "/api/v1/health", timeout=5).json()["checks"]["sidecar"]
+    sidecar = httpx.get(proc.url + "/api/v1/health", headers={"Authorization": f"Bearer {key}"},
+                        timeout=5).json()["checks"]["sidecar"]
     assert sidecar["state"] == "running", sidecar
     tree = {sidecar["pid"]}
     for _ in range(3):  # sidecar -> Playwright driver -> Chromium
