@@ -2596,7 +2596,8 @@ class TurnRunner:
         evaluation_id = followup["evaluation_id"] if followup else uuid7()
         path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
                 else "/nextjs-api/stream/create-evaluation")
-        in_page = account["id"] in tries.in_page or self.wants_browser(account, plan.model)
+        account_in_page = account["id"] in tries.in_page or self.account_in_page(account)
+        in_page = account_in_page or self.model_in_page(plan.model)
         action = self.site.recaptcha_action
         body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"], modality=plan.modality,
                          attachments=attachments, token=None if in_page else await self.site.recaptcha_token(action),
@@ -2606,7 +2607,8 @@ class TurnRunner:
         else:
             response = await self.site.post_stream(path, body, account, deadline)
         if response.status_code == 200:
-            self.pool.remember_path(account, in_page)
+            if in_page == account_in_page:   # a path chosen for the model says nothing about the account
+                self.pool.remember_path(account, in_page)
             return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1)
         text = (await response.acontent()).decode("utf-8", "replace")[:4000]
         await response.aclose()
@@ -2681,12 +2683,13 @@ class TurnRunner:
         raise failure.answer.refusal()
 
     # --- the two paths ------------------------------------------------------------------------------------
-    def wants_browser(self, account: dict, model: dict) -> bool:
-        """In-page fetch for models configured so, and for accounts that needed it until their next
-        try of the direct path."""
-        if self.settings.sidecar == "off":
-            return False
-        return model.get("publicName") in self.browser_models or in_browser_mode(account, now())
+    def account_in_page(self, account: dict) -> bool:
+        """In-page fetch for an account that needed it, until its next try of the direct path."""
+        return self.settings.sidecar != "off" and in_browser_mode(account, now())
+
+    def model_in_page(self, model: dict) -> bool:
+        """In-page fetch for the models configured so (BRIDGE_BROWSER_MODELS), on whichever account."""
+        return self.settings.sidecar != "off" and model.get("publicName") in self.browser_models
 
     async def post_in_page(self, path: str, body: dict, account: dict, action: str, deadline: float) -> BrowserResponse:
         """The chat request run by the sidecar's page with its own fetch, token minted in that page."""

@@ -203,6 +203,23 @@ def test_context_bound_tokens_switch_to_in_page_fetch_which_streams_line_by_line
     assert len(arena.chat_requests()) == 1               # remembered: straight to the page, no failed direct try
 
 
+def test_a_browser_model_goes_in_page_without_moving_its_account_to_the_page(arena, tmp_path):
+    proc = start_bridge(arena, tmp_path, BRIDGE_BROWSER_MODELS="gemini-3-pro")
+    try:
+        arena.reset()
+        [account_id] = proc.set_accounts(arena.new_session())
+        key = proc.create_key()
+        arena.configure(context_bound_tokens=True)      # only the page's own tokens pass: a direct try would fail
+        assert content(post(proc, key)) == "turn 1: x"
+        assert [r["status"] for r in arena.chat_requests()] == [200]
+        assert proc.store.account(account_id)["needs_browser"] == 0
+        arena.configure(context_bound_tokens=False)
+        assert content(post(proc, key, {**GOOD, "model": "grok-4.1"})) == "turn 1: x"
+        assert proc.store.account(account_id)["needs_browser"] == 0
+    finally:
+        proc.stop()
+
+
 def test_client_disconnect_aborts_the_in_page_request(bb, key, arena):
     arena.configure(context_bound_tokens=True)
     assert content(post(bb, key)) == "turn 1: x"            # learn that this account needs the page
