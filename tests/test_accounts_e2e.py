@@ -6,9 +6,9 @@ import time
 
 import httpx
 import pytest
+from harness import ROOT, BridgeProcess
 
 import bridge
-from harness import ROOT, BridgeProcess
 
 GOOD = {"model": "gemini-3-pro", "messages": [{"role": "user", "content": "x"}]}
 
