@@ -30,15 +30,16 @@ import tempfile
 import threading
 import time
 import types
+from typing import Self
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import httpx  # noqa: E402
-from curl_cffi import requests as curl  # noqa: E402
+import httpx
+from curl_cffi import requests as curl
 
-import bridge  # noqa: E402
+import bridge
 
 HOST = "127.0.0.1"
 PROMPT = "bench"
@@ -112,6 +113,11 @@ def close_wait(port: int) -> int:
     return count
 
 
+def read_text(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
 def listen_overflows() -> int:
     """TcpExt ListenOverflows: connections dropped because an accept queue was full."""
     with open("/proc/net/netstat") as f:
@@ -137,7 +143,7 @@ class RssSampler:
                 return
             self.stop.wait(0.01)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -162,6 +168,7 @@ class Emulator:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(ROOT, "tests", "fake_arena.py"), "--host", HOST, "--port", str(port),
                  "--no-recaptcha"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert self.process.stdout is not None
             line = self.process.stdout.readline()
             if "listening" not in line:
                 raise RuntimeError("emulator did not start: " + line + self.process.stdout.read())
@@ -187,7 +194,7 @@ class Emulator:
     def stop(self) -> None:
         if self.mode == "inproc":
             self.arena.stop()
-        else:
+        elif self.process is not None:
             self.control.close()
             self.process.terminate()
             self.process.wait(10)
@@ -210,17 +217,16 @@ class Bridge:
         self.port = free_port()
         env = {**os.environ, "BRIDGE_SIDECAR": "off", "BRIDGE_LOG_LEVEL": "info", "BRIDGE_ANONYMOUS": "off"}
         env.pop("ARENA_AUTH_TOKENS", None)
-        log = open(self.log_path, "ab")
         started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "bridge.py"), "--host", HOST, "--port", str(self.port),
-             "--db", self.db, "--arena-url", self.arena_url], env=env, stdout=log, stderr=subprocess.STDOUT,
-            cwd=os.path.dirname(self.db))
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "bridge.py"), "--host", HOST, "--port", str(self.port),
+                 "--db", self.db, "--arena-url", self.arena_url], env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=os.path.dirname(self.db))
         request = f"GET /api/v1/health HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
         while time.perf_counter() - started < timeout:
             if self.process.poll() is not None:
-                raise RuntimeError("bridge exited:\n" + open(self.log_path, errors="replace").read())
+                raise RuntimeError("bridge exited:\n" + read_text(self.log_path))
             try:
                 with socket.create_connection((HOST, self.port), timeout=2) as s:
                     s.sendall(request)
@@ -238,6 +244,7 @@ class Bridge:
 
     @property
     def pid(self) -> int:
+        assert self.process is not None, "launch() first"
         return self.process.pid
 
     def stop(self) -> None:
@@ -273,7 +280,8 @@ class Reply(types.SimpleNamespace):
 
 
 def dechunk(raw: bytes) -> bytes:
-    out, i = [], 0
+    out: list[bytes] = []
+    i = 0
     while True:
         j = raw.index(b"\r\n", i)
         size = int(raw[i:j].split(b";")[0], 16)
@@ -314,7 +322,7 @@ async def http_post(port: int, path: str, body: bytes, headers: dict[str, str], 
         chunked = "chunked" in fields.get("transfer-encoding", "")
         length = int(fields["content-length"]) if "content-length" in fields else None
         while True:
-            if marker is not None and first != first:  # nan: not seen yet
+            if marker is not None and math.isnan(first):  # not seen yet
                 if raw.find(marker, max(0, scanned - len(marker))) >= 0:
                     first = time.perf_counter()
                 scanned = len(raw)
@@ -381,7 +389,7 @@ class Target:
     """How to send one chat turn to the bridge (OpenAI) or straight to the emulator (create-evaluation
     with the body and headers the bridge itself would send)."""
 
-    def __init__(self, bench: "Bench", direct: bool, tools: bool = False):
+    def __init__(self, bench: Bench, direct: bool, tools: bool = False):
         self.bench, self.direct, self.tools = bench, direct, tools
 
     def request(self, stream: bool) -> tuple[str, bytes, dict[str, str]]:
@@ -477,12 +485,14 @@ class Bench:
         self.model = next(m for m in bridge.usable_models(models) if bridge.choose_modality(m) == "chat")
         self.model = bridge.resolve_model(models, self.model["publicName"])
         account = self.store.accounts()[0]
-        arena = types.SimpleNamespace(params={}, origin=self.emulator.url)
-        self.direct_headers = bridge.ArenaSite.request_headers(arena, account)  # type: ignore[arg-type]
+        # The bridge's own headers for the direct runs, from a stand-in with the two fields they read
+        # (a whole ArenaSite would open an HTTP session and a sidecar client just for this).
+        site = types.SimpleNamespace(params={}, origin=self.emulator.url)
+        self.direct_headers = bridge.ArenaSite.request_headers(site, account)  # type: ignore[arg-type]
         self.bridge_headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         time.sleep(0.3)   # let the discovery burst settle before measuring idle memory
         self.idle_rss = proc_status(self.bridge.pid, "VmRSS")
-        print(f"load average {open('/proc/loadavg').read().split()[0]} on {os.cpu_count()} CPUs; "
+        print(f"load average {read_text('/proc/loadavg').split()[0]} on {os.cpu_count()} CPUs; "
               f"emulator: {self.emulator.url} ({'own subprocess' if self.emulator.mode == 'subprocess' else 'in this process'}); "
               f"bridge: {self.bridge.url} pid {self.bridge.pid}; model {self.model['publicName']}; "
               f"folder {self.folder}", flush=True)
@@ -523,7 +533,8 @@ class Bench:
         self.emulator.configure()
         warmup = max(20, runs // 10)
         targets = (Target(self, True), Target(self, False))
-        sessions = {t.direct: curl.Session(impersonate=self.settings.impersonate) for t in targets}
+        sessions: dict[bool, curl.Session] = {t.direct: curl.Session(impersonate=self.settings.impersonate)
+                                              for t in targets}
         out: dict[bool, list[float]] = {True: [], False: []}
         before, t_start = self.cpu_snapshot(), time.perf_counter()
         for i in range(warmup + runs):
@@ -538,7 +549,7 @@ class Bench:
                     buf, first = b"", math.nan
                     for chunk in response.iter_content():
                         buf += chunk
-                        if first != first and target.marker in buf:
+                        if math.isnan(first) and target.marker in buf:
                             first = time.perf_counter()
                     response.close()
                     elapsed = first - t0
@@ -575,8 +586,9 @@ class Bench:
         replies = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
         t1 = time.perf_counter()
         after = self.cpu_snapshot()
-        for k in (cpu if cpu is not None else {}):
-            cpu[k] += after[k] - before[k]
+        if cpu is not None:
+            for k in cpu:
+                cpu[k] += after[k] - before[k]
         errors: list[str] = []
         durations = []
         for reply in replies:
@@ -762,13 +774,13 @@ class Bench:
                     raise RuntimeError(f"cold start chat: {response.status_code} {response.text[:300]}")
                 results[kind][0].append(health)
                 results[kind][1].append(chat)
-        health, chat = results["restart"]
-        self.row("5 cold start: process start -> health 200", [h * 1000 for h in health], "ms", "<= 500 ms",
-                 median(health) <= 0.5, fmt="{:.0f}")
-        self.row("5 cold start: process start -> first chat", [c * 1000 for c in chat], "ms", fmt="{:.0f}")
-        health, chat = results["first run"]
-        self.row("    first run, empty DB -> health 200", [h * 1000 for h in health], "ms", fmt="{:.0f}")
-        self.row("    first run, empty DB -> first chat", [c * 1000 for c in chat], "ms", fmt="{:.0f}")
+        healths, chats = results["restart"]
+        self.row("5 cold start: process start -> health 200", [h * 1000 for h in healths], "ms", "<= 500 ms",
+                 median(healths) <= 0.5, fmt="{:.0f}")
+        self.row("5 cold start: process start -> first chat", [c * 1000 for c in chats], "ms", fmt="{:.0f}")
+        healths, chats = results["first run"]
+        self.row("    first run, empty DB -> health 200", [h * 1000 for h in healths], "ms", fmt="{:.0f}")
+        self.row("    first run, empty DB -> first chat", [c * 1000 for c in chats], "ms", fmt="{:.0f}")
 
     # --- all ----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -815,7 +827,7 @@ class Bench:
         print("5. cold start", flush=True)
         self.cold_start(2 if q else 8)
         self.notes.append(f"bench took {time.perf_counter() - started:.0f} s on {os.cpu_count()} CPUs; load average "
-                          f"at the end {open('/proc/loadavg').read().split()[0]} (other work on the machine skews "
+                          f"at the end {read_text('/proc/loadavg').split()[0]} (other work on the machine skews "
                           f"every figure: see 'other processes' above)")
 
 
