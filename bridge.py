@@ -14,13 +14,15 @@ Contents:
   Part II: LM Arena (the upstream; names failures, never chooses a client's status)
     Site discovery          pure: the page and its JS chunks in, site parameters out
     Sessions                the Session value type, what users paste, accounts from it
-    Stream and bodies       pure: the data stream parser, ids, request bodies
+    Stream parser           pure: LM Arena's data stream in, events out
+    Chat bodies             pure: models' capabilities, ids, the body of a chat turn, image attachments
     Failure policy          tables: an answer's failure kind, and the next step for the n-th failure
     Page agent              the JavaScript run in an LM Arena page, by the sidecar and by the userscript
     Sidecar client          the lazily started Playwright helper (sidecar.py) behind a Unix socket
-    Upstream HTTP client    origin, requests with a browser's fingerprint, discovery, clearance, server actions
+    Upstream HTTP client    origin, requests (direct or in the sidecar's page), discovery, clearance, actions
+    Uploads                 images to LM Arena's storage, reused while their signed URLs last
     Account pool            choice, pacing, cool-downs, refresh, sign-up, session adoption
-    Turn runner             open a turn (the policy loop), follow up, stream, uploads
+    Turn runner             open a turn (the policy loop), follow up, stream
 
   Part III: Client APIs (each API section defines its own route table)
     API plumbing            the API error type and its status table, app state, keys, bodies, rate limit, usage
@@ -31,7 +33,7 @@ Contents:
     OpenAI chat tools       tools, tool_choice, response_format, refusals in; Ollama's model list out
     Chat jobs               one chat request on the engine: plan, read for calls, ask once more, remember
     OpenAI images           image input (data: URIs, URLs) and image generation
-    OpenAI routes           chat completions, streaming, models, images, probes: OPENAI_ROUTES
+    OpenAI routes           chat completions, streaming, models, images, probes: openai_routes()
   Round 2 adds "Browser executor" sections after the sidecar client in Part II, which the turn runner uses.
 
   Part IV: Agent APIs (SPEC §7.2, §7.3: Claude Code, Codex CLI)
@@ -1022,7 +1024,7 @@ def import_env_accounts(store: Store, values: str) -> None:
 
 
 # =====================================================================================================
-# Stream and bodies
+# Stream parser
 # =====================================================================================================
 
 LINE_RE = re.compile(r"([ab])([0-9a-z]):(.*)", re.DOTALL)
@@ -1178,6 +1180,10 @@ def parse_stream(data: bytes | Iterable[bytes]) -> list[Event]:
     events = [event for chunk in chunks for event in parser.feed(chunk)]
     return events + parser.close()
 
+
+# =====================================================================================================
+# Chat bodies
+# =====================================================================================================
 
 OUTPUT_KINDS = {"text", "reasoning", "image", "citation"}
 
@@ -1935,6 +1941,55 @@ def action_values(status: int, text: str, name: str, fields: tuple[str, ...]) ->
     raise ArenaError("upload_failed", f"LM Arena's {name} answered {answer}")
 
 
+class BrowserResponse:
+    """An in-page fetch relayed by the sidecar, with the few members of a curl_cffi response that the
+    chat path reads, so both paths share one retry policy and one stream reader.
+
+    The body is read by a Prefetcher: when a client goes away, Starlette cancels the request through an
+    anyio cancel scope that would also cancel the clean-up of a read in progress, and the page's fetch
+    would run on. Cancelling the prefetcher's task is a plain asyncio cancellation whose clean-up
+    completes, so the sidecar sees the close and aborts the page's fetch."""
+
+    def __init__(self, stream: AsyncGenerator[Any, None]):
+        self.stream = stream
+        self.status_code = 0
+        self.headers: dict[str, str] = {}
+        self.body: Prefetcher | None = None
+        self.cookies: dict[str, str] = {}       # the page's cookie jar once its fetch is done
+
+    async def open(self) -> None:
+        self.status_code, self.headers = await self.stream.__anext__()
+        self.body = Prefetcher(self._chunks())
+        self.body.start()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        async for item in self.stream:
+            if isinstance(item, dict):
+                self.cookies = item
+            else:
+                yield item.encode()
+
+    async def final_cookies(self, timeout: float) -> dict[str, str]:
+        """The page's cookies after the fetch, waiting a little for its end (it follows the finish line)."""
+        if self.body is not None:
+            await self.body.finished(timeout)
+        return self.cookies
+
+    async def aiter_content(self) -> AsyncIterator[bytes]:
+        assert self.body is not None, "open() first"
+        while (chunk := await self.body.next()) is not Prefetcher.END:
+            yield chunk
+
+    async def acontent(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_content()])
+
+    async def aclose(self) -> None:
+        if self.body is not None:
+            self.body.cancel()
+        else:
+            await self.stream.aclose()
+
+
 class ArenaSite:
     """LM Arena's site over HTTP, with curl_cffi imitating a browser's TLS and HTTP/2 fingerprint: its
     origin (and a move to another), the headers and cookies of a request, discovery of the site's
@@ -2002,6 +2057,21 @@ class ArenaSite:
             raise ArenaError("upstream_timeout", "LM Arena did not answer in time") from None
         except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
             raise unreachable(exc) from None
+
+    async def post_in_page(self, path: str, body: dict, account: dict, action: str,
+                           deadline: float) -> BrowserResponse:
+        """The chat request run by the sidecar's page with its own fetch, token minted in that page."""
+        # Only the session: the page keeps its own Cloudflare cookies, which match its User-Agent.
+        request = {"url": self.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
+                   "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": Session.of(account).cookies(),
+                   "action": action, "sitekey": self.sitekey}
+        response = BrowserResponse(self.sidecar.fetch_stream(request))
+        try:
+            await asyncio.wait_for(response.open(), timeout=max(0.1, deadline - now()))
+        except TimeoutError:
+            await response.aclose()
+            raise ArenaError("upstream_timeout", "LM Arena did not answer the in-page request in time") from None
+        return response
 
     def moves_to(self, path: str, location: str | None) -> str | None:
         """The new origin when a redirect of `path` points at the same path elsewhere."""
@@ -2135,6 +2205,79 @@ class ArenaSite:
         if not action_id:
             raise ArenaError("site_changed", f"LM Arena's {name} server action was not found on the site")
         return action_id
+
+
+# =====================================================================================================
+# Uploads
+# =====================================================================================================
+
+SIGNED_URL_LIFETIME = 3600.0      # when a signed URL does not say (arena-protocol §12.1)
+UPLOAD_EXPIRY_MARGIN = 600.0      # a reused attachment must stay readable while the site answers with it
+
+
+async def retry_once(step: Callable[[], Any], what: str) -> Any:
+    """Run one upload step, and once more if it fails: server actions and storage fail transiently, and
+    repeating one step is cheaper than starting the upload over."""
+    try:
+        return await step()
+    except ArenaError as error:
+        log.info("%s failed (%s); retrying once", what, error.message)
+        return await step()
+
+
+def signed_url_expiry(url: str) -> float | None:
+    """When a presigned URL stops working: X-Amz-Date + X-Amz-Expires (arena-protocol §12.1)."""
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    with contextlib.suppress(KeyError, ValueError):
+        return calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) + int(query["X-Amz-Expires"])
+    return None
+
+
+class Uploader:
+    """Images to LM Arena's storage for a chat turn (arena-protocol §12.1), uploaded with the turn's own
+    account (the site shows an attachment only to the user who uploaded it), reused while their signed
+    URLs stay valid."""
+
+    def __init__(self, store: Store, site: ArenaSite):
+        self.store = store
+        self.site = site
+
+    async def attachments(self, account: dict, images: list[ImageInput]) -> list[dict]:
+        """Attachments for a chat turn. An image this account uploaded before is reused until shortly
+        before its signed URL expires, so that a client resending the same image (a regenerate, a
+        repeated question) does not upload it again."""
+        attachments = []
+        for image in images:
+            cache_key = f"{account['id']}:{image.digest}"
+            attachment = self.store.cached_upload(cache_key)
+            if attachment is None:
+                attachment = await self.upload_image(account, image)
+                expires = signed_url_expiry(attachment["url"]) or now() + SIGNED_URL_LIFETIME
+                self.store.remember_upload(cache_key, account["id"], attachment, expires - UPLOAD_EXPIRY_MARGIN)
+            attachments.append(attachment)
+        return attachments
+
+    async def upload_image(self, account: dict, image: ImageInput) -> dict:
+        """generateUploadUrl -> PUT -> getSignedUrl, with the chat request's own account: the site shows
+        an attachment only to the user who uploaded it."""
+        extension = image.mime.split("/")[1].replace("jpeg", "jpg")
+        filename = f"upload-{image.digest[:12]}.{extension}"
+        upload_url, key = await retry_once(lambda: self.site.server_action(
+            account, "generateUploadUrl", [filename, image.mime], ("uploadUrl", "key")), "generateUploadUrl")
+        await retry_once(lambda: self.put_upload(upload_url, image), "the image PUT")
+        (url,) = await retry_once(lambda: self.site.server_action(
+            account, "getSignedUrl", [key], ("url",)), "getSignedUrl")
+        return {"name": key, "contentType": image.mime, "url": url}
+
+    async def put_upload(self, upload_url: str, image: ImageInput) -> None:
+        try:
+            put = await self.site.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
+                                           timeout=60, discard_cookies=True)
+        except Exception as exc:  # noqa: BLE001 - any network failure is one answer: the upload failed
+            raise ArenaError("upload_failed", f"the image upload to LM Arena's storage failed "
+                                              f"({type(exc).__name__})") from None
+        if put.status_code not in (200, 201, 204):
+            raise ArenaError("upload_failed", f"LM Arena's storage answered {put.status_code} to the image upload")
 
 
 # =====================================================================================================
@@ -2392,10 +2535,6 @@ class AccountPool:
 # Turn runner
 # =====================================================================================================
 
-SIGNED_URL_LIFETIME = 3600.0      # when a signed URL does not say (arena-protocol §12.1)
-UPLOAD_EXPIRY_MARGIN = 600.0      # a reused attachment must stay readable while the site answers with it
-
-
 @dataclasses.dataclass
 class OpenedTurn:
     response: Any
@@ -2445,79 +2584,12 @@ class Failure:
     tries: Tries
 
 
-class BrowserResponse:
-    """An in-page fetch relayed by the sidecar, with the few members of a curl_cffi response that the
-    chat path reads, so both paths share one retry policy and one stream reader.
-
-    The body is read by a Prefetcher: when a client goes away, Starlette cancels the request through an
-    anyio cancel scope that would also cancel the clean-up of a read in progress, and the page's fetch
-    would run on. Cancelling the prefetcher's task is a plain asyncio cancellation whose clean-up
-    completes, so the sidecar sees the close and aborts the page's fetch."""
-
-    def __init__(self, stream: AsyncGenerator[Any, None]):
-        self.stream = stream
-        self.status_code = 0
-        self.headers: dict[str, str] = {}
-        self.body: Prefetcher | None = None
-        self.cookies: dict[str, str] = {}       # the page's cookie jar once its fetch is done
-
-    async def open(self) -> None:
-        self.status_code, self.headers = await self.stream.__anext__()
-        self.body = Prefetcher(self._chunks())
-        self.body.start()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        async for item in self.stream:
-            if isinstance(item, dict):
-                self.cookies = item
-            else:
-                yield item.encode()
-
-    async def final_cookies(self, timeout: float) -> dict[str, str]:
-        """The page's cookies after the fetch, waiting a little for its end (it follows the finish line)."""
-        if self.body is not None:
-            await self.body.finished(timeout)
-        return self.cookies
-
-    async def aiter_content(self) -> AsyncIterator[bytes]:
-        assert self.body is not None, "open() first"
-        while (chunk := await self.body.next()) is not Prefetcher.END:
-            yield chunk
-
-    async def acontent(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_content()])
-
-    async def aclose(self) -> None:
-        if self.body is not None:
-            self.body.cancel()
-        else:
-            await self.stream.aclose()
-
-
 def check_event(event: Event) -> None:
     """An error LM Arena reports once the reply has begun ends the request."""
     if event.kind == "error":
         raise ArenaError("upstream_error", f"LM Arena error: {event.value}")
     if event.kind == "finish" and event.value == "error":
         raise ArenaError("upstream_error", "LM Arena reported an error while generating the reply")
-
-
-async def retry_once(step: Callable[[], Any], what: str) -> Any:
-    """Run one upload step, and once more if it fails: server actions and storage fail transiently, and
-    repeating one step is cheaper than starting the upload over."""
-    try:
-        return await step()
-    except ArenaError as error:
-        log.info("%s failed (%s); retrying once", what, error.message)
-        return await step()
-
-
-def signed_url_expiry(url: str) -> float | None:
-    """When a presigned URL stops working: X-Amz-Date + X-Amz-Expires (arena-protocol §12.1)."""
-    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
-    with contextlib.suppress(KeyError, ValueError):
-        return calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) + int(query["X-Amz-Expires"])
-    return None
 
 
 class TurnRunner:
@@ -2531,6 +2603,7 @@ class TurnRunner:
         self.site = site
         self.pool = pool
         self.sidecar = sidecar
+        self.uploads = Uploader(store, site)
         self.browser_models = {m.strip() for m in settings.browser_models.split(",") if m.strip()}
 
     # --- a whole turn ---------------------------------------------------------------------------------
@@ -2592,7 +2665,7 @@ class TurnRunner:
 
     async def send(self, plan: TurnPlan, tries: Tries, account: dict, deadline: float) -> OpenedTurn | Failure:
         followup = tries.followup
-        attachments = await self.upload_images(account, plan.images) if plan.images else []
+        attachments = await self.uploads.attachments(account, plan.images) if plan.images else []
         evaluation_id = followup["evaluation_id"] if followup else uuid7()
         path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
                 else "/nextjs-api/stream/create-evaluation")
@@ -2603,7 +2676,7 @@ class TurnRunner:
                          attachments=attachments, token=None if in_page else await self.site.recaptcha_token(action),
                          **self.turn_fields(plan, followup))
         if in_page:
-            response = await self.post_in_page(path, body, account, action, deadline)
+            response = await self.site.post_in_page(path, body, account, action, deadline)
         else:
             response = await self.site.post_stream(path, body, account, deadline)
         if response.status_code == 200:
@@ -2691,20 +2764,6 @@ class TurnRunner:
         """In-page fetch for the models configured so (BRIDGE_BROWSER_MODELS), on whichever account."""
         return self.settings.sidecar != "off" and model.get("publicName") in self.browser_models
 
-    async def post_in_page(self, path: str, body: dict, account: dict, action: str, deadline: float) -> BrowserResponse:
-        """The chat request run by the sidecar's page with its own fetch, token minted in that page."""
-        # Only the session: the page keeps its own Cloudflare cookies, which match its User-Agent.
-        request = {"url": self.site.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
-                   "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": Session.of(account).cookies(),
-                   "action": action, "sitekey": self.site.sitekey}
-        response = BrowserResponse(self.sidecar.fetch_stream(request))
-        try:
-            await asyncio.wait_for(response.open(), timeout=max(0.1, deadline - now()))
-        except TimeoutError:
-            await response.aclose()
-            raise ArenaError("upstream_timeout", "LM Arena did not answer the in-page request in time") from None
-        return response
-
     # --- streaming ------------------------------------------------------------------------------------
     async def stream(self, opened: OpenedTurn) -> AsyncGenerator[Event, None]:
         """Model A's events as they arrive; the upstream response is closed however this ends (including
@@ -2743,43 +2802,6 @@ class TurnRunner:
             fresh = Session.in_set_cookie(response.headers.get_list("set-cookie"))
         await self.pool.adopt(opened.account_id, fresh)
 
-    # --- uploads (arena-protocol §12.1) -----------------------------------------------------------------
-    async def upload_images(self, account: dict, images: list[ImageInput]) -> list[dict]:
-        """Attachments for a chat turn. An image this account uploaded before is reused until shortly
-        before its signed URL expires, so that a client resending the same image (a regenerate, a
-        repeated question) does not upload it again."""
-        attachments = []
-        for image in images:
-            cache_key = f"{account['id']}:{image.digest}"
-            attachment = self.store.cached_upload(cache_key)
-            if attachment is None:
-                attachment = await self.upload_image(account, image)
-                expires = signed_url_expiry(attachment["url"]) or now() + SIGNED_URL_LIFETIME
-                self.store.remember_upload(cache_key, account["id"], attachment, expires - UPLOAD_EXPIRY_MARGIN)
-            attachments.append(attachment)
-        return attachments
-
-    async def upload_image(self, account: dict, image: ImageInput) -> dict:
-        """generateUploadUrl -> PUT -> getSignedUrl, with the chat request's own account: the site shows
-        an attachment only to the user who uploaded it."""
-        extension = image.mime.split("/")[1].replace("jpeg", "jpg")
-        filename = f"upload-{image.digest[:12]}.{extension}"
-        upload_url, key = await retry_once(lambda: self.site.server_action(
-            account, "generateUploadUrl", [filename, image.mime], ("uploadUrl", "key")), "generateUploadUrl")
-        await retry_once(lambda: self.put_upload(upload_url, image), "the image PUT")
-        (url,) = await retry_once(lambda: self.site.server_action(
-            account, "getSignedUrl", [key], ("url",)), "getSignedUrl")
-        return {"name": key, "contentType": image.mime, "url": url}
-
-    async def put_upload(self, upload_url: str, image: ImageInput) -> None:
-        try:
-            put = await self.site.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
-                                           timeout=60, discard_cookies=True)
-        except Exception as exc:  # noqa: BLE001 - any network failure is one answer: the upload failed
-            raise ArenaError("upload_failed", f"the image upload to LM Arena's storage failed "
-                                              f"({type(exc).__name__})") from None
-        if put.status_code not in (200, 201, 204):
-            raise ArenaError("upload_failed", f"LM Arena's storage answered {put.status_code} to the image upload")
 
 
 # #####################################################################################################

@@ -118,3 +118,21 @@ def test_no_section_is_longer_than_400_lines():
 def test_the_docstring_lists_the_sections_in_order():
     text = read_source()
     assert toc(text) == [name for name, _, _ in sections(text)]
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = [(node.name, node.lineno, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(read_source()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (node.end_lineno or 0) - node.lineno >= 60]
+    assert long == []
+
+
+def test_no_function_is_more_complex_than_15():
+    from radon.complexity import cc_visit
+
+    def blocks(items):
+        for item in items:
+            yield item
+            yield from blocks(getattr(item, "methods", []) + getattr(item, "closures", []))
+
+    complex_ = [(b.name, b.lineno, b.complexity) for b in blocks(cc_visit(read_source())) if b.complexity > 15]
+    assert complex_ == []
