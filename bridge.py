@@ -156,6 +156,9 @@ OPTIONS: tuple[Option, ...] = (
            "seconds between refreshes of the model list and site parameters"),
     Option("conversation_ttl", "--conversation-ttl", ("BRIDGE_CONVERSATION_TTL",), float, 7 * 86400.0,
            "seconds an idle conversation stays reusable for follow-ups"),
+    Option("usage_days", "--usage-days", ("BRIDGE_USAGE_DAYS",), float, 90.0,
+           "days each request stays in the usage log (the usage page's periods need 30); older ones are summed "
+           "per day and key, so all-time totals stay (0: keep every request)"),
     Option("default_rpm", "--default-rpm", ("BRIDGE_DEFAULT_RPM",), int, 60, "requests per minute for new API keys"),
     Option("max_body", "--max-body", ("BRIDGE_MAX_BODY",), int, 20 * 1024 * 1024, "largest request body in bytes"),
     Option("max_prompt_chars", "--max-prompt-chars", ("BRIDGE_MAX_PROMPT_CHARS",), int, 100_000,
@@ -204,6 +207,7 @@ class Settings:
     ping_interval: float
     discovery_interval: float
     conversation_ttl: float
+    usage_days: float
     default_rpm: int
     max_body: int
     max_prompt_chars: int
@@ -387,7 +391,14 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
     db.table("admin_sessions").create({"token_hash": str, "csrf": str, "expires": float}, pk="token_hash")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1,)
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """Usage older than the kept window, summed per day, key and model, so that totals survive pruning."""
+    db.table("usage_daily").create({
+        "day": float, "key_id": int, "model": str, "requests": int, "errors": int, "tokens": int, "last_used": float,
+    }, pk=("day", "key_id", "model"), not_null={"key_id", "model"})
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2)
 
 ACCOUNT_PUBLIC_FIELDS = ("id", "label", "kind", "form", "expires_at", "state", "cooldown_until",
                          "cooldown_reason", "failures", "last_error", "last_used", "needs_browser")
@@ -552,6 +563,24 @@ class Store:
             with self.db.conn:
                 self.db.table("usage").insert_all(rows)
 
+    def prune_usage(self, days: float) -> int:
+        """Sum the usage rows older than `days` into usage_daily (per day, key and model) and delete them, in
+        one transaction; how many were deleted. 0 days keeps every row. Rows without a key or a model (a
+        model-list request) are summed under key 0 and model "": NULLs would never meet in the primary key."""
+        if days <= 0:
+            return 0
+        cutoff = now() - days * 86400
+        with self.db.conn:
+            self.db.execute("""
+                INSERT INTO usage_daily (day, key_id, model, requests, errors, tokens, last_used)
+                SELECT CAST(ts / 86400 AS INTEGER) * 86400.0, COALESCE(key_id, 0), COALESCE(model, ''), COUNT(*),
+                       SUM(status >= 400), COALESCE(SUM(prompt_tokens + completion_tokens), 0), MAX(ts)
+                FROM usage WHERE ts < ? GROUP BY 1, 2, 3
+                ON CONFLICT (day, key_id, model) DO UPDATE SET requests = requests + excluded.requests,
+                    errors = errors + excluded.errors, tokens = tokens + excluded.tokens,
+                    last_used = MAX(last_used, excluded.last_used)""", [cutoff])
+            return self.db.execute("DELETE FROM usage WHERE ts < ?", [cutoff]).rowcount
+
     # --- conversations --------------------------------------------------------------------------------
     def conversation_for(self, fingerprint: str, ttl: float) -> dict | None:
         """The evaluation that holds exactly this history, if it has not moved on since."""
@@ -637,15 +666,22 @@ class Store:
             FROM timed GROUP BY model ORDER BY requests DESC, model""", [since])
 
     def usage_by_key(self, since: float) -> list[dict]:
-        """Every key, used or not, with its requests since then (never the hash)."""
+        """Every key, used or not, with its requests since then (never the hash), the pruned days that began
+        since then included: with since=0, the all-time totals."""
         return self.rows("""
             SELECT k.id, k.name, k.prefix, k.rpm, k.created, k.revoked, COALESCE(u.requests, 0) AS requests,
                    COALESCE(u.errors, 0) AS errors, COALESCE(u.tokens, 0) AS tokens, u.last_used
             FROM api_keys k LEFT JOIN (
-                SELECT key_id, COUNT(*) AS requests, SUM(status >= 400) AS errors,
-                       SUM(prompt_tokens + completion_tokens) AS tokens, MAX(ts) AS last_used
-                FROM usage WHERE ts >= ? GROUP BY key_id) u ON u.key_id = k.id
-            ORDER BY k.id""", [since])
+                SELECT key_id, SUM(requests) AS requests, SUM(errors) AS errors, SUM(tokens) AS tokens,
+                       MAX(last_used) AS last_used FROM (
+                    SELECT key_id, COUNT(*) AS requests, SUM(status >= 400) AS errors,
+                           SUM(prompt_tokens + completion_tokens) AS tokens, MAX(ts) AS last_used
+                    FROM usage WHERE ts >= ? GROUP BY key_id
+                    UNION ALL
+                    SELECT key_id, SUM(requests), SUM(errors), SUM(tokens), MAX(last_used)
+                    FROM usage_daily WHERE day >= ? GROUP BY key_id)
+                GROUP BY key_id) u ON u.key_id = k.id
+            ORDER BY k.id""", [since, since])
 
     def usage_errors(self, since: float) -> list[dict]:
         return self.rows("SELECT COALESCE(error, 'http_' || status) AS error, status, COUNT(*) AS count, "
@@ -6178,6 +6214,7 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(every(settings.discovery_interval, lambda: discover_and_trim(state.site))),
             asyncio.create_task(every(2.0, state.usage.flush, first_delay=2.0)),
             asyncio.create_task(every(3600.0, lambda: store.forget_old_conversations(settings.conversation_ttl))),
+            asyncio.create_task(every(3600.0, lambda: store.prune_usage(settings.usage_days))),
         ]
         try:
             yield

@@ -2,6 +2,7 @@
 import dataclasses
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -130,3 +131,55 @@ def test_tokens_add_of_a_stored_user_updates_its_account_and_says_so(arena, tmp_
     assert add(value).startswith("Account 1 added")
     assert add(value).startswith("Account 1 already holds this LM Arena user's session")
     assert len(bridge.Store(str(tmp_path / "b.db")).accounts()) == 1
+
+
+def usage_at(store, days_ago, key_id=1, status=200, tokens=10):
+    store.record_usage([{"ts": time.time() - days_ago * 86400, "key_id": key_id, "model": "m", "status": status,
+                         "latency_ms": 5.0, "prompt_tokens": tokens, "completion_tokens": 0, "error": None}])
+
+
+def test_usage_older_than_the_kept_window_is_pruned(tmp_path):
+    store = bridge.Store(str(tmp_path / "u.db"))
+    for days_ago in (200, 100, 1):
+        usage_at(store, days_ago)
+    assert store.prune_usage(days=90) == 2
+    assert [round((time.time() - r["ts"]) / 86400) for r in store.rows("SELECT ts FROM usage")] == [1]
+
+
+def test_all_time_totals_per_key_survive_pruning(tmp_path):
+    store = bridge.Store(str(tmp_path / "u.db"))
+    key_id, _ = store.create_key("k", 0)
+    for days_ago, status in ((200, 200), (200, 502), (100, 200), (1, 200)):
+        usage_at(store, days_ago, key_id, status)
+    usage_at(store, 150, key_id=None)                    # a request without a key is summed too, under key 0
+    before = store.usage_by_key(since=0)
+    store.prune_usage(days=90)
+    usage_at(store, 100, key_id)                         # a late row of an already pruned day adds to it
+    store.prune_usage(days=90)
+    [after] = store.usage_by_key(since=0)
+    assert (after["requests"], after["errors"], after["tokens"]) == (before[0]["requests"] + 1, 1, 50)
+    assert after["last_used"] == before[0]["last_used"]
+    assert store.usage_by_key(since=time.time() - 7 * 86400)[0]["requests"] == 1
+
+
+def test_the_usage_window_is_90_days_unless_set(tmp_path):
+    assert bridge.Settings.load(env={}).usage_days == 90
+    assert bridge.Settings.load(env={"BRIDGE_USAGE_DAYS": "30"}).usage_days == 30
+
+
+def test_the_server_prunes_old_usage_when_it_starts(arena, tmp_path):
+    from harness import BridgeProcess
+    proc = BridgeProcess(arena.url, str(tmp_path), env={"BRIDGE_USAGE_DAYS": "90"})
+    store = bridge.Store(proc.db)
+    usage_at(store, 100)
+    usage_at(store, 1)
+    store.close()
+    proc.start()
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and proc.store.rows("SELECT COUNT(*) AS n FROM usage")[0]["n"] != 1:
+            time.sleep(0.1)
+        assert proc.store.rows("SELECT COUNT(*) AS n FROM usage")[0]["n"] == 1
+        assert proc.store.rows("SELECT SUM(requests) AS n FROM usage_daily")[0]["n"] == 1
+    finally:
+        proc.stop()
