@@ -782,6 +782,41 @@ class Bench:
         self.row("    first run, empty DB -> health 200", [h * 1000 for h in healths], "ms", fmt="{:.0f}")
         self.row("    first run, empty DB -> first chat", [c * 1000 for c in chats], "ms", fmt="{:.0f}")
 
+    # --- 8: metrics -------------------------------------------------------------------------------
+    def metrics(self, runs: int) -> None:
+        """Phase 1 again while /metrics is scraped ten times a second (a scraper far busier than any
+        Prometheus), the scrape's own time, and what counting one request costs (this process, on a
+        Metrics like the bridge's)."""
+        stop, scrapes = threading.Event(), []
+
+        def scraper() -> None:
+            with httpx.Client(base_url=self.bridge.url, headers=self.bridge_headers, timeout=10) as client:
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    if client.get("/metrics").status_code != 200:
+                        raise RuntimeError("/metrics did not answer 200")
+                    scrapes.append((time.perf_counter() - t0) * 1000)
+                    stop.wait(0.1)
+
+        thread = threading.Thread(target=scraper, daemon=True)
+        thread.start()
+        try:
+            b, _, diff = self.sequential(runs, stream=False)
+        finally:
+            stop.set()
+            thread.join()
+        self.row("8 added latency, /metrics scraped at 10 Hz", diff, "ms", "<= 1 ms median", median(diff) <= 1.0)
+        self.row("    through the bridge", b, "ms")
+        self.row("    one /metrics scrape", scrapes, "ms")
+        counted = bridge.Metrics(lambda: bridge.Snapshot([], "off", {}, 0), lambda: [self.model["publicName"]])
+        rounds, n = [], 5_000
+        for _ in range(9):   # rounds, so that one preempted round on a busy machine does not set the figure
+            t0 = time.perf_counter()
+            for _ in range(n):
+                counted.request("/v1/chat/completions", self.model["publicName"], 200, 0.1, None)
+            rounds.append((time.perf_counter() - t0) / n * 1e6)
+        self.row("    counting one request (in-process)", rounds, "us")
+
     # --- all ----------------------------------------------------------------------------------------
     def run(self) -> None:
         q = self.quick
@@ -822,6 +857,8 @@ class Bench:
                  median(tools) <= 1.1 * median(plain))
         self.row("    the same requests without tools", plain, "ms")
         self.tool_relay(2 if q else 8)
+        print("8. metrics (phase 1 while /metrics is scraped)", flush=True)
+        self.metrics(200 if q else 1000)
         self.stop_profile()
         self.bridge.stop()
         print("5. cold start", flush=True)
