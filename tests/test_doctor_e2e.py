@@ -181,6 +181,26 @@ def test_a_saved_run_replays_through_the_emulator_to_the_same_result(arena, tmp_
     assert verdicts(second) == verdicts(first) and second.returncode == first.returncode == 0, second.stdout
 
 
+SAVED_RUNS = os.path.join(ROOT, "tests", "fixtures", "saved-runs")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(SAVED_RUNS)))
+def test_a_saved_run_in_the_repository_replays_to_its_recorded_result(name, tmp_path):
+    folder = os.path.join(SAVED_RUNS, name)
+    with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+        recorded = json.load(f)["doctor"]
+    expected = {bridge.Finding(**line).label[:24]: line["status"] for line in recorded}
+    replaying = FakeArena().start()
+    try:
+        replaying.configure(recaptcha="off")
+        replaying.replay(folder)
+        add_accounts(tmp_path, replaying.new_session())
+        result = doctor(replaying.url, tmp_path, *(["--images"] if "image upload" in expected else []))
+    finally:
+        replaying.stop()
+    assert verdicts(result) == expected, result.stdout
+
+
 def test_a_saved_fault_replays_to_the_same_failure(arena, tmp_path):
     arena.configure(recaptcha="off", cloudflare=True)
     add_accounts(tmp_path, arena.new_session())

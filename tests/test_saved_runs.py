@@ -1,6 +1,7 @@
 """The emulator replays a saved run (`bridge.py doctor --save DIR`): recorded answers come back as they were
 recorded, while sessions and the anti-bot stand-ins stay live."""
 import json
+import os
 
 import httpx
 import pytest
@@ -86,3 +87,21 @@ def test_what_was_not_recorded_is_answered_by_the_live_emulator(arena):
 def test_replay_stops_when_asked(arena):
     arena.replay(None)
     assert httpx.get(arena.url + "/").status_code == 200
+
+
+REAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "real")
+
+
+def test_the_real_captures_replay_in_their_own_layout():
+    emulator = FakeArena().start()
+    try:
+        emulator.replay(REAL)
+        first = httpx.post(emulator.url + "/nextjs-api/stream/create-evaluation", content=b"{}")
+        second = httpx.post(emulator.url + "/nextjs-api/stream/create-evaluation", content=b"{}")
+    finally:
+        emulator.stop()
+    with open(os.path.join(REAL, "errors", "dec-edit-22.body"), "rb") as f:
+        assert first.status_code == 429 and first.content == f.read()
+    assert first.headers["retry-after"] == "0" and first.headers["ratelimit-modality"] == "image"
+    with open(os.path.join(REAL, "streams", "dec-image-00.body"), "rb") as f:
+        assert second.status_code == 200 and second.content == f.read()

@@ -73,7 +73,8 @@ def load_folder(folder: str, origin: str) -> dict[str, list[Recorded]]:
             body = moved(raw.read().decode("latin-1")).encode("latin-1")
         headers = [(name, moved(value)) for name, value in header_pairs(meta.get("response_headers"))]
         key = request_key(meta["method"], meta["url"])
-        recordings.setdefault(key, []).append(Recorded(int(meta["status"]), headers, body))
+        # A browser's HAR export records 0 for an answer it was still streaming: it was a 200.
+        recordings.setdefault(key, []).append(Recorded(int(meta["status"]) or 200, headers, body))
     return recordings
 
 
