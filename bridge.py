@@ -6108,9 +6108,11 @@ class AccountView:
 
 
 def expiry_text(account: AccountView, at: float) -> str:
+    if not account.expires_at:
+        return "no expiry in the session (refreshed when the site answers 401)"
     refreshed = "refreshed, " if account.refresh == "ok" else ""
-    return refreshed + (f"expires in {until_text(account.expires_at, at)}" if account.expires_at
-                        else "no expiry in the session")
+    due = "" if account.refresh else " (no refresh due yet)"
+    return f"{refreshed}expires in {until_text(account.expires_at, at)}{due}"
 
 
 # An account's line: the first row whose test holds gives its status, the troubleshooting entry and the
@@ -6238,7 +6240,8 @@ class Doctor:
 
     # --- the site ----------------------------------------------------------------------------------
     async def origin(self) -> list[Finding]:
-        url, hops = self.site.origin + "/", []
+        start = self.site.origin
+        url, hops = start + "/", []
         headers = self.site.request_headers(None, content_type=None, accept=HTML_ACCEPT)
         try:
             for _ in range(MAX_HOPS):
@@ -6250,12 +6253,12 @@ class Doctor:
                 url = urllib.parse.urljoin(url, location)
                 hops.append((response.status_code, url))
         except Exception as exc:  # noqa: BLE001 - any network failure is the finding
-            return [judge_origin(self.site.origin, hops, None, type(exc).__name__)]
+            return [judge_origin(start, hops, None, type(exc).__name__)]
         if hops:
             await self.site.follow_move("/", hops[0][1])
         self.page = response
         challenged = is_cloudflare_challenge(response.status_code, dict(response.headers), response.text)
-        return [judge_origin(self.site.origin if not hops else url, hops, response.status_code, None, challenged)]
+        return [judge_origin(start, hops, response.status_code, None, challenged)]
 
     async def cloudflare(self) -> list[Finding]:
         page = self.page
@@ -6275,9 +6278,7 @@ class Doctor:
             models = extract_models(response.text) if response.status_code == 200 else None
             if models:
                 break
-        self.page_text = response.text
-        if models:
-            self.state.store.replace_models(models)
+        self.page_text = response.text     # discovery reads it, and stores the models with what else it finds
         return [judge_page(path, response.status_code, models, len(usable_models(models or [])))]
 
     async def discovery(self) -> list[Finding]:
