@@ -131,7 +131,7 @@ def test_an_account_in_cool_down_is_left_alone(arena, tmp_path):
 def secrets_of_run(arena, values: list[str]) -> list[str]:
     """Every cookie, token and key of the run: the sessions given and those the emulator issued since,
     their tokens, and every reCAPTCHA token and cookie the emulator received."""
-    found = set(values)
+    found: set = set(values)
     for value in values:
         session = arena.decode_session(value) or {}
         found |= {session.get("access_token"), session.get("refresh_token")}
@@ -241,7 +241,7 @@ def signed_in(proc) -> httpx.Client:
 
 def run_from_page(client: httpx.Client, **fields: str) -> str:
     page = client.get("/dashboard/diagnostics").text
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    csrf = re.findall(r'name="csrf" value="([^"]+)"', page)[0]
     return client.post("/dashboard/diagnostics", data={"action": "doctor", "csrf": csrf, **fields}).text
 
 
