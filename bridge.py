@@ -4383,6 +4383,7 @@ class ChatJob:
     tools: ToolConfig = ToolConfig()
     output: OutputFormat = OutputFormat()
     completion_id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
+    call_prefix: str = "call_"          # the API's call ids: call_ (OpenAI), toolu_ (Anthropic)
     created: int = dataclasses.field(default_factory=lambda: int(now()))
     builder: ReplyBuilder = dataclasses.field(default_factory=ReplyBuilder)
     content: list[str] = dataclasses.field(default_factory=list)     # the content relayed
@@ -4398,7 +4399,7 @@ class ChatJob:
         is held back whole, so nothing of it was relayed; the next reply replaces it."""
         for attempt in range(REPLY_RETRIES + 1):
             self.builder = ReplyBuilder()
-            parser = ToolCallParser(self.tools, self.output, seed=f"{self.completion_id}:{attempt}")
+            parser = ToolCallParser(self.tools, self.output, f"{self.completion_id}:{attempt}", self.call_prefix)
             async with contextlib.aclosing(self.events()) as events:
                 async for event in events:
                     for item in self.fold(parser, event):

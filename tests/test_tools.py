@@ -532,3 +532,9 @@ def test_without_callable_tools_the_text_passes_delta_by_delta_as_it_came():
     parser = ToolCallParser(ToolConfig(), TEXT, seed="s")
     assert [texts(parser.feed(piece)) for piece in ("line 1\n", "line 2\n", "  ")] == ["line 1\n", "line 2\n", "  "]
     assert parser.text == "line 1\nline 2\n  "
+
+
+def test_call_ids_take_the_apis_prefix():
+    parser = ToolCallParser(TOOLS, TEXT, "msg_1", id_prefix="toolu_")
+    [event] = [e for e in parser.feed(call_text()) if e.kind == "call"]
+    assert event.call.id.startswith("toolu_") and event.call.id == call_id("msg_1", 0, "toolu_")

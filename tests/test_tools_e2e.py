@@ -275,3 +275,12 @@ def test_ollama_probes_answer_in_ollamas_shape(fresh, prefix):
     assert MODEL in [m["name"] for m in tags["models"]] and all("modified_at" in m for m in tags["models"])
     assert isinstance(httpx.get(fresh.url + prefix + "/api/version").json()["version"], str)
     assert "models" in httpx.get(fresh.url + prefix + "/api/ps").json()
+
+
+def test_usage_counts_the_tool_definitions_and_the_calls(client, arena):
+    script(arena, "Hello.", "Hello.", block())
+    plain = ask(client, USER).usage
+    with_tools = ask(client, USER, tools=[WEATHER, TIME]).usage
+    called = ask(client, USER, tools=[WEATHER, TIME]).usage
+    assert with_tools.prompt_tokens > plain.prompt_tokens + 50
+    assert called.completion_tokens > with_tools.completion_tokens
