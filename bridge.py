@@ -7483,6 +7483,21 @@ def run_cli(settings: Settings, args: argparse.Namespace) -> int:
         store.close()
 
 
+def database_folder_problem(db: str) -> str | None:
+    """Why the database's folder cannot be made or written, saying what to do; None when it can. The usual
+    cause is a bind mount owned by another uid than the container's."""
+    existing = os.path.dirname(os.path.abspath(db))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder; choose another --db (BRIDGE_DB)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        uid, gid = os.getuid(), os.getgid()
+        return (f"uid {uid} may not write to {existing}: make it writable for that uid (a Docker bind mount: "
+                f"chown {uid}:{gid} DIR on the host) or choose another --db (BRIDGE_DB)")
+    return None
+
+
 def serve(settings: Settings) -> None:
     import errno
 
@@ -7508,6 +7523,10 @@ def serve(settings: Settings) -> None:
                 if exc.errno == errno.EADDRINUSE else "")
         log.error("cannot listen on %s port %d: %s%s", settings.host, settings.port, exc.strerror or exc, hint)
         raise SystemExit(1) from None
+    problem = database_folder_problem(settings.db)
+    if problem:  # like the port: one line before the app starts, not a traceback from sqlite
+        log.error("cannot keep the database %s: %s", settings.db, problem)
+        raise SystemExit(1)
     app = create_app(settings)
 
     async def main() -> None:

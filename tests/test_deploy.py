@@ -454,6 +454,18 @@ def test_a_busy_port_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_an_unusable_database_folder_is_a_one_line_error(tmp_path):
+    """As a bind mount the image's uid may not write (deploy/test-image.sh checks that case, which root
+    cannot reproduce here): the folder of --db is a file."""
+    (tmp_path / "data").write_text("not a folder")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "--port", str(free_port()),
+                             "--db", str(tmp_path / "data" / "bridge.db"), "--arena-url", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1
+    assert f"{tmp_path / 'data'} is not a folder" in result.stderr and "--db" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_health_answers_before_discovery_completes(arena, tmp_path):
     """Cold start: the model list is fetched in the background, so a slow LM Arena cannot delay start-up."""
     from harness import BridgeProcess
