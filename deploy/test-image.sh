@@ -9,7 +9,8 @@
 #   - nothing of the build's CA mount is left in the image; fonts cover CJK and emoji,
 #   - `podman stop` (SIGTERM) lets an open stream finish inside the stop timeout, exit code 0,
 #   - a new container on the same volume keeps the key, the account and the password, and with
-#     BRIDGE_HEADFUL=1 a chat works with Chromium under Xvfb.
+#     BRIDGE_HEADFUL=1 a chat works with Chromium under Xvfb,
+#   - a /data the image's user may not write is a one-line error with the fix, not a traceback.
 # It prints the build time, the image size, and the container's memory: idle, with headless Chromium
 # running, and headful.
 #
@@ -298,6 +299,14 @@ ok "a new container on the same volume keeps the key, the account and the passwo
 recaptcha_chat "hello from a window" True
 ok "with BRIDGE_HEADFUL=1 a chat works: Chromium under Xvfb minted the token ($took s)"
 headful_memory=$(memory)
+
+# A host folder the image's user may not write, as with a bind mount someone forgot to chown: one line
+# that says what to do, exit code 1, no traceback.
+mkdir "$work/data-root"
+"${RUN[@]}" --rm --network none -v "$work/data-root:/data" "$IMAGE" >"$work/unwritable.log" 2>&1 && code=0 || code=$?
+[ "$code" = 1 ] && grep -q 'chown 10001' "$work/unwritable.log" && ! grep -q Traceback "$work/unwritable.log" ||
+  fail "an unwritable /data (exit code $code): $(grep -v systemd "$work/unwritable.log" | tail -5)"
+ok "an unwritable /data is one line: $(grep 'chown 10001' "$work/unwritable.log" | cut -c1-200)"
 
 say "PASSED in $(( $(date +%s) - started )) s: build ${build_seconds} s, image ${image_mb} MB," \
   "memory idle ${idle_memory}, with Chromium ${browser_memory}, headful ${headful_memory}"
