@@ -105,7 +105,7 @@ from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
@@ -169,6 +169,9 @@ OPTIONS: tuple[Option, ...] = (
            "days each request stays in the usage log (the usage page's periods need 30); older ones are summed "
            "per day and key, so all-time totals stay (0: keep every request)"),
     Option("default_rpm", "--default-rpm", ("BRIDGE_DEFAULT_RPM",), int, 60, "requests per minute for new API keys"),
+    Option("body_timeout", "--body-timeout", ("BRIDGE_BODY_TIMEOUT",), float, 60.0,
+           "seconds a client has to send its whole request body (then 408), so that slow bodies cannot hold "
+           "connections open"),
     Option("max_body", "--max-body", ("BRIDGE_MAX_BODY",), int, 20 * 1024 * 1024, "largest request body in bytes"),
     Option("max_prompt_chars", "--max-prompt-chars", ("BRIDGE_MAX_PROMPT_CHARS",), int, 100_000,
            "largest message sent to LM Arena; older turns of a long history are dropped first"),
@@ -218,6 +221,7 @@ class Settings:
     conversation_ttl: float
     usage_days: float
     default_rpm: int
+    body_timeout: float
     max_body: int
     max_prompt_chars: int
     allow_private_urls: bool
@@ -420,6 +424,12 @@ class Store:
     def __init__(self, path: str):
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
+        # It holds sessions and hashes: 0600 whatever the umask. SQLite gives the -wal and -shm files the
+        # database's mode; files an older version left readable are tightened too.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for name in (path, path + "-wal", path + "-shm"):
+            with contextlib.suppress(OSError):
+                os.chmod(name, 0o600)
         conn = sqlite3.connect(path, check_same_thread=False, timeout=15)
         self.db = sqlite_utils.Database(conn)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -3065,7 +3075,7 @@ class Metrics:
 # =====================================================================================================
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 502: "upstream_error", 503: "service_unavailable",
                504: "timeout_error"}
 
@@ -3218,10 +3228,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+    seconds = bridge(request).settings.body_timeout
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {seconds:g} s.", "request_timeout",
+                       headers={"Connection": "close"}) from None
     return bytes(body)
 
 
@@ -3231,6 +3247,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise ApiError(400, "The request body is not valid JSON.", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply.", "invalid_json") from None
 
 
 # =====================================================================================================
@@ -3350,7 +3368,7 @@ def parse_message(raw: Any, index: int) -> Message:
     if not isinstance(raw, dict):
         raise ApiError(400, f"{param} must be an object.", "invalid_type", param)
     role = raw.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise ApiError(400, f"{param}.role must be one of system, user, assistant, tool.", "invalid_value",
                        f"{param}.role")
     content = raw.get("content")
@@ -7182,8 +7200,23 @@ async def api_error_handler(request: Request, error: Exception) -> Response:
     return JSONResponse(api_error.body(), status_code=api_error.status, headers=api_error.headers)
 
 
+def other_slash(request: Request) -> str | None:
+    """The path with its trailing slash removed or added, when a route serves that form."""
+    path = request.url.path
+    other = path.rstrip("/") if path.endswith("/") else path + "/"
+    scope = {**request.scope, "path": other}
+    if other and any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes):
+        return other
+    return None
+
+
 async def not_found_handler(request: Request, error: Exception) -> Response:
     status = getattr(error, "status_code", 404)
+    # Starlette's own slash redirect is absolute, built from the Host header the client sent: a relative
+    # one cannot send anybody elsewhere.
+    if status == 404 and (other := other_slash(request)) is not None:
+        query = request.url.query
+        return RedirectResponse(other + ("?" + query if query else ""), 307)
     message = "Method not allowed." if status == 405 else f"No route {request.url.path}."
     # Starlette's 405 names the route's methods in its Allow header (RFC 9110 §15.5.6 requires it).
     return JSONResponse(ApiError(status, message, "not_found" if status == 404 else "method_not_allowed").body(),
@@ -7266,6 +7299,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error_handler, Exception: api_error_handler,
                                         404: not_found_handler, 405: not_found_handler})
+    app.router.redirect_slashes = False      # not_found_handler redirects, relatively
     app.state.bridge = state
     return app
 

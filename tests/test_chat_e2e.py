@@ -185,6 +185,23 @@ def test_a_wrong_method_is_405_naming_the_allowed_ones_in_allow(fresh, api_key):
     assert "POST" in [m.strip() for m in response.headers["allow"].split(",")]
 
 
+@pytest.mark.parametrize("role", [{"name": "user"}, ["user"], 7])
+def test_a_role_that_is_not_a_string_is_400(fresh, api_key, role):
+    body = {"model": MODEL, "messages": [{"role": role, "content": "x"}]}
+    assert assert_error(post(fresh, api_key, body), 400)["param"] == "messages[0].role"
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_json_nested_too_deeply_is_400(fresh, api_key, depth):
+    raw = ('{"model": "m", "messages": ' + "[" * depth + "]" * depth + "}").encode()
+    assert_error(post(fresh, api_key, None, raw=raw), 400, "invalid_json")
+
+
+def test_a_slash_redirect_is_relative_whatever_the_host_header_says(fresh):
+    response = httpx.get(fresh.url + "/dashboard/?x=1", headers={"Host": "evil.example"})
+    assert response.status_code == 307 and response.headers["location"] == "/dashboard?x=1"
+
+
 def test_rpm_over_the_limit_is_429_with_retry_after(fresh):
     key = fresh.create_key(rpm=2)
     assert post(fresh, key, GOOD).status_code == 200

@@ -1,5 +1,7 @@
 """One Settings object from defaults, environment and flags (SPEC §2)."""
 import dataclasses
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -181,5 +183,34 @@ def test_the_server_prunes_old_usage_when_it_starts(arena, tmp_path):
             time.sleep(0.1)
         assert proc.store.rows("SELECT COUNT(*) AS n FROM usage")[0]["n"] == 1
         assert proc.store.rows("SELECT SUM(requests) AS n FROM usage_daily")[0]["n"] == 1
+    finally:
+        proc.stop()
+
+
+def test_the_database_and_its_wal_files_are_0600_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        store = bridge.Store(str(tmp_path / "p.db"))
+        store.create_key("k", 0)
+        modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("p.db", "p.db-wal", "p.db-shm")}
+        store.close()
+    finally:
+        os.umask(old)
+    assert modes == {"p.db": 0o600, "p.db-wal": 0o600, "p.db-shm": 0o600}
+
+
+def test_a_request_body_that_arrives_too_slowly_is_408(arena, tmp_path):
+    import socket
+
+    from harness import BridgeProcess
+    proc = BridgeProcess(arena.url, str(tmp_path), args=("--body-timeout", "1")).start()
+    try:
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + proc.create_key().encode() + b"\r\nContent-Length: 100\r\n\r\n{")
+            started = time.monotonic()
+            answer = conn.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+        assert time.monotonic() - started < 5
     finally:
         proc.stop()
