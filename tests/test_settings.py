@@ -205,12 +205,12 @@ def test_a_request_body_that_arrives_too_slowly_is_408(arena, tmp_path):
     from harness import BridgeProcess
     proc = BridgeProcess(arena.url, str(tmp_path), args=("--body-timeout", "1")).start()
     try:
-        with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as conn:
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=30) as conn:   # without a deadline: never
             conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Authorization: Bearer " + proc.create_key().encode() + b"\r\nContent-Length: 100\r\n\r\n{")
             started = time.monotonic()
             answer = conn.recv(4096).decode()
         assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 15     # 1 s, with room for a loaded machine
     finally:
         proc.stop()
