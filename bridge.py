@@ -186,6 +186,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("arena_mode", "--arena-mode", ("BRIDGE_ARENA_MODE",), str, None,
            "mode sent for new conversations: direct-battle or direct (unset: direct-battle, or the mode learned "
            "when LM Arena refused the other; a mode error tries the other)"),
+    Option("bare_body", "--bare-body", ("BRIDGE_BARE_BODY",), _bool, False,
+           "send chats without the 2026 web client's modelBMessageId and autoModalityMetadata"),
     Option("impersonate", "--impersonate", ("BRIDGE_IMPERSONATE",), str, "chrome",
            "browser whose TLS/HTTP2 fingerprint curl_cffi imitates"),
     Option("account_min_interval", "--account-min-interval", ("BRIDGE_ACCOUNT_MIN_INTERVAL",), float, 0.0,
@@ -229,6 +231,7 @@ class Settings:
     signup_interval: float
     browser_models: str
     arena_mode: str | None
+    bare_body: bool
     impersonate: str
     account_min_interval: float
     trusted_proxy: bool
@@ -411,7 +414,14 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     }, pk=("day", "key_id", "model"), not_null={"key_id", "model"})
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2)
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    """The late-2026 site (issue 14): the model LM Arena's router chose, and quotas per account and modality."""
+    db.table("usage").add_column("routed_model", str)
+    db.table("quotas").create({"account_id": int, "modality": str, "until": float, "reason": str},
+                              pk=("account_id", "modality"))
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2, _migrate_v3)
 
 ACCOUNT_PUBLIC_FIELDS = ("id", "label", "kind", "form", "expires_at", "state", "cooldown_until",
                          "cooldown_reason", "failures", "last_error", "last_used", "needs_browser")
@@ -555,7 +565,19 @@ class Store:
             self.db.execute("DELETE FROM conversations WHERE account_id = ?", [account_id])
             # Ids are reused after a delete: an upload of the removed user must not reach the next account.
             self.db.execute("DELETE FROM uploads WHERE account_id = ?", [account_id])
+            self.db.execute("DELETE FROM quotas WHERE account_id = ?", [account_id])
             return self.db.execute("DELETE FROM accounts WHERE id = ?", [account_id]).rowcount == 1
+
+    # --- quotas per account and modality (U7) ---------------------------------------------------------
+    def set_quota(self, account_id: int, modality: str, until: float, reason: str) -> None:
+        with self.db.conn:
+            self.db.table("quotas").upsert({"account_id": account_id, "modality": modality, "until": until,
+                                            "reason": reason}, pk=("account_id", "modality"))
+
+    def quotas(self, at: float) -> dict[tuple[int, str], float]:
+        """The quotas used up at `at`: (account id, modality) -> when they reset."""
+        return {(r["account_id"], r["modality"]): r["until"]
+                for r in self.rows("SELECT * FROM quotas WHERE until > ?", [at])}
 
     # --- API keys -------------------------------------------------------------------------------------
     def create_key(self, name: str, rpm: int) -> tuple[int, str]:
@@ -705,6 +727,11 @@ class Store:
                 GROUP BY key_id) u ON u.key_id = k.id
             ORDER BY k.id""", [since, since])
 
+    def usage_routed(self, since: float) -> list[dict]:
+        """Which models LM Arena's router chose for the router models asked for (U9)."""
+        return self.rows("SELECT model, routed_model, COUNT(*) AS requests FROM usage WHERE ts >= ? "
+                         "AND routed_model IS NOT NULL GROUP BY 1, 2 ORDER BY requests DESC", [since])
+
     def usage_errors(self, since: float) -> list[dict]:
         return self.rows("SELECT COALESCE(error, 'http_' || status) AS error, status, COUNT(*) AS count, "
                          "MAX(ts) AS last FROM usage WHERE ts >= ? AND status >= 400 "
@@ -724,8 +751,11 @@ FALLBACK_TURNSTILE_SITEKEY = "0x4AAAAAAA65vWDmG-O_lPtT"
 TURNSTILE_RE = re.compile(r'["\'](0x4[0-9A-Za-z_-]{18,})["\']')
 PUSH_RE = re.compile(r'self\.__next_f\.push\(\[\s*1\s*,\s*("(?:[^"\\]|\\.)*")\s*\]\)', re.DOTALL)
 CHUNK_RE = re.compile(r'(?:/_next/)?static/chunks/[\w./~-]+?\.js(?:\?dpl=[\w-]+)?')
-SITEKEY_CALL_RE = re.compile(r'\.execute\(\s*["\'](6L[0-9A-Za-z_-]{38})["\']\s*,\s*\{\s*action\s*:\s*["\'](\w+)["\']')
-SITEKEY_SCRIPT_RE = re.compile(r'recaptcha/(?:enterprise|api)\.js\?render=(6L[0-9A-Za-z_-]{38})')
+# The call site names the action as a literal (early 2026) or as a variable (the real web client: U8).
+SITEKEY_CALL_RE = re.compile(
+    r'\.execute\(\s*["\'](6L[0-9A-Za-z_-]{38})["\']\s*,\s*\{\s*action\s*:\s*(?:["\'](\w+)["\']|[\w$.]+)')
+# render=<key> on the script, or k=<key> on the invisible widget's anchor URL (HTML-escaped as &amp;k=).
+SITEKEY_SCRIPT_RE = re.compile(r'recaptcha/[^"\'\s<>]*?[?&;](?:render|k)=(6L[0-9A-Za-z_-]{38})')
 SERVER_ACTION_RE = re.compile(
     r'createServerReference\)\(\s*"([0-9a-f]{42})"\s*,[^;]*?,\s*"(\w+)"\s*\)')
 JWT_RE = re.compile(r'eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+')
@@ -1093,7 +1123,8 @@ CITATION_MARKER_RE = re.compile(r"<!--citation:([^-\s>]+)-->")
 class Event:
     """One thing LM Arena said about model A's reply.
 
-    kind: text | reasoning | citation | image | error | finish | heartbeat."""
+    kind: text | reasoning | citation | image | error | finish | heartbeat | routed (the model the "Max"
+    router chose, by public name)."""
     kind: str
     value: Any = None
     usage: dict | None = None
@@ -1105,6 +1136,8 @@ def parse_data_part(payload: Any) -> Event | None:
     for item in payload if isinstance(payload, list) else []:
         if not isinstance(item, dict):
             continue
+        if item.get("type") == "routed_model" and (item.get("publicName") or item.get("modelId")):
+            return Event("routed", str(item.get("publicName") or item.get("modelId")))
         if item.get("type") == "heartbeat":
             heartbeat = True
         elif item.get("type") == "image":
@@ -1207,6 +1240,7 @@ class StreamParser:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pending = ""
         self.skipped = 0
+        self.lane_b = False     # model B spoke too: in direct-battle, the site made this a battle turn (U3)
 
     def feed(self, data: bytes) -> list[Event]:
         text = self.pending + self.decoder.decode(data)
@@ -1228,6 +1262,7 @@ class StreamParser:
             participant, event = parsed
             if participant == "a" and event is not None:   # the bridge asks for one model: B lines are not ours
                 events.append(event)
+            self.lane_b = self.lane_b or participant == "b"
         return events
 
 
@@ -1244,6 +1279,77 @@ def parse_stream(data: bytes | Iterable[bytes]) -> list[Event]:
 # =====================================================================================================
 
 OUTPUT_KINDS = {"text", "reasoning", "image", "citation"}
+
+
+def utf16_index(text: str, units: int) -> int:
+    """The index in `text` after `units` UTF-16 code units (the unit of the site's charLocation offsets)."""
+    if units <= 0:
+        return 0
+    count = 0
+    for index, char in enumerate(text):
+        count += 2 if ord(char) > 0xFFFF else 1
+        if count >= units:
+            return index + 1
+    return len(text)
+
+
+def utf16_len(text: str) -> int:
+    return len(text) + sum(1 for char in text if ord(char) > 0xFFFF)
+
+
+class Citations:
+    """The sources of one reply, numbered in order of first appearance, and where their numbers go.
+
+    A source is known by its id (else its url); a repeat of it adds fields (the title comes late) and
+    offsets (U6: `charLocation`, the end of each cited sentence in UTF-16 code units of the reply's text).
+    place() puts `[n]` into the text as it passes those offsets; an offset named after its text went by
+    is placed at once. Older replies mark citations in the text instead (`<!--citation:id-->`): number()
+    answers those."""
+
+    def __init__(self) -> None:
+        self.sources: list[dict] = []
+        self.numbers: dict[str, int] = {}
+        self.pending: list[tuple[int, int]] = []     # (offset, number), not yet in the text
+        self.placed: set[tuple[int, int]] = set()
+        self.units = 0                               # UTF-16 length of the reply's text so far
+
+    def add(self, sources: list[dict]) -> None:
+        for source in sources:
+            keys = [f"url:{source['url']}"] + ([f"id:{source['id']}"] if source.get("id") is not None else [])
+            number = next((self.numbers[k] for k in reversed(keys) if k in self.numbers), None)
+            if number is None:
+                self.sources.append({})
+                number = len(self.sources)
+            self.sources[number - 1].update({k: v for k, v in source.items() if v not in (None, "")})
+            self.numbers.update(dict.fromkeys(keys, number))
+            for offset in source.get("charLocation") or []:
+                if isinstance(offset, int) and (offset, number) not in self.placed:
+                    self.placed.add((offset, number))
+                    self.pending.append((offset, number))
+        self.pending.sort()
+
+    def number(self, source_id: str) -> int | None:
+        return self.numbers.get(f"id:{source_id}")
+
+    def place(self, text: str) -> str:
+        """`text` (the reply's next piece) with the numbers whose offsets fall inside or at its end."""
+        start, self.units = self.units, self.units + utf16_len(text)
+        out, at = [], 0
+        while self.pending and self.pending[0][0] <= self.units:
+            offset, number = self.pending.pop(0)
+            cut = max(at, utf16_index(text, offset - start))
+            out += [text[at:cut], f"[{number}]"]
+            at = cut
+        return "".join(out) + text[at:]
+
+    def rest(self) -> str:
+        """The numbers whose offsets lie past the end of the text (placed at its end)."""
+        numbers, self.pending = self.pending, []
+        return "".join(f"[{number}]" for _, number in numbers)
+
+    def titled(self) -> list[tuple[str, str]]:
+        """(url, title) of each source in number order; a source that never got a title shows its url."""
+        return [(source["url"], str(source.get("title") or source["url"])) for source in self.sources]
 
 
 def uuid7() -> str:
@@ -1273,17 +1379,32 @@ def is_stealth(model: dict) -> bool:
     return not model.get("organization")
 
 
+def is_selectable(model: dict) -> bool:
+    """The site refuses chats with a model it marks `userSelectable: false` (U9); older lists lack the field."""
+    return model.get("userSelectable") is not False
+
+
+def auto_modality_metadata(modality: str) -> dict:
+    """What the 2026 web client says about the modality it chose (U9): the user's own choice, certain."""
+    return {"modality": modality, "confidence": 1.0, "source": "user"}
+
+
 def chat_body(*, evaluation_id: str, model_id: str, content: str, modality: str, attachments: list[dict],
-              mode: str | None, token: str | None) -> dict:
-    """The 2026 compact body (§6.1/§6.2): `mode` only on a new conversation, token only when minted."""
+              mode: str | None, token: str | None, web_client_2026: bool = True) -> dict:
+    """The 2026 compact body (§6.1/§6.2): `mode` only on a new conversation, token only when minted. As
+    the 2026 web client (U3, U9), it names lane B's message (used if the site makes the reply a battle
+    turn) and the modality's metadata; `web_client_2026=False` leaves both out."""
     body: dict[str, Any] = {"id": evaluation_id}
     if mode:
         body["mode"] = mode
+    metadata = {"autoModalityMetadata": auto_modality_metadata(modality)} if web_client_2026 else {}
     body.update({
         "modelAId": model_id, "userMessageId": uuid7(), "modelAMessageId": uuid7(),
-        "userMessage": {"content": content, "experimental_attachments": attachments, "metadata": {}},
+        "userMessage": {"content": content, "experimental_attachments": attachments, "metadata": metadata},
         "modality": modality,
     })
+    if web_client_2026:
+        body["modelBMessageId"] = uuid7()
     if token:
         body["recaptchaV3Token"] = token
     return body
@@ -1343,6 +1464,23 @@ def retry_after_value(value: str) -> float | None:
     return None
 
 
+def ratelimit_fields(headers: dict[str, str]) -> dict[str, int]:
+    """The `ratelimit: limit=1, remaining=0, reset=86400` header (IETF draft form) as numbers."""
+    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", headers.get("ratelimit", ""))}
+
+
+QUOTA_DEFAULT = 86400.0            # a used-up modality quota that names no reset: the site's are daily (U7)
+QUOTA_MODALITIES = {"text": "chat"}   # the site's name of a modality -> the bridge's
+
+
+def quota_reset(headers: dict[str, str], default: float = QUOTA_DEFAULT) -> float:
+    """Seconds until a used-up quota resets: `ratelimit`'s reset, else the `ratelimit-policy` window, else
+    `default`. The 429 itself says `retry-after: 0` and `reset=0`: that is "used up", never "retry now"."""
+    reset = ratelimit_fields(headers).get("reset") or 0
+    window = re.search(r";\s*w=(\d+)", headers.get("ratelimit-policy", ""))
+    return float(reset or (window and int(window.group(1))) or default)
+
+
 def retry_after_seconds(headers: dict[str, str], body: str) -> float | None:
     """How long LM Arena asked to wait, between RETRY_AFTER_LEAST and RETRY_AFTER_MOST; None when it did not
     say (the caller's default applies). `retry-after: 0` is never "retry now": with a `ratelimit` header it
@@ -1355,18 +1493,25 @@ def asked_wait(headers: dict[str, str], body: str) -> float | None:
     """The wait an answer names, unbounded: Retry-After, else the modality or model quota headers."""
     seconds = retry_after_value(headers.get("retry-after", "").strip())
     if seconds is not None and seconds <= 0 and "ratelimit" in headers:
-        reset = re.search(r"\breset=(\d+)", headers["ratelimit"])
-        return float(reset.group(1)) if reset and int(reset.group(1)) > 0 else QUOTA_COOLDOWN
+        return quota_reset(headers, QUOTA_COOLDOWN)
     if seconds is not None:
         return seconds
     if headers.get("ratelimit-modality") and headers.get("ratelimit-remaining"):
         with contextlib.suppress(ValueError):
             return float(headers["ratelimit-remaining"])
-    if "modelid" in body.lower():
-        remaining = re.search(r"remaining=(\d+)", headers.get("ratelimit", ""))
-        if remaining:
-            return float(remaining.group(1))
+    if "modelid" in body.lower() and "remaining" in ratelimit_fields(headers):
+        return float(ratelimit_fields(headers)["remaining"])
     return None
+
+
+def used_up_quota(headers: dict[str, str], modality: str) -> tuple[str, float] | None:
+    """(modality, seconds to its reset) when an answer says a quota is used up, by the 429's modality
+    header or by a served reply's `remaining=0`; else None."""
+    fields = ratelimit_fields(headers)
+    if fields.get("remaining") != 0:
+        return None
+    said = headers.get("ratelimit-modality")
+    return QUOTA_MODALITIES.get(said, said) if said else modality, quota_reset(headers)
 
 
 # What an LM Arena answer other than 200 means: the first row whose test holds names its kind. The tests
@@ -1377,8 +1522,10 @@ ANSWER_KINDS: tuple[tuple[str, Callable[[int, dict[str, str], str, str], bool]],
     ("recaptcha", lambda status, headers, body, low: status == 403 and "recaptcha" in low),
     ("recaptcha", lambda status, headers, body, low: status == 429 and "prompt failed" in low),
     ("unauthorized", lambda status, headers, body, low: status == 401),
+    ("quota", lambda status, headers, body, low: status == 429 and bool(headers.get("ratelimit-modality"))),
     ("rate_limited", lambda status, headers, body, low: status == 429),
     ("mode", lambda status, headers, body, low: status == 400 and "mode" in low and "not allowed" in low),
+    ("battle_pending", lambda status, headers, body, low: status == 400 and "expected a battle turn" in low),
     ("not_found", lambda status, headers, body, low: status == 404),
     ("server", lambda status, headers, body, low: status >= 500),
     ("client", lambda status, headers, body, low: True),
@@ -1392,6 +1539,8 @@ REFUSALS: tuple[tuple[Callable[[int, str], bool], str, str], ...] = (
     (lambda status, low: status == 422 or "flagged" in low, "content_filter", "LM Arena's moderation flagged the message"),
     (lambda status, low: status == 413, "attachment_too_large", "LM Arena refused the attachment as too large"),
     (lambda status, low: status == 404, "model_not_found", "LM Arena does not serve this model here"),
+    (lambda status, low: "not available for user selection" in low, "model_not_available",
+     "LM Arena does not let users select this model"),
     (lambda status, low: status == 403, "upstream_forbidden", "LM Arena refused the request"),
 )
 
@@ -1446,8 +1595,11 @@ class Rule:
 #   refresh         refresh the account's session and send again (another account when that fails)
 #   expire          mark the account expired and move to another
 #   cool_down       cool the account down as long as LM Arena asked, and move to another
+#   use_up_quota    the account's quota of this modality is used up until its reset (other modalities keep
+#                   working, U7): move to another account
 #   switch_mode     try the other arena mode for new conversations
-#   start_over      the held conversation is gone: start a new one carrying the history
+#   start_over      the held conversation is gone (or broken by an unanswered battle turn, U3): start a new
+#                   one carrying the history
 #   pause           wait a moment and send again
 #   refuse          fail with what LM Arena said
 POLICY: dict[str, Rule] = {
@@ -1456,7 +1608,9 @@ POLICY: dict[str, Rule] = {
     "recaptcha": Rule("account", ("rediscover", "go_in_page", "back_off")),
     "unauthorized": Rule("account", ("refresh", "expire")),
     "rate_limited": Rule("account", ("cool_down",)),
+    "quota": Rule("account", ("use_up_quota",)),
     "mode": Rule("request", ("switch_mode",)),
+    "battle_pending": Rule("request", ("start_over",)),
     "not_found": Rule("request", ("start_over",)),
     "server": Rule("request", ("pause", "refuse")),
     "client": Rule("request", ("refuse",)),
@@ -1985,6 +2139,7 @@ class SidecarClient:
 
 OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
 DEFAULT_ARENA_MODE = "direct-battle"
+MODEL_PAGES = ("/?mode=direct", "/")      # where the model list is embedded, most likely first (U10)
 
 
 def current_origin(settings: Settings, store: Store) -> str:
@@ -2181,14 +2336,23 @@ class ArenaSite:
             if now() - self.last_discovery < min_age:
                 return self.params
             self.last_discovery = now()
-            page = await self.get("/")
-            if is_cloudflare_challenge(page.status_code, dict(page.headers), page.text) and may_start_browser:
-                await self.clear_cloudflare()
-                page = await self.get("/")
-            if page.status_code != 200:
-                raise ArenaError("discovery_failed", f"LM Arena page answered {page.status_code}")
+            page = await self.model_page(may_start_browser)
             self.learn(page.text, await self.scripts(extract_chunk_urls(page.text)))
             return self.params
+
+    async def model_page(self, may_start_browser: bool) -> Any:
+        """The first page of MODEL_PAGES that embeds the model list (U10), else the last one loaded. A page
+        that fails ends the discovery: the next page would not be served by a site that is down."""
+        for path in MODEL_PAGES:
+            page = await self.get(path)
+            if is_cloudflare_challenge(page.status_code, dict(page.headers), page.text) and may_start_browser:
+                await self.clear_cloudflare()
+                page = await self.get(path)
+            if page.status_code != 200:
+                raise ArenaError("discovery_failed", f"LM Arena page answered {page.status_code}")
+            if extract_models(page.text) is not None:
+                break
+        return page
 
     def learn(self, page: str, scripts: list[str]) -> dict[str, Any]:
         """Store what the page and its scripts say: the model list and the site parameters found."""
@@ -2262,6 +2426,25 @@ class ArenaSite:
         cookies, user_agent = await self.sidecar.clearance()
         self.store.set_site_params(clearance={"cookies": cookies, "user_agent": user_agent})
         self.params = self.store.site_params()
+
+    # --- battle turns (U3) -----------------------------------------------------------------------------
+    async def skip_battle(self, account: dict, evaluation_id: str, lane_a: str, lane_b: str) -> bool:
+        """Skip the battle turn the site made of a direct-battle reply, keeping lane A in the history
+        (arena-protocol §0 U3). No token is needed. False when the site refused: the evaluation then stays
+        broken and the next follow-up starts over (POLICY's battle_pending)."""
+        headers = self.request_headers(account, content_type="application/json")
+        try:
+            response = await self.http.post(
+                f"{self.origin}/nextjs-api/stream/skip-direct-battle/{evaluation_id}", headers=headers,
+                data=json.dumps({"messageAId": lane_a, "messageBId": lane_b, "modelAMessageId": lane_a,
+                                 "modelBMessageId": lane_b}), timeout=20, discard_cookies=True, allow_redirects=False)
+        except Exception as exc:  # noqa: BLE001 - any network failure: the battle turn stays unanswered
+            log.warning("skipping the battle turn of %s failed (%s)", evaluation_id, type(exc).__name__)
+            return False
+        if response.status_code != 200:
+            log.warning("LM Arena refused to skip the battle turn of %s: %s %s", evaluation_id,
+                        response.status_code, error_text(response.text))
+        return response.status_code == 200
 
     # --- server actions (arena-protocol §11) --------------------------------------------------------
     async def server_action(self, account: dict, name: str, args: list, fields: tuple[str, ...]) -> list[str]:
@@ -2411,14 +2594,16 @@ class AccountPool:
         self.signup_lock = asyncio.Lock()
 
     # --- choice and pacing --------------------------------------------------------------------------
-    def usable(self, exclude: set[int]) -> list[dict]:
+    def usable(self, exclude: set[int], modality: str = "chat") -> list[dict]:
         at = now()
+        quotas = self.store.quotas(at)
         return [a for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)
+                and (a["id"], modality) not in quotas
                 and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
 
-    def pick(self, exclude: set[int]) -> dict | None:
+    def pick(self, exclude: set[int], modality: str = "chat") -> dict | None:
         """The least recently used account that can serve now."""
-        usable = self.usable(exclude)
+        usable = self.usable(exclude, modality)
         if not usable:
             return None
         at = now()
@@ -2426,30 +2611,32 @@ class AccountPool:
         self.store.update_account(account["id"], last_used=at)
         return account
 
-    async def account_for(self, followup: dict | None, excluded: set[int]) -> dict | None:
+    async def account_for(self, followup: dict | None, excluded: set[int], modality: str = "chat") -> dict | None:
         """The account that owns the held conversation (the site refuses follow-ups from another), or
         any usable account for a new one, with a session that is not about to expire."""
-        account = await self.first_choice(followup, excluded)
+        account = await self.first_choice(followup, excluded, modality)
         while account is not None:
             fresh = await self.fresh(account)
             if fresh is not None or followup is not None:
                 return fresh
             excluded.add(account["id"])
-            account = self.pick(excluded)
+            account = self.pick(excluded, modality)
         return None
 
-    async def first_choice(self, followup: dict | None, excluded: set[int]) -> dict | None:
+    async def first_choice(self, followup: dict | None, excluded: set[int], modality: str) -> dict | None:
         if followup is not None:
             account = self.store.account(followup["account_id"])
-            return account if account is not None and account["id"] not in excluded and is_usable(account) else None
-        account = self.pick(excluded)
+            usable = account is not None and account["id"] not in excluded and is_usable(account) \
+                and (account["id"], modality) not in self.store.quotas(now())
+            return account if usable else None
+        account = self.pick(excluded, modality)
         if account is None and not excluded and self.may_sign_up():
             account = await self.sign_up_anonymous()
         return account
 
-    def unavailable(self, last: ArenaError | None = None) -> ArenaError:
+    def unavailable(self, last: ArenaError | None = None, modality: str = "chat") -> ArenaError:
         """Why no account can serve, with the soonest recovery as Retry-After, and what LM Arena said last."""
-        error = self._unavailable()
+        error = self.quota_used_up(modality) or self._unavailable()
         if last is not None:
             error.message += f" Last answer from LM Arena: {last.message}"
             error.cause = last.kind
@@ -2462,6 +2649,19 @@ class AccountPool:
                  if is_usable(a, at)]
         waits += [w for w in paced if w > 0]
         return max(1.0, min(waits)) if waits else None
+
+    def quota_used_up(self, modality: str) -> ArenaError | None:
+        """When the accounts that could serve have all used up this modality's quota: until the first
+        resets (the request is answered without asking LM Arena)."""
+        at = now()
+        quotas = self.store.quotas(at)
+        able = [a for a in self.store.accounts() if is_usable(a, at)]
+        resets = [quotas[(a["id"], modality)] - at for a in able if (a["id"], modality) in quotas]
+        if not able or len(resets) < len(able):
+            return None
+        return ArenaError("quota_exhausted", f"LM Arena's {modality} quota is used up on every account; the first "
+                                             f"resets in {int(min(resets))} s. Other chats keep working.",
+                          retry_after=min(resets))
 
     def _unavailable(self) -> ArenaError:
         accounts = self.store.accounts()
@@ -2488,8 +2688,19 @@ class AccountPool:
         self.store.update_account(account["id"], failures=failures + 1)
         self.cool_down(account, min(cap, first * 2 ** failures), reason)
 
+    def use_up_quota(self, account: dict, modality: str, seconds: float) -> None:
+        """The account's quota of one modality is used up: only that modality waits for its reset (U7)."""
+        self.store.set_quota(account["id"], modality, now() + seconds, f"{modality} quota used up")
+        log.warning("account %s: LM Arena's %s quota is used up for %d s", account["id"], modality, seconds)
+
     def expire(self, account: dict, reason: str) -> None:
         self.store.update_account(account["id"], state="expired", last_error=reason)
+
+    def expire_dead(self, account_id: int, said: str) -> None:
+        """LM Arena no longer knows the account (`User not found`, U9): no refresh can bring it back."""
+        self.store.update_account(account_id, state="invalid", last_error=f"LM Arena does not know this account "
+                                                                         f"any more ({said}); add a fresh one")
+        log.warning("account %s is dead: LM Arena answered %s", account_id, said)
 
     def remember_path(self, account: dict, in_page: bool) -> None:
         """Record which path worked: browser mode sticks for a while, a direct success clears it."""
@@ -2626,12 +2837,16 @@ class AccountPool:
 # Turn runner
 # =====================================================================================================
 
+DEAD_CREDENTIAL_RE = re.compile(r"user not found", re.IGNORECASE)   # the site no longer knows the account (U9)
+
+
 @dataclasses.dataclass
 class OpenedTurn:
     response: Any
     account_id: int
     evaluation_id: str
     turns: int
+    lanes: tuple[str, str | None] = ("", None)    # the message ids of lane A and lane B (U3)
 
 
 @dataclasses.dataclass
@@ -2647,12 +2862,14 @@ class TurnPlan:
     attempts: int = 0                   # upstream requests sent for it so far, across all retries
     dropped: int = 0                    # the earliest turns left out of new_content, to stay within the limit
     opened: OpenedTurn | None = None    # the turn that answered, once one did
+    routed_model: str | None = None     # the model LM Arena's router chose, when it names one (U9)
 
 
 @dataclasses.dataclass
 class Tries:
     """One request's attempts so far, as the policy loop keeps them."""
     followup: dict | None
+    modality: str = "chat"
     excluded: set[int] = dataclasses.field(default_factory=set)
     in_page: set[int] = dataclasses.field(default_factory=set)       # accounts moved to the page for it
     failures: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -2711,6 +2928,9 @@ class TurnRunner:
             stream = self.stream(plan.opened)
             try:
                 async for event in stream:
+                    if event.kind == "routed":
+                        plan.routed_model = event.value
+                        continue
                     if not started and event.kind in ("error", "finish"):
                         if event.kind == "error":
                             empty_reason = event.value
@@ -2723,6 +2943,8 @@ class TurnRunner:
             if started:
                 return
             log.warning("LM Arena answered without content (%s)", empty_reason)
+            if DEAD_CREDENTIAL_RE.search(str(empty_reason)):
+                self.pool.expire_dead(plan.opened.account_id, str(empty_reason))
             if retried or plan.attempts >= MAX_UPSTREAM_ATTEMPTS:
                 raise ArenaError("empty_reply", f"LM Arena returned no content: {empty_reason}")
             plan.followup = None
@@ -2731,7 +2953,7 @@ class TurnRunner:
     async def open(self, plan: TurnPlan, deadline: float) -> OpenedTurn:
         """Send one chat turn, moving between accounts and retrying by POLICY, within a bounded number of
         attempts; returns once LM Arena answers 200."""
-        tries = Tries(followup=plan.followup)
+        tries = Tries(followup=plan.followup, modality=plan.modality)
         while plan.attempts < MAX_UPSTREAM_ATTEMPTS and now() < deadline:
             plan.attempts += 1
             account = await self.account(tries)
@@ -2739,20 +2961,20 @@ class TurnRunner:
             if isinstance(opened, OpenedTurn):
                 return opened
             await self.handle(opened)
-        if tries.last is not None and tries.excluded and not self.pool.usable(tries.excluded):
-            raise self.pool.unavailable(tries.last)
+        if tries.last is not None and tries.excluded and not self.pool.usable(tries.excluded, tries.modality):
+            raise self.pool.unavailable(tries.last, tries.modality)
         if tries.last is not None:
             raise tries.last
         raise ArenaError("upstream_timeout", "LM Arena did not answer in time")
 
     async def account(self, tries: Tries) -> dict:
         """The account for the next attempt; a follow-up whose account cannot serve starts over."""
-        account = await self.pool.account_for(tries.followup, tries.excluded)
+        account = await self.pool.account_for(tries.followup, tries.excluded, tries.modality)
         if account is None and tries.followup is not None:
             tries.followup = None
-            account = await self.pool.account_for(None, tries.excluded)
+            account = await self.pool.account_for(None, tries.excluded, tries.modality)
         if account is None:
-            raise self.pool.unavailable(tries.last)
+            raise self.pool.unavailable(tries.last, tries.modality)
         return account
 
     async def send(self, plan: TurnPlan, tries: Tries, account: dict, deadline: float) -> OpenedTurn | Failure:
@@ -2766,7 +2988,7 @@ class TurnRunner:
         action = self.site.recaptcha_action
         body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"], modality=plan.modality,
                          attachments=attachments, token=None if in_page else await self.site.recaptcha_token(action),
-                         **self.turn_fields(plan, followup))
+                         web_client_2026=not self.settings.bare_body, **self.turn_fields(plan, followup))
         if in_page:
             response = await self.site.post_in_page(path, body, account, action, deadline)
         else:
@@ -2774,7 +2996,9 @@ class TurnRunner:
         if response.status_code == 200:
             if in_page == account_in_page:   # a path chosen for the model says nothing about the account
                 self.pool.remember_path(account, in_page)
-            return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1)
+            self.note_quota(account, plan.modality, response.headers)
+            return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1,
+                              (body["modelAMessageId"], body.get("modelBMessageId")))
         text = (await response.acontent()).decode("utf-8", "replace")[:4000]
         await response.aclose()
         answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, text)
@@ -2836,6 +3060,17 @@ class TurnRunner:
                             f"rate limited by LM Arena: {answer.message}")
         failure.tries.excluded.add(failure.account["id"])
 
+    async def step_use_up_quota(self, failure: Failure) -> None:
+        headers = failure.answer.headers
+        said = headers.get("ratelimit-modality") or failure.tries.modality
+        self.pool.use_up_quota(failure.account, QUOTA_MODALITIES.get(said, said), quota_reset(headers))
+        failure.tries.excluded.add(failure.account["id"])
+
+    def note_quota(self, account: dict, modality: str, headers: Mapping[str, str]) -> None:
+        used_up = used_up_quota({k.lower(): v for k, v in headers.items()}, modality)
+        if used_up is not None:
+            self.pool.use_up_quota(account, *used_up)
+
     async def step_switch_mode(self, failure: Failure) -> None:
         self.site.switch_mode()
 
@@ -2879,13 +3114,22 @@ class TurnRunner:
                 for event in parser.feed(chunk):
                     yield event
                     if event.kind == "finish":
-                        await self.adopt_session(opened)
+                        await self.end_turn(opened, parser)
                         return
             for event in parser.close():
                 yield event
-            await self.adopt_session(opened)
+            await self.end_turn(opened, parser)
         finally:
             await opened.response.aclose()
+
+    async def end_turn(self, opened: OpenedTurn, parser: StreamParser) -> None:
+        """After model A's reply: keep a rotated session, and answer a battle turn (U3) by skipping it,
+        as the web UI's "Skip" does, so that the next follow-up is a plain direct turn again."""
+        await self.adopt_session(opened)
+        lane_a, lane_b = opened.lanes
+        account = self.store.account(opened.account_id) if parser.lane_b and lane_b else None
+        if account is not None and lane_b:
+            await self.site.skip_battle(account, opened.evaluation_id, lane_a, lane_b)
 
     async def adopt_session(self, opened: OpenedTurn) -> None:
         response = opened.response
@@ -3074,6 +3318,7 @@ class Metrics:
 # API plumbing
 # =====================================================================================================
 
+ROUTED_MODEL_HEADER = "x-arena-routed-model"    # the model LM Arena's "Max" router chose for this reply (U9)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 502: "upstream_error", 503: "service_unavailable",
@@ -3083,7 +3328,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 # answer passed on (`relayed`). "upstream_<status>" (a refusal the table does not name) is a 400 for a
 # 4xx status, else a 502.
 ARENA_STATUS = {
-    "no_account": 503, "accounts_cooling_down": 503, "no_usable_account": 503, "signup_failed": 503,
+    "quota_exhausted": 429, "no_account": 503, "accounts_cooling_down": 503, "no_usable_account": 503, "signup_failed": 503,
     "cloudflare": 503, "model_not_available": 403, "upstream_forbidden": 403, "content_filter": 422,
     "attachment_too_large": 413, "model_not_found": 404, "upstream_timeout": 504,
 }
@@ -3168,11 +3413,12 @@ class UsageRecorder:
 
     def add(self, route: str, key_id: int | None, model: str | None, status: int, started: float,
             prompt_tokens: int = 0, completion_tokens: int = 0, error: str | None = None,
-            cause: str | None = None) -> None:
+            cause: str | None = None, routed_model: str | None = None) -> None:
         seconds = time.perf_counter() - started
         self.pending.append({"ts": now(), "key_id": key_id, "model": model, "status": status,
                              "latency_ms": round(seconds * 1000, 1), "prompt_tokens": prompt_tokens,
-                             "completion_tokens": completion_tokens, "error": error})
+                             "completion_tokens": completion_tokens, "error": error,
+                             "routed_model": routed_model})
         self.metrics.request(route, model, status, seconds, cause or error)
 
     def flush(self) -> None:
@@ -3404,7 +3650,7 @@ def parse_content_part(part: Any, param: str, texts: list[str], images: list[str
 
 def usable_models(models: list[dict]) -> list[dict]:
     """Models a chat bridge can serve: not stealth, and with text, image or search output."""
-    return [m for m in models if not is_stealth(m) and choose_modality(m) is not None]
+    return [m for m in models if not is_stealth(m) and is_selectable(m) and choose_modality(m) is not None]
 
 
 # Which entries of a public name can be served, in order; when none is left, the refusal (status, code, why).
@@ -3414,6 +3660,7 @@ MODEL_FILTERS: tuple[tuple[Callable[[dict], bool], int, str, str], ...] = (
      "outputs neither text, images nor search results; this bridge cannot serve it."),
     (lambda m: not is_stealth(m), 403, "model_not_available",
      "is a stealth model: LM Arena only serves it in anonymous battles, not by name."),
+    (is_selectable, 403, "model_not_available", "is not available for user selection on LM Arena."),
 )
 
 
@@ -3515,8 +3762,7 @@ class ReplyBuilder:
     def __init__(self) -> None:
         self.content: list[str] = []
         self.reasoning: list[str] = []
-        self.sources: list[dict] = []
-        self.source_numbers: dict[str, int] = {}
+        self.citations = Citations()
         self.images: list[str] = []
         self.held = ""
         self.finish_reason = "stop"
@@ -3543,40 +3789,34 @@ class ReplyBuilder:
         text = self.held + delta
         cut = partial_marker_start(text)
         self.held, text = (text[cut:], text[:cut]) if cut >= 0 else ("", text)
-        text = CITATION_MARKER_RE.sub(self._marker, text)
+        text = CITATION_MARKER_RE.sub(self._marker, self.citations.place(text))
         self.content.append(text)
         return text
 
     def _marker(self, match: re.Match) -> str:
-        number = self.source_numbers.get(match.group(1))
+        number = self.citations.number(match.group(1))
         return f"[{number}]" if number else ""
 
     def add_sources(self, sources: list[dict]) -> None:
-        for source in sources:
-            known = next((i for i, s in enumerate(self.sources, 1) if s["url"] == source["url"]), None)
-            if known is None:
-                self.sources.append({"url": source["url"], "title": source.get("title") or source["url"]})
-                known = len(self.sources)
-            if source.get("id") is not None:
-                self.source_numbers[str(source["id"])] = known
+        self.citations.add(sources)
 
     def finish(self) -> str:
         """The text that closes the reply: held-back text, images, and the Sources footer."""
-        tail = CITATION_MARKER_RE.sub(self._marker, self.held)
+        tail = CITATION_MARKER_RE.sub(self._marker, self.citations.place(self.held)) + self.citations.rest()
         self.held = ""
         body = "".join(self.content) + tail
         for url in self.images:
             tail += ("\n\n" if body or tail else "") + f"![image]({url})"
-        if self.sources:
+        sources = self.citations.titled()
+        if sources:
             tail += SOURCES_HEADING
             offset = len(body) + len(tail)
-            for number, source in enumerate(self.sources, 1):
-                link = f"[{source['title']}]({source['url']})"
+            for number, (url, title) in enumerate(sources, 1):
+                link = f"[{title}]({url})"
                 line = f"{number}. {link}\n"
                 start = offset + len(f"{number}. ")
                 self.annotations.append({"type": "url_citation", "url_citation": {
-                    "start_index": start, "end_index": start + len(link), "url": source["url"],
-                    "title": source["title"]}})
+                    "start_index": start, "end_index": start + len(link), "url": url, "title": title}})
                 tail += line
                 offset += len(line)
             tail = tail.rstrip("\n")
@@ -4504,13 +4744,18 @@ class ChatJob:
                cause: str | None = None) -> None:
         usage = usage or {}
         self.state.usage.add(self.route, self.key["id"], self.chat.model, status, self.started,
-                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error, cause)
+                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error, cause,
+                             self.plan.routed_model)
 
     @property
     def headers(self) -> dict[str, str]:
-        """A history trimmed to fit is said, never silent (the log has it too)."""
+        """A history trimmed to fit is said, never silent (the log has it too); the model LM Arena's
+        router chose is named (the response's `model` stays the one asked for)."""
         trimmed = self.plan.dropped and self.plan.followup is None
-        return {TRIMMED_HEADER: str(self.plan.dropped)} if trimmed else {}
+        headers = {TRIMMED_HEADER: str(self.plan.dropped)} if trimmed else {}
+        if self.plan.routed_model:
+            headers[ROUTED_MODEL_HEADER] = self.plan.routed_model
+        return headers
 
 
 def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict, tools: ToolConfig = ToolConfig(),
@@ -7026,6 +7271,10 @@ async def usage_page(request: Request, admin: Admin) -> Response:
               [(prose(k["name"]), fill("<code>{prefix}…</code>", prefix=k["prefix"]), k["requests"], k["errors"],
                 k["tokens"], format_time(k["last_used"]))
                for k in store.usage_by_key(since) if k["requests"]], "No requests in this period."),
+        fill("<h2>Routed by LM Arena</h2>"),
+        table(["Model asked for", "Model LM Arena chose", "Requests"],
+              [(r["model"], r["routed_model"], r["requests"]) for r in store.usage_routed(since)],
+              "No routed requests in this period."),
         fill("<h2>Errors by type</h2>"),
         table(["Error", "Status", "Count", "Last seen"],
               [(e["error"], e["status"], e["count"], format_time(e["last"])) for e in store.usage_errors(since)],

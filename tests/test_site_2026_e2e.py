@@ -1,0 +1,312 @@
+"""End to end against the late-2026 site (issue 14, arena-protocol.md §0 U1–U10): the real bridge and the
+emulator with its late-2026 switches on. One behaviour per test, named after it; each says what it costs
+in upstream requests where that is the point."""
+import json
+import os
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+from emulator.common import REAL_FIXTURES
+from harness import BridgeProcess, validate
+
+SEARCH_MODEL = "gemini-3-pro-grounding"
+IMAGE_MODEL = "flux-2-flex"
+TEXT_MODEL = "gemini-3-pro"
+UNSELECTABLE = "grok-4.1"
+LINE = re.compile(r"([ab])([0-9a-z]):(.*)", re.DOTALL)
+
+
+def chat(client, *contents, model=TEXT_MODEL, **extra):
+    """One request whose messages alternate user/assistant, starting with the user."""
+    roles = ("user", "assistant")
+    messages = [{"role": roles[i % 2], "content": text} for i, text in enumerate(contents)]
+    return client.chat.completions.create(model=model, messages=messages, **extra)
+
+
+def post(proc, key, body, timeout=60):
+    return httpx.post(proc.url + "/v1/chat/completions", json=body, timeout=timeout,
+                      headers={"Authorization": f"Bearer {key}"})
+
+
+def raw_reading(name: str) -> dict:
+    """Lane A of a real capture as its raw lines say (independent of the bridge's parser)."""
+    with open(os.path.join(REAL_FIXTURES, "streams", name + ".body"), encoding="utf-8") as fh:
+        body = fh.read()
+    out: dict[str, Any] = {"text": "", "reasoning": "", "finish": None, "images": 0, "sources": {}}
+    for raw in body.split("\n"):
+        match = LINE.fullmatch(raw.strip())
+        if not match or match.group(1) != "a":
+            continue
+        code, value = match.group(2), json.loads(match.group(3))
+        if code == "0":
+            out["text"] += value
+        elif code == "g":
+            out["reasoning"] += value
+        elif code == "d":
+            out["finish"] = value["finishReason"]
+        elif code == "2":
+            out["images"] += sum(1 for item in value if item.get("type") == "image")
+        elif code == "c" and value.get("toolCallId") == "citation-source":
+            source = json.loads(value["argsTextDelta"])["source"]
+            for one in source if isinstance(source, list) else [source]:
+                out["sources"].setdefault(one["id"], {}).update(one)
+    return out
+
+
+STREAM_CAPTURES = sorted(f[:-len(".body")] for f in os.listdir(os.path.join(REAL_FIXTURES, "streams"))
+                         if f.endswith(".body"))
+OPENAI_FINISH = {"stop": "stop", "unknown": "stop", "length": "length"}
+
+
+# --- U10, U9: where the model list is, which models it offers ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def late_bridge(arena, tmp_path_factory):
+    """A bridge that first met the site with its model list only at /?mode=direct, 2026 model fields, one
+    unselectable model and the "Max" router."""
+    arena.reset()
+    arena.configure(**LATE_SITE)
+    proc = BridgeProcess(arena.url, str(tmp_path_factory.mktemp("late"))).start()
+    proc.wait_for_models()
+    proc.pages_read = [(r["path"], r["query"]) for r in arena.core.requests if r["method"] == "GET"
+                       and not r["path"].startswith(("/_next/", "/__"))]
+    yield proc
+    proc.stop()
+
+
+LATE_SITE = {"models_at": "direct_only", "model_fields_2026": True, "unselectable_models": [UNSELECTABLE],
+             "router_model": TEXT_MODEL, "recaptcha": "off"}
+
+
+@pytest.fixture
+def late(arena, late_bridge):
+    arena.reset()
+    arena.configure(**LATE_SITE)
+    late_bridge.set_accounts(arena.new_session())
+    return late_bridge
+
+
+def models_of(proc):
+    key = proc.create_key()
+    response = httpx.get(proc.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    validate("ListModelsResponse", response.json())
+    return [m["id"] for m in response.json()["data"]]
+
+
+def test_u10_a_model_list_only_at_the_direct_page_still_serves_v1_models(late):
+    names = models_of(late)
+    assert TEXT_MODEL in names and len(names) > 10
+
+
+def test_u10_discovery_reads_the_direct_page_first_and_needs_no_other(late):
+    assert late.pages_read == [("/", {"mode": "direct"})]
+
+
+def test_u9_a_model_the_site_marks_unselectable_is_not_listed(late):
+    assert any(m["publicName"] == UNSELECTABLE and m["userSelectable"] is False for m in late.store.models())
+    assert UNSELECTABLE not in models_of(late)
+
+
+def test_u9_an_unselectable_model_is_refused_without_asking_the_site(late, arena):
+    key = late.create_key()
+    arena.clear_log()
+    response = post(late, key, {"model": UNSELECTABLE, "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 403 and "user selection" in response.json()["error"]["message"]
+    assert arena.chat_requests() == []
+
+
+def test_u9_the_display_name_is_kept_with_the_model(late):
+    stored = next(m for m in late.store.models() if m["publicName"] == TEXT_MODEL)
+    assert stored["displayName"] == "Gemini 3 Pro"
+
+
+def test_u9_the_router_s_choice_goes_into_a_header_and_the_usage_record(late):
+    key = late.create_key()
+    response = post(late, key, {"model": "max", "messages": [{"role": "user", "content": "route me"}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "max"
+    assert response.headers["x-arena-routed-model"] == TEXT_MODEL
+    deadline = time.time() + 5
+    while time.time() < deadline and not late.store.rows("SELECT * FROM usage WHERE routed_model IS NOT NULL"):
+        time.sleep(0.1)
+    [row] = late.store.rows("SELECT model, routed_model FROM usage WHERE routed_model IS NOT NULL")
+    assert row == {"model": "max", "routed_model": TEXT_MODEL}
+
+
+def test_u9_a_streamed_routed_reply_names_the_chosen_model_in_its_header(late):
+    key = late.create_key()
+    with httpx.stream("POST", late.url + "/v1/chat/completions", timeout=30,
+                      json={"model": "max", "stream": True, "messages": [{"role": "user", "content": "s"}]},
+                      headers={"Authorization": f"Bearer {key}"}) as response:
+        assert response.headers["x-arena-routed-model"] == TEXT_MODEL
+        assert '"model":"max"' in response.read().decode().replace(" ", "")
+
+
+# --- U9: a dead credential --------------------------------------------------------------------------------------------
+
+
+def test_u9_user_not_found_marks_the_account_dead_and_another_serves(fresh, arena, client):
+    dead, alive = arena.new_session(), arena.new_session()
+    fresh.set_accounts(dead, alive)
+    arena.kill_account(dead)
+    assert chat(client, "hello").choices[0].message.content == "turn 1: hello"
+    states = {a["auth"]: a["state"] for a in fresh.store.accounts()}
+    assert states == {dead: "invalid", alive: "ok"}
+    assert len(arena.chat_requests()) == 2       # one on the dead account, one that served
+
+
+# --- U6: citations as offsets ------------------------------------------------------------------------------------------
+
+
+def test_u6_offset_citations_get_numbers_after_the_cited_sentences(client, arena):
+    arena.configure(citation_format="offsets")
+    content = chat(client, "tower", model=SEARCH_MODEL).choices[0].message.content
+    text = content.split("\n\nSources:\n")[0]
+    assert text == ("turn 1: tower.[1] The first source says so.[1] The second source agrees.[2] "
+                    "Both say it again.[1][2]")
+
+
+def test_u6_offset_citations_get_a_titled_sources_list(client, arena):
+    arena.configure(citation_format="offsets")
+    message = chat(client, "tower", model=SEARCH_MODEL).choices[0].message
+    footer = message.content.split("\n\nSources:\n")[1].split("\n")
+    assert len(footer) == 2 and all(re.fullmatch(r"\d\. \[[^\]/]+\]\(https?://\S+\)", line) for line in footer)
+    assert [a.url_citation.title for a in message.annotations] == [re.match(r"\d\. \[(.*)\]", line).group(1)
+                                                                   for line in footer]
+
+
+def test_u6_the_real_search_capture_gives_numbers_and_titles(client, arena):
+    arena.script_reply(replay="dec-search-00")
+    content = chat(client, "gemini 3", model=SEARCH_MODEL).choices[0].message.content
+    raw = raw_reading("dec-search-00")
+    text, footer = content.split("\n\nSources:\n")
+    assert re.sub(r"\[\d\]", "", text) == raw["text"]
+    for number, sid in enumerate(sorted(raw["sources"]), 1):
+        source = raw["sources"][sid]
+        assert text.count(f"[{number}]") == len(source["charLocation"])
+        assert f"{number}. [{source['title']}]({source['url']})" in footer
+
+
+# --- every real capture through the bridge -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", STREAM_CAPTURES)
+def test_each_real_capture_replayed_through_the_bridge_gives_what_its_raw_lines_say(client, arena, name):
+    raw = raw_reading(name)
+    arena.script_reply(replay=name)
+    reply = chat(client, "replay")
+    message = reply.choices[0].message
+    content = message.content
+    if raw["sources"]:
+        content = re.sub(r"\[\d+\]", "", content.split("\n\nSources:\n")[0])
+    assert len(re.findall(r"!\[image\]\([^)]+\)", content)) == raw["images"]
+    assert re.sub(r"(\n\n)?!\[image\]\([^)]+\)", "", content) == raw["text"]
+    assert ((message.model_extra or {}).get("reasoning_content") or "") == raw["reasoning"]
+    assert reply.choices[0].finish_reason == OPENAI_FINISH[raw["finish"]]
+
+
+# --- U7: the image quota -----------------------------------------------------------------------------------------------
+
+
+def image(proc, key, prompt="a red square"):
+    return httpx.post(proc.base_url + "/images/generations", timeout=60, headers={"Authorization": f"Bearer {key}"},
+                      json={"model": IMAGE_MODEL, "prompt": prompt})
+
+
+def test_u7_past_the_image_quota_image_requests_get_429_at_once_without_an_upstream_request(fresh, arena, api_key):
+    arena.configure(image_quota=1)
+    assert image(fresh, api_key).status_code == 200
+    arena.clear_log()
+    started = time.perf_counter()
+    second = image(fresh, api_key)
+    assert second.status_code == 429 and int(second.headers["retry-after"]) > 80_000
+    assert time.perf_counter() - started < 1.0 and arena.chat_requests() == []
+    assert "image quota" in second.json()["error"]["message"]
+
+
+def test_u7_the_image_quota_leaves_text_chats_working(fresh, arena, api_key, client):
+    arena.configure(image_quota=1)
+    assert image(fresh, api_key).status_code == 200
+    assert image(fresh, api_key).status_code == 429
+    assert chat(client, "still here").choices[0].message.content == "turn 1: still here"
+    [account] = fresh.store.accounts()
+    assert account["state"] == "ok"
+
+
+def test_u7_the_real_quota_429_costs_one_request_and_blocks_only_images(fresh, arena, api_key, client):
+    arena.script_reply(replay="dec-edit-22")
+    first = image(fresh, api_key)
+    assert first.status_code == 429 and int(first.headers["retry-after"]) > 3000
+    assert len(arena.chat_requests()) == 1
+    assert image(fresh, api_key).status_code == 429 and len(arena.chat_requests()) == 1
+    assert chat(client, "text").choices[0].message.content == "turn 1: text"
+
+
+# --- U3: battle turns in direct-battle ---------------------------------------------------------------------------------
+
+
+def six_turns(client, arena):
+    """Six turns of one conversation; each reply answers its question, and LM Arena saw every earlier
+    question in the evaluation that answered it (a follow-up's, or a new one's carried history)."""
+    history = []
+    for turn in range(1, 7):
+        history.append(f"question {turn}")
+        reply = chat(client, *history).choices[0].message.content
+        assert reply.startswith("turn ") and reply.endswith(f"question {turn}"), (turn, reply)
+        history.append(reply)
+        served = [r for r in arena.chat_requests() if r["status"] == 200 and "/stream/" in r["path"]
+                  and "skip" not in r["path"]][-1]
+        evaluation = arena.evaluations[served["json"].get("id") or served["path"].rsplit("/", 1)[1]]
+        asked = json.dumps(evaluation)
+        assert all(f"question {n}" in asked for n in range(1, turn + 1)), (turn, evaluation)
+    return history
+
+
+def test_u3_a_six_turn_conversation_with_a_battle_turn_every_second_reply_keeps_its_context(client, arena):
+    arena.configure(battle_turn_every=2)
+    six_turns(client, arena)
+    skips = [r for r in arena.chat_requests() if "skip-direct-battle" in r["path"]]
+    assert len(skips) == 3 and all(r["status"] == 200 for r in skips)
+    chats = [r for r in arena.chat_requests() if "skip-direct-battle" not in r["path"]]
+    assert len(chats) == 6 and all(r["status"] == 200 for r in chats)
+    assert sum("create-evaluation" in r["path"] for r in chats) == 1
+
+
+def test_u3_a_refused_skip_starts_a_new_evaluation_carrying_the_history_invisibly(client, arena):
+    arena.configure(battle_turn_every=2, battle_skip_refused=True)
+    six_turns(client, arena)
+    refused = [r for r in arena.chat_requests() if r["status"] == 400 and "post-to-evaluation" in r["path"]]
+    assert 1 <= len(refused) <= 3      # one wasted follow-up per refused skip, then a new evaluation
+
+
+def test_u3_create_and_follow_up_bodies_carry_model_b_message_id_and_auto_modality_metadata(client, arena):
+    arena.configure(strict_2026_body=True)
+    assert chat(client, "a").choices[0].message.content == "turn 1: a"
+    assert chat(client, "a", "turn 1: a", "b").choices[0].message.content == "turn 2: b"
+    for request in arena.chat_requests():
+        assert request["json"]["modelBMessageId"] and request["json"]["userMessage"]["metadata"]["autoModalityMetadata"]
+
+
+def test_u3_the_bare_body_is_a_setting(arena, tmp_path):
+    arena.reset()
+    arena.configure(recaptcha="off")
+    proc = BridgeProcess(arena.url, str(tmp_path), env={"BRIDGE_BARE_BODY": "1"}).start()
+    try:
+        proc.wait_for_models()
+        proc.set_accounts(arena.new_session())
+        assert post(proc, proc.create_key(), {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "x"}]}
+                    ).status_code == 200
+        [request] = arena.chat_requests()
+        assert "modelBMessageId" not in request["json"] and request["json"]["userMessage"]["metadata"] == {}
+    finally:
+        proc.stop()
+
+
+def test_u3_lane_b_of_a_battle_turn_never_reaches_the_client(client, arena):
+    arena.configure(battle_turn_every=1)
+    assert chat(client, "only a").choices[0].message.content == "turn 1: only a"
