@@ -5662,7 +5662,8 @@ def responses_content(content: Any, param: str) -> tuple[str, list[str]]:
 
 
 def responses_message(messages: list[Message], item: dict, param: str) -> None:
-    role = RESPONSES_ROLES.get(item.get("role"))  # type: ignore[arg-type]
+    raw = item.get("role")
+    role = RESPONSES_ROLES.get(raw) if isinstance(raw, str) else None     # an object or array: 400, not 500
     if role is None:
         raise ApiError(400, f"`{param}.role` must be user, assistant, system or developer.", "invalid_value",
                        f"{param}.role")

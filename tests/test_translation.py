@@ -7,7 +7,8 @@ import pytest
 import bridge
 from bridge import ApiError, Message, ReplyBuilder, parse_chat_request, render_transcript
 
-MODELS = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "models.json")))
+with open(os.path.join(os.path.dirname(__file__), "fixtures", "models.json"), encoding="utf-8") as _models:
+    MODELS = json.load(_models)
 
 
 def test_string_and_part_contents_are_accepted():
@@ -128,3 +129,14 @@ def test_fingerprint_ignores_whitespace_and_the_sources_footer():
     b = [Message("user", " hi ", []), Message("assistant", "Answer[1].  ", [])]
     assert bridge.conversation_fingerprint(1, "m", a) == bridge.conversation_fingerprint(1, "m", b)
     assert bridge.conversation_fingerprint(1, "m", a) != bridge.conversation_fingerprint(2, "m", a)
+
+
+@pytest.mark.parametrize("role", [{"name": "user"}, ["user"]])
+@pytest.mark.parametrize("parse", [bridge.parse_chat_request, bridge.parse_anthropic_request,
+                                   bridge.parse_responses_request])
+def test_a_role_that_is_an_object_or_an_array_is_a_400_in_every_api(parse, role):
+    message = {"role": role, "content": "x"}
+    body = {"model": "m", "max_tokens": 5, "messages": [message], "input": [{**message, "type": "message"}]}
+    with pytest.raises(ApiError) as refused:
+        parse(body)
+    assert refused.value.status == 400 and refused.value.param.endswith(".role")
