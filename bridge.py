@@ -2863,6 +2863,7 @@ class TurnPlan:
     dropped: int = 0                    # the earliest turns left out of new_content, to stay within the limit
     opened: OpenedTurn | None = None    # the turn that answered, once one did
     routed_model: str | None = None     # the model LM Arena's router chose, when it names one (U9)
+    history: list[list[str]] | None = None  # the request's history normalised for matching (fingerprint_of)
 
 
 @dataclasses.dataclass
@@ -3469,6 +3470,20 @@ def authenticate(request: Request) -> dict:
     return key
 
 
+# Above this many bytes of body, a request's CPU-heavy steps (JSON parsing, validation, trimming, hashing) run
+# in a worker thread: on the event loop, one large request would hold up every other client, /health too.
+OFF_LOOP_BYTES = 256 * 1024
+
+
+def large_body(request: Request) -> bool:
+    """Whether the body read_body read was large enough for off_loop to move steps to a thread."""
+    return getattr(request.state, "body_bytes", 0) > OFF_LOOP_BYTES
+
+
+async def off_loop(large: bool, step: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(step, *args) if large else step(*args)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -3484,13 +3499,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     except TimeoutError:
         raise ApiError(408, f"The request body did not arrive within {seconds:g} s.", "request_timeout",
                        headers={"Connection": "close"}) from None
+    request.state.body_bytes = len(body)
     return bytes(body)
 
 
 async def read_json(request: Request, limit: int) -> Any:
     body = await read_body(request, limit)
     try:
-        return json.loads(body)
+        return await off_loop(large_body(request), json.loads, body)
     except ValueError:
         raise ApiError(400, "The request body is not valid JSON.", "invalid_json") from None
     except RecursionError:
@@ -3693,8 +3709,12 @@ def transcript_block(message: Message, last: bool) -> str:
 
 def keep_newest(head: list[str], body: list[str], limit: int) -> tuple[str, int]:
     """`head` and the newest blocks of `body` (at least one) within `limit` characters, and how many were left out."""
+    # The joined length is kept as a running total (joining again per dropped block was quadratic: 50k short
+    # messages held the event loop for 20 s).
+    total = sum(map(len, head)) + sum(map(len, body)) + 2 * max(len(head) + len(body) - 1, 0)
     dropped = 0
-    while len(body) - dropped > 1 and len("\n\n".join(head + body[dropped:])) > limit:
+    while len(body) - dropped > 1 and total > limit:
+        total -= len(body[dropped]) + 2
         dropped += 1
     return "\n\n".join(head + body[dropped:]), dropped
 
@@ -3729,9 +3749,13 @@ def normalise_for_match(message: Message) -> list[str]:
     return [message.role, " ".join(text.split()), *images, *calls]
 
 
+def fingerprint_of(key_id: int, model: str, normalised: list[list[str]]) -> str:
+    """The fingerprint of a history already normalised (normalise_for_match, message by message)."""
+    return sha256_hex(json.dumps([key_id, model, normalised], ensure_ascii=False, separators=(",", ":")))
+
+
 def conversation_fingerprint(key_id: int, model: str, messages: list[Message]) -> str:
-    payload = [key_id, model, [normalise_for_match(m) for m in messages]]
-    return sha256_hex(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+    return fingerprint_of(key_id, model, [normalise_for_match(m) for m in messages])
 
 
 # =====================================================================================================
@@ -4730,7 +4754,8 @@ class ChatJob:
         if opened is None:
             return
         reply = Message("assistant", "".join(self.content), [], tool_calls=self.calls)
-        fingerprint = conversation_fingerprint(self.key["id"], self.chat.model, [*self.chat.messages, reply])
+        history = self.plan.history or [normalise_for_match(m) for m in self.chat.messages]
+        fingerprint = fingerprint_of(self.key["id"], self.chat.model, [*history, normalise_for_match(reply)])
         self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
                                                self.plan.model["id"], self.key["id"], opened.turns)
 
@@ -4758,22 +4783,39 @@ class ChatJob:
         return headers
 
 
+@dataclasses.dataclass
+class TurnDraft:
+    """The CPU-heavy part of planning a turn, without the store: run off the event loop for large requests."""
+    content: str
+    dropped: int
+    followup_content: str
+    history: list[list[str]]
+    fingerprint: str | None             # of the history before the new turn, when there is one
+
+
+def draft_turn(key_id: int, chat: ChatRequest, limit: int, tools: ToolConfig = ToolConfig(),
+               output: OutputFormat = OutputFormat()) -> TurnDraft:
+    content, dropped = render_transcript(agent_messages(chat.messages, tools, output), limit)
+    start = new_turn_start(chat.messages)
+    history = [normalise_for_match(m) for m in chat.messages]
+    fingerprint = fingerprint_of(key_id, chat.model, history[:start]) if 0 < start < len(chat.messages) else None
+    return TurnDraft(content, dropped, followup_text(chat.messages, start, tools, output), history, fingerprint)
+
+
 def plan_turn(state: BridgeState, key: dict, chat: ChatRequest, model: dict, tools: ToolConfig = ToolConfig(),
-              output: OutputFormat = OutputFormat()) -> TurnPlan:
+              output: OutputFormat = OutputFormat(), draft: TurnDraft | None = None) -> TurnPlan:
     """A follow-up when the history before the new turn is held on LM Arena; else the whole history."""
     settings = state.settings
-    content, dropped = render_transcript(agent_messages(chat.messages, tools, output), settings.max_prompt_chars)
-    if dropped:
+    draft = draft or draft_turn(key["id"], chat, settings.max_prompt_chars, tools, output)
+    if draft.dropped:
         log.info("history longer than %d characters: the %d earliest turns were left out",
-                 settings.max_prompt_chars, dropped)
+                 settings.max_prompt_chars, draft.dropped)
     followup = None
-    start = new_turn_start(chat.messages)
-    if 0 < start < len(chat.messages):
-        fingerprint = conversation_fingerprint(key["id"], chat.model, chat.messages[:start])
-        followup = state.store.conversation_for(fingerprint, settings.conversation_ttl)
-    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=content, images=[],
-                    followup=followup, followup_content=followup_text(chat.messages, start, tools, output),
-                    dropped=dropped)
+    if draft.fingerprint is not None:
+        followup = state.store.conversation_for(draft.fingerprint, settings.conversation_ttl)
+    return TurnPlan(model=model, modality=choose_modality(model) or "chat", new_content=draft.content, images=[],
+                    followup=followup, followup_content=draft.followup_content, dropped=draft.dropped,
+                    history=draft.history)
 
 
 # =====================================================================================================
@@ -5077,15 +5119,23 @@ def recorded_refusals(route: str, state: BridgeState, key: dict, model: str, sta
         raise
 
 
+def chat_inputs(body: dict, chat: ChatRequest) -> tuple[ToolConfig, OutputFormat]:
+    """The checks of a chat body beside its messages: what is not supported, tools, the format, the loop guard."""
+    refuse_unsupported(body)
+    tools, output = parse_chat_tools(body), parse_response_format(body.get("response_format"))
+    check_tool_loop(chat.messages)
+    return tools, output
+
+
 async def chat_completions(request: Request) -> Response:
     state, key, started, body = await accepted_post(request)
-    chat = parse_chat_request(body)
+    large = large_body(request)
+    chat = await off_loop(large, parse_chat_request, body)
     with recorded_refusals(CHAT_ROUTE, state, key, chat.model, started):
-        refuse_unsupported(body)
-        tools, output = parse_chat_tools(body), parse_response_format(body.get("response_format"))
-        check_tool_loop(chat.messages)
+        tools, output = await off_loop(large, chat_inputs, body, chat)
         model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
-        plan = plan_turn(state, key, chat, model, tools, output)
+        draft = await off_loop(large, draft_turn, key["id"], chat, state.settings.max_prompt_chars, tools, output)
+        plan = plan_turn(state, key, chat, model, tools, output, draft)
         plan.images = await load_images(chat.messages, model, state.settings, state.site.http,
                                         with_history=plan.followup is None)
     job = ChatJob(state, key, chat, plan, started, tools, output, route=CHAT_ROUTE)

@@ -1,0 +1,37 @@
+"""End to end: one API key must not be able to hurt the server or the other clients (issue 19)."""
+import json
+import threading
+import time
+
+import httpx
+
+MODEL = "gemini-3-pro"
+
+
+def health_latencies(url: str, while_running: threading.Thread) -> list[float]:
+    """/health answer times, one after the other, while the thread runs."""
+    times = []
+    with httpx.Client(timeout=60) as client:
+        while while_running.is_alive():
+            started = time.perf_counter()
+            assert client.get(url + "/health").status_code == 200
+            times.append(time.perf_counter() - started)
+            time.sleep(0.02)
+    return times
+
+
+def test_a_huge_history_does_not_hold_up_health(fresh, api_key):
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} is short"}
+                for i in range(50_000)]
+    body = json.dumps({"model": MODEL, "messages": messages}).encode()   # encoded before: not measured
+    answers = []
+    request = threading.Thread(target=lambda: answers.append(httpx.post(
+        fresh.url + "/v1/chat/completions", content=body, timeout=120,
+        headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})))
+    request.start()
+    times = health_latencies(fresh.url, request)
+    request.join()
+    print(f"/health under the 50k-message request: max {max(times) * 1000:.0f} ms over {len(times)} probes",
+          sorted(round(t * 1000) for t in times))
+    assert answers[0].status_code == 200 and int(answers[0].headers["x-bridge-history-trimmed"]) > 40_000
+    assert max(times) < 1.0
