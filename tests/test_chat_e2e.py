@@ -4,7 +4,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from harness import upstream_aborted, validate
 
 MODEL = "gemini-3-pro"
@@ -124,7 +123,7 @@ def test_finish_reasons_are_mapped(client, arena, reason, expected):
 
 def test_upstream_error_part_after_content_is_an_sse_error_event(fresh, api_key, arena):
     arena.configure(finish_reason="error")
-    response, events, _ = raw_stream(fresh, api_key, {"model": MODEL, "stream": True,
+    _response, events, _ = raw_stream(fresh, api_key, {"model": MODEL, "stream": True,
                                                       "messages": [{"role": "user", "content": "x"}]})
     assert events[-1] == "[DONE]" and "error" in events[-2]
     validate("ErrorResponse", events[-2])
@@ -261,7 +260,7 @@ def test_content_less_twice_is_a_502_before_any_byte(fresh, api_key, arena):
 
 def test_slow_first_byte_gets_keepalive_pings(fresh, api_key, arena):
     arena.configure(first_byte_delay=1.5)
-    response, events, lines = raw_stream(fresh, api_key, {**GOOD, "stream": True})
+    _response, events, lines = raw_stream(fresh, api_key, {**GOOD, "stream": True})
     assert ": ping" in lines and events[-1] == "[DONE]"
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]) == "turn 1: x"
 
@@ -288,6 +287,7 @@ def test_no_secret_appears_in_the_log(fresh, api_key, arena):
 def test_an_unreachable_arena_is_an_openai_shaped_502(tmp_path):
     import subprocess
     import sys
+
     from harness import ROOT, BridgeProcess, free_port
     port = free_port()
     emulator = subprocess.Popen([sys.executable, f"{ROOT}/tests/fake_arena.py", "--port", str(port), "--no-recaptcha"],

@@ -1,6 +1,7 @@
 """The admin dashboard in a real browser (Playwright + Chromium) against the real bridge and the emulator."""
 import glob
 import os
+import pathlib
 import re
 import shutil
 import time
@@ -8,7 +9,6 @@ import uuid
 
 import httpx
 import pytest
-
 from harness import BridgeProcess
 
 CHROMIUM = next(filter(os.path.exists, ["/usr/bin/chromium"]), None) or shutil.which("chromium")
@@ -272,7 +272,7 @@ def test_dashboard_responses_carry_security_headers(admin, dash):
 def test_database_holds_no_plaintext_key_password_or_session(admin, dash):
     key = create_key(admin, dash.url, "at-rest")
     session = next(c["value"] for c in admin.context.cookies() if c["name"] == "bridge_session")
-    stored = b"".join(open(path, "rb").read() for path in glob.glob(dash.db + "*"))
+    stored = b"".join(pathlib.Path(path).read_bytes() for path in glob.glob(dash.db + "*"))
     for secret in (key, key[13:], PASSWORD, session):
         assert secret.encode() not in stored
 
@@ -299,7 +299,7 @@ def test_account_states_have_their_badges(admin, dash, arena):
 
 
 def test_an_account_in_browser_mode_shows_its_in_page_path(admin, dash, arena):
-    direct, in_page = dash.set_accounts(arena.new_session(), arena.new_session())
+    _direct, in_page = dash.set_accounts(arena.new_session(), arena.new_session())
     dash.store.update_account(in_page, needs_browser=1, direct_retry_at=time.time() + 1800)
     admin.goto(dash.url + "/dashboard/accounts")
     assert admin.locator("td:nth-child(5) .badge").all_inner_texts() == ["direct", "in-page"]
@@ -355,6 +355,6 @@ def test_dashboard_never_starts_the_sidecar(generated, page):
         assert page.goto(generated.url + path).status == 200
     pid = generated.process.pid
     children = [c for task in os.listdir(f"/proc/{pid}/task")
-                for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+                for c in pathlib.Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
     assert children == []
     assert not os.path.exists(os.path.join(generated.folder, "bridge-sidecar.sock"))

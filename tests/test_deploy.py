@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -25,7 +26,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bridge  # noqa: E402
+import bridge
 
 README = os.path.join(ROOT, "README.md")
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
@@ -93,7 +94,7 @@ def free_port() -> int:
 def wait_for_health(url: str, proc: subprocess.Popen, log_path: str, timeout: float = 20.0) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, "bridge exited:\n" + open(log_path, errors="replace").read()
+        assert proc.poll() is None, "bridge exited:\n" + pathlib.Path(log_path).read_text(errors="replace")
         try:
             response = httpx.get(url, timeout=1)
             if response.status_code == 200:
@@ -101,7 +102,7 @@ def wait_for_health(url: str, proc: subprocess.Popen, log_path: str, timeout: fl
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise AssertionError("no health answer:\n" + open(log_path, errors="replace").read())
+    raise AssertionError("no health answer:\n" + pathlib.Path(log_path).read_text(errors="replace"))
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
@@ -117,18 +118,18 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 def test_dockerfile_is_small_pinned_and_non_root():
     info = dockerfile()
     assert info["from"] == ["${PYTHON_IMAGE}"]
-    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in open(DOCKERFILE).read()
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in pathlib.Path(DOCKERFILE).read_text()
     assert info["user"] not in ("", "0", "root") and not info["user"].startswith(("0:", "root"))
     assert "/data" in info["volume"]
     run = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
     assert "--no-install-recommends" in run and "chromium" in run and "xvfb" in run
     assert "rm -rf /var/lib/apt/lists/*" in run and "--no-cache-dir" in run
     assert "--require-hashes" in run and "-r requirements.lock" in run
-    for line in open(os.path.join(ROOT, "requirements.txt")):
+    for line in pathlib.Path(ROOT, "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         assert not line or "==" in line, f"requirements.txt must pin every package: {line}"
     # Only what the image needs enters the build context (no bridge.db with secrets, no .git).
-    ignored = [l.strip() for l in open(os.path.join(ROOT, ".dockerignore")) if l.strip() and not l.startswith("#")]
+    ignored = [l.strip() for l in pathlib.Path(ROOT, ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert ignored[0] == "*"
     allowed = {l[1:] for l in ignored[1:] if l.startswith("!")}
     copied = {name for args in info["copy"] for name in args[:-1]}
@@ -197,11 +198,11 @@ def test_dockerfile_cmd_serves_health_with_state_in_the_volume(arena):
             check = info["healthcheck"]
             assert "/api/v1/health" in " ".join(check["cmd"]) and check["cmd"][0] == "python"
             assert any(o.startswith("--start-period=") for o in check["options"])
-            result = subprocess.run([sys.executable, *check["cmd"][1:]], env=env, capture_output=True, timeout=10)
+            result = subprocess.run([sys.executable, *check["cmd"][1:]], env=env, capture_output=True, timeout=10, check=False)
             assert result.returncode == 0, result.stderr.decode()
             assert os.path.exists(env["BRIDGE_DB"])
         finally:
-            assert stop(proc) == 0, open(log_path, errors="replace").read()
+            assert stop(proc) == 0, pathlib.Path(log_path).read_text(errors="replace")
     finally:
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
@@ -229,7 +230,7 @@ def test_fly_toml_parses_and_agrees_with_the_dockerfile():
                   or bridge.Settings.shutdown_timeout)
     assert fly["kill_signal"] in ("SIGTERM", "SIGINT") and float(fly["kill_timeout"]) > grace
     # Secrets are documented, never set in the file.
-    text = open(FLY_TOML).read()
+    text = pathlib.Path(FLY_TOML).read_text()
     assert "BRIDGE_ADMIN_PASSWORD" in text and "ARENA_AUTH_TOKENS" in text
     assert not {"BRIDGE_ADMIN_PASSWORD", "ARENA_AUTH_TOKENS"} & set(fly.get("env", {}))
     for key in fly.get("env", {}):
@@ -281,13 +282,13 @@ def write_readme_table() -> None:
 
 
 def test_readme_configuration_table_is_generated_from_options():
-    text = open(README, encoding="utf-8").read()
+    text = pathlib.Path(README).read_text(encoding="utf-8")
     assert readme_table(text) == options_table(), \
         "README.md's configuration table is out of date: run `python tests/test_deploy.py`"
 
 
 def test_readme_mentions_only_real_settings_and_every_setting():
-    text = open(README, encoding="utf-8").read()
+    text = pathlib.Path(README).read_text(encoding="utf-8")
     help_text = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "--help"], capture_output=True,
                                text=True, check=True).stdout
     flags = {o.flag for o in bridge.OPTIONS if o.flag}
@@ -334,7 +335,7 @@ class SlowStream(threading.Thread):
                         self.events.append(event)
                         if any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
                             self.started.set()
-        except Exception as exc:  # the cut-off test expects the stream to break
+        except Exception as exc:  # noqa: BLE001 - the cut-off test expects the stream to break, however it breaks
             self.error = exc
         finally:
             self.finished_at = time.monotonic()
@@ -392,7 +393,7 @@ def lifecycle(arena, tmp_path):
         proc.stop()
 
 
-def sigterm_during_stream(arena, proc, key, lines: int) -> tuple["SlowStream", float]:
+def sigterm_during_stream(arena, proc, key, lines: int) -> tuple[SlowStream, float]:
     """Start a reply of `lines` lines, 0.25 s apart, and send SIGTERM once it has begun."""
     arena.configure(lines=lines, line_delay=0.25)
     stream = SlowStream(proc.url, key)
@@ -448,7 +449,7 @@ def test_a_busy_port_is_a_one_line_error(tmp_path):
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "--port", str(port),
                                  "--db", str(tmp_path / "bridge.db"), "--arena-url", "http://127.0.0.1:9"],
-                                capture_output=True, text=True, timeout=30)
+                                capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1 port {port}" in result.stderr and "--port" in result.stderr
     assert "Traceback" not in result.stderr

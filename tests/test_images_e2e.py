@@ -6,13 +6,14 @@ import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import pytest
-
-import bridge
 from fake_arena import make_png
 from harness import BridgeProcess, free_port, validate
+
+import bridge
 
 VISION = "gemini-3-pro"                 # text model with image input
 TEXT_ONLY = "grok-4.1-thinking"         # text model without image input
@@ -36,7 +37,7 @@ def bridge_proc(arena, tmp_path_factory):
 
 
 class _Files(BaseHTTPRequestHandler):
-    files: dict = {}
+    files: ClassVar[dict] = {}
 
     def do_GET(self):
         found = self.files.get(self.path)
