@@ -1230,16 +1230,30 @@ def parse_stream_line(line: str) -> tuple[str, Event | None] | None:
     return participant, parse_part(code, payload)
 
 
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(text: str) -> str:
+    """Surrogate pairs as the characters they spell, lone surrogates as U+FFFD: JSON escapes can carry
+    either, and a string with a lone one cannot be encoded to UTF-8 (one ended a reply without an error)."""
+    if SURROGATE_RE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 class StreamParser:
     """Bytes from the network in, events for model A out.
 
     UTF-8 is decoded incrementally (a character may span reads), lines are split on LF with CR stripped,
-    the last incomplete line waits for the next read, and close() flushes a final line without newline."""
+    the last incomplete line waits for the next read, and close() flushes a final line without newline.
+    A text or reasoning part that ends in the first half of a surrogate pair (an emoji split between two
+    parts, each a JSON string) keeps that half back for the next part of its kind."""
 
     def __init__(self) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pending = ""
         self.skipped = 0
+        self.held: dict[str, str] = {}     # event kind -> a high surrogate waiting for its other half
         self.lane_b = False     # model B spoke too: in direct-battle, the site made this a battle turn (U3)
 
     def feed(self, data: bytes) -> list[Event]:
@@ -1250,7 +1264,26 @@ class StreamParser:
     def close(self) -> list[Event]:
         lines = [self.pending + self.decoder.decode(b"", final=True)]
         self.pending = ""
-        return self._events(lines)
+        return self._events(lines) + self._unpaired()
+
+    def _unpaired(self) -> list[Event]:
+        """The halves still held back, as U+FFFD: their other half never came."""
+        held, self.held = self.held, {}
+        return [Event(kind, "\ufffd") for kind in held]
+
+    def _text(self, event: Event) -> Event | None:
+        """The event with its text made encodable; None when all of it is held back."""
+        if not isinstance(event.value, str):
+            return event
+        text = event.value
+        if event.kind in ("text", "reasoning"):
+            text = self.held.pop(event.kind, "") + text
+            if text and "\ud800" <= text[-1] <= "\udbff":
+                self.held[event.kind], text = text[-1], text[:-1]
+                if not text:
+                    return None
+        text = without_lone_surrogates(text)
+        return event if text is event.value else dataclasses.replace(event, value=text)
 
     def _events(self, lines: list[str]) -> list[Event]:
         events = []
@@ -1261,7 +1294,11 @@ class StreamParser:
                 continue
             participant, event = parsed
             if participant == "a" and event is not None:   # the bridge asks for one model: B lines are not ours
-                events.append(event)
+                if event.kind == "finish":
+                    events += self._unpaired()
+                cleaned = self._text(event)
+                if cleaned is not None:
+                    events.append(cleaned)
             self.lane_b = self.lane_b or participant == "b"
         return events
 

@@ -16,3 +16,26 @@ def test_trimming_is_linear_in_the_history():
     started = time.perf_counter()
     text, dropped = bridge.keep_newest([], body, 100_000)
     assert time.perf_counter() - started < 1.0 and dropped > 40_000 and len(text) <= 100_000
+
+
+def test_an_emoji_split_between_two_text_parts_is_joined():
+    events = bridge.parse_stream(b'a0:"smile \\ud83d"\na0:"\\ude00 ok"\nad:{"finishReason":"stop"}\n')
+    assert "".join(e.value for e in events if e.kind == "text") == "smile \U0001f600 ok"
+    assert events[-1].kind == "finish"
+
+
+def test_a_lone_surrogate_becomes_a_replacement_character():
+    events = bridge.parse_stream(b'a0:"a\\udc00b"\na0:"c\\ud800"\na0:"d"\nad:{"finishReason":"stop"}\n')
+    text = "".join(e.value for e in events if e.kind == "text")
+    assert text == "a\ufffdbc\ufffdd" and text.encode("utf-8")
+
+
+def test_a_high_surrogate_at_the_end_of_the_reply_is_not_lost():
+    events = bridge.parse_stream(b'ag:"think \\ud83d"\n')
+    assert [(e.kind, e.value) for e in events] == [("reasoning", "think "), ("reasoning", "\ufffd")]
+
+
+def test_a_half_pair_before_the_finish_comes_before_it():
+    events = bridge.parse_stream(b'a0:"x\\ud83d"\nad:{"finishReason":"stop"}\n')
+    assert [(e.kind, e.value) for e in events][:2] == [("text", "x"), ("text", "\ufffd")]
+    assert events[-1].kind == "finish"

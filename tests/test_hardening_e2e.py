@@ -35,3 +35,27 @@ def test_a_huge_history_does_not_hold_up_health(fresh, api_key):
           sorted(round(t * 1000) for t in times))
     assert answers[0].status_code == 200 and int(answers[0].headers["x-bridge-history-trimmed"]) > 40_000
     assert max(times) < 1.0
+
+
+SPLIT_EMOJI = ['a0:"smile \\ud83d"', 'a0:"\\ude00 and a lone \\udc00 one"', 'a0:" and the rest"',
+               'ad:{"finishReason":"stop"}']
+WHOLE = "smile \U0001f600 and a lone \ufffd one and the rest"
+
+
+def test_a_split_emoji_streams_whole_and_to_the_end(fresh, api_key, arena):
+    arena.script_reply(lines=SPLIT_EMOJI)
+    with httpx.stream("POST", fresh.url + "/v1/chat/completions", timeout=30,
+                      json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+                      headers={"Authorization": f"Bearer {api_key}"}) as response:
+        data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == WHOLE
+
+
+def test_a_split_emoji_is_whole_in_a_completion(fresh, api_key, arena):
+    arena.script_reply(lines=SPLIT_EMOJI)
+    response = httpx.post(fresh.url + "/v1/chat/completions", timeout=30,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"Authorization": f"Bearer {api_key}"})
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == WHOLE
