@@ -272,6 +272,17 @@ def format_time(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
 
 
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(text: str) -> str:
+    """Surrogate pairs as the characters they spell, lone surrogates as U+FFFD: JSON escapes can carry
+    either, and a string with a lone one cannot be encoded to UTF-8 (one ended a reply without an error)."""
+    if SURROGATE_RE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def sha256_hex(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
@@ -600,9 +611,24 @@ class Store:
 
     # --- usage ----------------------------------------------------------------------------------------
     def record_usage(self, rows: list[dict]) -> None:
-        if rows:
+        """The rows in one transaction; when that fails, each row on its own, so that one bad row (a lone
+        surrogate cannot be encoded) cannot lose the others: it is written with its text made encodable."""
+        if not rows:
+            return
+        try:
             with self.db.conn:
                 self.db.table("usage").insert_all(rows)
+        except (sqlite3.Error, ValueError):
+            for row in rows:
+                self.record_usage_row(row)
+
+    def record_usage_row(self, row: dict) -> None:
+        clean = {k: without_lone_surrogates(v) if isinstance(v, str) else v for k, v in row.items()}
+        try:
+            with self.db.conn:
+                self.db.table("usage").insert(clean)
+        except (sqlite3.Error, ValueError) as exc:
+            log.error("a usage row could not be written (%s): %r", exc, clean)
 
     def prune_usage(self, days: float) -> int:
         """Sum the usage rows older than `days` into usage_daily (per day, key and model) and delete them, in
@@ -1228,17 +1254,6 @@ def parse_stream_line(line: str) -> tuple[str, Event | None] | None:
     except ValueError:
         return None
     return participant, parse_part(code, payload)
-
-
-SURROGATE_RE = re.compile("[\ud800-\udfff]")
-
-
-def without_lone_surrogates(text: str) -> str:
-    """Surrogate pairs as the characters they spell, lone surrogates as U+FFFD: JSON escapes can carry
-    either, and a string with a lone one cannot be encoded to UTF-8 (one ended a reply without an error)."""
-    if SURROGATE_RE.search(text) is None:
-        return text
-    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 class StreamParser:
@@ -3540,14 +3555,46 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
+# How a lone surrogate can get into a parsed body: a \uD800-\uDFFF escape, or its bytes (json.loads lets
+# them pass). A body without either is not walked.
+SURROGATE_HINT_RE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """Where in a parsed body a string holds a lone surrogate (pairs were joined by the parser), as the
+    parameter path; None when none does. Such text cannot be encoded: stored, sent on or logged, it failed."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE_RE.search(item):
+                return where or "body"
+        elif isinstance(item, dict):
+            # keys are pushed last, so popped first: a path named in the error never holds a bad key
+            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()]
+            stack += [(k, where or "body") for k in item]
+        elif isinstance(item, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+    return None
+
+
+def parse_json_body(body: bytes) -> Any:
     try:
-        return await off_loop(large_body(request), json.loads, body)
+        value = json.loads(body)
     except ValueError:
         raise ApiError(400, "The request body is not valid JSON.", "invalid_json") from None
     except RecursionError:
         raise ApiError(400, "The request body is nested too deeply.", "invalid_json") from None
+    where = lone_surrogate_at(value) if SURROGATE_HINT_RE.search(body) else None
+    if where is not None:
+        raise ApiError(400, f"`{where}` holds a lone UTF-16 surrogate, which is not text; send valid Unicode.",
+                       "invalid_value", where)
+    return value
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
+    return await off_loop(large_body(request), parse_json_body, body)
 
 
 # =====================================================================================================

@@ -39,3 +39,32 @@ def test_a_half_pair_before_the_finish_comes_before_it():
     events = bridge.parse_stream(b'a0:"x\\ud83d"\nad:{"finishReason":"stop"}\n')
     assert [(e.kind, e.value) for e in events][:2] == [("text", "x"), ("text", "\ufffd")]
     assert events[-1].kind == "finish"
+
+
+def refusal(body: bytes) -> bridge.ApiError:
+    try:
+        bridge.parse_json_body(body)
+    except bridge.ApiError as error:
+        return error
+    raise AssertionError("accepted")
+
+
+def test_a_lone_surrogate_in_a_body_is_a_400_naming_the_field():
+    error = refusal(b'{"model": "m", "messages": [{"role": "user", "content": "x\\udc00"}]}')
+    assert error.status == 400 and error.param == "messages[0].content"
+    assert refusal(b'{"model": "\\ud83d"}').param == "model"
+    assert refusal(b'{"\\ud83d": {"a": "\\ud83d"}}').param == "body"
+
+
+def test_a_surrogate_pair_in_a_body_is_text():
+    assert bridge.parse_json_body(b'{"content": "\\ud83d\\ude00"}') == {"content": "\U0001f600"}
+
+
+def test_one_bad_usage_row_does_not_lose_the_others(tmp_path):
+    store = bridge.Store(str(tmp_path / "bridge.db"))
+    row = {"ts": 1.0, "key_id": 1, "status": 200, "latency_ms": 1.0, "prompt_tokens": 1, "completion_tokens": 1,
+           "error": None}
+    store.record_usage([{**row, "model": f"m{i}"} for i in range(40)] + [{**row, "model": "bad \udc00"}])
+    models = [r["model"] for r in store.rows("SELECT model FROM usage ORDER BY id")]
+    assert models == [f"m{i}" for i in range(40)] + ["bad \ufffd"]
+    store.close()

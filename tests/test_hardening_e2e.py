@@ -59,3 +59,28 @@ def test_a_split_emoji_is_whole_in_a_completion(fresh, api_key, arena):
                           json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
                           headers={"Authorization": f"Bearer {api_key}"})
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == WHOLE
+
+
+def post_raw(fresh, api_key, body: bytes) -> httpx.Response:
+    return httpx.post(fresh.url + "/v1/chat/completions", content=body, timeout=30,
+                      headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
+
+
+def test_a_lone_surrogate_in_the_model_or_a_message_is_a_400(fresh, api_key):
+    for body, param in ((b'{"model": "x\\udc00", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+                        (b'{"model": "gemini-3-pro", "messages": [{"role": "user", "content": "\\ud83d!"}]}',
+                         "messages[0].content")):
+        response = post_raw(fresh, api_key, body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param and response.json()["error"]["code"] == "invalid_value"
+
+
+def test_usage_is_recorded_after_a_request_with_a_lone_surrogate(fresh, api_key):
+    post_raw(fresh, api_key, b'{"model": "x\\udc00", "messages": [{"role": "user", "content": "hi"}]}')
+    assert post_raw(fresh, api_key, json.dumps({"model": MODEL, "messages": [
+        {"role": "user", "content": "hi"}]}).encode()).status_code == 200
+    key_id = fresh.store.key_by_secret(api_key)["id"]
+    deadline = time.time() + 10
+    while time.time() < deadline and not fresh.store.rows("SELECT * FROM usage WHERE key_id = ?", [key_id]):
+        time.sleep(0.2)
+    assert [r["model"] for r in fresh.store.rows("SELECT * FROM usage WHERE key_id = ?", [key_id])] == [MODEL]
