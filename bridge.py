@@ -42,6 +42,7 @@ Contents:
     Anthropic replies       pure: the turn's events -> Messages SSE, message bodies, Anthropic's errors
     Responses requests      pure: a Responses body (instructions, items, tools, text.format) -> the turn
     Responses replies       pure: the turn's events -> Responses SSE with sequence numbers, response objects
+    Agent routes            /v1/messages, count_tokens, /v1/responses on chat jobs; stored responses; HEAD /
 
   Part V: Operations
     Saved runs              redaction of every secret, the recorder behind `doctor --save`
@@ -432,7 +433,14 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
                               pk=("account_id", "modality"))
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2, _migrate_v3)
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    """Responses the Responses API may continue (previous_response_id): the history each one ends."""
+    db.table("responses").create({"id": str, "key_id": int, "history": str, "created": float}, pk="id")
+    db.table("responses").create_index(["created"])
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2, _migrate_v3,
+                                                                   _migrate_v4)
 
 ACCOUNT_PUBLIC_FIELDS = ("id", "label", "kind", "form", "expires_at", "state", "cooldown_until",
                          "cooldown_reason", "failures", "last_error", "last_used", "needs_browser")
@@ -693,6 +701,18 @@ class Store:
             self.db.execute("DELETE FROM conversation_keys WHERE updated < ?", [cutoff])
             self.db.execute("DELETE FROM conversations WHERE updated < ?", [cutoff])
             self.db.execute("DELETE FROM uploads WHERE expires < ?", [now()])
+            self.db.execute("DELETE FROM responses WHERE created < ?", [cutoff])
+
+    # --- stored responses (the Responses API's previous_response_id) ---------------------------------
+    def remember_response(self, response_id: str, key_id: int, history: list[dict]) -> None:
+        with self.db.conn:
+            self.db.execute("INSERT INTO responses (id, key_id, history, created) VALUES (?, ?, ?, ?)",
+                            [response_id, key_id, json.dumps(history, ensure_ascii=False), now()])
+
+    def response_history(self, response_id: str, key_id: int) -> list[dict] | None:
+        """The history a stored response ends, for the key that created it only."""
+        rows = self.rows("SELECT history FROM responses WHERE id = ? AND key_id = ?", [response_id, key_id])
+        return json.loads(rows[0]["history"]) if rows else None
 
     # --- dashboard: admin password and sessions ---------------------------------------------------------
     def set_admin_password(self, hashed: str, keep_session: str | None = None) -> None:
@@ -3511,12 +3531,21 @@ def bridge(request: Request) -> BridgeState:
     return request.app.state.bridge
 
 
+def request_secret(request: Request) -> str:
+    """The API key a request carries: `Authorization: Bearer KEY`, or `x-api-key: KEY` as Anthropic's
+    clients send it."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and secret.strip():
+        return secret.strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
 def authenticate(request: Request) -> dict:
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
-        raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", "missing_api_key")
-    key = bridge(request).store.key_by_secret(secret.strip())
+    secret = request_secret(request)
+    if not secret:
+        raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
+                       "missing_api_key")
+    key = bridge(request).store.key_by_secret(secret)
     if key is None:
         raise ApiError(401, "Invalid API key.", "invalid_api_key")
     return key
@@ -5274,13 +5303,12 @@ async def image_generations(request: Request) -> Response:
     return JSONResponse({"created": job.created, "data": data})
 
 
-async def stream_chat(job: ChatJob) -> Response:
-    """Wait (up to one ping interval) for the first item, so that a failure before any byte is a plain
-    HTTP error; after that, errors become an SSE error event followed by [DONE]."""
+async def first_output(job: ChatJob) -> tuple[Prefetcher, Any]:
+    """Start a streamed job and wait (up to one ping interval) for its first item, so that a failure
+    before any byte is a plain HTTP error (for every API that streams)."""
     pump = Prefetcher(job.outputs(), ahead=16)
-    interval = job.state.settings.ping_interval
     try:
-        first = await pump.next(interval)
+        first = await pump.next(job.state.settings.ping_interval)
     except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         await pump.aclose()
         raise job.fail(error) from None
@@ -5289,24 +5317,48 @@ async def stream_chat(job: ChatJob) -> Response:
         raise
     if isinstance(first, tuple) and first[0] != "ping":   # an output item (not a ping, the end, or a wait)
         job.state.metrics.first_token_after(job.route, time.perf_counter() - job.started)
-    return StreamingResponse(sse_body(job, pump, first), media_type="text/event-stream",
+    return pump, first
+
+
+def event_stream(body: AsyncIterator[str], job: ChatJob) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **job.headers})
 
 
-def sse_burst(item: Any, pump: Prefetcher, encoder: ChunkEncoder) -> tuple[str, Any, Exception | None]:
+async def stream_chat(job: ChatJob) -> Response:
+    """After the first item, errors become an SSE error event followed by [DONE]."""
+    pump, first = await first_output(job)
+    return event_stream(sse_body(job, pump, first), job)
+
+
+def sse_burst(item: Any, pump: Prefetcher, encode: Callable[[Any], str]) -> tuple[str, Any, Exception | None]:
     """Every item already pulled, from `item` on, as one write (a write per item was most of a stream's
-    cost); then the next item (None: none pulled yet; or END) and a failure that came after them, for the
-    caller to raise once the write is out."""
+    cost), each written by `encode` (None: a keep-alive); then the next item (None: none pulled yet; or
+    END) and a failure that came after them, for the caller to raise once the write is out."""
     parts: list[str] = []
     try:
         while item is not Prefetcher.END:
-            parts.append(": ping\n\n" if item is None else OUTPUT_ENCODERS[item[0]](encoder, item[1]))
+            parts.append(encode(item))
             item = pump.ready()
             if item is None:
                 break
     except Exception as error:  # noqa: BLE001 - handed back, raised by the caller after the items before it
         return "".join(parts), None, error
     return "".join(parts), item, None
+
+
+async def sse_items(pump: Prefetcher, first: Any, encode: Callable[[Any], str], interval: float) -> AsyncIterator[str]:
+    """The writes of a stream's items from `first` to the end, a burst at a time (sse_burst), waiting up to
+    `interval` for more (a keep-alive when none came); a failure is raised after the items before it."""
+    item = first
+    while item is not Prefetcher.END:
+        text, item, error = sse_burst(item, pump, encode)
+        if text:
+            yield text
+        if error is not None:
+            raise error
+        if item is None:
+            item = await pump.next(interval)
 
 
 def sse_ending(job: ChatJob, encoder: ChunkEncoder, usage: dict) -> Iterator[str]:
@@ -5319,18 +5371,14 @@ def sse_ending(job: ChatJob, encoder: ChunkEncoder, usage: dict) -> Iterator[str
 
 async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[str]:
     encoder = ChunkEncoder(job.completion_id, job.created, job.chat.model, job.chat.include_usage)
-    interval = job.state.settings.ping_interval
+
+    def encode(item: Any) -> str:
+        return ": ping\n\n" if item is None else OUTPUT_ENCODERS[item[0]](encoder, item[1])
+
     yield encoder.delta(role="assistant", content="")
     try:
-        item = first
-        while item is not Prefetcher.END:
-            text, item, error = sse_burst(item, pump, encoder)
-            if text:
-                yield text
-            if error is not None:
-                raise error
-            if item is None:
-                item = await pump.next(interval)
+        async for text in sse_items(pump, first, encode, job.state.settings.ping_interval):
+            yield text
         usage = job.usage()
         for chunk in sse_ending(job, encoder, usage):
             yield chunk
@@ -6104,6 +6152,193 @@ class ResponsesEncoder:
         self.output.append(item)
         self.open = None
         return events + self._event("response.output_item.done", output_index=index, item=item)
+
+
+# =====================================================================================================
+# Agent routes
+# =====================================================================================================
+# /v1/messages, /v1/messages/count_tokens and /v1/responses: a request becomes a chat job (the same
+# accounts, follow-ups, cool-downs, usage and key limits as chat completions), whose output items go
+# out through the API's encoder.
+
+# Route names in usage and metrics: the same under /v1 and /api/v1.
+MESSAGES_ROUTE, COUNT_TOKENS_ROUTE, RESPONSES_ROUTE = "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"
+
+# What each output item of a chat job is for an agent API's encoder (AnthropicEncoder, ResponsesEncoder);
+# None is a keep-alive. A citation's annotations stay with chat completions: the text carries the sources.
+AGENT_OUTPUTS: dict[str, Callable[[Any, Any], str]] = {
+    "content": lambda encoder, text: encoder.text(text),
+    "reasoning": lambda encoder, text: encoder.reasoning(text),
+    "call": lambda encoder, value: encoder.call(value[1]),
+    "annotated": lambda encoder, value: encoder.text(value[0]),
+    "ping": lambda encoder, _: encoder.KEEPALIVE,
+}
+
+
+async def agent_job(state: BridgeState, key: dict, started: float, turn: AgentRequest, route: str,
+                    call_prefix: str, job_id: str, large: bool) -> ChatJob:
+    """The chat job for an accepted agent request: the loop guard, the model, the plan and its images; a
+    refusal is recorded as usage, as on the chat route. The CPU-heavy steps of a `large` request run off
+    the event loop, as for chat."""
+    with recorded_refusals(route, state, key, turn.model, started):
+        await off_loop(large, check_tool_loop, turn.messages)
+        model = resolve_model(await state.models(), turn.model, with_images=bool(turn.messages[-1].images))
+        chat = ChatRequest(model=turn.model, messages=turn.messages, stream=turn.stream, include_usage=False)
+        draft = await off_loop(large, draft_turn, key["id"], chat, state.settings.max_prompt_chars, turn.tools,
+                               turn.output)
+        plan = plan_turn(state, key, chat, model, turn.tools, turn.output, draft)
+        plan.images = await load_images(turn.messages, model, state.settings, state.site.http,
+                                        with_history=plan.followup is None)
+    return ChatJob(state, key, chat, plan, started, turn.tools, turn.output, completion_id=job_id,
+                   call_prefix=call_prefix, route=route)
+
+
+def job_reply(job: ChatJob) -> tuple[str, str, list[ToolCall]]:
+    """A finished job's reasoning, text and calls."""
+    return "".join(job.builder.reasoning), "".join(job.content), job.calls
+
+
+async def agent_sse(job: ChatJob, encoder: Any, pump: Prefetcher, first: Any,
+                    done: Callable[[ChatJob], None]) -> AsyncIterator[str]:
+    """A streamed agent turn in the API's events; `done` runs once it has succeeded."""
+    def encode(item: Any) -> str:
+        return encoder.KEEPALIVE if item is None else AGENT_OUTPUTS[item[0]](encoder, item[1])
+
+    interval = job.state.settings.ping_interval
+    yield encoder.start()
+    try:
+        async for text in sse_items(pump, first, encode, interval):
+            yield text
+        usage = job.usage()
+        yield encoder.finish(job.finish_reason, usage)
+        job.succeeded()
+        job.record(200, usage)
+        done(job)
+    except asyncio.CancelledError:
+        job.record(499, error="client_disconnected")
+        raise
+    except Exception as error:  # noqa: BLE001 - the stream's boundary: every failure becomes an error event
+        yield encoder.error(job.fail(error))
+    finally:
+        await pump.aclose()
+
+
+async def answer_agent(job: ChatJob, encoder: Any, body: Callable[[ChatJob, dict], dict],
+                       done: Callable[[ChatJob], None] = lambda job: None) -> Response:
+    """The turn streamed through `encoder`, or run to its end and answered with `body(job, usage)`."""
+    if job.chat.stream:
+        pump, first = await first_output(job)
+        return event_stream(agent_sse(job, encoder, pump, first, done), job)
+    await run_to_end(job)
+    usage = job.usage()
+    job.succeeded()
+    job.record(200, usage)
+    done(job)
+    return JSONResponse(body(job, usage), headers=job.headers)
+
+
+def anthropic_shaped(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Every failure of an Anthropic route in Anthropic's error shape, with the same status and headers."""
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
+            api_error = api_error_for(error)
+            return JSONResponse(anthropic_error_body(api_error), status_code=api_error.status,
+                                headers=api_error.headers)
+    return route
+
+
+async def anthropic_messages(request: Request) -> Response:
+    state, key, started, body = await accepted_post(request)
+    turn = await off_loop(large_body(request), parse_anthropic_request, body)
+    message_id = "msg_" + uuid.uuid4().hex
+    job = await agent_job(state, key, started, turn, MESSAGES_ROUTE, "toolu_", message_id, large_body(request))
+
+    def message(job: ChatJob, usage: dict) -> dict:
+        return anthropic_message_body(message_id, turn.model, *job_reply(job), job.finish_reason, usage)
+
+    encoder = AnthropicEncoder(message_id, turn.model, estimate_tokens(job.plan.new_content))
+    return await answer_agent(job, encoder, message)
+
+
+async def anthropic_count_tokens(request: Request) -> Response:
+    """The prompt's tokens, estimated as for usage (tool definitions and earlier calls included), without
+    a request to LM Arena."""
+    state, key, started, body = await accepted_post(request)
+    turn = await off_loop(large_body(request), parse_anthropic_request, body)
+    tokens = await off_loop(large_body(request), agent_prompt_tokens, turn.messages, turn.tools, turn.output,
+                            state.settings.max_prompt_chars)
+    state.usage.add(COUNT_TOKENS_ROUTE, key["id"], turn.model, 200, started)
+    return JSONResponse({"input_tokens": tokens})
+
+
+def message_from_json(data: dict) -> Message:
+    """A stored history's message (dataclasses.asdict of a Message) as a Message again."""
+    return Message(**{**data, "tool_calls": [ToolCall(**call) for call in data.get("tool_calls", [])]})
+
+
+async def responses_probe(state: BridgeState, key: dict, ask: ResponsesRequest, encoder: ResponsesEncoder,
+                          started: float) -> Response:
+    """A request with no input at all, as clients send to check the endpoint: a completed, empty
+    response, without LM Arena."""
+    state.usage.add(RESPONSES_ROUTE, key["id"], ask.turn.model, 200, started)
+    empty = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if ask.turn.stream:
+        return Response(encoder.start() + encoder.finish("stop", empty), media_type="text/event-stream")
+    return JSONResponse(encoder.response("completed", usage=responses_usage(empty, "")))
+
+
+def continue_stored(store: Store, key: dict, ask: ResponsesRequest) -> None:
+    """Put the history of the response `previous_response_id` names before the input; that response must
+    be one this bridge stored for this key."""
+    if ask.previous_response_id is None:
+        return
+    history = store.response_history(ask.previous_response_id, key["id"])
+    if history is None:
+        raise ApiError(400, f"Previous response with id '{ask.previous_response_id}' not found.",
+                       "previous_response_not_found", "previous_response_id")
+    ask.continuing([message_from_json(m) for m in history])
+
+
+async def responses(request: Request) -> Response:
+    state, key, started, body = await accepted_post(request)
+    ask = await off_loop(large_body(request), parse_responses_request, body)
+    response_id, created = "resp_" + uuid.uuid4().hex, int(now())
+    encoder = ResponsesEncoder(response_id, created, ask)
+    if ask.probe:
+        return await responses_probe(state, key, ask, encoder, started)
+    with recorded_refusals(RESPONSES_ROUTE, state, key, ask.turn.model, started):
+        continue_stored(state.store, key, ask)
+    job = await agent_job(state, key, started, ask.turn, RESPONSES_ROUTE, "call_", response_id, large_body(request))
+
+    def response(job: ChatJob, usage: dict) -> dict:
+        return responses_body(response_id, created, ask, *job_reply(job), job.finish_reason, usage)
+
+    def store(job: ChatJob) -> None:
+        if ask.store:
+            _, text, calls = job_reply(job)
+            ended = [*ask.history, Message("assistant", text, [], tool_calls=calls)]
+            state.store.remember_response(response_id, job.key["id"], [dataclasses.asdict(m) for m in ended])
+
+    return await answer_agent(job, encoder, response, store)
+
+
+async def root_probe(request: Request) -> Response:
+    """Claude Code sends `HEAD /` before it starts: a plain 200, not the dashboard's redirect."""
+    return Response(status_code=200)
+
+
+def agent_routes() -> list[Route]:
+    """Anthropic Messages and OpenAI Responses under /v1 and /api/v1 (Claude Code's `?beta=true` is a
+    query, which routing ignores), and the root's HEAD probe."""
+    routes = [Route("/", root_probe, methods=["HEAD"])]
+    for prefix in ("/v1", "/api/v1"):
+        routes += [Route(f"{prefix}/messages", anthropic_shaped(anthropic_messages), methods=["POST"]),
+                   Route(f"{prefix}/messages/count_tokens", anthropic_shaped(anthropic_count_tokens),
+                         methods=["POST"]),
+                   Route(f"{prefix}/responses", responses, methods=["POST"])]
+    return routes
 
 
 # #####################################################################################################
@@ -7679,7 +7914,7 @@ def create_app(settings: Settings) -> Starlette:
 
     # Each API section and the dashboard define their own routes; a new API adds its table here.
     routes = [Route("/health", health), Route("/api/v1/health", health), Route("/metrics", metrics_endpoint),
-              *openai_routes(), *dashboard_routes()]
+              *openai_routes(), *agent_routes(), *dashboard_routes()]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error_handler, Exception: api_error_handler,
                                         404: not_found_handler, 405: not_found_handler})
