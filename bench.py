@@ -378,6 +378,42 @@ def sse_calls(body: bytes) -> list[dict]:
     return [call for obj in events for choice in obj["choices"] for call in choice["delta"].get("tool_calls", [])]
 
 
+def sse_data(body: bytes) -> list[dict]:
+    """The `data:` payloads of an Anthropic or Responses stream (event lines, pings and comments skipped)."""
+    return [json.loads(line[6:]) for line in body.decode("utf-8").split("\n") if line.startswith("data: ")]
+
+
+def messages_sse_text(body: bytes) -> str:
+    data = sse_data(body)
+    if data[-1]["type"] != "message_stop":
+        raise ValueError(f"stream ended with {data[-1]['type']}")
+    return "".join(d["delta"]["text"] for d in data if d["type"] == "content_block_delta"
+                   and d["delta"]["type"] == "text_delta")
+
+
+def responses_sse_text(body: bytes) -> str:
+    data = sse_data(body)
+    if data[-1]["type"] != "response.completed":
+        raise ValueError(f"stream ended with {data[-1]['type']}")
+    return "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta")
+
+
+# The bridge's three client APIs, each asked for the same one turn: (path, body for model and stream,
+# what marks the first token of a stream, the text of a streamed reply, the text of a whole reply).
+APIS: dict[str, tuple] = {
+    "chat": ("/v1/chat/completions",
+             lambda model, stream: {"model": model, "stream": stream,
+                                    "messages": [{"role": "user", "content": PROMPT}]},
+             b'{"content":"', sse_text, lambda body: json.loads(body)["choices"][0]["message"]["content"]),
+    "messages": ("/v1/messages",
+                 lambda model, stream: {"model": model, "max_tokens": 1024, "stream": stream,
+                                        "messages": [{"role": "user", "content": PROMPT}]},
+                 b'"text_delta"', messages_sse_text, lambda body: json.loads(body)["content"][0]["text"]),
+    "responses": ("/v1/responses", lambda model, stream: {"model": model, "input": PROMPT, "stream": stream},
+                  b'"response.output_text.delta"', responses_sse_text, lambda body: json.loads(body)["output_text"]),
+}
+
+
 def arena_text(body: bytes) -> str:
     events = bridge.parse_stream(body)
     if not any(e.kind == "finish" for e in events) or any(e.kind == "error" for e in events):
@@ -386,11 +422,12 @@ def arena_text(body: bytes) -> str:
 
 
 class Target:
-    """How to send one chat turn to the bridge (OpenAI) or straight to the emulator (create-evaluation
-    with the body and headers the bridge itself would send)."""
+    """How to send one chat turn to the bridge (by one of its APIS) or straight to the emulator
+    (create-evaluation with the body and headers the bridge itself would send)."""
 
-    def __init__(self, bench: Bench, direct: bool, tools: bool = False):
+    def __init__(self, bench: Bench, direct: bool, tools: bool = False, api: str = "chat"):
         self.bench, self.direct, self.tools = bench, direct, tools
+        self.path, self.body, self.first_token, self.stream_text, self.whole_text = APIS[api]
 
     def request(self, stream: bool) -> tuple[str, bytes, dict[str, str]]:
         b = self.bench
@@ -400,9 +437,8 @@ class Target:
                                     mode=b.settings.arena_mode or bridge.DEFAULT_ARENA_MODE)
             return ("/nextjs-api/stream/create-evaluation", json.dumps(body, ensure_ascii=False).encode(),
                     b.direct_headers)
-        body = {"model": b.model["publicName"], "messages": [{"role": "user", "content": PROMPT}], "stream": stream,
-                **({"tools": TOOLS} if self.tools else {})}
-        return "/v1/chat/completions", json.dumps(body).encode(), b.bridge_headers
+        body = self.body(b.model["publicName"], stream) | ({"tools": TOOLS} if self.tools else {})
+        return self.path, json.dumps(body).encode(), b.bridge_headers
 
 
     @property
@@ -415,14 +451,12 @@ class Target:
 
     @property
     def marker(self) -> bytes:
-        return b"a0:" if self.direct else b'{"content":"'
+        return b"a0:" if self.direct else self.first_token
 
     def text(self, body: bytes, stream: bool) -> str:
         if self.direct:
             return arena_text(body)
-        if stream:
-            return sse_text(body)
-        return json.loads(body)["choices"][0]["message"]["content"]
+        return self.stream_text(body) if stream else self.whole_text(body)
 
 
 # =====================================================================================================
@@ -527,12 +561,12 @@ class Bench:
         self.notes.append(f"profile: {self.args.profile} (raw stacks in {self.args.profile}.raw)")
 
     # --- 1 and 2: sequential latency --------------------------------------------------------------
-    def sequential(self, runs: int, stream: bool) -> tuple[list[float], list[float], list[float]]:
+    def sequential(self, runs: int, stream: bool, api: str = "chat") -> tuple[list[float], list[float], list[float]]:
         """Alternate bridge and direct requests (so drift hits both alike); returns per-pair (bridge,
         direct, difference) in ms. Streaming: time to the first content token; else the whole reply."""
         self.emulator.configure()
         warmup = max(20, runs // 10)
-        targets = (Target(self, True), Target(self, False))
+        targets = (Target(self, True), Target(self, False, api=api))
         sessions: dict[bool, curl.Session] = {t.direct: curl.Session(impersonate=self.settings.impersonate)
                                               for t in targets}
         out: dict[bool, list[float]] = {True: [], False: []}
@@ -828,6 +862,12 @@ class Bench:
         self.row("    through the bridge", b, "ms")
         self.row("    straight to the emulator", d, "ms")
         self.row("    bridge CPU per request", [self.bridge_cpu_per_request], "ms", n=len(b))
+        chat = median(diff)
+        for api in ("messages", "responses"):
+            b, d, diff = self.sequential(200 if q else 1000, stream=False, api=api)
+            self.row(f"1 added latency, {APIS[api][0]}", diff, "ms", "<= chat + 0.3 ms median",
+                     median(diff) <= chat + 0.3)
+            self.row("    bridge CPU per request", [self.bridge_cpu_per_request], "ms", n=len(b))
         self.trail("after phase 1")
         print("2. time to first token (streaming, sequential)", flush=True)
         b, d, diff = self.sequential(200 if q else 1000, stream=True)
