@@ -7744,7 +7744,7 @@ async def run_doctor_action(state: BridgeState, admin: Admin) -> Html:
     rows = [(badge(f.status, FINDING_TONES[f.status]), f.label, prose(f.detail),
              prose(f"README.md{f.fix}" if f.fix else "-")) for f in findings]
     verdict = verdict_text(findings) if "chat" in options else "no chat was sent (tick the box to send one)"
-    return join([note(verdict[0].upper() + verdict[1:] + ".", "ok" if exit_status(findings) == 0 else "warn"),
+    return join([note(verdict[0].upper() + verdict[1:] + ".", "ok" if exit_status(findings) == 0 else "bad"),
                  table(["", "Step", "What the doctor saw", "What to do"], rows, "")])
 
 
