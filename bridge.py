@@ -933,6 +933,7 @@ def moved_origin(url: str, origin: str, location: str | None) -> str | None:
 
 AUTH_COOKIE = "arena-auth-prod-v1"
 CHUNK_SIZE = 3180
+BROWSER_COOKIE_LIMIT = 4096
 CLEARANCE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid", "provisional_user_id")
 EXPIRY_MARGIN = 30.0
 ACCOUNT_INPUT_HELP = ("expected the arena-auth-prod-v1 cookie value (base64-…), its arena-auth-prod-v1.0/.1 "
@@ -1002,8 +1003,10 @@ class Session:
         return expiry is not None and (at or now()) >= expiry - EXPIRY_MARGIN
 
     def cookies(self) -> dict[str, str]:
-        """The cookies that carry the session, in the form the site gave it to us."""
-        if self.form != "chunks":
+        """The cookies that carry the session, in the form the site gave it to us. A value too long for one
+        browser cookie (4,096 bytes with its name) goes in chunks, as the site's own client splits it:
+        Chromium refuses the whole cookie, so the in-page path would fail."""
+        if self.form != "chunks" and len(AUTH_COOKIE) + len(self.value) < BROWSER_COOKIE_LIMIT:
             return {AUTH_COOKIE: self.value}
         return {f"{AUTH_COOKIE}.{i}": self.value[start:start + CHUNK_SIZE]
                 for i, start in enumerate(range(0, len(self.value), CHUNK_SIZE))}

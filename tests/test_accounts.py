@@ -162,3 +162,11 @@ def test_sessions_of_different_users_are_different_accounts(tmp_path):
     for user in ("user-1", "user-2"):
         bridge.add_account(store, parse_account_input(user_session(user)))
     assert len(store.accounts()) == 2
+
+
+def test_a_session_too_long_for_one_browser_cookie_is_sent_in_chunks():
+    value = "base64-" + "A" * 5000
+    cookies = bridge.Session(value, "whole").cookies()
+    assert list(cookies) == ["arena-auth-prod-v1.0", "arena-auth-prod-v1.1"]
+    assert "".join(cookies.values()) == value and all(len(v) <= 3180 for v in cookies.values())
+    assert bridge.Session("base64-short", "whole").cookies() == {"arena-auth-prod-v1": "base64-short"}
