@@ -1,10 +1,12 @@
 """Anthropic Messages end to end (SPEC §7.2): the official anthropic SDK against the bridge and the emulator."""
+import base64
 import json
 
 import anthropic
 import anthropic.types
 import httpx
 import pytest
+from fake_arena import make_png
 from pydantic import TypeAdapter
 
 MODEL = "gemini-3-pro"
@@ -80,6 +82,12 @@ def test_every_streamed_event_validates_and_comes_in_anthropics_order(fresh, api
     assert "[DONE]" not in response.text
 
 
+def test_a_slow_reply_gets_ping_events_while_waiting(fresh, api_key, arena):
+    arena.configure(first_byte_delay=1.5)
+    events = sse(post(fresh, api_key, hello(stream=True)))
+    assert ("ping", {"type": "ping"}) in events and events[-1][0] == "message_stop"
+
+
 def test_thinking_from_a_reasoning_model_is_a_thinking_block(claude):
     message = claude.messages.create(**hello(model="grok-4.1-thinking"))
     assert [block.type for block in message.content] == ["thinking", "text"]
@@ -87,6 +95,17 @@ def test_thinking_from_a_reasoning_model_is_a_thinking_block(claude):
     with claude.messages.stream(**hello(model="grok-4.1-thinking")) as stream:
         final = stream.get_final_message()
     assert final.content[0].type == "thinking" and final.content[0].thinking == "thinking about: hello"
+
+
+def test_a_base64_image_is_uploaded_and_attached(claude, arena):
+    png = make_png(5, 3, (1, 2, 3))
+    source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png).decode()}
+    message = claude.messages.create(**hello(messages=[{"role": "user", "content": [
+        {"type": "image", "source": source}, {"type": "text", "text": "what is this?"}]}]))
+    assert message.content[0].text == "turn 1: what is this?"
+    [request] = arena.chat_requests()
+    [attachment] = request["json"]["userMessage"]["experimental_attachments"]
+    assert arena.r2[attachment["name"]]["bytes"] == png
 
 
 def test_a_tool_call_and_its_result_over_two_turns(claude, arena):

@@ -1,10 +1,12 @@
 """OpenAI Responses end to end (SPEC §7.3): the official openai SDK's responses client against the bridge and
 the emulator; every body and event validated against OpenAI's schemas."""
+import base64
 import json
 
 import httpx
 import openai
 import pytest
+from fake_arena import make_png
 from harness import validate
 
 MODEL = "gemini-3-pro"
@@ -67,6 +69,17 @@ def test_a_reasoning_model_gives_a_reasoning_item(client):
     response = client.responses.create(model="grok-4.1-thinking", input="hello")
     assert [item.type for item in response.output] == ["reasoning", "message"]
     assert response.output[0].summary[0].text == "thinking about: hello"
+
+
+def test_an_input_image_is_uploaded_and_attached(client, arena):
+    png = make_png(5, 3, (1, 2, 3))
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    response = client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "what is this?"}, {"type": "input_image", "image_url": url, "detail": "auto"}]}])
+    assert response.output_text == "turn 1: what is this?"
+    [request] = arena.chat_requests()
+    [attachment] = request["json"]["userMessage"]["experimental_attachments"]
+    assert arena.r2[attachment["name"]]["bytes"] == png
 
 
 def test_a_tool_call_and_its_result_over_two_turns(client, arena):
