@@ -705,9 +705,8 @@ class Store:
 
     # --- stored responses (the Responses API's previous_response_id) ---------------------------------
     def remember_response(self, response_id: str, key_id: int, history: list[dict]) -> None:
-        with self.db.conn:
-            self.db.execute("INSERT INTO responses (id, key_id, history, created) VALUES (?, ?, ?, ?)",
-                            [response_id, key_id, json.dumps(history, ensure_ascii=False), now()])
+        self.write("INSERT INTO responses (id, key_id, history, created) VALUES (?, ?, ?, ?)",
+                   [response_id, key_id, json.dumps(history, ensure_ascii=False), now()])
 
     def response_history(self, response_id: str, key_id: int) -> list[dict] | None:
         """The history a stored response ends, for the key that created it only."""
