@@ -19,6 +19,8 @@ Contents:
     Failure policy          tables: an answer's failure kind, and the next step for the n-th failure
     Page agent              the JavaScript run in an LM Arena page, by the sidecar and by the userscript
     Sidecar client          the lazily started Playwright helper (sidecar.py) behind a Unix socket
+    Browser executor        the user's own browsers (userscript): accounts of kind browser, jobs by long poll
+    Userscript              the script a user installs: header, the page agent, the long-poll transport
     Upstream HTTP client    origin, requests (direct or in the sidecar's page), discovery, clearance, actions
     Uploads                 images to LM Arena's storage, reused while their signed URLs last
     Account pool            choice, pacing, cool-downs, refresh, sign-up, session adoption
@@ -35,7 +37,6 @@ Contents:
     Chat jobs               one chat request on the engine: plan, read for calls, ask once more, remember
     OpenAI images           image input (data: URIs, URLs) and image generation
     OpenAI routes           chat completions, streaming, models, images, probes: openai_routes()
-  Round 2 adds "Browser executor" sections after the sidecar client in Part II, which the turn runner uses.
 
   Part IV: Agent APIs (SPEC §7.2, §7.3: Claude Code, Codex CLI)
     Anthropic requests      pure: a Messages body -> the turn (history with calls and results, tools, format)
@@ -50,6 +51,7 @@ Contents:
     Doctor                  the checks against the live site, with the bridge's own parts: DOCTOR_STEPS
     Dashboard kit           HTML escaping and the shared page layout
     Dashboard sign-in       admin password, sessions, the login throttle, the sign-in pages
+    Executor routes         the userscript's long poll and event uploads (CORS, pairing secret), its download
     Dashboard pages         the admin pages: DASHBOARD, one table of pages
     App                     health, /metrics, background jobs, create_app composing every section's routes
     CLI                     serve, keys, tokens, models, doctor: COMMANDS, one table of commands
@@ -307,6 +309,14 @@ class SlidingWindow:
         recent.append(at)
         return 0.0
 
+    def full(self, key: Any, allowed: int) -> float:
+        """The seconds until `key` may have another event, without counting one (0: it may now)."""
+        at = time.monotonic()
+        recent = self.times.get(key) or collections.deque()
+        while recent and at - recent[0] >= self.seconds:
+            recent.popleft()
+        return self.seconds - (at - recent[0]) if len(recent) >= allowed else 0.0
+
     def forget(self, key: Any) -> None:
         self.times.pop(key, None)
 
@@ -439,8 +449,18 @@ def _migrate_v4(db: sqlite_utils.Database) -> None:
     db.table("responses").create_index(["created"])
 
 
+def _migrate_v5(db: sqlite_utils.Database) -> None:
+    """Browser executors (SPEC §8): the userscripts' pairing secrets, hashed, and each browser account's record."""
+    db.table("executor_pairings").create({"id": int, "hash": str, "created": float, "revoked": float}, pk="id")
+    db.table("executor_pairings").create_index(["hash"], unique=True)
+    db.table("browser_executors").create({
+        "account_id": int, "user": str, "connected_since": float, "last_seen": float, "last_job": float,
+        "jobs": int, "failures": int, "last_error": str,
+    }, pk="account_id", defaults={"jobs": 0, "failures": 0})
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2, _migrate_v3,
-                                                                   _migrate_v4)
+                                                                   _migrate_v4, _migrate_v5)
 
 ACCOUNT_PUBLIC_FIELDS = ("id", "label", "kind", "form", "expires_at", "state", "cooldown_until",
                          "cooldown_reason", "failures", "last_error", "last_used", "needs_browser")
@@ -585,6 +605,7 @@ class Store:
             # Ids are reused after a delete: an upload of the removed user must not reach the next account.
             self.db.execute("DELETE FROM uploads WHERE account_id = ?", [account_id])
             self.db.execute("DELETE FROM quotas WHERE account_id = ?", [account_id])
+            self.db.execute("DELETE FROM browser_executors WHERE account_id = ?", [account_id])
             return self.db.execute("DELETE FROM accounts WHERE id = ?", [account_id]).rowcount == 1
 
     # --- quotas per account and modality (U7) ---------------------------------------------------------
@@ -2208,6 +2229,418 @@ class SidecarClient:
 
 
 # =====================================================================================================
+# Browser executor
+# =====================================================================================================
+
+EXECUTOR_ORIGINS = ("https://arena.ai", "https://lmarena.ai")   # where the userscript runs (and SPEC §8's CORS)
+EXECUTOR_SECRET_HEADER = "X-Bridge-Executor-Secret"
+EXECUTOR_POLL_HOLD = 20.0       # a long poll waits this long for a job before it answers empty
+EXECUTOR_GRACE = 4.0            # a page with no poll open for this long has gone (closed, navigated, asleep)
+EXECUTOR_QUEUE = 256            # events buffered per job before the page's uploads wait (backpressure)
+
+
+class ExecutorUnavailable(ArenaError):
+    """The browser executor cannot run a job: not connected, gone, or silent past the timeout. Before the
+    reply began, the turn runner moves to another account."""
+
+    def __init__(self, message: str):
+        super().__init__("browser_unavailable", message)
+
+
+def executor_user(page_state: Any) -> dict:
+    """The signed-in user as the page's state() reports it, cut to the few short strings the bridge keeps."""
+    user = page_state.get("user") if isinstance(page_state, dict) else None
+    if not isinstance(user, dict):
+        return {}
+    return {k: str(user[k])[:200] for k in ("id", "email") if user.get(k)} | {"anonymous": bool(user.get("anonymous"))}
+
+
+class ExecutorRecords:
+    """The browser executors' durable state in the store: the userscripts' pairing secrets (only their
+    hashes) and each browser account's record (signed-in user, connection times, jobs, failures)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.rows, self.write, self.db = store.rows, store.write, store.db
+
+    def create_pairing(self) -> tuple[int, str]:
+        """A new pairing secret for a userscript; only its hash is kept."""
+        secret = "bx-" + secrets.token_urlsafe(32)
+        with self.db.conn:
+            pairing_id = self.db.table("executor_pairings").insert(
+                {"hash": sha256_hex(secret), "created": now(), "revoked": None}).last_pk
+        return int(pairing_id or 0), secret
+
+    def pairing_by_secret(self, secret: str) -> int | None:
+        rows = self.rows("SELECT id FROM executor_pairings WHERE hash = ? AND revoked IS NULL", [sha256_hex(secret)])
+        return rows[0]["id"] if rows else None
+
+    def active_pairings(self) -> set[int]:
+        return {r["id"] for r in self.rows("SELECT id FROM executor_pairings WHERE revoked IS NULL")}
+
+    def revoke_pairings(self) -> int:
+        return self.write("UPDATE executor_pairings SET revoked = ? WHERE revoked IS NULL", [now()])
+
+    def record(self, account_id: int) -> dict:
+        rows = self.rows("SELECT * FROM browser_executors WHERE account_id = ?", [account_id])
+        return rows[0] if rows else {}
+
+    def update_record(self, account_id: int, **fields: Any) -> None:
+        with self.db.conn:
+            self.db.table("browser_executors").upsert({"account_id": account_id, **fields}, pk="account_id")
+
+    def count_job(self, account_id: int, error: str | None) -> None:
+        column = "failures" if error else "jobs"
+        self.write(f"UPDATE browser_executors SET {column} = {column} + 1, last_job = ?, last_error = ? "
+                   "WHERE account_id = ?", [now(), error, account_id])
+
+
+@dataclasses.dataclass(eq=False)
+class ExecutorJob:
+    """One chat request sent to a page: the events its page agent uploads, in order."""
+    id: str
+    request: dict
+    events: asyncio.Queue = dataclasses.field(default_factory=lambda: asyncio.Queue(EXECUTOR_QUEUE))
+    taken: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class ExecutorConnection:
+    """One page (one tab load) that polls with a pairing secret, serving one browser account."""
+    executor_id: str
+    pairing_id: int
+    account_id: int
+    user_key: str
+    since: float = dataclasses.field(default_factory=now)
+    seen: float = dataclasses.field(default_factory=time.monotonic)
+    polls: int = 0                      # polls held open right now
+    waiting: list[ExecutorJob] = dataclasses.field(default_factory=list)    # jobs for the next poll
+    running: dict[str, ExecutorJob] = dataclasses.field(default_factory=dict)
+    aborts: set[str] = dataclasses.field(default_factory=set)               # jobs the page must abort
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    closed: str | None = None           # why the bridge dropped it
+    greeted: bool = False               # its first poll was answered at once, so the page shows "connected"
+
+    def live(self) -> bool:
+        return self.closed is None and (self.polls > 0 or time.monotonic() - self.seen < EXECUTOR_GRACE)
+
+
+class BrowserExecutors:
+    """The browsers connected through the userscript (SPEC §8), each an account of kind `browser` whose
+    session stays in the browser: pages long-poll for jobs, run each with the page agent's chat(), and
+    upload its events, which reach the turn runner as a stream. A page that stops polling, a pairing that
+    is revoked, a job silent past `timeout`: each ends its jobs with ExecutorUnavailable, never a hang."""
+
+    def __init__(self, store: Store, timeout: float):
+        self.store = store
+        self.records = ExecutorRecords(store)
+        self.timeout = timeout
+        self.connections: dict[str, ExecutorConnection] = {}
+        self.jobs: dict[str, tuple[ExecutorConnection, ExecutorJob]] = {}
+
+    def start(self) -> None:
+        """At the server's start nobody polls yet: every browser account starts disconnected."""
+        self.store.write("UPDATE accounts SET state = 'disconnected' WHERE kind = 'browser' AND state = 'ok'")
+
+    # --- pages: connect, poll, upload events ----------------------------------------------------------
+    def connect(self, executor_id: str, pairing_id: int, page_state: Any) -> ExecutorConnection:
+        """The page's connection, opened on its first poll (or again when its tab signed in as someone else)."""
+        user = executor_user(page_state)
+        user_key = "browser:" + (user.get("id") or executor_id)
+        conn = self.connections.get(executor_id)
+        if conn is not None and conn.pairing_id == pairing_id and conn.user_key == user_key and conn.closed is None:
+            conn.seen = time.monotonic()
+            return conn
+        if conn is not None:
+            self.drop(conn, "the page reconnected")
+        conn = ExecutorConnection(executor_id, pairing_id, self.account_for(user_key, user), user_key)
+        self.connections[executor_id] = conn
+        self.records.update_record(conn.account_id, user=json.dumps(user), connected_since=conn.since,
+                                          last_seen=now())
+        log.info("browser executor connected: account %s (%s)", conn.account_id, user.get("email") or user_key)
+        return conn
+
+    def account_for(self, user_key: str, user: dict) -> int:
+        """The browser account of this user (one per LM Arena user, however many tabs), usable again."""
+        label = "browser: " + (user.get("email") or ("anonymous" if user.get("anonymous") else "signed out"))
+        held = next((a for a in self.store.accounts() if a["kind"] == "browser" and a["auth"] == user_key), None)
+        if held is None:
+            return self.store.add_account(label=label, kind="browser", auth=user_key, form="browser", cookies="{}",
+                                          state="ok", failures=0, last_used=0.0)
+        cooling = held["state"] == "cooling_down" and (held["cooldown_until"] or 0) > now()
+        self.store.update_account(held["id"], label=label, state="cooling_down" if cooling else "ok")
+        return held["id"]
+
+    async def poll(self, conn: ExecutorConnection, gone: Callable[[], Awaitable[bool]],
+                   hold: float = EXECUTOR_POLL_HOLD) -> dict:
+        """Wait up to `hold` for jobs or aborts for this page and hand them over; a page that hung up
+        gets nothing (its jobs stay for its next poll, or fail when it does not come back)."""
+        conn.polls += 1
+        try:
+            deadline = time.monotonic() + (hold if conn.greeted else 0.0)
+            conn.greeted = True
+            while not (conn.waiting or conn.aborts or conn.closed) and time.monotonic() < deadline:
+                conn.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await conn.wake.wait()
+                if await gone():
+                    return {}
+            if conn.closed:
+                return {"closed": conn.closed}
+            jobs, conn.waiting = conn.waiting, []
+            for job in jobs:
+                job.taken = True
+                conn.running[job.id] = job
+            aborts, conn.aborts = sorted(conn.aborts), set()
+            return {"jobs": [{"id": job.id, "type": "chat", "request": job.request} for job in jobs], "abort": aborts}
+        finally:
+            conn.polls -= 1
+            conn.seen = time.monotonic()
+
+    async def deliver(self, executor_id: str, pairing_id: int, job_id: str, events: list) -> bool:
+        """Queue a page's events for its job, waiting while the queue is full; True: the page should abort
+        the job (the client left, or the bridge no longer knows it)."""
+        conn = self.connections.get(executor_id)
+        entry = self.jobs.get(job_id)
+        if conn is None or conn.pairing_id != pairing_id or entry is None or entry[0] is not conn:
+            return True
+        conn.seen = time.monotonic()
+        for event in events:
+            if not isinstance(event, dict):
+                continue
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await entry[1].events.put(event)
+            except TimeoutError:
+                return True
+        return job_id in conn.aborts or job_id not in self.jobs
+
+    # --- the bridge's side: run a job --------------------------------------------------------------------
+    def connection_for(self, account_id: int) -> ExecutorConnection | None:
+        """The account's live page that polled last (a user may have several tabs open)."""
+        live = [c for c in self.connections.values() if c.account_id == account_id and c.live()]
+        return max(live, key=lambda c: c.seen) if live else None
+
+    async def run(self, account_id: int, request: dict) -> AsyncGenerator[tuple[int, dict] | str, None]:
+        """Run `request` (built by the bridge: a path on LM Arena's origin) in the account's page: yields
+        (status, headers), then the body's text as it arrives. Closing it early aborts the page's fetch."""
+        conn = self.connection_for(account_id)
+        if conn is None:
+            raise ExecutorUnavailable("the browser executor is not connected")
+        job = ExecutorJob(uuid.uuid4().hex, request)
+        self.jobs[job.id] = (conn, job)
+        conn.waiting.append(job)
+        conn.wake.set()
+        error: str | None = None
+        ended = False
+        try:
+            while True:
+                event = await self.next_event(job)
+                kind = event.get("type")
+                if kind == "head":
+                    yield int(event.get("status") or 0), {str(k): str(v) for k, v in (event.get("headers") or {}).items()}
+                elif kind == "chunk":
+                    yield str(event.get("text") or "")
+                elif kind == "done":
+                    ended = True
+                    return
+                else:
+                    ended, error = True, str(event.get("message") or "failed")[:300]
+                    raise ExecutorUnavailable(f"the browser executor's page failed: {error}")
+        except ExecutorUnavailable as failed:
+            ended, error = True, error or failed.message
+            raise
+        finally:
+            self.finish(conn, job, ended, error)
+
+    async def next_event(self, job: ExecutorJob) -> dict:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await job.events.get()
+        except TimeoutError:
+            what = "answer" if job.taken else "take the job"
+            raise ExecutorUnavailable(f"the browser executor did not {what} within {self.timeout:.0f} s") from None
+
+    def finish(self, conn: ExecutorConnection, job: ExecutorJob, ended: bool, error: str | None) -> None:
+        """Forget the job and count it; one that did not end by itself (its client left) is aborted in the page."""
+        self.jobs.pop(job.id, None)
+        if job in conn.waiting:
+            conn.waiting.remove(job)
+        elif conn.running.pop(job.id, None) is not None and not ended and conn.closed is None:
+            conn.aborts.add(job.id)
+            conn.wake.set()
+        self.records.count_job(conn.account_id, error)
+
+    # --- liveness -----------------------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Drop pages that stopped polling and those whose pairing was revoked (also from the CLI)."""
+        active = self.records.active_pairings() if self.connections else set()
+        for conn in list(self.connections.values()):
+            if conn.pairing_id not in active:
+                self.drop(conn, "its pairing secret was revoked")
+            elif not conn.live():
+                self.drop(conn, "the page stopped polling (closed, reloaded or asleep)")
+
+    def drop(self, conn: ExecutorConnection, reason: str) -> None:
+        conn.closed = reason
+        conn.wake.set()
+        if self.connections.get(conn.executor_id) is conn:
+            del self.connections[conn.executor_id]
+        for job in [*conn.waiting, *conn.running.values()]:
+            with contextlib.suppress(asyncio.QueueFull):
+                while job.events.full():
+                    job.events.get_nowait()
+                job.events.put_nowait({"type": "lost", "message": f"the browser executor disconnected: {reason}"})
+        if self.connection_for(conn.account_id) is None:
+            self.store.write("UPDATE accounts SET state = 'disconnected' WHERE id = ? AND state IN ('ok', 'refreshing')",
+                             [conn.account_id])
+            self.records.update_record(conn.account_id, last_seen=now(), last_error=reason)
+        log.info("browser executor of account %s disconnected: %s", conn.account_id, reason)
+
+    def counts(self) -> dict[str, int]:
+        """Browser accounts by state, for /metrics: connected (a live page) or disconnected."""
+        browsers = [a["id"] for a in self.store.accounts() if a["kind"] == "browser"]
+        connected = sum(self.connection_for(account_id) is not None for account_id in browsers)
+        return {"connected": connected, "disconnected": len(browsers) - connected}
+
+    def status(self) -> list[dict]:
+        """Each browser account with its live pages: who it is signed in as, since when, its jobs."""
+        result = []
+        for account in self.store.accounts():
+            if account["kind"] != "browser":
+                continue
+            record = self.records.record(account["id"])
+            pages = [c for c in self.connections.values() if c.account_id == account["id"] and c.live()]
+            result.append({"account_id": account["id"], "connected": bool(pages), "pages": len(pages),
+                           "user": json.loads(record.get("user") or "{}"),
+                           "connected_since": min((c.since for c in pages), default=None),
+                           "last_seen": record.get("last_seen"), "last_job": record.get("last_job"),
+                           "jobs": record.get("jobs", 0), "failures": record.get("failures", 0),
+                           "running": sum(len(c.running) for c in pages), "last_error": record.get("last_error")})
+        return result
+
+
+# =====================================================================================================
+# Userscript
+# =====================================================================================================
+
+USERSCRIPT = r"""// ==UserScript==
+// @name         LM Arena Bridge: browser executor
+// @namespace    lmarena-bridge
+// @version      {version}
+// @description  Runs the chats of the LM Arena Bridge at {bridge} in this signed-in LM Arena tab
+{matches}// @connect      {host}
+// @grant        GM_xmlhttpRequest
+// @run-at       document-start
+// @inject-into  page
+// @sandbox      JavaScript
+// @noframes
+// ==/UserScript==
+{agent}
+// The transport: long polls to the bridge for jobs, the page agent's events uploaded in batches.
+(() => {{
+  if (window !== window.top) return;
+  const BRIDGE = {bridge_json}, SECRET = {secret_json}, HEADER = {header_json};
+  const agent = window.__arenaBridge, executor = crypto.randomUUID();
+  // The fetch as it was before the page's own scripts wrap it: the bridge is not the page's origin.
+  const plainFetch = window.fetch.bind(window);
+  const gm = typeof GM_xmlhttpRequest === 'function' ? GM_xmlhttpRequest : null;
+  const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
+  const post = (path, payload, timeoutMs) => {{
+    const headers = {{'Content-Type': 'application/json', [HEADER]: SECRET}};
+    const data = JSON.stringify(payload);
+    const parse = (status, text) => {{ let body = {{}}; try {{ body = JSON.parse(text); }} catch (e) {{}} return {{status, body}}; }};
+    if (gm) return new Promise((resolve, reject) => gm({{method: 'POST', url: BRIDGE + path, headers, data, timeout: timeoutMs,
+      onload: r => resolve(parse(r.status, r.responseText)), onerror: reject, ontimeout: reject, onabort: reject}}));
+    return plainFetch(BRIDGE + path, {{method: 'POST', headers, body: data, credentials: 'omit', cache: 'no-store',
+      signal: AbortSignal.timeout(timeoutMs)}}).then(async r => parse(r.status, await r.text()));
+  }};
+  let badge = null, shown = ['disconnected', 'starting'];
+  const show = (state, why) => {{
+    shown = [state, why || state];
+    if (!badge && document.body) {{
+      badge = document.createElement('div');
+      badge.id = 'arena-bridge-badge';
+      badge.style.cssText = 'position:fixed;right:8px;bottom:8px;z-index:2147483647;font:11px/1.4 system-ui,sans-serif;' +
+        'padding:2px 8px;border-radius:9px;background:rgba(20,20,20,.75);color:#fff;pointer-events:none;opacity:.8';
+      document.body.appendChild(badge);
+    }}
+    if (!badge) return;
+    const dot = {{connected: '#3c3', working: '#39f', disconnected: '#e44'}}[state];
+    badge.dataset.state = state;
+    badge.title = 'LM Arena Bridge: ' + shown[1];
+    badge.innerHTML = '';
+    badge.append(Object.assign(document.createElement('span'), {{textContent: '\u25cf ', style: 'color:' + dot}}),
+                 'bridge ' + state);
+  }};
+  document.addEventListener('DOMContentLoaded', () => show(...shown));
+  const running = new Set();
+  const idle = () => show(running.size ? 'working' : 'connected');
+  const run = async job => {{
+    running.add(job.id); idle();
+    let batch = [], flushing = null;
+    const flush = async () => {{
+      try {{
+        while (batch.length) {{
+          const events = batch; batch = [];
+          const r = await post('/executor/events', {{executor, job: job.id, events}}, 30000).catch(() => null);
+          if (!r || r.status !== 200 || r.body.abort) agent.abort(job.id);
+        }}
+      }} finally {{ flushing = null; }}
+    }};
+    const emit = async event => {{
+      batch.push(event);
+      if (!flushing) flushing = flush();
+      if (event.type === 'done' || event.type === 'error' || batch.length > 32) await flushing;
+    }};
+    await agent.chat(job.id, job.request, emit);
+    running.delete(job.id); idle();
+  }};
+  const loop = async () => {{
+    for (let backoff = 1000; ;) {{
+      const r = await post('/executor/poll', {{executor, state: agent.state()}}, 60000).catch(() => null);
+      if (r && r.status === 200 && !r.body.closed) {{
+        backoff = 1000; idle();
+        for (const id of r.body.abort || []) agent.abort(id);
+        for (const job of r.body.jobs || []) run(job);
+        continue;
+      }}
+      if (r && r.status === 401) return show('disconnected', 'the bridge refused the pairing secret (revoked?): install a new userscript');
+      show('disconnected', r ? 'the bridge answered ' + r.status : 'the bridge is unreachable');
+      const asked = r && r.status === 429 ? 1000 * (r.body.retry_after || 60) : 0;
+      await sleep(Math.max(asked, backoff) * (0.8 + 0.4 * Math.random()));
+      backoff = Math.min(backoff * 2, 60000);
+    }}
+  }};
+  loop();
+}})();
+"""
+USERSCRIPT_VERSION = "1.0.0"
+
+
+def origin_of(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def executor_origins(arena_url: str) -> tuple[str, ...]:
+    """The origins the userscript runs on and whose pages may call the executor routes."""
+    return tuple(dict.fromkeys([*EXECUTOR_ORIGINS, origin_of(arena_url)]))
+
+
+def render_userscript(bridge_url: str, secret: str, arena_url: str) -> str:
+    """The userscript for one pairing: its header, the page agent (the same PAGE_AGENT_JS the sidecar runs)
+    and the transport, with the bridge's URL and the pairing secret baked in."""
+    bridge_url = bridge_url.rstrip("/")
+    matches = "".join(f"// @match        {origin}/*\n" for origin in executor_origins(arena_url))
+    return USERSCRIPT.format(version=USERSCRIPT_VERSION, bridge=bridge_url, matches=matches,
+                             host=urllib.parse.urlsplit(bridge_url).hostname or "localhost", agent=PAGE_AGENT_JS.strip(),
+                             bridge_json=json.dumps(bridge_url), secret_json=json.dumps(secret),
+                             header_json=json.dumps(EXECUTOR_SECRET_HEADER))
+
+
+# =====================================================================================================
 # Upstream HTTP client
 # =====================================================================================================
 
@@ -2268,6 +2701,15 @@ class BrowserResponse:
         self.status_code, self.headers = await self.stream.__anext__()
         self.body = Prefetcher(self._chunks())
         self.body.start()
+
+    async def opened(self, deadline: float) -> BrowserResponse:
+        """This response once its status line arrived, bounded by the request's deadline."""
+        try:
+            await asyncio.wait_for(self.open(), timeout=max(0.1, deadline - now()))
+        except TimeoutError:
+            await self.aclose()
+            raise ArenaError("upstream_timeout", "LM Arena did not answer the in-page request in time") from None
+        return self
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         async for item in self.stream:
@@ -2374,13 +2816,16 @@ class ArenaSite:
         request = {"url": self.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
                    "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": Session.of(account).cookies(),
                    "action": action, "sitekey": self.sitekey}
-        response = BrowserResponse(self.sidecar.fetch_stream(request))
-        try:
-            await asyncio.wait_for(response.open(), timeout=max(0.1, deadline - now()))
-        except TimeoutError:
-            await response.aclose()
-            raise ArenaError("upstream_timeout", "LM Arena did not answer the in-page request in time") from None
-        return response
+        return await BrowserResponse(self.sidecar.fetch_stream(request)).opened(deadline)
+
+    async def post_by_executor(self, executors: BrowserExecutors, path: str, body: dict, account: dict, action: str,
+                               deadline: float) -> BrowserResponse:
+        """The chat request run in the user's own page by its browser executor: a path on the page's origin
+        (the page agent refuses any other), the token minted in that page; the session stays in the browser."""
+        request = {"url": path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
+                   "headers": {"Content-Type": "text/plain;charset=UTF-8"},
+                   "recaptcha": {"action": action, "sitekey": self.sitekey}}
+        return await BrowserResponse(executors.run(account["id"], request)).opened(deadline)
 
     def moves_to(self, path: str, location: str | None) -> str | None:
         """The new origin when a redirect of `path` points at the same path elsewhere."""
@@ -2980,12 +3425,13 @@ class TurnRunner:
     held conversation when possible), retries by the failure policy, and streams model A's events."""
 
     def __init__(self, settings: Settings, store: Store, site: ArenaSite, pool: AccountPool,
-                 sidecar: SidecarClient, failures: FailureLog):
+                 sidecar: SidecarClient, failures: FailureLog, executors: BrowserExecutors):
         self.settings = settings
         self.store = store
         self.site = site
         self.pool = pool
         self.sidecar = sidecar
+        self.executors = executors
         self.uploads = Uploader(store, site)
         self.failures = failures
         self.browser_models = {m.strip() for m in settings.browser_models.split(",") if m.strip()}
@@ -3029,10 +3475,18 @@ class TurnRunner:
         """Send one chat turn, moving between accounts and retrying by POLICY, within a bounded number of
         attempts; returns once LM Arena answers 200."""
         tries = Tries(followup=plan.followup, modality=plan.modality)
+        if plan.images:   # uploads go from the bridge with the account's session, which a browser account keeps
+            tries.excluded.update(a["id"] for a in self.store.accounts() if a["kind"] == "browser")
         while plan.attempts < MAX_UPSTREAM_ATTEMPTS and now() < deadline:
             plan.attempts += 1
             account = await self.account(tries)
-            opened = await self.send(plan, tries, account, deadline)
+            try:
+                opened = await self.send(plan, tries, account, deadline)
+            except ExecutorUnavailable as gone:   # before the reply began: another account serves it
+                log.info("account %s: %s; trying another account", account["id"], gone.message)
+                tries.excluded.add(account["id"])
+                tries.last = gone
+                continue
             if isinstance(opened, OpenedTurn):
                 return opened
             await self.handle(opened)
@@ -3058,18 +3512,21 @@ class TurnRunner:
         evaluation_id = followup["evaluation_id"] if followup else uuid7()
         path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
                 else "/nextjs-api/stream/create-evaluation")
-        account_in_page = account["id"] in tries.in_page or self.account_in_page(account)
+        browser = account["kind"] == "browser"
+        account_in_page = browser or account["id"] in tries.in_page or self.account_in_page(account)
         in_page = account_in_page or self.model_in_page(plan.model)
         action = self.site.recaptcha_action
         body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"], modality=plan.modality,
                          attachments=attachments, token=None if in_page else await self.site.recaptcha_token(action),
                          web_client_2026=not self.settings.bare_body, **self.turn_fields(plan, followup))
-        if in_page:
+        if browser:
+            response = await self.site.post_by_executor(self.executors, path, body, account, action, deadline)
+        elif in_page:
             response = await self.site.post_in_page(path, body, account, action, deadline)
         else:
             response = await self.site.post_stream(path, body, account, deadline)
         if response.status_code == 200:
-            if in_page == account_in_page:   # a path chosen for the model says nothing about the account
+            if in_page == account_in_page and not browser:   # a path chosen for the model says nothing about the account
                 self.pool.remember_path(account, in_page)
             self.note_quota(account, plan.modality, response.headers)
             return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1,
@@ -3184,7 +3641,8 @@ class TurnRunner:
                     yield Event("error", "LM Arena went silent mid-reply")
                     return
                 except Exception as exc:  # noqa: BLE001 - any broken connection ends the reply the same way
-                    yield Event("error", f"the connection to LM Arena broke mid-reply ({type(exc).__name__})")
+                    why = exc.message if isinstance(exc, ArenaError) else type(exc).__name__
+                    yield Event("error", f"the connection to LM Arena broke mid-reply ({why})")
                     return
                 for event in parser.feed(chunk):
                     yield event
@@ -3405,7 +3863,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 ARENA_STATUS = {
     "quota_exhausted": 429, "no_account": 503, "accounts_cooling_down": 503, "no_usable_account": 503, "signup_failed": 503,
     "cloudflare": 503, "model_not_available": 403, "upstream_forbidden": 403, "content_filter": 422,
-    "attachment_too_large": 413, "model_not_found": 404, "upstream_timeout": 504,
+    "attachment_too_large": 413, "model_not_found": 404, "upstream_timeout": 504, "browser_unavailable": 503,
 }
 
 
@@ -3515,6 +3973,8 @@ class BridgeState:
     logins: SlidingWindow
     metrics: Metrics
     failures: FailureLog
+    executors: BrowserExecutors
+    executor_auth: SlidingWindow        # wrong pairing secrets per address, throttled like sign-ins
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
     async def models(self) -> list[dict]:
@@ -7469,6 +7929,119 @@ def signed_in(handler: Callable[[Request, Admin], Any], nav: tuple[tuple[str, st
 
 
 # =====================================================================================================
+# Executor routes
+# =====================================================================================================
+
+EXECUTOR_BODY_LIMIT = 4 * 1024 * 1024
+EXECUTOR_ID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
+
+
+def cors_headers(request: Request) -> dict[str, str] | None:
+    """CORS for the executor routes: an LM Arena page gets its origin back; a request without an Origin (the
+    userscript manager's GM_xmlhttpRequest, curl) needs none; any other origin gets None (refused)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return {}
+    if origin.lower() not in executor_origins(bridge(request).settings.arena_url):
+        return None
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+
+def executor_json(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+def executor_preflight(request: Request, cors: dict[str, str]) -> Response:
+    """Chrome also asks before a public page (arena.ai) calls a bridge on a private address (Private
+    Network Access): that is the point of a bridge at home, so it is allowed too."""
+    headers = {**cors, "Access-Control-Allow-Methods": "POST", "Access-Control-Max-Age": "600",
+               "Access-Control-Allow-Headers": f"Content-Type, {EXECUTOR_SECRET_HEADER}"}
+    if request.headers.get("access-control-request-private-network") == "true":
+        headers["Access-Control-Allow-Private-Network"] = "true"
+    return Response(status_code=204, headers=headers)
+
+
+def executor_pairing(request: Request, cors: dict[str, str]) -> int | Response:
+    """The pairing of the secret in the header (never in the URL), or the refusal; wrong secrets are
+    counted per address and, past LOGIN_ATTEMPTS, refused outright like dashboard sign-ins."""
+    state, address = bridge(request), client_address(request)
+    allowed, _ = LOGIN_ATTEMPTS
+    state.executor_auth.prune()
+    wait = state.executor_auth.full(address, allowed)
+    if wait:
+        seconds = int(wait) + 1
+        return executor_json({"error": f"too many wrong pairing secrets: try again in {seconds} s",
+                              "retry_after": seconds}, 429, {**cors, "Retry-After": str(seconds)})
+    pairing = state.executors.records.pairing_by_secret(request.headers.get(EXECUTOR_SECRET_HEADER, ""))
+    if pairing is None:
+        state.executor_auth.admit(address, allowed)
+        log.warning("browser executor with a wrong pairing secret from %s", address)
+        return executor_json({"error": "unknown or revoked pairing secret"}, 401, cors)
+    return pairing
+
+
+def executor_route(handler: Callable[[Request, BridgeState, int, dict], Awaitable[dict]]) -> Callable[[Request], Any]:
+    """An executor endpoint: CORS (preflight included), the pairing secret, a JSON body with a page id."""
+    async def endpoint(request: Request) -> Response:
+        cors = cors_headers(request)
+        if cors is None:
+            return executor_json({"error": "this origin may not use the browser executor"}, 403)
+        if request.method == "OPTIONS":
+            return executor_preflight(request, cors)
+        pairing = executor_pairing(request, cors)
+        if isinstance(pairing, Response):
+            return pairing
+        try:
+            body = json.loads(await read_body(request, EXECUTOR_BODY_LIMIT))
+        except (ValueError, ApiError):
+            body = None
+        if not isinstance(body, dict) or not EXECUTOR_ID_RE.fullmatch(str(body.get("executor", ""))):
+            return executor_json({"error": "expected a JSON object with the page's executor id"}, 400, cors)
+        return executor_json(await handler(request, bridge(request), pairing, body), headers=cors)
+    return endpoint
+
+
+async def executor_poll(request: Request, state: BridgeState, pairing: int, body: dict) -> dict:
+    conn = state.executors.connect(str(body["executor"]), pairing, body.get("state"))
+    return await state.executors.poll(conn, request.is_disconnected)
+
+
+async def executor_events(request: Request, state: BridgeState, pairing: int, body: dict) -> dict:
+    events = body["events"] if isinstance(body.get("events"), list) else []
+    abort = await state.executors.deliver(str(body["executor"]), pairing, str(body.get("job", "")), events)
+    return {"abort": abort}
+
+
+def public_url(request: Request) -> str:
+    """The bridge's URL as this request reached it (behind a trusted proxy, as the proxy was reached)."""
+    scheme = "https" if is_https(request) else request.url.scheme
+    return f"{scheme}://{request.headers.get('host') or request.url.netloc}"
+
+
+def new_userscript(store: Store, bridge_url: str, arena_url: str, rotate: bool) -> str:
+    """The userscript with a new pairing secret; `rotate` revokes every earlier one first."""
+    if rotate:
+        ExecutorRecords(store).revoke_pairings()
+    _, secret = ExecutorRecords(store).create_pairing()
+    return render_userscript(bridge_url, secret, arena_url)
+
+
+async def download_userscript(request: Request, admin: Admin) -> Response:
+    state = bridge(request)
+    script = new_userscript(state.store, public_url(request), state.settings.arena_url,
+                            rotate=admin.form.get("rotate") == "1")
+    return Response(script, media_type="text/javascript; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="lmarena-bridge.user.js"',
+                             "Cache-Control": "no-store"})
+
+
+def executor_routes() -> list[Route]:
+    return [Route("/executor/poll", executor_route(executor_poll), methods=["POST", "OPTIONS"]),
+            Route("/executor/events", executor_route(executor_events), methods=["POST", "OPTIONS"]),
+            Route("/dashboard/userscript", signed_in(download_userscript), methods=["POST"])]
+
+
+# =====================================================================================================
 # Dashboard pages
 # =====================================================================================================
 
@@ -7562,9 +8135,41 @@ a Cookie: header, or a JWT <textarea name="value" required></textarea></label>
 <label>Label <input name="label" maxlength="100" placeholder="optional"></label>""")
 
 
+async def revoke_pairings_action(state: BridgeState, admin: Admin) -> Html:
+    count = state.executors.records.revoke_pairings()
+    state.executors.sweep()
+    return note(f"{count} pairing secret(s) revoked: every userscript installed so far is refused and disconnected.")
+
+
+USERSCRIPT_CARD = """<div class="card"><p><b>Your own browser as the executor</b> (for a bridge in a data centre):
+install <a href="https://www.tampermonkey.net/">Tampermonkey</a> or <a href="https://violentmonkey.github.io/">
+Violentmonkey</a>, download the userscript and open the file in that browser (or drop it on the manager's
+dashboard) to install it, then keep an LM Arena tab open, signed in: its badge says <i>bridge connected</i> and
+the tab appears below as an account of kind <code>browser</code>. Each download has a new pairing secret.</p>
+<div class="row">{download} {rotate} {revoke}</div></div>"""
+
+
+def userscript_card(admin: Admin) -> Html:
+    def download(label: str, rotate: str) -> Html:
+        return fill('<form method="post" action="/dashboard/userscript" class="inline">{csrf}<input type="hidden" '
+                    'name="rotate" value="{rotate}"><button class="quiet">{label}</button></form>',
+                    csrf=admin.csrf_field, rotate=rotate, label=label)
+    return fill(USERSCRIPT_CARD, download=download("Download userscript", "0"),
+                rotate=download("Rotate: revoke all, download a new one", "1"),
+                revoke=button(admin, "revoke_pairings", "Revoke all pairings", "danger"))
+
+
+def executor_rows(state: BridgeState) -> list[tuple]:
+    return [(e["account_id"], prose(e["user"].get("email") or e["user"].get("id") or "-"),
+             badge("connected", "ok") if e["connected"] else badge("disconnected", "off"), e["pages"],
+             format_time(e["connected_since"]), format_time(e["last_job"]), e["jobs"], e["failures"],
+             prose(e["last_error"] or "-")) for e in state.executors.status()]
+
+
 async def accounts_page(request: Request, admin: Admin) -> Response:
     outcome = await run_action(request, admin, {"add": add_account_action, "remove": remove_account_action,
-                                                "refresh": refresh_account_action})
+                                                "refresh": refresh_account_action,
+                                                "revoke_pairings": revoke_pairings_action})
     at = now()
     rows = [(a["id"], prose(a["label"] or "-"), a["kind"], account_badge(a, at), request_path(a, at),
              format_time(a["expires_at"]), format_time(a["last_used"]), prose(a["last_error"] or "-"),
@@ -7573,7 +8178,10 @@ async def accounts_page(request: Request, admin: Admin) -> Response:
             for a in bridge(request).store.accounts()]
     body = join([fill("<h1>Arena accounts</h1>"), outcome, form_card(admin, "add", ACCOUNT_FIELDS, "Add account"),
                  table(["ID", "Label", "Kind", "State", "Path", "Expires", "Last used", "Last error", ""], rows,
-                       "No accounts yet: add one above.")])
+                       "No accounts yet: add one above."),
+                 fill("<h2>Browser executors (userscript)</h2>"), userscript_card(admin),
+                 table(["Account", "Signed in as", "State", "Tabs", "Connected since", "Last job", "Jobs", "Failures",
+                        "Last error"], executor_rows(bridge(request)), "No browser has connected yet.")])
     return render("Accounts", body, admin)
 
 
@@ -7800,11 +8408,13 @@ async def health(request: Request) -> Response:
     accounts = state.store.accounts()
     usable = [a for a in accounts if is_usable(a, at)]
     models = state.store.model_count()
-    checks: dict[str, Any] = {"accounts": {"usable": len(usable), "total": len(accounts)}, "models": {"known": models}}
+    checks: dict[str, Any] = {"accounts": {"usable": len(usable), "total": len(accounts)}, "models": {"known": models},
+                              "browser_executors": {"connected": len(state.executors.connections)}}
     if may_see_details(request):
         checks["accounts"]["items"] = [{f: a[f] for f in ACCOUNT_PUBLIC_FIELDS} | {"state": account_state(a, at)}
                                        for a in accounts]
         checks["sidecar"] = await state.sidecar.status()
+        checks["browser_executors"]["items"] = state.executors.status()
     status = "ok" if usable and models else "degraded"
     return JSONResponse({"status": status, "checks": checks})
 
@@ -7865,26 +8475,29 @@ async def discover_and_trim(site: ArenaSite) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def metrics_snapshot(settings: Settings, store: Store, sidecar: SidecarClient) -> Snapshot:
+def metrics_snapshot(settings: Settings, store: Store, sidecar: SidecarClient, executors: BrowserExecutors) -> Snapshot:
     at = now()
     accounts = [AccountGauge(a["id"], a["kind"] or "", account_state(a, at), a["cooldown_until"])
                 for a in store.accounts()]
     # "failed: <why>" would make a label per message
-    return Snapshot(accounts, sidecar.state.split(":")[0], {}, store.conversation_count(settings.conversation_ttl))
+    return Snapshot(accounts, sidecar.state.split(":")[0], executors.counts(),
+                    store.conversation_count(settings.conversation_ttl))
 
 
 def bridge_state(settings: Settings, store: Store) -> BridgeState:
     """The parts of a bridge, wired together: what the server and the doctor run on."""
     sidecar = SidecarClient.from_settings(settings, current_origin(settings, store))
-    metrics = Metrics(lambda: metrics_snapshot(settings, store, sidecar),
+    executors = BrowserExecutors(store, settings.sidecar_timeout)
+    metrics = Metrics(lambda: metrics_snapshot(settings, store, sidecar, executors),
                       lambda: (m["publicName"] for m in store.models()))
     site = ArenaSite(settings, store, sidecar, on_mint=metrics.token_minted)
     pool = AccountPool(settings, store, site, sidecar)
     failures = FailureLog()
     return BridgeState(settings=settings, store=store, sidecar=sidecar, site=site, pool=pool,
-                       turns=TurnRunner(settings, store, site, pool, sidecar, failures), limiter=RateLimiter(),
-                       usage=UsageRecorder(store, metrics), logins=SlidingWindow(LOGIN_ATTEMPTS[1]),
-                       metrics=metrics, failures=failures)
+                       turns=TurnRunner(settings, store, site, pool, sidecar, failures, executors),
+                       limiter=RateLimiter(), usage=UsageRecorder(store, metrics),
+                       logins=SlidingWindow(LOGIN_ATTEMPTS[1]), metrics=metrics, failures=failures,
+                       executors=executors, executor_auth=SlidingWindow(LOGIN_ATTEMPTS[1]))
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -7895,6 +8508,7 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ensure_admin_password(store, settings.admin_password)
+        state.executors.start()
         if settings.auth_tokens:
             import_env_accounts(store, settings.auth_tokens)
         state.tasks = [
@@ -7902,6 +8516,7 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(every(2.0, state.usage.flush, first_delay=2.0)),
             asyncio.create_task(every(3600.0, lambda: store.forget_old_conversations(settings.conversation_ttl))),
             asyncio.create_task(every(3600.0, lambda: store.prune_usage(settings.usage_days))),
+            asyncio.create_task(every(1.0, state.executors.sweep, first_delay=1.0)),
         ]
         try:
             yield
@@ -7916,7 +8531,7 @@ def create_app(settings: Settings) -> Starlette:
 
     # Each API section and the dashboard define their own routes; a new API adds its table here.
     routes = [Route("/health", health), Route("/api/v1/health", health), Route("/metrics", metrics_endpoint),
-              *openai_routes(), *agent_routes(), *dashboard_routes()]
+              *openai_routes(), *agent_routes(), *dashboard_routes(), *executor_routes()]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error_handler, Exception: api_error_handler,
                                         404: not_found_handler, 405: not_found_handler})
@@ -7971,6 +8586,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_parser("list", parents=[common], help="list accounts with their state (never the secret)")
     remove = tokens.add_parser("remove", parents=[common], help="remove an account")
     remove.add_argument("id", type=int)
+    script = commands.add_parser("userscript", parents=[common],
+                                 help="print the browser executor's userscript, with a new pairing secret")
+    script.set_defaults(action="print")
+    script.add_argument("--url", help="the bridge URL the script connects to (default http://HOST:PORT)")
+    script.add_argument("--rotate", action="store_true", help="revoke every earlier pairing secret first")
+    script.add_argument("--revoke", action="store_true", help="only revoke every pairing secret (prints no script)")
     models = commands.add_parser("models", parents=[common], help="the LM Arena model list").add_subparsers(dest="action", required=True)
     models.add_parser("refresh", parents=[common], help="fetch the model list and site parameters now")
     models.add_parser("list", parents=[common], help="list the usable models")
@@ -8033,7 +8654,32 @@ def list_tokens_command(settings: Settings, store: Store, args: argparse.Namespa
         if state == "cooling_down":
             state = f"cooling down until {format_time(a['cooldown_until'])} ({a['cooldown_reason']})"
         print(f"{a['id']}\t{a['kind']}\t{state}\texpires {format_time(a['expires_at'])}\t"
-              f"last error: {a['last_error'] or '-'}")
+              f"last error: {a['last_error'] or '-'}{executor_line(store, a)}")
+    return 0
+
+
+def executor_line(store: Store, account: dict) -> str:
+    """A browser account's record: who its tab is signed in as, since when, its jobs (a browser holds no expiry)."""
+    if account["kind"] != "browser":
+        return ""
+    record = ExecutorRecords(store).record(account["id"])
+    user = json.loads(record.get("user") or "{}")
+    return (f"\tsigned in as {user.get('email') or user.get('id') or '-'}\tconnected since "
+            f"{format_time(record.get('connected_since'))}\tlast seen {format_time(record.get('last_seen'))}\t"
+            f"last job {format_time(record.get('last_job'))}\tjobs {record.get('jobs') or 0}\t"
+            f"failures {record.get('failures') or 0}")
+
+
+def userscript_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    if args.revoke:
+        print(f"revoked {ExecutorRecords(store).revoke_pairings()} pairing secret(s); connected browsers are dropped within seconds",
+              file=sys.stderr)
+        return 0
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    if not url.startswith(("http://", "https://")):
+        return print_error("error: --url must be an http:// or https:// URL", 2)
+    print(new_userscript(store, url, settings.arena_url, rotate=args.rotate), end="")
     return 0
 
 
@@ -8124,6 +8770,7 @@ COMMANDS: dict[tuple[str, str], Command] = {
     ("tokens", "add"): add_token_command,
     ("tokens", "list"): list_tokens_command,
     ("tokens", "remove"): removal_command(Store.remove_account, "account", "removed account"),
+    ("userscript", "print"): userscript_command,
     ("models", "refresh"): refresh_models_command,
     ("models", "list"): list_models_command,
     ("doctor", "run"): doctor_command,
