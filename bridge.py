@@ -9,6 +9,7 @@ Contents:
   Part I: Foundations
     Settings                flags and environment, one frozen object
     Tools                   time, a sliding window, a prefetching queue
+    Schema                  the SQLite schema's migrations, in order
     Store                   the one SQLite file: accounts, keys, usage, models, site parameters, conversations
 
   Part II: LM Arena (the upstream; names failures, never chooses a client's status)
@@ -398,7 +399,7 @@ class Prefetcher:
 
 
 # =====================================================================================================
-# Store
+# Schema
 # =====================================================================================================
 
 def _migrate_v1(db: sqlite_utils.Database) -> None:
@@ -461,6 +462,11 @@ def _migrate_v5(db: sqlite_utils.Database) -> None:
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2, _migrate_v3,
                                                                    _migrate_v4, _migrate_v5)
+
+
+# =====================================================================================================
+# Store
+# =====================================================================================================
 
 ACCOUNT_PUBLIC_FIELDS = ("id", "label", "kind", "form", "expires_at", "state", "cooldown_until",
                          "cooldown_reason", "failures", "last_error", "last_used", "needs_browser")
