@@ -5451,6 +5451,26 @@ def decode_data_uri(url: str, where: str) -> bytes:
         raise ApiError(400, f"{where}: the data: URI is not valid base64.", "invalid_image", where) from None
 
 
+# IPv6 forms that carry an IPv4 address, which is where they lead (through a NAT64 gateway, a 6to4 or
+# Teredo relay, or the host's own stack): each is only as public as the IPv4 address in it.
+NAT64_NETWORKS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if address in IPV4_COMPATIBLE or any(address in network for network in NAT64_NETWORKS):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [ip for ip in found if ip is not None]
+
+
+def is_public(text: str) -> bool:
+    """Whether an address (and any IPv4 address embedded in it) is globally routable."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    embedded = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
+    return address.is_global and all(ip.is_global for ip in embedded)
+
+
 def public_address(host: str) -> str:
     """An address of `host` that may be fetched on a client's behalf; ValueError saying why not when any of
     its addresses is private or loopback (that would let API users probe the bridge's own network)."""
@@ -5458,7 +5478,7 @@ def public_address(host: str) -> str:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         raise ValueError(f"the host {host} could not be resolved") from None
-    if not infos or not all(ipaddress.ip_address(info[4][0]).is_global for info in infos):
+    if not infos or not all(is_public(str(info[4][0])) for info in infos):
         raise ValueError(f"the host {host} is a private or loopback address (allowed only with "
                          "BRIDGE_ALLOW_PRIVATE_URLS=1)")
     return str(infos[0][4][0])
@@ -5505,15 +5525,28 @@ async def fetch_bytes(http: AsyncSession, url: str, timeout: float, limit: int =
         await response.aclose()
 
 
+def checked_url(url: str, where: str) -> urllib.parse.SplitResult:
+    """The parts of an http(s) URL a client sent; a 400 for anything else, malformed ones too (a bad port,
+    an unclosed IPv6 bracket)."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.hostname) and (parsed.port or 0) >= 0
+    except ValueError:
+        valid = False
+    if not valid or any(c in url for c in "\x00\r\n\t "):
+        raise ApiError(400, f"{where}: image URLs must be data:, http: or https:, and well-formed.",
+                       "invalid_image_url", where)
+    return parsed
+
+
 async def fetch_image_url(url: str, where: str, settings: Settings, http: AsyncSession) -> bytes:
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ApiError(400, f"{where}: image URLs must be data:, http: or https:.", "invalid_image_url", where)
+    parsed = checked_url(url, where)
+    host = cast(str, parsed.hostname)
     try:
         if settings.allow_private_urls:
             return await fetch_bytes(http, url, timeout=10)
         try:
-            address = await asyncio.to_thread(public_address, parsed.hostname)
+            address = await asyncio.to_thread(public_address, host)
         except ValueError as exc:
             raise ApiError(400, f"{where}: the image URL is refused: {exc}.", "invalid_image_url", where) from None
         async with pinned_session(url, address, settings.impersonate) as pinned:
@@ -5617,22 +5650,41 @@ def image_prompt(ask: ImageRequest, model: dict) -> str:
     return f"{ask.prompt}\n\nAspect ratio: {ratio}" if ratio else ask.prompt
 
 
-async def image_item(http: AsyncSession, url: str, response_format: str) -> dict:
+async def image_item(http: AsyncSession, url: str, response_format: str, origin: str) -> dict:
     """One entry of an images response. `url` passes on what LM Arena gave: a signed storage URL (valid for
     an hour) or, for images sent inline, a data: URL. `b64_json` carries the bytes themselves, so the
     image outlives the signed URL."""
     if response_format == "url":
         return {"url": url}
-    return {"b64_json": base64.b64encode(await generated_image_bytes(http, url)).decode()}
+    return {"b64_json": base64.b64encode(await generated_image_bytes(http, url, origin)).decode()}
 
 
-async def generated_image_bytes(http: AsyncSession, url: str) -> bytes:
+# Where the bridge downloads a generated image from (b64_json): LM Arena's R2 bucket, where its uploads and
+# its image replies live (presigned URLs, arena-protocol §12), or its own origin. A reply naming any other
+# URL is not followed: the bridge would fetch, from its own network, whatever the reply names.
+STORAGE_HOST_SUFFIXES = (".r2.cloudflarestorage.com",)
+
+
+def is_storage_url(url: str, origin: str) -> bool:
+    try:
+        parsed, home = urllib.parse.urlsplit(url), urllib.parse.urlsplit(origin)
+        same_origin = (parsed.scheme, parsed.hostname, parsed.port) == (home.scheme, home.hostname, home.port)
+        in_bucket = parsed.scheme == "https" and (parsed.hostname or "").endswith(STORAGE_HOST_SUFFIXES)
+    except ValueError:
+        return False
+    return same_origin or in_bucket
+
+
+async def generated_image_bytes(http: AsyncSession, url: str, origin: str) -> bytes:
     if url.startswith("data:"):
         try:
             return b64url_decode(url.partition(",")[2])
         except (binascii.Error, ValueError):
             raise ApiError(502, "LM Arena sent an image that is not valid base64", "image_download_failed") \
                 from None
+    if not is_storage_url(url, origin):
+        raise ApiError(502, "LM Arena's reply names an image outside its storage; it was not downloaded.",
+                       "image_download_failed")
     try:
         return await fetch_bytes(http, url, timeout=30, limit=MAX_GENERATED_IMAGE_BYTES)
     except FetchError as exc:
@@ -5764,7 +5816,8 @@ async def image_generations(request: Request) -> Response:
         if not builder.images:
             raise ApiError(502, f"LM Arena answered without an image: {builder.full_content[:300]!r}",
                                 "no_image")
-        data = [await image_item(state.site.http, url, ask.response_format) for url in builder.images]
+        data = [await image_item(state.site.http, url, ask.response_format, state.site.origin)
+                for url in builder.images]
     except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         raise job.fail(error) from None
     job.record(200, job.usage())

@@ -1,6 +1,8 @@
 """Unit tests of the hardening (issue 19): pure functions, no network."""
 import time
 
+import pytest
+
 import bridge
 
 
@@ -68,3 +70,34 @@ def test_one_bad_usage_row_does_not_lose_the_others(tmp_path):
     models = [r["model"] for r in store.rows("SELECT model FROM usage ORDER BY id")]
     assert models == [f"m{i}" for i in range(40)] + ["bad \ufffd"]
     store.close()
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::7f00:1", "64:ff9b::a00:1", "2002:7f00:1::", "2002:c0a8:101::1", "::127.0.0.1", "::10.0.0.1",
+    "::ffff:127.0.0.1", "::ffff:169.254.169.254", "2001:0:4136:e378:8000:63bf:80ff:fffe",
+])
+def test_an_ipv6_address_embedding_a_private_ipv4_is_not_public(address):
+    assert not bridge.is_public(address)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "8.8.8.8", "2606:4700:4700::1111"])
+def test_an_ipv6_address_embedding_a_public_ipv4_is_public(address):
+    assert bridge.is_public(address)
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://example.com:99999/x.png", "http://exa mple.com/a.png",
+                                 "https:///x.png", "ftp://example.com/x.png", "http://[zz::1]/x.png"])
+def test_a_malformed_image_url_is_a_400(url):
+    with pytest.raises(bridge.ApiError) as refused:
+        bridge.checked_url(url, "messages[0] image 1")
+    assert refused.value.status == 400 and refused.value.code == "invalid_image_url"
+
+
+def test_generated_images_are_downloaded_only_from_lm_arenas_storage():
+    origin = "https://arena.ai"
+    assert bridge.is_storage_url("https://messages-prod.27c8.r2.cloudflarestorage.com/u/1.png?X-Amz-Signature=x",
+                                 origin)
+    assert bridge.is_storage_url("https://arena.ai/r2/k.png", origin)
+    for url in ("http://127.0.0.1:8000/secret", "https://arena.ai.evil.com/x.png", "http://arena.ai/x.png",
+                "https://r2.cloudflarestorage.com.evil.com/x", "http://x.r2.cloudflarestorage.com/y", "http://[::1"):
+        assert not bridge.is_storage_url(url, origin), url

@@ -421,3 +421,16 @@ def test_images_generations_usage_is_recorded(fresh, api_key):
         rows = fresh.store.rows("SELECT * FROM usage WHERE key_id = ? AND model = ?", [key["id"], IMAGE_MODEL])
         time.sleep(0.1)
     assert [(r["status"], r["error"]) for r in rows] == [(200, None)]
+
+
+def test_images_generations_b64_json_never_downloads_from_outside_lm_arenas_storage(fresh, api_key, arena, web):
+    web.files["/secret.png"] = ("image/png", make_png())
+    arena.configure(script=[["a2:" + json.dumps([{"type": "image", "image": web.url + "/secret.png",
+                                                   "mimeType": "image/png"}]), 'ad:{"finishReason":"stop"}']])
+    error = assert_error(generate(fresh, api_key, response_format="b64_json"), 502, "outside its storage")
+    assert error["code"] == "image_download_failed"
+
+
+def test_a_malformed_image_url_is_a_400(fresh, api_key):
+    error = assert_error(post(fresh, api_key, vision_body("http://[::1/x.png")), 400, "and well-formed")
+    assert error["code"] == "invalid_image_url"
