@@ -645,25 +645,19 @@ class Store:
         return self.write("UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", [now(), key_id]) == 1
 
     # --- usage ----------------------------------------------------------------------------------------
-    def record_usage(self, rows: list[dict]) -> None:
-        """The rows in one transaction; when that fails, each row on its own, so that one bad row (a lone
-        surrogate cannot be encoded) cannot lose the others: it is written with its text made encodable."""
-        if not rows:
-            return
+    def record_usage(self, rows: list[dict], one_by_one: bool = False) -> None:
+        """The rows in one transaction; when that fails, each on its own (text made encodable: a lone
+        surrogate cannot be), so that one bad row cannot lose the others."""
         try:
             with self.db.conn:
                 self.db.table("usage").insert_all(rows)
-        except (sqlite3.Error, ValueError):
-            for row in rows:
-                self.record_usage_row(row)
-
-    def record_usage_row(self, row: dict) -> None:
-        clean = {k: without_lone_surrogates(v) if isinstance(v, str) else v for k, v in row.items()}
-        try:
-            with self.db.conn:
-                self.db.table("usage").insert(clean)
         except (sqlite3.Error, ValueError) as exc:
-            log.error("a usage row could not be written (%s): %r", exc, clean)
+            if one_by_one:
+                log.error("a usage row could not be written (%s): %r", exc, rows)
+                return
+            for row in rows:
+                self.record_usage([{k: without_lone_surrogates(v) if isinstance(v, str) else v
+                                    for k, v in row.items()}], one_by_one=True)
 
     def prune_usage(self, days: float) -> int:
         """Sum the usage rows older than `days` into usage_daily (per day, key and model) and delete them, in
