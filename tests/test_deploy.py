@@ -301,7 +301,8 @@ def test_readme_mentions_only_real_settings_and_every_setting():
     named = set(re.findall(r"\b(?:BRIDGE|ARENA)_[A-Z0-9_]+\b", text))
     assert named <= envs, f"README.md names unknown variables: {sorted(named - envs)}"
     # Every flag given to bridge.py in the README exists: in commands and in the table.
-    sub_flags = {"--rpm", "--help", "-h", "--images", "--save"}   # keys create; doctor
+    sub_flags = {"--rpm", "--help", "-h", "--images", "--save",   # keys create; doctor
+                 "--url", "--rotate", "--revoke"}                 # userscript
     for line in text.splitlines():
         if "bridge.py" in line or line.startswith("| `--"):
             used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))

@@ -3,6 +3,7 @@ prints, injected into a real headless Chromium page on the emulator signed in as
 the bridge's chats with the page's own fetch while no other account can (context-bound tokens)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium binary foun
 
 GOOD = {"model": "gemini-3-pro", "messages": [{"role": "user", "content": "x"}]}
 SECRET = bridge.EXECUTOR_SECRET_HEADER
+PASSWORD = "userscript-admin-password"
 
 
 def userscript(proc, *extra):
@@ -54,7 +56,7 @@ def post(proc, key, body=GOOD, timeout=60):
 def ub(arena, tmp_path_factory):
     """A bridge without a sidecar (nothing but the user's page can mint a token that passes), behind a
     trusted proxy so that a test can speak from another address."""
-    proc = BridgeProcess(arena.url, str(tmp_path_factory.mktemp("userscript")),
+    proc = BridgeProcess(arena.url, str(tmp_path_factory.mktemp("userscript")), env={"BRIDGE_ADMIN_PASSWORD": PASSWORD},
                          args=("--ping-interval", "0.5", "--sidecar-timeout", "10", "--trusted-proxy")).start()
     proc.wait_for_models()
     yield proc
@@ -224,3 +226,21 @@ def test_revoking_the_secret_disconnects_the_page(tab, ub, key):
     page.wait_for_function("() => document.getElementById('arena-bridge-badge').dataset.state === 'disconnected'",
                            timeout=10_000)
     assert post(ub, key).status_code == 503
+
+
+def test_the_dashboard_offers_the_userscript_and_rotates_its_secret(ub, arena):
+    earlier = secret_of(userscript(ub).stdout)
+    records = bridge.ExecutorRecords(ub.store)
+    with httpx.Client(base_url=ub.url, timeout=10) as admin:
+        assert admin.post("/login", data={"password": PASSWORD}).status_code in (200, 303)
+        page = admin.get("/dashboard/accounts").text
+        assert "Download userscript" in page and "Tampermonkey" in page and "Violentmonkey" in page
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+        download = admin.post("/dashboard/userscript", data={"csrf": csrf, "rotate": "0"})
+        assert download.status_code == 200 and "attachment" in download.headers["content-disposition"]
+        assert f"@match        {arena.url}/*" in download.text and f'"{ub.url}"' in download.text
+        assert records.pairing_by_secret(earlier) is not None            # a download adds a pairing
+        rotated = admin.post("/dashboard/userscript", data={"csrf": csrf, "rotate": "1"})
+        assert records.pairing_by_secret(earlier) is None and records.pairing_by_secret(secret_of(download.text)) is None
+        assert records.pairing_by_secret(secret_of(rotated.text)) is not None
+        assert admin.post("/dashboard/userscript", data={"csrf": "forged"}).status_code == 403
