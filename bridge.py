@@ -493,10 +493,8 @@ class Store:
         self.migrate()
 
     def migrate(self) -> None:
-        """Each migration runs in one transaction with its version bump, so a crash half-way leaves the
-        version before it and the next start runs it again. The transaction is explicit: Python's sqlite3
-        opens none for DDL (CREATE TABLE), so each statement would otherwise commit on its own. IMMEDIATE,
-        and the version read inside it, so that two processes starting at once migrate one after the other."""
+        """Each migration in one explicit transaction with its version bump (Python's sqlite3 opens none for
+        DDL), so a crash half-way leaves the version before it; IMMEDIATE, read inside: one process at a time."""
         conn = self.db.conn
         while True:
             conn.execute("BEGIN IMMEDIATE")
