@@ -183,12 +183,14 @@ def test_health_shows_each_account_with_an_api_key_or_a_dashboard_session(fresh,
 @pytest.fixture
 def direct_mode_bridge(arena, tmp_path):
     proc = BridgeProcess(arena.url, str(tmp_path), args=("--arena-mode", "direct")).start()
-    proc.wait_for_models()
-    arena.reset()
-    arena.configure(recaptcha="off", mode_policy="no_direct")
-    proc.set_accounts(arena.new_session())
-    yield proc
-    proc.stop()
+    try:
+        proc.wait_for_models()
+        arena.reset()
+        arena.configure(recaptcha="off", mode_policy="no_direct")
+        proc.set_accounts(arena.new_session())
+        yield proc
+    finally:
+        proc.stop()
 
 
 def test_mode_rejection_switches_mode_and_remembers_it(direct_mode_bridge, arena):
