@@ -178,7 +178,13 @@ OPTIONS: tuple[Option, ...] = (
            "connections open"),
     Option("max_body", "--max-body", ("BRIDGE_MAX_BODY",), int, 20 * 1024 * 1024, "largest request body in bytes"),
     Option("max_prompt_chars", "--max-prompt-chars", ("BRIDGE_MAX_PROMPT_CHARS",), int, 100_000,
-           "largest message sent to LM Arena; older turns of a long history are dropped first"),
+           "largest message sent to LM Arena; older turns of a long history are dropped first, a newest "
+           "message longer than this is refused (400)"),
+    Option("max_inflight_body_mb", "--max-inflight-body-mb", ("BRIDGE_MAX_INFLIGHT_BODY_MB",), int, 64,
+           "MiB of request bodies all requests in flight may hold together; beyond it a request gets 503 with "
+           "Retry-After"),
+    Option("max_images", "--max-images", ("BRIDGE_MAX_IMAGES",), int, 10,
+           "most images one request attaches (each is an upload to LM Arena); more in the newest message: 400"),
     Option("allow_private_urls", "--allow-private-urls", ("BRIDGE_ALLOW_PRIVATE_URLS",), _bool, False,
            "let image URLs point at private and loopback addresses"),
     Option("anonymous", "--anonymous", ("BRIDGE_ANONYMOUS",), str, "auto",
@@ -230,6 +236,8 @@ class Settings:
     body_timeout: float
     max_body: int
     max_prompt_chars: int
+    max_inflight_body_mb: int
+    max_images: int
     allow_private_urls: bool
     anonymous: str
     signup_interval: float
@@ -3957,6 +3965,34 @@ class UsageRecorder:
         self.store.record_usage(rows)
 
 
+class BodyBudget:
+    """The bytes of request body held by the requests in flight, bounded: a few clients sending large
+    bodies at once (each also parsed and rendered, several times its size) could otherwise take all the
+    memory of a small machine. Taken chunk by chunk as a body arrives; given back, by the middleware,
+    when its request ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, request: Request, size: int) -> None:
+        if self.used + size > self.limit:
+            raise ApiError(503, "The bridge holds as many request bodies as it may; retry in a moment.",
+                           "server_busy", headers={"Retry-After": "1"})
+        self.used += size
+        request.state.body_held = getattr(request.state, "body_held", 0) + size
+
+    def middleware(self, app: Any) -> Any:
+        budget = self
+
+        async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            try:
+                await app(scope, receive, send)
+            finally:
+                budget.used -= (scope.get("state") or {}).get("body_held", 0)
+        return guarded
+
+
 @dataclasses.dataclass
 class BridgeState:
     """Everything a request handler needs; one per app, kept on `app.state.bridge`."""
@@ -3972,6 +4008,7 @@ class BridgeState:
     metrics: Metrics
     failures: FailureLog
     executors: BrowserExecutors
+    bodies: BodyBudget
     executor_auth: SlidingWindow        # wrong pairing secrets per address, throttled like sign-ins
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
@@ -4030,10 +4067,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
     body = bytearray()
-    seconds = bridge(request).settings.body_timeout
+    state = bridge(request)
+    seconds = state.settings.body_timeout
+    # A declared length is taken from the budget at once: a request is refused before its body arrives,
+    # rather than many half-read bodies each holding a share.
+    reserved = int(declared) if declared and declared.isdigit() else 0
+    state.bodies.take(request, reserved)
     try:
         async with asyncio.timeout(seconds):
             async for chunk in request.stream():
+                state.bodies.take(request, max(0, len(body) + len(chunk) - max(reserved, len(body))))
                 body += chunk
                 if len(body) > limit:
                     raise ApiError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
@@ -5368,6 +5411,10 @@ class TurnDraft:
 
 def draft_turn(key_id: int, chat: ChatRequest, limit: int, tools: ToolConfig = ToolConfig(),
                output: OutputFormat = OutputFormat()) -> TurnDraft:
+    newest = len(chat.messages[-1].text)
+    if newest > limit:     # older turns can be dropped to fit, the newest one cannot
+        raise ApiError(400, f"The newest message is {newest} characters; this bridge sends at most {limit} "
+                            "(BRIDGE_MAX_PROMPT_CHARS).", "context_length_exceeded", "messages")
     content, dropped = render_transcript(agent_messages(chat.messages, tools, output), limit)
     start = new_turn_start(chat.messages)
     history = [normalise_for_match(m) for m in chat.messages]
@@ -5573,8 +5620,14 @@ async def load_images(messages: list[Message], model: dict, settings: Settings, 
     single = takes_one_image(model, messages[last])
     if single is None:
         return []
+    cap = settings.max_images
+    if len(messages[last].images) > cap:
+        raise ApiError(400, f"The newest message has {len(messages[last].images)} images; this bridge attaches "
+                            f"at most {cap} (BRIDGE_MAX_IMAGES).", "too_many_images", "messages")
     earlier = [] if single or not with_history else [
         (i, j, url) for i, m in enumerate(messages[:last]) if m.role == "user" for j, url in enumerate(m.images)]
+    # the history's newest images, as many as the cap leaves room for; the others stay [image] marks
+    earlier = earlier[len(earlier) - (cap - len(messages[last].images)):] if earlier else []
     images = []
     for i, j, url in earlier:
         with contextlib.suppress(ApiError):
@@ -8552,7 +8605,8 @@ def bridge_state(settings: Settings, store: Store) -> BridgeState:
                        turns=TurnRunner(settings, store, site, pool, sidecar, failures, executors),
                        limiter=RateLimiter(), usage=UsageRecorder(store, metrics),
                        logins=SlidingWindow(LOGIN_ATTEMPTS[1]), metrics=metrics, failures=failures,
-                       executors=executors, executor_auth=SlidingWindow(LOGIN_ATTEMPTS[1]))
+                       executors=executors, executor_auth=SlidingWindow(LOGIN_ATTEMPTS[1]),
+                       bodies=BodyBudget(settings.max_inflight_body_mb * 2 ** 20))
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -8592,6 +8646,7 @@ def create_app(settings: Settings) -> Starlette:
                                         404: not_found_handler, 405: not_found_handler})
     app.router.redirect_slashes = False      # not_found_handler redirects, relatively
     app.state.bridge = state
+    app.add_middleware(cast(Any, state.bodies.middleware))
     return app
 
 

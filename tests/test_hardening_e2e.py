@@ -1,9 +1,12 @@
 """End to end: one API key must not be able to hurt the server or the other clients (issue 19)."""
+import base64
 import json
 import threading
 import time
 
 import httpx
+from fake_arena import make_png
+from harness import BridgeProcess
 
 MODEL = "gemini-3-pro"
 
@@ -84,3 +87,52 @@ def test_usage_is_recorded_after_a_request_with_a_lone_surrogate(fresh, api_key)
     while time.time() < deadline and not fresh.store.rows("SELECT * FROM usage WHERE key_id = ?", [key_id]):
         time.sleep(0.2)
     assert [r["model"] for r in fresh.store.rows("SELECT * FROM usage WHERE key_id = ?", [key_id])] == [MODEL]
+
+
+def test_a_newest_message_over_max_prompt_chars_is_a_400_and_nothing_goes_upstream(fresh, api_key, arena):
+    response = post_raw(fresh, api_key, json.dumps({"model": MODEL, "messages": [
+        {"role": "user", "content": "x" * 100_001}]}).encode())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert "BRIDGE_MAX_PROMPT_CHARS" in response.json()["error"]["message"] and arena.chat_requests() == []
+
+
+def image_parts(count: int, first: int = 0) -> list[dict]:
+    """`count` different PNGs (the same image twice would be uploaded once)."""
+    pngs = [make_png(rgb=(n % 256, n // 256, 7)) for n in range(first, first + count)]
+    return [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+            for png in pngs]
+
+
+def test_more_than_max_images_in_the_newest_message_is_a_400(fresh, api_key, arena):
+    response = post_raw(fresh, api_key, json.dumps({"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "look"}, *image_parts(11)]}]}).encode())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_images"
+    assert "BRIDGE_MAX_IMAGES" in response.json()["error"]["message"] and arena.chat_requests() == []
+    assert [r for r in arena.requests if r["path"].startswith("/r2/")] == []
+
+
+def test_a_history_of_300_images_attaches_at_most_max_images(fresh, api_key, arena):
+    history = [m for i in range(30) for m in (
+        {"role": "user", "content": [{"type": "text", "text": f"look {i}"}, *image_parts(10, 10 * i)]},
+        {"role": "assistant", "content": "seen"})]
+    response = post_raw(fresh, api_key, json.dumps({"model": MODEL, "messages": [
+        *history, {"role": "user", "content": "and all of them?"}]}).encode())
+    assert response.status_code == 200, response.text
+    upstream = len(arena.requests)
+    print(f"upstream requests for the 300-image body: {upstream}")
+    [sent] = arena.chat_requests()
+    assert len(sent["json"]["userMessage"]["experimental_attachments"]) == 10 and upstream <= 3 * 10 + 5
+
+
+def test_bodies_beyond_the_in_flight_budget_get_a_503_with_retry_after(arena, tmp_path):
+    proc = BridgeProcess(arena.url, str(tmp_path), env={"BRIDGE_MAX_INFLIGHT_BODY_MB": "1"}).start()
+    try:
+        key = proc.create_key()
+        big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * (3 * 2 ** 19)}]}).encode()
+        response = post_raw(proc, key, big)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "server_busy"
+        fits = json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x" * 2 ** 19}]}).encode()
+        assert [post_raw(proc, key, fits).status_code for _ in range(3)] == [404] * 3  # each one's share came back
+    finally:
+        proc.stop()
