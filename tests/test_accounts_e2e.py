@@ -165,7 +165,8 @@ def test_health_without_credentials_says_only_the_status_and_counts(fresh, arena
     fresh.store.update_account(account_id, label="alice's work account", last_error="reCAPTCHA failed")
     health = httpx.get(fresh.url + "/api/v1/health").json()
     assert health == {"status": health["status"], "checks": {"accounts": {"usable": 1, "total": 1},
-                                                             "models": {"known": health["checks"]["models"]["known"]}}}
+                                                             "models": {"known": health["checks"]["models"]["known"]},
+                                                             "browser_executors": {"connected": 0}}}
     assert "alice" not in str(health) and "reCAPTCHA" not in str(health)
 
 
