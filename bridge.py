@@ -1622,6 +1622,7 @@ ANSWER_KINDS: tuple[tuple[str, Callable[[int, dict[str, str], str, str], bool]],
     ("cloudflare", lambda status, headers, body, low: is_cloudflare_challenge(status, headers, body)),
     ("recaptcha", lambda status, headers, body, low: status == 403 and "recaptcha" in low),
     ("recaptcha", lambda status, headers, body, low: status == 429 and "prompt failed" in low),
+    ("login_gate", lambda status, headers, body, low: status == 401 and "login_gate" in low),
     ("unauthorized", lambda status, headers, body, low: status == 401),
     ("quota", lambda status, headers, body, low: status == 429 and bool(headers.get("ratelimit-modality"))),
     ("rate_limited", lambda status, headers, body, low: status == 429),
@@ -1690,11 +1691,15 @@ class Rule:
 #   follow_move     the site moved to another origin: switch to it and send again
 #   clear_cloudflare  get Cloudflare clearance from the browser sidecar and send again
 #   give_up         fail with the kind (a challenge the browser could not pass)
-#   rediscover      reload the site's parameters (a rotated reCAPTCHA sitekey heals here) and send again
-#   go_in_page      send this account's chats through the sidecar's page (fresh tokens keep failing from curl)
-#   back_off        cool the account down, doubling per consecutive failure, and move to another
+#   rediscover      reload the site's parameters: a rotated reCAPTCHA sitekey heals here and the account sends
+#                   again; with the key unchanged the site refused the account itself, and every attempt
+#                   during its penalty would extend it (U2): back off
+#   back_off        cool the account down, doubling per consecutive failure, and move to another; a refused
+#                   direct attempt also moves every account's chats into the sidecar's page (U1, kept)
 #   refresh         refresh the account's session and send again (another account when that fails)
 #   expire          mark the account expired and move to another
+#   needs_login     a guest behind the site's login gate (U4): no refresh or sign-up helps; mark the account
+#                   "needs a signed-in account" and move to another
 #   cool_down       cool the account down as long as LM Arena asked, and move to another
 #   use_up_quota    the account's quota of this modality is used up until its reset (other modalities keep
 #                   working, U7): move to another account
@@ -1706,7 +1711,8 @@ class Rule:
 POLICY: dict[str, Rule] = {
     "moved": Rule("request", ("follow_move",)),
     "cloudflare": Rule("request", ("clear_cloudflare", "give_up")),
-    "recaptcha": Rule("account", ("rediscover", "go_in_page", "back_off")),
+    "recaptcha": Rule("account", ("rediscover", "back_off")),
+    "login_gate": Rule("account", ("needs_login",)),
     "unauthorized": Rule("account", ("refresh", "expire")),
     "rate_limited": Rule("account", ("cool_down",)),
     "quota": Rule("account", ("use_up_quota",)),
@@ -1731,8 +1737,6 @@ class Attempt:
 # When a step can help; a step not named here always applies.
 STEP_APPLIES: dict[str, Callable[[Attempt], bool]] = {
     "follow_move": lambda a: a.moved,
-    "rediscover": lambda a: not a.needs_browser,
-    "go_in_page": lambda a: not a.in_page and a.sidecar,
     "switch_mode": lambda a: not a.followup,
     "start_over": lambda a: a.followup,
 }
@@ -2910,6 +2914,14 @@ class ArenaSite:
     def arena_mode(self) -> str:
         return self.mode
 
+    def use_page(self) -> None:
+        """The site refused a token sent from outside the browser: it binds tokens to the page that minted
+        them (U1), so from now on every chat goes through the sidecar's page (kept across restarts)."""
+        if self.params.get("request_path") != "page":
+            self.store.set_site_params(request_path="page")
+            self.params["request_path"] = "page"
+            log.warning("LM Arena refused a token sent from outside the browser; chats go through its page now")
+
     def switch_mode(self) -> None:
         """LM Arena refused the mode: new conversations use the other one from now on, and later starts
         without an explicit --arena-mode too."""
@@ -3084,7 +3096,13 @@ class Uploader:
 
 RECAPTCHA_COOLDOWN = (20 * 60.0, 2 * 3600.0)   # first cool-down, cap; doubles per consecutive failure
 RATE_LIMIT_COOLDOWN = 60.0                      # when a 429 names no wait
-DIRECT_RETRY_AFTER = 30 * 60.0                  # an account in browser mode tries the direct path again after this
+NEEDS_LOGIN = "needs_login"                     # the account state of a guest behind the login gate (U4)
+NEEDS_LOGIN_HELP = ("LM Arena requires a signed-in account for direct chat (LOGIN_GATE), and this bridge has "
+                    "only guest accounts. Sign in at arena.ai in a browser, copy its arena-auth-prod-v1 cookie "
+                    "and add it with `python bridge.py tokens add VALUE` or on the dashboard's Accounts page.")
+ACCOUNT_STATE_LABELS = {NEEDS_LOGIN: "needs a signed-in account", "cooling_down": "cooling down"}
+DIRECT_RETRY_AFTER = 86400.0     # an account in browser mode tries the direct path again after this: each try
+                                 # that fails costs a penalty (U1, U2), so at most once a day
 
 
 def account_state(account: dict, at: float | None = None) -> str:
@@ -3117,6 +3135,10 @@ class AccountPool:
         self.sidecar = sidecar
         self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.signup_lock = asyncio.Lock()
+        # Accounts with a chat request sent and its answer's status not yet in. A burst waits for them
+        # rather than sending a second request on one account before the first says whether it is
+        # refused: on the late-2026 site each refused attempt extends the account's penalty (U2).
+        self.asking: set[int] = set()
 
     # --- choice and pacing --------------------------------------------------------------------------
     def usable(self, exclude: set[int], modality: str = "chat") -> list[dict]:
@@ -3127,8 +3149,8 @@ class AccountPool:
                 and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
 
     def pick(self, exclude: set[int], modality: str = "chat") -> dict | None:
-        """The least recently used account that can serve now."""
-        usable = self.usable(exclude, modality)
+        """The least recently used account that can serve now and is not asking already."""
+        usable = [a for a in self.usable(exclude, modality) if a["id"] not in self.asking]
         if not usable:
             return None
         at = now()
@@ -3197,6 +3219,8 @@ class AccountPool:
         if wait is not None:
             return ArenaError("accounts_cooling_down", f"Every LM Arena account is cooling down; the first is "
                                                        f"usable again in {int(wait)} s.", retry_after=wait)
+        if any(a["state"] == NEEDS_LOGIN for a in accounts):
+            return ArenaError("needs_signed_in_account", NEEDS_LOGIN_HELP)
         return ArenaError("no_usable_account",
                           "No LM Arena account is usable (all expired or invalid); add a fresh one.")
 
@@ -3220,6 +3244,12 @@ class AccountPool:
 
     def expire(self, account: dict, reason: str) -> None:
         self.store.update_account(account["id"], state="expired", last_error=reason)
+
+    def needs_login(self, account: dict) -> None:
+        """A guest the site's login gate stops (U4): it stays so until the user replaces it; never refreshed,
+        never a reason to sign up another guest (who would be gated too)."""
+        self.store.update_account(account["id"], state=NEEDS_LOGIN, last_error=NEEDS_LOGIN_HELP)
+        log.warning("account %s is a guest and LM Arena requires a signed-in account (LOGIN_GATE)", account["id"])
 
     def expire_dead(self, account_id: int, said: str) -> None:
         """LM Arena no longer knows the account (`User not found`, U9): no refresh can bring it back."""
@@ -3362,6 +3392,7 @@ class AccountPool:
 # Turn runner
 # =====================================================================================================
 
+ACCOUNT_QUEUE_WAIT = 30.0         # how long a request waits for an account that is busy asking (U2)
 DEAD_CREDENTIAL_RE = re.compile(r"user not found", re.IGNORECASE)   # the site no longer knows the account (U9)
 
 
@@ -3397,7 +3428,6 @@ class Tries:
     followup: dict | None
     modality: str = "chat"
     excluded: set[int] = dataclasses.field(default_factory=set)
-    in_page: set[int] = dataclasses.field(default_factory=set)       # accounts moved to the page for it
     failures: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     last: ArenaError | None = None
 
@@ -3485,32 +3515,47 @@ class TurnRunner:
             tries.excluded.update(a["id"] for a in self.store.accounts() if a["kind"] == "browser")
         while plan.attempts < MAX_UPSTREAM_ATTEMPTS and now() < deadline:
             plan.attempts += 1
-            account = await self.account(tries)
-            try:
-                opened = await self.send(plan, tries, account, deadline)
-            except ExecutorUnavailable as gone:   # before the reply began: another account serves it
-                log.info("account %s: %s; trying another account", account["id"], gone.message)
-                tries.excluded.add(account["id"])
-                tries.last = gone
-                continue
-            if isinstance(opened, OpenedTurn):
+            account = await self.account(tries, deadline)
+            opened = await self.attempt(plan, tries, account, deadline)
+            if opened is not None:
                 return opened
-            await self.handle(opened)
         if tries.last is not None and tries.excluded and not self.pool.usable(tries.excluded, tries.modality):
             raise self.pool.unavailable(tries.last, tries.modality)
         if tries.last is not None:
             raise tries.last
         raise ArenaError("upstream_timeout", "LM Arena did not answer in time")
 
-    async def account(self, tries: Tries) -> dict:
-        """The account for the next attempt; a follow-up whose account cannot serve starts over."""
-        account = await self.pool.account_for(tries.followup, tries.excluded, tries.modality)
-        if account is None and tries.followup is not None:
-            tries.followup = None
-            account = await self.pool.account_for(None, tries.excluded, tries.modality)
-        if account is None:
-            raise self.pool.unavailable(tries.last, tries.modality)
-        return account
+    async def attempt(self, plan: TurnPlan, tries: Tries, account: dict, deadline: float) -> OpenedTurn | None:
+        """One attempt on one account: the opened turn, or None once the policy acted on its failure. The
+        account counts as asking until then (a cool-down may be on its way: pool.asking)."""
+        self.pool.asking.add(account["id"])
+        try:
+            opened = await self.send(plan, tries, account, deadline)
+            if isinstance(opened, OpenedTurn):
+                return opened
+            await self.handle(opened)
+        except ExecutorUnavailable as gone:   # before the reply began: another account serves it
+            log.info("account %s: %s; trying another account", account["id"], gone.message)
+            tries.excluded.add(account["id"])
+            tries.last = gone
+        finally:
+            self.pool.asking.discard(account["id"])
+        return None
+
+    async def account(self, tries: Tries, deadline: float) -> dict:
+        """The account for the next attempt; a follow-up whose account cannot serve starts over. While
+        every usable account is asking, the request queues briefly for one (pool.asking)."""
+        queued_until = min(deadline, now() + ACCOUNT_QUEUE_WAIT)
+        while True:
+            account = await self.pool.account_for(tries.followup, tries.excluded, tries.modality)
+            if account is None and tries.followup is not None:
+                tries.followup = None
+                account = await self.pool.account_for(None, tries.excluded, tries.modality)
+            if account is not None:
+                return account
+            if now() >= queued_until or not self.pool.asking - tries.excluded:
+                raise self.pool.unavailable(tries.last, tries.modality)
+            await asyncio.sleep(0.05)
 
     async def send(self, plan: TurnPlan, tries: Tries, account: dict, deadline: float) -> OpenedTurn | Failure:
         followup = tries.followup
@@ -3519,7 +3564,7 @@ class TurnRunner:
         path = (f"/nextjs-api/stream/post-to-evaluation/{evaluation_id}" if followup
                 else "/nextjs-api/stream/create-evaluation")
         browser = account["kind"] == "browser"
-        account_in_page = browser or account["id"] in tries.in_page or self.account_in_page(account)
+        account_in_page = browser or self.account_in_page(account)
         in_page = account_in_page or self.model_in_page(plan.model)
         action = self.site.recaptcha_action
         body = chat_body(evaluation_id=evaluation_id, model_id=plan.model["id"], modality=plan.modality,
@@ -3572,20 +3617,24 @@ class TurnRunner:
         raise ArenaError("cloudflare", "LM Arena's Cloudflare challenge was not passed")
 
     async def step_rediscover(self, failure: Failure) -> None:
-        await self.site.discover(min_age=2.0)   # a rotated sitekey heals here
-
-    async def step_go_in_page(self, failure: Failure) -> None:
-        log.info("account %s: reCAPTCHA keeps failing outside the browser; using in-page fetch",
-                 failure.account["id"])
-        failure.tries.in_page.add(failure.account["id"])
+        before = self.site.sitekey
+        await self.site.discover(min_age=2.0)
+        if self.site.sitekey == before:
+            await self.step_back_off(failure)
 
     async def step_back_off(self, failure: Failure) -> None:
-        self.pool.back_off(failure.account, "reCAPTCHA validation kept failing")
+        self.pool.back_off(failure.account, "reCAPTCHA validation failed")
         failure.tries.excluded.add(failure.account["id"])
+        if not failure.in_page and self.settings.sidecar != "off":
+            self.site.use_page()
 
     async def step_refresh(self, failure: Failure) -> None:
         if await self.pool.refresh(failure.account) is None:
             failure.tries.excluded.add(failure.account["id"])
+
+    async def step_needs_login(self, failure: Failure) -> None:
+        self.pool.needs_login(failure.account)
+        failure.tries.excluded.add(failure.account["id"])
 
     async def step_expire(self, failure: Failure) -> None:
         self.pool.expire(failure.account, failure.answer.message)
@@ -3623,8 +3672,10 @@ class TurnRunner:
 
     # --- the two paths ------------------------------------------------------------------------------------
     def account_in_page(self, account: dict) -> bool:
-        """In-page fetch for an account that needed it, until its next try of the direct path."""
-        return self.settings.sidecar != "off" and in_browser_mode(account, now())
+        """In-page fetch once the site refused a token from outside the browser (U1), and for an account
+        that needed it, until its next try of the direct path."""
+        in_page = self.site.params.get("request_path") == "page" or in_browser_mode(account, now())
+        return self.settings.sidecar != "off" and in_page
 
     def model_in_page(self, model: dict) -> bool:
         """In-page fetch for the models configured so (BRIDGE_BROWSER_MODELS), on whichever account."""
@@ -3867,7 +3918,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 # answer passed on (`relayed`). "upstream_<status>" (a refusal the table does not name) is a 400 for a
 # 4xx status, else a 502.
 ARENA_STATUS = {
-    "quota_exhausted": 429, "no_account": 503, "accounts_cooling_down": 503, "no_usable_account": 503, "signup_failed": 503,
+    "quota_exhausted": 429, "needs_signed_in_account": 503, "no_account": 503, "accounts_cooling_down": 503, "no_usable_account": 503, "signup_failed": 503,
     "cloudflare": 503, "model_not_available": 403, "upstream_forbidden": 403, "content_filter": 422,
     "attachment_too_large": 413, "model_not_found": 404, "upstream_timeout": 504, "browser_unavailable": 503,
 }
@@ -8197,7 +8248,8 @@ def account_badge(account: dict, at: float) -> Html:
         return fill('{badge}<div class="text small muted">until {until}<br>{reason}</div>',
                     badge=badge("cooling down", "warn"), until=format_time(account["cooldown_until"]),
                     reason=account["cooldown_reason"] or "")
-    return badge(state, {"ok": "ok", "expired": "bad", "refreshing": "info"}.get(state, "off"))
+    return badge(ACCOUNT_STATE_LABELS.get(state, state),
+                 {"ok": "ok", "expired": "bad", "refreshing": "info", NEEDS_LOGIN: "bad"}.get(state, "off"))
 
 
 def request_path(account: dict, at: float) -> Html:
@@ -8763,6 +8815,7 @@ def list_tokens_command(settings: Settings, store: Store, args: argparse.Namespa
         state = account_state(a, at)
         if state == "cooling_down":
             state = f"cooling down until {format_time(a['cooldown_until'])} ({a['cooldown_reason']})"
+        state = ACCOUNT_STATE_LABELS.get(state, state)
         print(f"{a['id']}\t{a['kind']}\t{state}\texpires {format_time(a['expires_at'])}\t"
               f"last error: {a['last_error'] or '-'}{executor_line(store, a)}")
     return 0

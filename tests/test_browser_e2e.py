@@ -80,12 +80,15 @@ def test_chat_needing_a_token_starts_the_sidecar_and_succeeds(bb, key, arena):
     assert stat.S_IMODE(os.stat(bb.folder + "/s.sock").st_mode) == 0o600
 
 
-def test_recaptcha_failure_once_is_retried_with_a_different_token(bb, key, arena):
+def test_a_recaptcha_failure_is_retried_on_another_account_with_a_different_token(bb, key, arena):
+    """The refused account is not asked again: during a penalty every attempt would extend it (U2)."""
+    refused, other = bb.set_accounts(arena.new_session(), arena.new_session())
     arena.configure(recaptcha_fail_next=1)
     assert content(post(bb, key)) == "turn 1: x"
     first, second = arena.chat_requests()
     assert first["status"] == 403 and second["status"] == 200
     assert first["json"]["recaptchaV3Token"] != second["json"]["recaptchaV3Token"]
+    assert bb.store.account(refused)["state"] == "cooling_down" and bb.store.account(other)["state"] == "ok"
 
 
 def test_repeated_recaptcha_failure_cools_the_account_down_and_answers_fast(bb, key, arena):
@@ -181,26 +184,35 @@ def test_a_failed_sign_up_is_a_clear_503_and_is_not_retried_in_a_loop(arena, tmp
         proc.stop()
 
 
-def test_context_bound_tokens_switch_to_in_page_fetch_which_streams_line_by_line(bb, key, arena):
-    arena.configure(context_bound_tokens=True, lines=30, line_delay=0.1)
-    started = time.perf_counter()
-    arrivals = []
-    with httpx.stream("POST", bb.url + "/v1/chat/completions", json={**GOOD, "stream": True}, timeout=60,
-                      headers={"Authorization": f"Bearer {key}"}) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if '"content":"line' in line:
-                arrivals.append((time.perf_counter() - started, line))
-    assert len(arrivals) == 30 and "line 30" in arrivals[-1][1]
-    assert arrivals[-1][0] - arrivals[0][0] > 2.0          # the first lines came long before the last was produced
-    [account] = bb.store.accounts()
-    assert account["needs_browser"] == 1
-    health = bb.health()["checks"]["accounts"]["items"][0]
-    assert health["needs_browser"] == 1
-    arena.clear_log()
-    arena.configure(lines=0, line_delay=0)
-    assert content(post(bb, key)) == "turn 1: x"
-    assert len(arena.chat_requests()) == 1               # remembered: straight to the page, no failed direct try
+def test_context_bound_tokens_switch_to_in_page_fetch_which_streams_line_by_line(arena, tmp_path):
+    """A bridge that never sent in-page meets tokens bound to the page (U1): one refused direct attempt
+    cools that account down (U2) and moves every chat into the page, for good."""
+    bb = start_bridge(arena, tmp_path)
+    try:
+        arena.reset()
+        bb.set_accounts(arena.new_session(), arena.new_session())
+        key = bb.create_key()
+        arena.configure(context_bound_tokens=True, lines=30, line_delay=0.1)
+        started = time.perf_counter()
+        arrivals = []
+        with httpx.stream("POST", bb.url + "/v1/chat/completions", json={**GOOD, "stream": True}, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if '"content":"line' in line:
+                    arrivals.append((time.perf_counter() - started, line))
+        assert len(arrivals) == 30 and "line 30" in arrivals[-1][1]
+        assert arrivals[-1][0] - arrivals[0][0] > 2.0      # the first lines came long before the last was produced
+        refused, served = bb.store.accounts()
+        assert refused["state"] == "cooling_down" and served["needs_browser"] == 1
+        assert bb.store.site_params()["request_path"] == "page"
+        assert bb.health()["checks"]["accounts"]["items"][1]["needs_browser"] == 1
+        arena.clear_log()
+        arena.configure(lines=0, line_delay=0)
+        assert content(post(bb, key)) == "turn 1: x"
+        assert len(arena.chat_requests()) == 1           # remembered: straight to the page, no failed direct try
+    finally:
+        bb.stop()
 
 
 def test_a_browser_model_goes_in_page_without_moving_its_account_to_the_page(arena, tmp_path):

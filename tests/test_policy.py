@@ -69,21 +69,16 @@ def test_a_final_answer_is_a_named_refusal(status, body, kind, start):
 
 # --- the step for the n-th failure --------------------------------------------------------------------
 
-def test_recaptcha_rediscovers_then_goes_in_page_then_backs_off():
-    assert steps("recaptcha") == ["rediscover", "go_in_page", "back_off", "back_off"]
+def test_recaptcha_rediscovers_then_backs_off():
+    assert steps("recaptcha") == ["rediscover", "back_off", "back_off", "back_off"]
 
 
-def test_recaptcha_on_an_account_in_browser_mode_goes_in_page_at_once_then_backs_off_there():
-    direct = Attempt(needs_browser=True, in_page=False, followup=False, sidecar=True, moved=False)
-    in_page = Attempt(needs_browser=True, in_page=True, followup=False, sidecar=True, moved=False)
-    assert [next_step("recaptcha", 0, direct), next_step("recaptcha", 1, in_page)] == ["go_in_page", "back_off"]
-    assert next_step("recaptcha", 0, in_page) == "back_off"
-
-
-def test_recaptcha_in_the_page_or_without_sidecar_backs_off_after_the_rediscovery():
-    in_page = Attempt(needs_browser=False, in_page=True, followup=False, sidecar=True, moved=False)
-    no_sidecar = Attempt(needs_browser=False, in_page=False, followup=False, sidecar=False, moved=False)
-    assert steps("recaptcha", in_page, 2) == steps("recaptcha", no_sidecar, 2) == ["rediscover", "back_off"]
+def test_recaptcha_rediscovers_first_on_every_path():
+    """A rotated sitekey heals on any path; an unchanged one backs off inside the rediscover step (U2)."""
+    for needs_browser, in_page, sidecar in [(True, False, True), (True, True, True), (False, True, True),
+                                            (False, False, False)]:
+        attempt = Attempt(needs_browser=needs_browser, in_page=in_page, followup=False, sidecar=sidecar, moved=False)
+        assert steps("recaptcha", attempt, 2) == ["rediscover", "back_off"]
 
 
 def test_cloudflare_is_cleared_once_then_the_request_gives_up():

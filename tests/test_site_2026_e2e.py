@@ -1,16 +1,22 @@
 """End to end against the late-2026 site (issue 14, arena-protocol.md §0 U1–U10): the real bridge and the
 emulator with its late-2026 switches on. One behaviour per test, named after it; each says what it costs
 in upstream requests where that is the point."""
+import collections
+import concurrent.futures
+import contextlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 from typing import Any
 
 import httpx
 import pytest
 from emulator.common import REAL_FIXTURES
-from harness import BridgeProcess, validate
+from harness import ROOT, BridgeProcess, validate
 
 SEARCH_MODEL = "gemini-3-pro-grounding"
 IMAGE_MODEL = "flux-2-flex"
@@ -310,3 +316,115 @@ def test_u3_the_bare_body_is_a_setting(arena, tmp_path):
 def test_u3_lane_b_of_a_battle_turn_never_reaches_the_client(client, arena):
     arena.configure(battle_turn_every=1)
     assert chat(client, "only a").choices[0].message.content == "turn 1: only a"
+
+
+# --- U4: guests behind the login gate -----------------------------------------------------------------------------------
+
+
+def test_u4_a_guest_behind_the_login_gate_gets_one_clear_error_and_is_marked(fresh, arena, api_key):
+    arena.configure(login_gate=True)
+    body = {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "x"}]}
+    first = post(fresh, api_key, body)
+    assert first.status_code == 503 and first.json()["error"]["code"] == "needs_signed_in_account"
+    assert "signed-in account" in first.json()["error"]["message"] and "tokens add" in first.json()["error"]["message"]
+    assert len(arena.chat_requests()) == 1            # the gate costs one upstream request, once
+    [account] = fresh.store.accounts()
+    assert account["state"] == "needs_login" and "signed-in" in account["last_error"]
+
+
+def test_u4_a_gated_guest_is_neither_refreshed_nor_asked_again(fresh, arena, api_key):
+    arena.configure(login_gate=True)
+    body = {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "x"}]}
+    assert post(fresh, api_key, body).status_code == 503
+    arena.clear_log()
+    again = post(fresh, api_key, body)
+    assert again.status_code == 503 and again.json()["error"]["code"] == "needs_signed_in_account"
+    assert arena.core.requests == []                  # no chat, no page load, no refresh grant
+
+
+def test_u4_the_gated_state_shows_in_tokens_list_and_health(fresh, arena, api_key):
+    arena.configure(login_gate=True)
+    post(fresh, api_key, {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "x"}]})
+    listing = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "--db", fresh.db, "tokens", "list"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "needs a signed-in account" in listing
+    health = httpx.get(fresh.url + "/health", headers={"Authorization": f"Bearer {api_key}"}).json()
+    assert [a["state"] for a in health["checks"]["accounts"]["items"]] == ["needs_login"]
+
+
+def test_u4_a_signed_in_account_beside_a_gated_guest_serves(fresh, arena, client):
+    arena.configure(login_gate=True)
+    fresh.set_accounts(arena.new_session(), arena.new_session(anonymous=False))
+    assert chat(client, "hi").choices[0].message.content == "turn 1: hi"
+    assert sorted(a["state"] for a in fresh.store.accounts()) == ["needs_login", "ok"]
+
+
+# --- with the real sidecar and Chromium: U1, U2, U4 zero setup, U8 -------------------------------------------------------
+
+BROWSER = os.environ.get("BRIDGE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(BROWSER is None, reason="no Chromium binary found")
+
+
+@contextlib.contextmanager
+def browser_bridge(arena, folder, **knobs):
+    """A bridge with its sidecar, first meeting the emulator under these knobs."""
+    arena.reset()
+    arena.configure(**knobs)
+    proc = BridgeProcess(arena.url, str(folder), sidecar="auto",
+                         env={"BRIDGE_BROWSER": BROWSER, "BRIDGE_SIDECAR_SOCKET": str(folder / "s.sock")},
+                         args=("--ping-interval", "0.5")).start()
+    try:
+        proc.wait_for_models()
+        yield proc
+    finally:
+        proc.stop()
+
+
+GOOD = {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "x"}]}
+
+
+@needs_browser
+def test_u1_u2_a_burst_over_two_accounts_gets_at_most_one_403_each_and_every_request_an_answer(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, context_bound_tokens=True,
+                        recaptcha_penalty={"k": 2, "w": 20, "p": 1200, "on_fail": True}) as proc:
+        values = [arena.new_session(), arena.new_session()]
+        proc.set_accounts(*values)
+        key = proc.create_key()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: post(proc, key, {**GOOD, "messages": [
+                {"role": "user", "content": f"burst {i}"}]}, timeout=120), range(20)))
+        for answer in answers:
+            assert answer.status_code in (200, 429, 503), answer.text
+            assert answer.status_code == 200 or int(answer.headers["retry-after"]) >= 1
+        refused = collections.Counter(arena.session_user(r["cookies"].get("arena-auth-prod-v1", ""))
+                                      for r in arena.chat_requests() if r["status"] == 403)
+        assert all(n <= 1 for n in refused.values()), refused
+        assert len(arena.chat_requests()) <= 2 + 2 * 2     # a 403 and k served per account, nothing more
+
+
+@needs_browser
+def test_u8_a_rotated_sitekey_at_the_real_call_site_heals_without_a_restart(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, sitekey_call_site="variable", sitekey_in_page="none") as proc:
+        proc.set_accounts(arena.new_session())
+        key = proc.create_key()
+        assert post(proc, key, GOOD).status_code == 200
+        assert proc.store.site_params()["sitekey"] == arena.sitekey
+        arena.rotate_sitekey()
+        time.sleep(2.1)    # discovery is rate-limited to one page load per 2 s while failures come in
+        arena.clear_log()
+        assert post(proc, key, GOOD).status_code == 200
+        assert proc.store.site_params()["sitekey"] == arena.sitekey
+        assert len(arena.chat_requests()) <= 2          # the refused token, then the one with the new key
+
+
+@needs_browser
+def test_u4_zero_setup_behind_the_login_gate_ends_in_one_clear_error_after_one_sign_up(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, login_gate=True) as proc:
+        key = proc.create_key()
+        for _ in range(3):
+            answer = post(proc, key, GOOD)
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "needs_signed_in_account"
+        assert len([r for r in arena.core.requests if r["path"] == "/nextjs-api/sign-up"]) == 1
+        assert len(arena.chat_requests()) == 1
+        [account] = proc.store.accounts()
+        assert account["kind"] == "anonymous" and account["state"] == "needs_login"
