@@ -1,7 +1,5 @@
-"""Browser sidecar for the LM Arena bridge.
-
-One process, one Chromium (Playwright, async API), one page open on the arena URL. The bridge starts it
-lazily as a child process and talks to it over HTTP/1.1 on a Unix socket (mode 0600):
+"""Browser sidecar for the LM Arena bridge: one Chromium (Playwright) with one page on the arena URL,
+started lazily by the bridge as a child process, serving HTTP/1.1 on a Unix socket (mode 0600):
 
     GET  /status      process and browser state; never launches the browser
     POST /token       {"sitekey", "action"}: a reCAPTCHA v3 token minted with the site's own script
@@ -17,17 +15,10 @@ Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browse
 ``{"chunk": "<text>"}``…, then ``{"done": true, "cookies": {…the host's cookies after the call…}}`` or
 ``{"error": "…"}``. Closing the connection early aborts the page's fetch.
 
-Usage::
-
-    python sidecar.py --socket PATH --arena-url URL --page-agent FILE [--browser PATH] [--headful]
-                      [--log-level info]
-
-Everything that runs inside the page goes through the page agent (``window.__arenaBridge``), the same
-JavaScript the userscript runs in the user's own browser; only the transport differs (here Playwright
-bindings). The bridge owns its source and hands it over in the file named by --page-agent.
-
-The kernel ends this process when the bridge dies (PR_SET_PDEATHSIG), even by SIGKILL; the Playwright
-driver and Chromium end with us (their pipes close). Secrets (tokens, cookies) are never logged.
+In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too), read from the
+file named by --page-agent; its events come back through a Playwright binding. The kernel ends us when
+the bridge dies (PR_SET_PDEATHSIG); the driver, Chromium and Xvfb end with us as their pipes close.
+Secrets (tokens, cookies) are never logged.
 """
 
 from __future__ import annotations
@@ -54,8 +45,8 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when our parent (the bridge) dies, however it dies (Linux only). The
-    kernel watches the thread that started us: the bridge's event loop thread, which lives as long as it."""
+    """SIGTERM from the kernel when the bridge dies, even by SIGKILL (Linux; it watches the bridge's loop
+    thread, which started us)."""
     prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
     if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
         print("sidecar: PR_SET_PDEATHSIG is not available: it may outlive a crashed bridge", file=sys.stderr)
@@ -81,13 +72,10 @@ log = logging.getLogger("sidecar")
 # ---------------------------------------------------------------------------------------------
 
 CHROMIUM_ARGS = [
-    # Chromium's sandbox needs unprivileged user namespaces or a setuid helper. We run as root in CI and
-    # dev containers, where Chromium refuses to start sandboxed at all, and Docker's default seccomp
-    # profile denies user namespaces to the image's unprivileged user (Debian ships no setuid helper).
-    # The page only ever loads LM Arena; the sidecar's socket is private to our user.
+    # The sandbox needs user namespaces or a setuid helper: root (CI) and Docker's seccomp profile have
+    # neither. The page only ever loads LM Arena; our socket is private to our user.
     "--no-sandbox",
-    # Without these Chromium phones home (updates, sync, QUIC probes), which floods a closed network
-    # with refused connections and costs memory on small VMs.
+    # No phoning home (updates, sync, QUIC probes): refused connections on a closed network, memory.
     "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-default-apps", "--disable-dev-shm-usage", "--metrics-recording-only",
@@ -132,6 +120,10 @@ class BadRequest(Exception):
     """A malformed request to the sidecar; answered as 400."""
 
 
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else ""
+
+
 def need(body: dict, key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
@@ -161,63 +153,39 @@ def rss_mb(root_pid: int) -> float:
 
 
 def find_browser(explicit: str | None, playwright_path: str | None) -> str:
-    if explicit:
-        found = shutil.which(explicit) or (explicit if os.path.exists(explicit) else None)
-        if not found:
-            raise OpError(f"browser not found: {explicit}")
-        return found
-    if playwright_path and os.path.exists(playwright_path):
-        return playwright_path
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        if found := shutil.which(name):
+    names = [explicit] if explicit else [playwright_path, "chromium", "chromium-browser", "google-chrome"]
+    for name in filter(None, names):
+        if found := shutil.which(name) or (name if os.path.exists(name) else None):
             return found
-    raise OpError("no Chromium found: set BRIDGE_BROWSER to a Chromium/Chrome binary")
+    raise OpError(f"browser not found: {explicit}" if explicit else
+                  "no Chromium found: set BRIDGE_BROWSER to a Chromium/Chrome binary")
 
 
-class VirtualDisplay:
-    """An Xvfb display run by ``xvfb-run -a`` for a headful browser on a machine without a display.
+# xvfb-run runs this holder, which prints the display, then reads its stdin: a pipe only we hold. When we
+# exit, however (SIGKILL too), the pipe closes, the holder ends and xvfb-run's clean-up stops Xvfb. (Run
+# by the bridge around us, a signal that killed xvfb-run would skip that clean-up.)
+XVFB_HOLDER = 'echo "$DISPLAY $XAUTHORITY"; exec cat >/dev/null'
 
-    xvfb-run runs a holder that prints the display and then reads its stdin, a pipe only we hold: when
-    we exit, however we exit (SIGKILL included), the pipe closes, the holder ends, and xvfb-run's own
-    clean-up stops Xvfb. (xvfb-run between the bridge and us would not do: a signal that kills it skips
-    that clean-up and leaves Xvfb running.)"""
 
-    HOLDER = 'echo "$DISPLAY $XAUTHORITY"; exec cat >/dev/null'
-
-    def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-        self.env: dict[str, str] = {}
-
-    async def start(self) -> dict[str, str]:
-        """The environment a browser needs to use the display (a browser launched again reuses it)."""
-        if self.proc is not None and self.proc.returncode is None:
-            return self.env
-        self.proc = await asyncio.create_subprocess_exec(
-            "xvfb-run", "-a", "-s", XVFB_SCREEN, "sh", "-c", self.HOLDER,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        line = (await asyncio.wait_for(self.proc.stdout.readline(), OP_TIMEOUT)).decode().split()
-        if len(line) != 2:
-            await self.close()
-            raise OpError("xvfb-run did not start a display")
-        log.info("virtual display %s started by xvfb-run", line[0])
-        self.env = {"DISPLAY": line[0], "XAUTHORITY": line[1]}
-        return self.env
-
-    async def close(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.stdin is not None:
-            proc.stdin.close()
-            with contextlib.suppress(TimeoutError, ProcessLookupError):
-                await asyncio.wait_for(proc.wait(), 5)
+async def start_xvfb() -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """An Xvfb display from ``xvfb-run -a`` and the environment a browser needs to use it."""
+    proc = await asyncio.create_subprocess_exec(
+        "xvfb-run", "-a", "-s", XVFB_SCREEN, "sh", "-c", XVFB_HOLDER,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), OP_TIMEOUT)).decode().split()
+    if len(line) != 2:
+        proc.stdin.close()
+        raise OpError("xvfb-run did not start a display")
+    log.info("virtual display %s started by xvfb-run", line[0])
+    return proc, {"DISPLAY": line[0], "XAUTHORITY": line[1]}
 
 
 # ---------------------------------------------------------------------------------------------
 # Calls into the page agent, and the sidecar's own in-page scripts
 # ---------------------------------------------------------------------------------------------
 
-# The page agent (window.__arenaBridge, bridge.py's PAGE_AGENT_JS, its contract documented there) comes
-# from the bridge in a file named by --page-agent: the bridge's own copy, without importing bridge.py.
+# The page agent's contract is documented in bridge.py (PAGE_AGENT_JS).
 STATE_JS = "() => window.__arenaBridge.state()"
 MINT_JS = "([action, sitekey, ms]) => window.__arenaBridge.mint(action, sitekey, ms)"
 CHAT_JS = "([id, request]) => window.__arenaBridge.chat(id, request, event => window.__arenaBridgeEmit(id, event))"
@@ -225,14 +193,17 @@ ABORT_JS = "(id) => window.__arenaBridge.abort(id)"
 GRECAPTCHA_JS = "() => window.__arenaBridge.state().grecaptcha"
 PASSED_JS = "() => !window.__arenaBridge.state().interstitial"
 SCRIPT_ORIGIN_JS = "(n) => { const s = [...document.scripts].find(s => s.src.includes(n)); return s ? new URL(s.src).origin : null; }"
+# Where a missing helper script comes from on the real site (else from the emulator's own origin).
+SCRIPT_HOSTS = {"/recaptcha/": "https://www.google.com", "/turnstile/": "https://challenges.cloudflare.com"}
 
-# Sign-up only (the sidecar's anonymous accounts): render a Turnstile widget and wait for its token.
+# Sign-up only: render a Turnstile widget and wait for its token.
+TURNSTILE_READY_JS = "() => window.turnstile && typeof window.turnstile.render === 'function'"
 TURNSTILE_JS = """
 ({sitekey, timeoutMs}) => new Promise((resolve, reject) => {
-  const el = document.body.appendChild(document.createElement('div'));
   const timer = setTimeout(() => reject(new Error('turnstile timed out')), timeoutMs);
-  window.turnstile.render(el, {sitekey, callback: t => { clearTimeout(timer); resolve(t); },
-                               'error-callback': e => { clearTimeout(timer); reject(new Error('turnstile error ' + e)); }});
+  const done = (f, v) => { clearTimeout(timer); f(v); };
+  window.turnstile.render(document.body.appendChild(document.createElement('div')), {sitekey,
+    callback: t => done(resolve, t), 'error-callback': e => done(reject, new Error('turnstile error ' + e))});
 })
 """
 
@@ -243,24 +214,20 @@ TURNSTILE_JS = """
 
 
 class PageJob:
-    """One agent chat() in a page. Its events arrive through the binding into a queue.
+    """One agent chat() in a page; its events arrive through the binding into a queue.
 
-    `sent` is set once the request has left with its cookies, after which the context's cookie jar may
-    change without affecting it: Chromium's requestWillBeSentExtraInfo (on `cdp`, the page's CDP session
-    with Network enabled) carries the headers it sent, long before the response may start. Without a
-    CDP session, or when no request matched, the first event back sets it."""
+    `sent` is set once the request has left with its cookies, after which the cookie jar may change:
+    Chromium's requestWillBeSentExtraInfo (on `cdp`, a CDP session with Network enabled) carries the
+    headers it sent, long before any response. Without `cdp`, or if nothing matched, the first event does."""
 
     def __init__(self, page: Any, request: dict, registry: dict[str, PageJob], cdp: Any = None) -> None:
-        self.id = uuid.uuid4().hex
-        self.page = page
-        self.url = urljoin(page.url, request["url"])
-        self.method = (request.get("method") or "GET").upper()
+        self.id, self.page, self.registry = uuid.uuid4().hex, page, registry
+        self.url, self.method = urljoin(page.url, request["url"]), (request.get("method") or "GET").upper()
         self.request_id: str | None = None
         self._left: set[str] = set()  # ids of requests that left; may be reported before they are named
         self.queue: asyncio.Queue[dict] = asyncio.Queue()
         self.sent = asyncio.Event()
         self.finished = False
-        self.registry = registry
         registry[self.id] = self
         self._cdp = cdp
         if cdp is not None:
@@ -335,7 +302,7 @@ class Browser:
         self._browser: Any = None
         self._context: Any = None
         self._page: Any = None
-        self._display: VirtualDisplay | None = None
+        self._xvfb: tuple[asyncio.subprocess.Process, dict[str, str]] | None = None  # kept across launches
         self._page_loaded_at = 0.0
         self._page_broken = False
         self._lock = asyncio.Lock()  # launch and (re)load happen one at a time
@@ -355,13 +322,15 @@ class Browser:
     def running(self) -> bool:
         return self._browser is not None and self._browser.is_connected()
 
-    @property
-    def version(self) -> str:
-        return self._browser.version
-
-    @property
-    def page_url(self) -> str | None:
-        return self._page.url if self._page is not None and not self._page.is_closed() else None
+    def status(self) -> dict[str, Any]:
+        """The browser's part of /status; never launches it."""
+        if not self.running:
+            return {"browser": "not started", **dict.fromkeys(
+                ("user_agent", "page_url", "webdriver", "version", "headful", "launch_seconds"))}
+        page = self._page if self._page is not None and not self._page.is_closed() else None
+        return {"browser": "running", "user_agent": self.user_agent, "page_url": page.url if page else None,
+                "webdriver": self.webdriver, "version": self._browser.version, "headful": self.headful,
+                "launch_seconds": self.launch_seconds}
 
     async def _display_env(self) -> dict[str, str] | None:
         """Headful: the display we have, else one from xvfb-run; None: run headless."""
@@ -370,8 +339,9 @@ class Browser:
         if not shutil.which("xvfb-run"):
             log.warning("headful mode without a display and without xvfb-run (apt-get install xvfb): headless")
             return None
-        self._display = self._display or VirtualDisplay()
-        return await self._display.start()
+        if self._xvfb is None or self._xvfb[0].returncode is not None:
+            self._xvfb = await start_xvfb()
+        return self._xvfb[1]
 
     async def _launch(self) -> None:
         display = await self._display_env()
@@ -418,11 +388,10 @@ class Browser:
         await self._goto(page)
         self.webdriver = await page.evaluate("() => navigator.webdriver === true")
 
-    async def _goto(self, page: Any) -> Any:
-        response = await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
-        self._page_loaded_at = time.monotonic()
-        self._page_broken = False
-        return response
+    async def _goto(self, page: Any) -> None:
+        await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
+        if page is self._page:
+            self._page_loaded_at, self._page_broken = time.monotonic(), False
 
     def _mark_broken(self, why: str) -> None:
         log.warning("%s; the page will be reopened", why)
@@ -453,30 +422,24 @@ class Browser:
         with contextlib.suppress(PlaywrightError):
             if self._pw is not None:
                 await self._pw.stop()
-        self._browser = self._pw = self._page = self._context = None
-        if self._display is not None:
-            await self._display.close()
+        self._browser = self._pw = self._page = self._context = None  # Xvfb ends with us (start_xvfb)
 
     # -- reCAPTCHA ----------------------------------------------------------------------------------
 
-    async def _add_script(self, page: Any, needle: str, real_host: str, path: str) -> None:
-        """Load a helper script from the host the page already uses for it, else from the real third-party
-        host on arena.ai, else from the emulator's own origin."""
+    async def _ensure_script(self, page: Any, ready_js: str, needle: str, path: str) -> None:
+        """Wait until a helper script is ready; one the page does not load itself is added, from the host
+        the page uses for it, else from SCRIPT_HOSTS."""
+        with contextlib.suppress(PlaywrightTimeout):  # the site's own tag may still be loading
+            await page.wait_for_function(ready_js, timeout=1500)
+            return
         base = await page.evaluate(SCRIPT_ORIGIN_JS, needle)
-        base = base or (real_host if self.s.is_real_site else self.s.origin)
+        base = base or (SCRIPT_HOSTS[needle] if self.s.is_real_site else self.s.origin)
         log.info("page has no %s script; adding %s%s", needle.strip("/"), base, path.split("?")[0])
         await page.add_script_tag(url=base + path)
-
-    async def _ensure_grecaptcha(self, page: Any, sitekey: str) -> None:
-        # The site's own tag may still be loading: give it a moment before adding ours.
-        with contextlib.suppress(PlaywrightTimeout):
-            await page.wait_for_function(GRECAPTCHA_JS, timeout=1500)
-            return
-        await self._add_script(page, "/recaptcha/", "https://www.google.com", f"/recaptcha/enterprise.js?render={sitekey}")
-        await page.wait_for_function(GRECAPTCHA_JS, timeout=OP_TIMEOUT * 1000)
+        await page.wait_for_function(ready_js, timeout=OP_TIMEOUT * 1000)
 
     async def mint(self, page: Any, sitekey: str, action: str) -> str:
-        await self._ensure_grecaptcha(page, sitekey)
+        await self._ensure_script(page, GRECAPTCHA_JS, "/recaptcha/", f"/recaptcha/enterprise.js?render={sitekey}")
         return await page.evaluate(MINT_JS, [action, sitekey, int(OP_TIMEOUT * 1000)])
 
     async def token(self, sitekey: str, action: str) -> str:
@@ -491,7 +454,7 @@ class Browser:
         try:
             return await self.mint(page, sitekey, action)
         except PlaywrightError as exc:  # a stale or broken page: reload once and retry
-            log.warning("token mint failed (%s); reloading the page and retrying", str(exc).splitlines()[0][:200])
+            log.warning("token mint failed (%s); reloading the page and retrying", first_line(exc))
             return await self.mint(await self.page(fresh=True), sitekey, action)
 
     # -- cookies ----------------------------------------------------------------------------------
@@ -518,16 +481,12 @@ class Browser:
     async def clearance(self, timeout: float = CLEARANCE_TIMEOUT) -> tuple[dict[str, str], str]:
         page = await self.page()
         async with self._lock:
-            # Reloading the page would end the jobs running in it: pass the challenge in a page of its own
-            # then (same context, so the clearance cookie is shared).
+            # Reloading the page would end its jobs: then pass the challenge in a page of its own (same
+            # context, so the clearance cookie is shared).
             target = await self._context.new_page() if self._page_busy() else page
             try:
-                if target is page:
-                    await self._goto(page)
-                else:
-                    await target.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
+                await self._goto(target)
                 await self.pass_interstitial(target, self._context, timeout)
-                ua = await target.evaluate("navigator.userAgent")
                 cookies = await self.host_cookies(self._context)
             finally:
                 if target is not page:
@@ -535,29 +494,28 @@ class Browser:
                         await target.close()
         log.info("clearance: %d cookies (cf_clearance %s)", len(cookies),
                  f"{len(cookies['cf_clearance'])} chars" if "cf_clearance" in cookies else "absent")
-        return cookies, ua
+        assert self.user_agent is not None  # every context has it (new_context), so the page sent it
+        return cookies, self.user_agent
 
     async def pass_interstitial(self, page: Any, context: Any, timeout: float) -> None:
-        """Wait (bounded) until a Cloudflare interstitial on page clears; a no-op when there is none."""
+        """Wait (bounded) until a Cloudflare interstitial on page clears; a no-op without one. The
+        challenge reloads the page once passed (wait_for_function waits across that navigation)."""
         deadline = time.monotonic() + timeout
         while await self.is_interstitial(page):
             if time.monotonic() > deadline:
                 raise TimeoutError("the Cloudflare challenge did not clear")
             log.info("Cloudflare interstitial on %s; waiting for it to clear", self.s.origin)
             await self._click_turnstile(page)
-            with contextlib.suppress(PlaywrightError):  # the challenge reloads the page once it is passed
+            with contextlib.suppress(PlaywrightError):
                 await page.wait_for_function(PASSED_JS, timeout=2000)
                 await page.wait_for_load_state("load", timeout=5000)
             if await self.is_interstitial(page) and "cf_clearance" in await self.host_cookies(context):
-                # The cookie is set but the page script has not reloaded yet: do it ourselves.
-                await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
+                await self._goto(page)  # the cookie is set but the challenge has not reloaded the page yet
 
     @staticmethod
     async def _click_turnstile(page: Any) -> None:
         """Click the Turnstile checkbox if the challenge shows one (interactive mode)."""
-        for frame in page.frames:
-            if "challenges.cloudflare.com" not in frame.url and "turnstile" not in frame.url:
-                continue
+        for frame in [f for f in page.frames if "challenges.cloudflare.com" in f.url or "turnstile" in f.url]:
             for selector in ("input[type=checkbox]", "label", "body"):
                 with contextlib.suppress(PlaywrightError):
                     el = await frame.query_selector(selector)
@@ -576,12 +534,14 @@ class Browser:
             if cf:
                 await ctx.add_cookies(cf)
             page = await ctx.new_page()
-            await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
+            await self._goto(page)
             await self.pass_interstitial(page, ctx, CLEARANCE_TIMEOUT)
             provisional = (await self.host_cookies(ctx)).get("provisional_user_id")
             if not provisional:
                 raise OpError("the arena page set no provisional_user_id cookie")
-            payload: dict[str, Any] = {"turnstileToken": await self._turnstile(page, turnstile_sitekey),
+            await self._ensure_script(page, TURNSTILE_READY_JS, "/turnstile/", "/turnstile/v0/api.js?render=explicit")
+            turnstile = {"sitekey": turnstile_sitekey, "timeoutMs": OP_TIMEOUT * 1000}
+            payload: dict[str, Any] = {"turnstileToken": await page.evaluate(TURNSTILE_JS, turnstile),
                                        "provisionalUserId": provisional}
             if recaptcha_sitekey:
                 payload["recaptchaToken"] = await self.mint(page, recaptcha_sitekey, recaptcha_action)
@@ -594,22 +554,13 @@ class Browser:
                 body: Any = json.loads(text) if text.strip() else None
             except ValueError:
                 body = text.strip()
-            # The session may come as cookies (whole or chunked) or in the body, in several shapes: the
-            # bridge reads it from both, so that one piece of code knows the session formats.
+            # The session comes as cookies or in the body: the bridge alone reads session formats.
             cookies = await self.host_cookies(ctx)
             log.info("sign-up answered %s with %d cookies", status, len(cookies))
-            return {"cookies": cookies, "body": body, "user_agent": await page.evaluate("navigator.userAgent")}
+            return {"cookies": cookies, "body": body, "user_agent": self.user_agent}
         finally:
             with contextlib.suppress(PlaywrightError):
                 await ctx.close()
-
-    async def _turnstile(self, page: Any, sitekey: str) -> str:
-        if not await page.evaluate("() => !!window.turnstile"):
-            await self._add_script(page, "/turnstile/", "https://challenges.cloudflare.com",
-                                   "/turnstile/v0/api.js?render=explicit")
-        await page.wait_for_function("() => window.turnstile && typeof window.turnstile.render === 'function'",
-                                     timeout=OP_TIMEOUT * 1000)
-        return await page.evaluate(TURNSTILE_JS, {"sitekey": sitekey, "timeoutMs": int(OP_TIMEOUT * 1000)})
 
     async def _collect(self, page: Any, request: dict) -> tuple[int, str]:
         """Run a small request through the agent and return (status, body text)."""
@@ -663,10 +614,6 @@ def error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:300] if str(exc) else ""
-
-
 def handler(fn: Any, timeout: float | None) -> Any:
     """A JSON endpoint bounded by `timeout`: the body parsed, failures answered as 400, 504 or 502."""
     async def endpoint(request: Request) -> Response:
@@ -692,14 +639,7 @@ def handler(fn: Any, timeout: float | None) -> Any:
 
 def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
     async def status(_: dict) -> Response:
-        running = browser.running
-        return JSONResponse({
-            "ok": True, "browser": "running" if running else "not started", "pid": os.getpid(),
-            "user_agent": browser.user_agent if running else None, "page_url": browser.page_url if running else None,
-            "webdriver": browser.webdriver if running else None, "rss_mb": rss_mb(os.getpid()),
-            "version": browser.version if running else None, "headful": browser.headful if running else None,
-            "launch_seconds": browser.launch_seconds if running else None,
-        })
+        return JSONResponse({"ok": True, "pid": os.getpid(), "rss_mb": rss_mb(os.getpid()), **browser.status()})
 
     async def token(body: dict) -> Response:
         action = body.get("action") or "chat_submit"
