@@ -137,8 +137,7 @@ def need(body: dict, key: str) -> str:
 
 
 def rss_mb(root_pid: int) -> float:
-    """Memory of a process and all its descendants in MiB: PSS (proportional set size), because Chromium's
-    processes share most of their pages and summing plain RSS would count them several times."""
+    """MiB of a process and its descendants: PSS, as Chromium's processes share most of their pages."""
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError, IndexError), open(f"/proc/{entry}/stat") as f:
@@ -182,7 +181,7 @@ async def start_xvfb() -> tuple[asyncio.subprocess.Process, dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Calls into the page agent, and the sidecar's own in-page scripts
+# Page jobs: requests run by the page agent, their events relayed through a page binding
 # ---------------------------------------------------------------------------------------------
 
 # The page agent's contract is documented in bridge.py (PAGE_AGENT_JS).
@@ -206,11 +205,6 @@ TURNSTILE_JS = """
     callback: t => done(resolve, t), 'error-callback': e => done(reject, new Error('turnstile error ' + e))});
 })
 """
-
-
-# ---------------------------------------------------------------------------------------------
-# Page jobs: one request run by the page agent, its events relayed through a page binding
-# ---------------------------------------------------------------------------------------------
 
 
 class PageJob:
@@ -307,10 +301,10 @@ class Browser:
         self._page_broken = False
         self._lock = asyncio.Lock()  # launch and (re)load happen one at a time
         self.jobs: dict[str, PageJob] = {}
-        # The page's fetch reads the context's cookie jar when its request leaves: one account's session in
-        # the jar at a time, from setting it until that request is on its way (PageJob.sent).
+        # The page's fetch reads the cookie jar as its request leaves: one account's session in the jar at a
+        # time, from setting it until its request is on its way (PageJob.sent, learnt on the CDP session).
         self._session_lock = asyncio.Lock()
-        self._cdp: Any = None  # the page's CDP session, Network enabled: PageJob learns when a request left
+        self._cdp: Any = None
         self.user_agent: str | None = None
         self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
         self.headful = False
@@ -381,7 +375,6 @@ class Browser:
                 await self._page.close()
         page = await self._context.new_page()
         page.on("crash", lambda _p: self._mark_broken("page crashed"))
-        page.on("pageerror", lambda err: log.debug("page error: %s", str(err)[:200]))
         self._cdp = await self._context.new_cdp_session(page)
         await self._cdp.send("Network.enable")
         self._page = page
@@ -700,12 +693,9 @@ async def main_async(settings: Settings) -> None:
         loop.add_signal_handler(sig, shutdown.set)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(settings.socket)  # a stale socket from a previous run
-    config = HypercornConfig()
-    config.bind = [f"unix:{settings.socket}"]
-    config.umask = 0o177  # the socket is created 0600: only our user may talk to the browser
-    config.accesslog = None
-    config.errorlog = logging.getLogger("sidecar.server")
-    config.graceful_timeout = 2.0
+    # umask: the socket is created 0600, only our user may talk to the browser.
+    config = HypercornConfig.from_mapping(bind=[f"unix:{settings.socket}"], umask=0o177, accesslog=None,
+                                          errorlog=logging.getLogger("sidecar.server"), graceful_timeout=2.0)
     app: Any = build_app(browser, shutdown)
     try:
         await serve(app, config, shutdown_trigger=shutdown.wait)
