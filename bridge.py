@@ -7487,7 +7487,9 @@ class Doctor:
         self.mode = state.settings.sidecar
         self.page: Any = None
         self.page_text = ""
-        self.spent: set[int] = set()      # accounts a chat failed on in this run: not asked again
+        # Accounts a chat failed on in this run are not asked again. Browser accounts never are: their
+        # session lives in a tab connected to the server, not to this process.
+        self.spent: set[int] = {a["id"] for a in state.store.accounts() if a["kind"] == "browser"}
 
     def begin(self, step: str) -> None:
         if self.recorder is not None:
@@ -7555,6 +7557,9 @@ class Doctor:
         return [await self.account(account) for account in accounts]
 
     async def account(self, account: dict) -> Finding:
+        if account["kind"] == "browser":
+            return skipped("account", "a browser tab (userscript): its session stays in the tab; the server it "
+                           "connects to shows its state in tokens list and /health", subject=f"account {account['id']}")
         at = now()
         refresh = None
         state = account_state(account, at)

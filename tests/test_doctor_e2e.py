@@ -9,7 +9,6 @@ import sys
 
 import httpx
 import pytest
-from emulator import DEFAULT_KNOBS
 from fake_arena import FakeArena
 from harness import ROOT, BridgeProcess, free_port
 
@@ -297,29 +296,40 @@ def test_a_rotated_sitekey_the_page_still_shows_is_stored_and_reported(arena, tm
     assert f"changed from {old}" in result.stdout
 
 
-def needs_knob(name: str):
-    return pytest.mark.skipif(name not in DEFAULT_KNOBS, reason=f"the emulator has no `{name}` switch yet")
-
-
-@needs_knob("sitekey_in_page")
-def test_a_rotated_sitekey_discovery_cannot_read_names_the_discovery(arena, tmp_path):
+def test_a_sitekey_rotated_to_a_variable_call_site_heals_and_says_what_changed(arena, tmp_path):
     arena.configure(recaptcha="off")
     add_accounts(tmp_path, arena.new_session())
     assert doctor(arena.url, tmp_path).returncode == 0
+    old = arena.sitekey
     arena.rotate_sitekey()
     arena.configure(sitekey_in_page="none", sitekey_call_site="variable")
     result = doctor(arena.url, tmp_path)
-    if verdicts(result)["discovery"] == "ok":   # discovery reads this shape (arena-protocol §0 U8)
-        assert arena.sitekey in result.stdout and "changed from" in result.stdout
-        return
-    assert_fails_at(result, "discovery", "#sitekey-or-server-actions-not-found")
+    assert verdicts(result)["discovery"] == "ok", result.stdout
+    assert arena.sitekey in result.stdout and f"changed from {old}" in result.stdout
 
 
-@needs_knob("login_gate")
-@pytest.mark.skipif("login_gate" not in {kind for kind, _ in bridge.ANSWER_KINDS},
-                    reason="the bridge does not name the login gate yet (arena-protocol §0 U4)")
 def test_a_guest_behind_the_login_gate_names_the_gate(arena, tmp_path):
     arena.configure(recaptcha="off", login_gate=True)
     add_accounts(tmp_path, arena.new_session(anonymous=True))
     result = doctor(arena.url, tmp_path)
     assert result.returncode == 1 and "#guest-accounts-behind-the-login-gate" in result.stdout, result.stdout
+
+
+def test_a_browser_account_is_reported_and_never_chatted_on_from_the_doctor(arena, tmp_path):
+    arena.configure(recaptcha="off")
+    store = bridge.Store(str(tmp_path / "bridge.db"))
+    try:
+        browser = store.add_account(label="browser: me@example.com", kind="browser", auth="user-1", form="browser",
+                                    cookies="{}", state="ok", failures=0, last_used=0.0)
+    finally:
+        store.close()
+    add_accounts(tmp_path, arena.new_session())
+    result = doctor(arena.url, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = verdicts(result)
+    assert lines[f"account (account {browser})"] == "skipped" and lines["chat (direct)"] == "ok", result.stdout
+    store = bridge.Store(str(tmp_path / "bridge.db"))
+    try:
+        assert store.account(browser)["state"] == "ok" and not store.account(browser)["last_error"]
+    finally:
+        store.close()
