@@ -4719,7 +4719,7 @@ def json_schema_validator(schema: dict) -> Any:
     return jsonschema.validators.validator_for(schema)
 
 
-# --- tools and tool history -> instructions and text for the model ------------------------------------
+# Tools and tool history -> instructions and text for the model.
 
 TRIM_LIMITS = {"description": 2_000, "tool_list": 40_000, "tool_result": 40_000}    # characters
 TRIM_MARKER = "[… {count} characters {what} left out by the bridge …]"
@@ -5090,7 +5090,7 @@ class ToolCallParser:
             events.append(ToolEvent("text", text))
 
 
-# --- after the reply: the loop guard, JSON answers, asking once more, usage ---------------------------
+# After the reply: the loop guard, JSON answers, asking once more, usage.
 
 TOOL_LOOP_LIMIT = 3                 # the same call this many times in a row is allowed; once more is a loop
 REPLY_RETRIES = 1                   # requests for a missing call or a repaired JSON answer, per client request
@@ -7298,7 +7298,7 @@ def until_text(stamp: float, at: float) -> str:
     return f"{int(left // 60)} min" if left < 7200 else f"{left / 3600:.1f} h"
 
 
-# --- judges: what a step observed, as one line (pure, so each verdict is unit-tested) ----------------
+# Judges: what a step observed, as one line (pure, so each verdict is unit-tested).
 
 def judge_origin(url: str, hops: list[tuple[int, str]], status: int | None, error: str | None,
                  challenged: bool = False) -> Finding:

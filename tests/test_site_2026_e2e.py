@@ -11,18 +11,17 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any
 
 import httpx
 import pytest
 from emulator.common import REAL_FIXTURES
 from harness import ROOT, BridgeProcess, validate
+from test_real_fixtures import read_bytes, read_raw
 
 SEARCH_MODEL = "gemini-3-pro-grounding"
 IMAGE_MODEL = "flux-2-flex"
 TEXT_MODEL = "gemini-3-pro"
 UNSELECTABLE = "grok-4.1"
-LINE = re.compile(r"([ab])([0-9a-z]):(.*)", re.DOTALL)
 
 
 def chat(client, *contents, model=TEXT_MODEL, **extra):
@@ -38,28 +37,8 @@ def post(proc, key, body, timeout=60):
 
 
 def raw_reading(name: str) -> dict:
-    """Lane A of a real capture as its raw lines say (independent of the bridge's parser)."""
-    with open(os.path.join(REAL_FIXTURES, "streams", name + ".body"), encoding="utf-8") as fh:
-        body = fh.read()
-    out: dict[str, Any] = {"text": "", "reasoning": "", "finish": None, "images": 0, "sources": {}}
-    for raw in body.split("\n"):
-        match = LINE.fullmatch(raw.strip())
-        if not match or match.group(1) != "a":
-            continue
-        code, value = match.group(2), json.loads(match.group(3))
-        if code == "0":
-            out["text"] += value
-        elif code == "g":
-            out["reasoning"] += value
-        elif code == "d":
-            out["finish"] = value["finishReason"]
-        elif code == "2":
-            out["images"] += sum(1 for item in value if item.get("type") == "image")
-        elif code == "c" and value.get("toolCallId") == "citation-source":
-            source = json.loads(value["argsTextDelta"])["source"]
-            for one in source if isinstance(source, list) else [source]:
-                out["sources"].setdefault(one["id"], {}).update(one)
-    return out
+    """Lane A of a real capture as its raw lines say (the real-fixture tests' independent reading)."""
+    return read_raw(read_bytes("streams", name + ".body"))
 
 
 STREAM_CAPTURES = sorted(f[:-len(".body")] for f in os.listdir(os.path.join(REAL_FIXTURES, "streams"))
@@ -192,8 +171,8 @@ def test_u6_the_real_search_capture_gives_numbers_and_titles(client, arena):
     raw = raw_reading("dec-search-00")
     text, footer = content.split("\n\nSources:\n")
     assert re.sub(r"\[\d\]", "", text) == raw["text"]
-    for number, sid in enumerate(sorted(raw["sources"]), 1):
-        source = raw["sources"][sid]
+    for number, sid in enumerate(sorted(raw["citations"]), 1):
+        source = raw["citations"][sid]
         assert text.count(f"[{number}]") == len(source["charLocation"])
         assert f"{number}. [{source['title']}]({source['url']})" in footer
 
@@ -208,9 +187,9 @@ def test_each_real_capture_replayed_through_the_bridge_gives_what_its_raw_lines_
     reply = chat(client, "replay")
     message = reply.choices[0].message
     content = message.content
-    if raw["sources"]:
+    if raw["citations"]:
         content = re.sub(r"\[\d+\]", "", content.split("\n\nSources:\n")[0])
-    assert len(re.findall(r"!\[image\]\([^)]+\)", content)) == raw["images"]
+    assert len(re.findall(r"!\[image\]\([^)]+\)", content)) == len(raw["images"])
     assert re.sub(r"(\n\n)?!\[image\]\([^)]+\)", "", content) == raw["text"]
     assert ((message.model_extra or {}).get("reasoning_content") or "") == raw["reasoning"]
     assert reply.choices[0].finish_reason == OPENAI_FINISH[raw["finish"]]
