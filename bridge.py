@@ -29,7 +29,7 @@ Contents:
 
   Part III: Client APIs (each API section defines its own route table)
     Metrics                 Prometheus counters and histograms per app, gauges read at scrape time, causes
-    API plumbing            the API error type and its status table, app state, keys, bodies, rate limit, usage
+    API plumbing            the API error type and its status table, app state, keys, bodies, rate limits, usage
     OpenAI chat requests    validation, model choice, transcripts, conversation fingerprints
     OpenAI chat replies     events -> content, chunks and completion objects
     Tool emulation: requests  pure, for every API: tools, tool choice, formats -> instructions; tool history
@@ -51,7 +51,7 @@ Contents:
     Doctor verdicts         result lines, the step runner, one pure verdict per step
     Doctor                  the checks against the live site, with the bridge's own parts: DOCTOR_STEPS
     Dashboard kit           HTML escaping and the shared page layout
-    Dashboard sign-in       admin password, sessions, the login throttle, the sign-in pages
+    Dashboard sign-in       admin password, trusted proxies, sessions, the sign-in pages
     Executor routes         the userscript's long poll and event uploads (CORS, pairing secret), its download
     Dashboard pages         the admin pages: DASHBOARD, one table of pages
     App                     health, /metrics, background jobs, create_app composing every section's routes
@@ -133,10 +133,29 @@ class Option:
     kind: Callable[[str], Any]
     default: Any
     help: str
+    bare: str | None = None   # what the flag given without a value means (None: the flag takes a value)
 
 
 def _bool(text: str) -> bool:
     return str(text).strip().lower() in {"1", "true", "yes", "on"}
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
+def networks(text: str) -> tuple[Network, ...]:
+    """BRIDGE_TRUSTED_PROXY: addresses and networks (CIDR), comma separated. The setting was once a switch:
+    `1`/`true` still means loopback (a proxy on the same machine), `0`/`false`, none."""
+    words = [word.strip() for word in str(text).split(",") if word.strip()]
+    if len(words) == 1 and words[0].lower() in {"0", "false", "no", "off"}:
+        return ()
+    if len(words) == 1 and _bool(words[0]):
+        words = list(LOOPBACK_NETWORKS)
+    try:
+        return tuple(ipaddress.ip_network(word, strict=False) for word in words)
+    except ValueError as exc:
+        raise ValueError(f"not an address or network (CIDR): {exc}") from None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -202,8 +221,15 @@ OPTIONS: tuple[Option, ...] = (
            "browser whose TLS/HTTP2 fingerprint curl_cffi imitates"),
     Option("account_min_interval", "--account-min-interval", ("BRIDGE_ACCOUNT_MIN_INTERVAL",), float, 0.0,
            "least seconds between two chat requests on one arena account (0 = no pacing)"),
-    Option("trusted_proxy", "--trusted-proxy", ("BRIDGE_TRUSTED_PROXY",), _bool, False,
-           "trust X-Forwarded-For/-Proto from a reverse proxy"),
+    Option("trusted_proxy", "--trusted-proxy", ("BRIDGE_TRUSTED_PROXY",), networks, (),
+           "addresses and networks (CIDR, comma separated) of the reverse proxies whose X-Forwarded-For/-Proto "
+           "are believed, only on connections from them; 1 or true (and the flag without a value): loopback",
+           bare="1"),
+    Option("login_attempts", "--login-attempts", ("BRIDGE_LOGIN_ATTEMPTS",), int, 5,
+           "dashboard sign-ins (and wrong userscript pairing secrets) one client address may try per 5 minutes"),
+    Option("login_budget", "--login-budget", ("BRIDGE_LOGIN_BUDGET",), int, 30,
+           "sign-ins (and wrong pairing secrets) all addresses together may try per minute; beyond it every "
+           "address gets 429 with Retry-After until the minute frees one"),
     Option("shutdown_timeout", "--shutdown-timeout", ("BRIDGE_SHUTDOWN_TIMEOUT",), float, 20.0,
            "on SIGTERM/SIGINT, seconds that running requests and streams get to finish before they are cut"),
 )
@@ -246,7 +272,9 @@ class Settings:
     bare_body: bool
     impersonate: str
     account_min_interval: float
-    trusted_proxy: bool
+    trusted_proxy: tuple[Network, ...]
+    login_attempts: int
+    login_budget: int
     shutdown_timeout: float
 
     @classmethod
@@ -3992,6 +4020,32 @@ class RateLimiter:
                            "rate_limit_exceeded", headers={"Retry-After": str(seconds)})
 
 
+class GuessThrottle:
+    """Guesses at a secret (the dashboard password, a userscript's pairing secret): a few per client address
+    in a short window, which an admin who mistyped soon outlives, and a budget for all addresses together
+    per minute, so that a guesser spread over many addresses is held to it too. Beyond either, every
+    caller waits (429 with Retry-After) until the window frees one."""
+    ADDRESS_WINDOW = 300.0
+
+    def __init__(self, per_address: int, per_minute: int) -> None:
+        self.per_address, self.per_minute = per_address, per_minute
+        self.addresses = SlidingWindow(self.ADDRESS_WINDOW)
+        self.everyone = SlidingWindow(60.0)
+
+    def wait(self, address: str) -> tuple[float, bool]:
+        """The seconds until `address` may guess (0: now), and whether the shared budget is what holds it."""
+        self.addresses.prune()
+        mine = self.addresses.full(address, self.per_address)
+        return (mine, False) if mine else (self.everyone.full(None, self.per_minute), True)
+
+    def count(self, address: str) -> None:
+        self.addresses.admit(address, self.per_address)
+        self.everyone.admit(None, self.per_minute)
+
+    def forgive(self, address: str) -> None:
+        self.addresses.forget(address)
+
+
 class UsageRecorder:
     """One record per answered request: a usage row, buffered and written in batches by a background task
     (so that no request waits on an SQLite write), and the request's metrics."""
@@ -4055,12 +4109,12 @@ class BridgeState:
     turns: TurnRunner
     limiter: RateLimiter
     usage: UsageRecorder
-    logins: SlidingWindow
+    logins: GuessThrottle
     metrics: Metrics
     failures: FailureLog
     executors: BrowserExecutors
     bodies: BodyBudget
-    executor_auth: SlidingWindow        # wrong pairing secrets per address, throttled like sign-ins
+    executor_auth: GuessThrottle        # wrong pairing secrets, throttled like sign-ins
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
     async def models(self) -> list[dict]:
@@ -7938,9 +7992,11 @@ def masked(value: Any) -> Any:
 def param_text(value: Any) -> str:
     if isinstance(value, dict):
         return "\n".join(f"{name}: {param_text(inner)}" for name, inner in value.items())
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ", ".join(param_text(inner) for inner in value)
-    return value if isinstance(value, str) else json.dumps(value)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)       # text, numbers, networks
 
 
 SECRET_SITE_PARAMS = {"anon_key", "clearance"}
@@ -7964,7 +8020,6 @@ SCRYPT_COST = {"n": 2 ** 15, "r": 8, "p": 1}    # about 32 MiB and 70 ms per che
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 SESSION_COOKIE = "bridge_session"
 SESSION_TTL = 12 * 3600.0
-LOGIN_ATTEMPTS = (5, 15 * 60.0)                  # attempts allowed per client address, per window (s)
 FORM_LIMIT = 256 * 1024
 
 
@@ -8002,19 +8057,41 @@ def ensure_admin_password(store: Store, configured: str | None) -> None:
                     "it on the settings page): %s", password)
 
 
+def address_in(host: str, trusted: Iterable[Network]) -> bool:
+    """Whether `host` (an address as the socket names it; IPv4 may come mapped into IPv6) is in one of them."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted)
+
+
+def forwarded(request: Request, header: str) -> str:
+    """A forwarded header (X-Forwarded-For, -Proto) only on a connection from a trusted proxy; else "": a
+    client connecting directly could otherwise choose its own address (and with it its sign-in throttle)."""
+    value = request.headers.get(header, "")
+    peer = request.client.host if request.client else ""
+    return value if value and address_in(peer, bridge(request).settings.trusted_proxy) else ""
+
+
 def client_address(request: Request) -> str:
     """Behind a trusted proxy, the address that proxy saw: the last X-Forwarded-For hop, the one it added."""
-    forwarded = request.headers.get("x-forwarded-for", "")
-    if forwarded and bridge(request).settings.trusted_proxy:
-        return forwarded.rsplit(",", 1)[-1].strip()
+    if hops := forwarded(request, "x-forwarded-for"):
+        return hops.rsplit(",", 1)[-1].strip()
     return request.client.host if request.client else "unknown"
 
 
 def is_https(request: Request) -> bool:
-    proto = request.headers.get("x-forwarded-proto", "")
-    if proto and bridge(request).settings.trusted_proxy:
+    if proto := forwarded(request, "x-forwarded-proto"):
         return proto.split(",")[0].strip().lower() == "https"
     return request.url.scheme == "https"
+
+
+def too_many_guesses(seconds: float, everyone: bool, what: str) -> str:
+    whose = "on this bridge from all addresses together" if everyone else "from your address"
+    return f"Too many {what} {whose}: try again in {int(seconds) + 1} s."
 
 
 def current_session(request: Request) -> dict | None:
@@ -8055,17 +8132,16 @@ async def login(request: Request) -> Response:
     if request.method == "GET":
         return redirect("/dashboard") if current_session(request) else login_page()
     state, address = bridge(request), client_address(request)
-    allowed, _ = LOGIN_ATTEMPTS
-    state.logins.prune()
-    wait = state.logins.admit(address, allowed)
+    wait, everyone = state.logins.wait(address)
     if wait:
-        return login_page(note(f"Too many sign-in attempts: try again in {int(wait) + 1} s.", "bad"), 429,
+        return login_page(note(too_many_guesses(wait, everyone, "sign-in attempts"), "bad"), 429,
                           {"Retry-After": str(int(wait) + 1)})
+    state.logins.count(address)
     form = await read_form(request)
     if not await asyncio.to_thread(verify_password, form.get("password", ""), state.store.meta("admin_password")):
         log.warning("dashboard sign-in with a wrong password from %s", address)
         return login_page(note("Wrong password.", "bad"), 401)
-    state.logins.forget(address)
+    state.logins.forgive(address)
     return start_session(request, redirect("/dashboard"))
 
 
@@ -8127,18 +8203,16 @@ def executor_preflight(request: Request, cors: dict[str, str]) -> Response:
 
 def executor_pairing(request: Request, cors: dict[str, str]) -> int | Response:
     """The pairing of the secret in the header (never in the URL), or the refusal; wrong secrets are
-    counted per address and, past LOGIN_ATTEMPTS, refused outright like dashboard sign-ins."""
+    counted, and past the per-address or the shared budget refused outright like dashboard sign-ins."""
     state, address = bridge(request), client_address(request)
-    allowed, _ = LOGIN_ATTEMPTS
-    state.executor_auth.prune()
-    wait = state.executor_auth.full(address, allowed)
+    wait, everyone = state.executor_auth.wait(address)
     if wait:
         seconds = int(wait) + 1
-        return executor_json({"error": f"too many wrong pairing secrets: try again in {seconds} s",
+        return executor_json({"error": too_many_guesses(wait, everyone, "wrong pairing secrets"),
                               "retry_after": seconds}, 429, {**cors, "Retry-After": str(seconds)})
     pairing = state.executors.records.pairing_by_secret(request.headers.get(EXECUTOR_SECRET_HEADER, ""))
     if pairing is None:
-        state.executor_auth.admit(address, allowed)
+        state.executor_auth.count(address)
         log.warning("browser executor with a wrong pairing secret from %s", address)
         return executor_json({"error": "unknown or revoked pairing secret"}, 401, cors)
     return pairing
@@ -8495,7 +8569,7 @@ async def settings_page(request: Request, admin: Admin) -> Response:
     params = [(p["key"], fill('<div class="mono">{v}</div>', v=site_param_text(p["key"], p["value"])),
                format_time(p["updated"])) for p in state.store.site_params_with_times()]
     values = dataclasses.asdict(state.settings)
-    options = [(opt.name, prose("-" if values[opt.name] in (None, "") else param_text(values[opt.name])),
+    options = [(opt.name, prose("-" if values[opt.name] in (None, "", ()) else param_text(values[opt.name])),
                 prose(opt.help)) for opt in OPTIONS if opt.flag]  # options without a flag are secrets
     body = join([fill("<h1>Settings</h1>"), outcome,
                  fill("<h2>Site parameters discovered on LM Arena</h2>"),
@@ -8661,8 +8735,9 @@ def bridge_state(settings: Settings, store: Store) -> BridgeState:
     return BridgeState(settings=settings, store=store, sidecar=sidecar, site=site, pool=pool,
                        turns=TurnRunner(settings, store, site, pool, sidecar, failures, executors),
                        limiter=RateLimiter(), usage=UsageRecorder(store, metrics),
-                       logins=SlidingWindow(LOGIN_ATTEMPTS[1]), metrics=metrics, failures=failures,
-                       executors=executors, executor_auth=SlidingWindow(LOGIN_ATTEMPTS[1]),
+                       logins=GuessThrottle(settings.login_attempts, settings.login_budget), metrics=metrics,
+                       failures=failures, executors=executors,
+                       executor_auth=GuessThrottle(settings.login_attempts, settings.login_budget),
                        bodies=BodyBudget(settings.max_inflight_body_mb * 2 ** 20))
 
 
@@ -8732,6 +8807,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(action="store_const", const=True)
         else:
             kwargs.update(type=opt.kind, metavar=opt.name.upper())
+        if opt.bare is not None:
+            kwargs.update(nargs="?", const=opt.bare)
         common.add_argument(opt.flag, **kwargs)
     env_only = "\n".join(f"  {', '.join(o.env)}: {o.help}" for o in OPTIONS if o.flag is None)
     parser = argparse.ArgumentParser(prog="bridge.py", parents=[common],
@@ -8968,6 +9045,20 @@ def database_folder_problem(db: str) -> str | None:
     return None
 
 
+def plain_http_warning(settings: Settings) -> str | None:
+    """Listening beyond this machine with no proxy in front to add TLS: keys, the dashboard password and
+    its cookie would cross the network in clear text. None when the listener is loopback or a proxy is set."""
+    host = settings.host.strip("[]")
+    with contextlib.suppress(ValueError):
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    if settings.trusted_proxy:
+        return None
+    return (f"listening on {settings.host}, beyond this machine, without TLS in front: API keys and the dashboard "
+            "password cross the network in clear text. Put a reverse proxy with TLS in front and set "
+            "BRIDGE_TRUSTED_PROXY to its address, or listen on 127.0.0.1 (README.md#tls-and-trusted-proxies)")
+
+
 def serve(settings: Settings) -> None:
     import errno
 
@@ -9019,6 +9110,8 @@ def serve(settings: Settings) -> None:
             loop.add_signal_handler(sig, on_signal, sig.name)
         loop.set_exception_handler(on_loop_error)
         log.info("serving on http://%s:%d (LM Arena at %s)", settings.host, settings.port, settings.arena_url)
+        if warning := plain_http_warning(settings):
+            log.warning(warning)
         await hypercorn.asyncio.serve(cast("ASGIFramework", app), config, shutdown_trigger=stop.wait)
         log.info("stopped")
 

@@ -246,7 +246,7 @@ def test_dockerfile_env_names_are_real_settings():
 # --- the README's configuration table -------------------------------------------------------------
 
 def _cell(value) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or value == ():
         return "—"
     if value is False:
         return "off"

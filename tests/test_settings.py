@@ -45,6 +45,16 @@ def test_secrets_have_no_flags_but_are_documented_in_help():
     assert "--admin-password" not in out and "--auth-tokens" not in out
 
 
+def test_trusted_proxy_is_a_list_of_networks_where_1_means_loopback_and_0_none():
+    def trusted(value):
+        return [str(n) for n in bridge.Settings.load(env={"BRIDGE_TRUSTED_PROXY": value}).trusted_proxy]
+    assert trusted("10.0.0.0/8, 192.0.2.1,fd00::/8") == ["10.0.0.0/8", "192.0.2.1/32", "fd00::/8"]
+    assert trusted("1") == trusted("true") == ["127.0.0.0/8", "::1/128"]
+    assert trusted("0") == trusted("") == []
+    with pytest.raises(ValueError):
+        trusted("proxy.example")
+
+
 def test_the_sidecar_socket_defaults_to_beside_the_database(tmp_path):
     s = bridge.Settings.load(env={"BRIDGE_DB": str(tmp_path / "state.db")})
     assert s.socket_path == str(tmp_path / "bridge-sidecar.sock")
