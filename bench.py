@@ -7,8 +7,9 @@
     python bench.py --profile out.txt     # also sample the bridge with py-spy during the load phases
 
 Processes: this script is the load generator (raw asyncio HTTP/1.1 sockets for the concurrent phases,
-curl_cffi for the sequential ones); the bridge runs as `python bridge.py` (BRIDGE_SIDECAR=off, log level
-info); the emulator runs as `python tests/fake_arena.py --no-recaptcha` in its own subprocess by default,
+curl_cffi for the sequential ones); the bridge runs as the image runs it, `python -m bridge` from compiled
+bytecode (BRIDGE_SIDECAR=off, log level info), and once more as `python bridge.py` for the cold start and
+memory of the script form; the emulator runs as `python tests/fake_arena.py --no-recaptcha` in its own subprocess by default,
 so that its threads never share a GIL with the load generator. All traffic stays on 127.0.0.1.
 
 Every figure is printed as median and p99 over the runs listed in the n column, beside its target; the
@@ -21,6 +22,7 @@ import asyncio
 import json
 import math
 import os
+import py_compile
 import shutil
 import signal
 import socket
@@ -207,22 +209,24 @@ class Emulator:
 # =====================================================================================================
 
 class Bridge:
-    """`python bridge.py` on a free port; launch() times process start to the first 200 on the health
-    route, polling every 2 ms."""
+    """`python -m bridge` (or, with script=True, `python bridge.py`) on a free port; launch() times process
+    start to the first 200 on the health route, polling every 2 ms."""
 
-    def __init__(self, arena_url: str, db: str, log_path: str):
+    def __init__(self, arena_url: str, db: str, log_path: str, script: bool = False):
         self.arena_url, self.db, self.log_path = arena_url, db, log_path
+        self.entry = [os.path.join(ROOT, "bridge.py")] if script else ["-m", "bridge"]
         self.process: subprocess.Popen | None = None
         self.port = 0
 
     def launch(self, timeout: float = 30.0) -> float:
         self.port = free_port()
-        env = {**os.environ, "BRIDGE_SIDECAR": "off", "BRIDGE_LOG_LEVEL": "info", "BRIDGE_ANONYMOUS": "off"}
+        env = {**os.environ, "BRIDGE_SIDECAR": "off", "BRIDGE_LOG_LEVEL": "info", "BRIDGE_ANONYMOUS": "off",
+               "PYTHONPATH": ROOT}
         env.pop("ARENA_AUTH_TOKENS", None)
         started = time.perf_counter()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "bridge.py"), "--host", HOST, "--port", str(self.port),
+                [sys.executable, *self.entry, "--host", HOST, "--port", str(self.port),
                  "--db", self.db, "--arena-url", self.arena_url], env=env, stdout=log, stderr=subprocess.STDOUT,
                 cwd=os.path.dirname(self.db))
         request = f"GET /api/v1/health HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
@@ -777,25 +781,25 @@ class Bench:
 
     # --- 5: cold start ------------------------------------------------------------------------------
     def cold_start(self, runs: int) -> None:
-        """A new bridge process on the populated database (a restart), and on an empty one (first run:
-        the first chat also waits for model discovery)."""
+        """A new bridge process on the populated database (a restart), on an empty one (first run: the first
+        chat also waits for model discovery), and a restart as `python bridge.py`, the script form. RSS is
+        read 0.3 s after each restart's first chat."""
         self.emulator.configure()
-        results: dict[str, tuple[list[float], list[float]]] = {"restart": ([], []), "first run": ([], [])}
+        kinds = ("restart", "first run", "script restart")
+        results: dict[str, tuple[list[float], list[float], list[float]]] = {kind: ([], [], []) for kind in kinds}
         for i in range(runs):
-            for kind in results:
+            for kind in kinds:
                 folder = tempfile.mkdtemp(dir=self.folder)
                 db = os.path.join(folder, "bridge.db")
-                if kind == "restart":
-                    shutil.copy(self.db, db)
-                else:
-                    store = bridge.Store(db)
-                    bridge.add_account(store, bridge.parse_account_input(self.session))
-                    key = store.create_key("bench", 100_000_000)[1]
-                    store.close()
-                proc = Bridge(self.emulator.url, db, os.path.join(folder, "bridge.log"))
                 headers = dict(self.bridge_headers)
                 if kind == "first run":
-                    headers["Authorization"] = f"Bearer {key}"
+                    store = bridge.Store(db)
+                    bridge.add_account(store, bridge.parse_account_input(self.session))
+                    headers["Authorization"] = f"Bearer {store.create_key('bench', 100_000_000)[1]}"
+                    store.close()
+                else:
+                    shutil.copy(self.db, db)
+                proc = Bridge(self.emulator.url, db, os.path.join(folder, "bridge.log"), script=(kind == "script restart"))
                 body = json.dumps({"model": self.model["publicName"], "messages": [{"role": "user",
                                                                                      "content": PROMPT}]})
                 try:
@@ -804,19 +808,25 @@ class Bench:
                     response = httpx.post(proc.url + "/v1/chat/completions", content=body, headers=headers,
                                           timeout=30)
                     chat = time.perf_counter() - t0
+                    time.sleep(0.3)
+                    results[kind][2].append(proc_status(proc.pid, "VmRSS"))
                 finally:
                     proc.stop()
                 if response.status_code != 200:
                     raise RuntimeError(f"cold start chat: {response.status_code} {response.text[:300]}")
                 results[kind][0].append(health)
                 results[kind][1].append(chat)
-        healths, chats = results["restart"]
+        healths, chats, rss = results["restart"]
         self.row("5 cold start: process start -> health 200", [h * 1000 for h in healths], "ms", "<= 500 ms",
                  median(healths) <= 0.5, fmt="{:.0f}")
         self.row("5 cold start: process start -> first chat", [c * 1000 for c in chats], "ms", fmt="{:.0f}")
-        healths, chats = results["first run"]
+        self.row("    RSS after the first chat", rss, "MB", fmt="{:.1f}")
+        healths, chats, _ = results["first run"]
         self.row("    first run, empty DB -> health 200", [h * 1000 for h in healths], "ms", fmt="{:.0f}")
         self.row("    first run, empty DB -> first chat", [c * 1000 for c in chats], "ms", fmt="{:.0f}")
+        healths, chats, rss = results["script restart"]
+        self.row("    as `python bridge.py` -> health 200", [h * 1000 for h in healths], "ms", fmt="{:.0f}")
+        self.row("    as `python bridge.py`: RSS after the first chat", rss, "MB", fmt="{:.1f}")
 
     # --- 8: metrics -------------------------------------------------------------------------------
     def metrics(self, runs: int) -> None:
@@ -857,6 +867,9 @@ class Bench:
     def run(self) -> None:
         q = self.quick
         started = time.perf_counter()
+        # The bytecode `python -m bridge` starts from, as the image's build writes it (with
+        # PYTHONDONTWRITEBYTECODE set nothing else would, and every start would compile the file again).
+        py_compile.compile(os.path.join(ROOT, "bridge.py"), doraise=True)
         self.start()
         print("1. added latency (non-streaming, sequential)", flush=True)
         b, d, diff = self.sequential(200 if q else 2000, stream=False)

@@ -58,7 +58,8 @@ Contents:
     CLI                     serve, keys, tokens, models, doctor: COMMANDS, one table of commands
 
 
-Run `python bridge.py --help` for every flag and environment variable.
+Serve with `python -m bridge` (see the end of the file for why not `python bridge.py`); run
+`python bridge.py --help` for every flag and environment variable.
 """
 from __future__ import annotations
 
@@ -9129,4 +9130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Serve with `python -m bridge`: CPython keeps the syntax tree of a script (`python bridge.py`) until the
+    # script returns, that is for the server's life, about 20 MB for this file; a module is loaded from
+    # cached bytecode, or compiled with its tree dropped at once. Both run this same line.
     sys.exit(main())

@@ -225,7 +225,7 @@ def status(pid):
 def cmdline(pid):
     return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()
 pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-bridge = [p for p in pids if cmdline(p).endswith("bridge.py") and status(p)["PPid"] == "1"]
+bridge = [p for p in pids if cmdline(p).endswith("-m bridge") and status(p)["PPid"] == "1"]
 print(os.path.basename(cmdline(1).split()[0]), status(bridge[0])["Uid"].split()[0] if bridge else "none")')
 [ "$who" = "tini 10001" ] || fail "expected tini as PID 1 and the bridge as uid 10001, got: $who"
 ok "PID 1 is tini; the bridge runs as uid 10001"

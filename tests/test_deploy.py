@@ -169,7 +169,8 @@ def test_dockerfile_cmd_serves_health_with_state_in_the_volume(arena):
     arena.reset()
     info = dockerfile()
     assert info["entrypoint"][0].endswith("tini") and info["entrypoint"][-1] == "--"
-    assert info["cmd"][0] == "python" and os.path.basename(info["cmd"][1]) == "bridge.py"
+    assert info["cmd"] == ["python", "-m", "bridge"], "the bridge starts as a module, from its bytecode"
+    assert any(word == "RUN" and "compileall" in rest and "bridge.py" in rest for word, rest in dockerfile_instructions())
     assert any(args[-1] in ("./", ".", info["workdir"], info["workdir"] + "/") and "bridge.py" in args
                for args in info["copy"]), "bridge.py must be copied into the WORKDIR"
     data = tempfile.mkdtemp(prefix="data-", dir="/tmp")  # short: the sidecar socket goes beside the db
