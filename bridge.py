@@ -8,7 +8,7 @@ Contents:
 
   Part I: Foundations
     Settings                flags and environment, one frozen object
-    Tools                   time, a sliding window, a prefetching queue
+    Tools                   time, a sliding window, request traces, a prefetching queue
     Schema                  the SQLite schema's migrations, in order
     Store                   the one SQLite file: accounts, keys, usage, models, site parameters, conversations
 
@@ -363,6 +363,43 @@ class SlidingWindow:
         at = time.monotonic()
         for stale in [k for k, times in self.times.items() if not times or at - times[-1] >= self.seconds]:
             del self.times[stale]
+
+
+async def traced(call: Awaitable[Any], method: str, url: str, account: dict | None, via: str = "") -> Any:
+    """Await one request to LM Arena (or its storage); with BRIDGE_LOG_LEVEL=debug, log one line for it:
+    the URL's path alone (a query can carry a signature), the status (of the headers, for a stream), the
+    time, and the account's id and label, never its cookies, tokens or any header."""
+    started, outcome = time.perf_counter(), "no answer"
+    try:
+        response = await call
+        outcome = str(response.status_code)
+        return response
+    finally:
+        if log.isEnabledFor(logging.DEBUG):
+            who = f"account {account['id']} ({account.get('label') or '-'})" if account else "no account"
+            log.debug("upstream %s %s%s -> %s in %.0f ms, %s", method, urllib.parse.urlsplit(url).path, via,
+                      outcome, (time.perf_counter() - started) * 1000, who)
+
+
+def request_trace(app: Any) -> Any:
+    """ASGI middleware: with BRIDGE_LOG_LEVEL=debug, one line per client request when it ends (a stream
+    too): method, path (never the query), status, time, and the API key's name and id, never the key."""
+    async def trace(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not log.isEnabledFor(logging.DEBUG):
+            return await app(scope, receive, send)
+        started, status = time.perf_counter(), ["no answer"]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+        try:
+            await app(scope, receive, sending)
+        finally:
+            key = (scope.get("state") or {}).get("key")
+            log.debug("client %s %s -> %s in %.0f ms, %s", scope["method"], scope["path"], status[0],
+                      (time.perf_counter() - started) * 1000, f"key {key['id']} ({key['name']})" if key else "no key")
+    return trace
 
 
 class Prefetcher:
@@ -2828,9 +2865,9 @@ class ArenaSite:
     async def get(self, path: str, account: dict | None = None, timeout: float = 20.0) -> Any:
         for _ in range(2):
             try:
-                response = await self.http.get(self.origin + path, headers=self.request_headers(
+                response = await traced(self.http.get(self.origin + path, headers=self.request_headers(
                     account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
-                    timeout=timeout, discard_cookies=True, allow_redirects=False)
+                    timeout=timeout, discard_cookies=True, allow_redirects=False), "GET", path, account)
             except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
                 raise unreachable(exc) from None
             if response.status_code not in (301, 308) or not await self.follow_move(path, response.headers.get("location")):
@@ -2839,10 +2876,10 @@ class ArenaSite:
 
     async def post_stream(self, path: str, body: dict, account: dict, deadline: float) -> Any:
         try:
-            return await asyncio.wait_for(self.http.post(
+            return await asyncio.wait_for(traced(self.http.post(
                 self.origin + path, data=json.dumps(body, ensure_ascii=False).encode(),
                 headers=self.request_headers(account), stream=True, timeout=None, discard_cookies=True,
-                allow_redirects=False), timeout=max(0.1, deadline - now()))
+                allow_redirects=False), "POST", path, account), timeout=max(0.1, deadline - now()))
         except TimeoutError:
             raise ArenaError("upstream_timeout", "LM Arena did not answer in time") from None
         except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
@@ -2855,7 +2892,8 @@ class ArenaSite:
         request = {"url": self.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
                    "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": Session.of(account).cookies(),
                    "action": action, "sitekey": self.sitekey}
-        return await BrowserResponse(self.sidecar.fetch_stream(request)).opened(deadline)
+        return await traced(BrowserResponse(self.sidecar.fetch_stream(request)).opened(deadline), "POST", path,
+                            account, " (in the sidecar's page)")
 
     async def post_by_executor(self, executors: BrowserExecutors, path: str, body: dict, account: dict, action: str,
                                deadline: float) -> BrowserResponse:
@@ -2864,7 +2902,8 @@ class ArenaSite:
         request = {"url": path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
                    "headers": {"Content-Type": "text/plain;charset=UTF-8"},
                    "recaptcha": {"action": action, "sitekey": self.sitekey}}
-        return await BrowserResponse(executors.run(account["id"], request)).opened(deadline)
+        return await traced(BrowserResponse(executors.run(account["id"], request)).opened(deadline), "POST", path,
+                            account, " (in the user's browser)")
 
     def moves_to(self, path: str, location: str | None) -> str | None:
         """The new origin when a redirect of `path` points at the same path elsewhere."""
@@ -3000,10 +3039,12 @@ class ArenaSite:
         broken and the next follow-up starts over (POLICY's battle_pending)."""
         headers = self.request_headers(account, content_type="application/json")
         try:
-            response = await self.http.post(
-                f"{self.origin}/nextjs-api/stream/skip-direct-battle/{evaluation_id}", headers=headers,
+            path = f"/nextjs-api/stream/skip-direct-battle/{evaluation_id}"
+            response = await traced(self.http.post(
+                self.origin + path, headers=headers,
                 data=json.dumps({"messageAId": lane_a, "messageBId": lane_b, "modelAMessageId": lane_a,
-                                 "modelBMessageId": lane_b}), timeout=20, discard_cookies=True, allow_redirects=False)
+                                 "modelBMessageId": lane_b}), timeout=20, discard_cookies=True,
+                allow_redirects=False), "POST", path, account)
         except Exception as exc:  # noqa: BLE001 - any network failure: the battle turn stays unanswered
             log.warning("skipping the battle turn of %s failed (%s)", evaluation_id, type(exc).__name__)
             return False
@@ -3023,9 +3064,10 @@ class ArenaSite:
             headers["Next-Action"] = action_id
             sent = now()
             try:
-                response = await self.http.post(self.origin + "/?mode=direct", data=json.dumps(args),
-                                                headers=headers, timeout=30, discard_cookies=True,
-                                                allow_redirects=False)
+                response = await traced(self.http.post(self.origin + "/?mode=direct", data=json.dumps(args),
+                                                       headers=headers, timeout=30, discard_cookies=True,
+                                                       allow_redirects=False), "POST", "/", account,
+                                        f" (server action {name})")
             except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
                 raise ArenaError("upload_failed", f"LM Arena's {name} could not be reached ({type(exc).__name__})") \
                     from None
@@ -3110,8 +3152,8 @@ class Uploader:
 
     async def put_upload(self, upload_url: str, image: ImageInput) -> None:
         try:
-            put = await self.site.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
-                                           timeout=60, discard_cookies=True)
+            put = await traced(self.site.http.put(upload_url, data=image.data, headers={"Content-Type": image.mime},
+                                                  timeout=60, discard_cookies=True), "PUT", upload_url, None)
         except Exception as exc:  # noqa: BLE001 - any network failure is one answer: the upload failed
             raise ArenaError("upload_failed", f"the image upload to LM Arena's storage failed "
                                               f"({type(exc).__name__})") from None
@@ -3352,11 +3394,12 @@ class AccountPool:
         if not issuer:
             return None
         try:
-            response = await self.site.http.post(
-                issuer.rstrip("/") + "/token?grant_type=refresh_token",
-                headers={"apikey": anon_key, "Authorization": f"Bearer {anon_key}",
-                         "Content-Type": "application/json", "Accept": "application/json"},
-                data=json.dumps({"refresh_token": data["refresh_token"]}), timeout=20, discard_cookies=True)
+            url = issuer.rstrip("/") + "/token?grant_type=refresh_token"
+            response = await traced(self.site.http.post(
+                url, headers={"apikey": anon_key, "Authorization": f"Bearer {anon_key}",
+                              "Content-Type": "application/json", "Accept": "application/json"},
+                data=json.dumps({"refresh_token": data["refresh_token"]}), timeout=20, discard_cookies=True),
+                "POST", url, account)
             if response.status_code != 200:
                 log.warning("refresh grant answered %s", response.status_code)
                 return None
@@ -4151,6 +4194,7 @@ def authenticate(request: Request) -> dict:
     key = bridge(request).store.key_by_secret(secret)
     if key is None:
         raise ApiError(401, "Invalid API key.", "invalid_api_key")
+    request.state.key = key          # the request trace names it (never its secret)
     return key
 
 
@@ -5650,7 +5694,8 @@ async def fetch_bytes(http: AsyncSession, url: str, timeout: float, limit: int =
     """GET a URL into memory, stopping as soon as it passes `limit` bytes. Redirects are not followed: a
     redirect could lead to an address that was never checked."""
     try:
-        response = await http.get(url, timeout=timeout, stream=True, discard_cookies=True, allow_redirects=False)
+        response = await traced(http.get(url, timeout=timeout, stream=True, discard_cookies=True,
+                                         allow_redirects=False), "GET", url, None, " (an image)")
     except Exception as exc:  # noqa: BLE001 - any network failure: the URL could not be fetched
         raise FetchError(f"could not be fetched ({type(exc).__name__})", "image_url_unreachable") from None
     try:
@@ -8780,6 +8825,7 @@ def create_app(settings: Settings) -> Starlette:
     app.router.redirect_slashes = False      # not_found_handler redirects, relatively
     app.state.bridge = state
     app.add_middleware(cast(Any, state.bodies.middleware))
+    app.add_middleware(cast(Any, request_trace))
     return app
 
 
