@@ -1347,6 +1347,20 @@ def parse_part(code: str, payload: Any) -> Event | None:
     return parser(payload) if parser is not None else None
 
 
+JSON_DECODER = json.JSONDecoder()
+
+
+def json_payload(raw: str) -> Any:
+    """json.loads(raw) at a third of its cost for a payload without whitespace around it (every line the
+    site sends): raw_decode skips json.loads' checks and whitespace matches, which were most of a line's
+    parsing. Anything else is json.loads' to accept or refuse."""
+    try:
+        value, end = JSON_DECODER.raw_decode(raw)
+    except ValueError:
+        return json.loads(raw)
+    return value if end == len(raw) else json.loads(raw)
+
+
 def parse_stream_line(line: str) -> tuple[str, Event | None] | None:
     """One line of LM Arena's data stream -> (participant, event). None for lines that are not part of
     the protocol (counted by the caller, never fatal)."""
@@ -1365,7 +1379,7 @@ def parse_stream_line(line: str) -> tuple[str, Event | None] | None:
         return None
     participant, code, raw = match.groups()
     try:
-        payload = json.loads(raw)
+        payload = json_payload(raw)
     except ValueError:
         return None
     return participant, parse_part(code, payload)
@@ -1403,8 +1417,8 @@ class StreamParser:
 
     def _text(self, event: Event) -> Event | None:
         """The event with its text made encodable; None when all of it is held back."""
-        if not isinstance(event.value, str):
-            return event
+        if not isinstance(event.value, str) or (not self.held and event.value.isascii()):
+            return event        # the common part: ASCII has no surrogates to pair or replace
         text = event.value
         if event.kind in ("text", "reasoning"):
             text = self.held.pop(event.kind, "") + text
@@ -1461,7 +1475,8 @@ def utf16_index(text: str, units: int) -> int:
 
 
 def utf16_len(text: str) -> int:
-    return len(text) + sum(1 for char in text if ord(char) > 0xFFFF)
+    # Runs on every text part: ASCII (most replies) needs no count, and the encoder counts in C.
+    return len(text) if text.isascii() else len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 class Citations:
@@ -1501,6 +1516,8 @@ class Citations:
     def place(self, text: str) -> str:
         """`text` (the reply's next piece) with the numbers whose offsets fall inside or at its end."""
         start, self.units = self.units, self.units + utf16_len(text)
+        if not self.pending or self.pending[0][0] > self.units:
+            return text
         out, at = [], 0
         while self.pending and self.pending[0][0] <= self.units:
             offset, number = self.pending.pop(0)
@@ -3210,6 +3227,33 @@ class AccountPool:
         # rather than sending a second request on one account before the first says whether it is
         # refused: on the late-2026 site each refused attempt extends the account's penalty (U2).
         self.asking: set[int] = set()
+        # The requests queued meanwhile, woken one at a time as an answer comes in. Their poll (every 50 ms,
+        # for pacing and cool-downs that end by time) alone left a freed account idle for up to that long:
+        # a burst on one account ran at about 40 streams/s.
+        self.queued: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    # --- requests queued while accounts are asking ---------------------------------------------------
+    def answered(self, account_id: int) -> None:
+        """The account's answer is in: it asks no more, and the first request queued tries again (one, not
+        all: the account serves one of them; one it cannot serve finds another on its next poll)."""
+        self.asking.discard(account_id)
+        while self.queued:
+            waiter = self.queued.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def wait_for_answer(self, timeout: float) -> None:
+        """Until an asking account's answer is in or `timeout` passed (pacing and cool-downs end by time)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.queued.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await waiter
+        finally:   # timed out or cancelled (which cancels the future too): out of the queue
+            with contextlib.suppress(ValueError):
+                self.queued.remove(waiter)
 
     # --- choice and pacing --------------------------------------------------------------------------
     def usable(self, exclude: set[int], modality: str = "chat") -> list[dict]:
@@ -3611,7 +3655,7 @@ class TurnRunner:
             tries.excluded.add(account["id"])
             tries.last = gone
         finally:
-            self.pool.asking.discard(account["id"])
+            self.pool.answered(account["id"])
         return None
 
     async def account(self, tries: Tries, deadline: float) -> dict:
@@ -3627,7 +3671,7 @@ class TurnRunner:
                 return account
             if now() >= queued_until or not self.pool.asking - tries.excluded:
                 raise self.pool.unavailable(tries.last, tries.modality)
-            await asyncio.sleep(0.05)
+            await self.pool.wait_for_answer(0.05)
 
     async def send(self, plan: TurnPlan, tries: Tries, account: dict, deadline: float) -> OpenedTurn | Failure:
         followup = tries.followup
@@ -5088,6 +5132,14 @@ class ToolCallParser:
     def held(self) -> str:
         return "".join(self.kept)
 
+    def passes(self, delta: str) -> bool:
+        """True, with `delta` taken as the reply's text, when it goes to the client as it came: nothing can
+        be a call and nothing is held back (a plain chat: the relay's hot path skips feed's events)."""
+        if self.names or self.hold != HOLD_NONE:
+            return False
+        self.parts.append(delta)
+        return True
+
     def feed(self, delta: str) -> list[ToolEvent]:
         events: list[ToolEvent] = []
         if not self.names:                  # nothing can be a call: the text passes as it came, delta by delta
@@ -5471,6 +5523,9 @@ class ChatJob:
         if delta is None:
             return []
         if delta[0] == "reasoning":
+            return [delta]
+        if parser.passes(delta[1]):
+            self.content.append(delta[1])
             return [delta]
         return self.relay(parser.feed(delta[1]))
 

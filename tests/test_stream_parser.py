@@ -2,7 +2,9 @@
 import json
 import random
 
-from bridge import Event, StreamParser, parse_stream, parse_stream_line
+import pytest
+
+from bridge import Event, StreamParser, json_payload, parse_stream, parse_stream_line, utf16_len
 
 
 def kinds(events):
@@ -98,3 +100,16 @@ def test_bare_json_error_line_is_an_error():
 def test_parse_stream_line_returns_participant():
     assert parse_stream_line('b0:"x"') == ("b", Event("text", "x"))
     assert parse_stream_line("") is None
+
+
+def test_a_payload_reads_as_json_loads_reads_it_with_or_without_whitespace_around():
+    for raw in ['"plain"', ' "leading"', '"trailing" ', '{"finishReason": "stop"}', ' [1, 2] ', '"\\ud83d\\ude00"',
+                '"lone \\ud83d"', "17", "null"]:
+        assert json_payload(raw) == json.loads(raw)
+    for bad in ['"unterminated', '"a" "b"', "{", "", '"tab\there"']:
+        with pytest.raises(ValueError):
+            json_payload(bad)
+
+
+def test_utf16_length_counts_astral_characters_twice_and_lone_surrogates_once():
+    assert [utf16_len(text) for text in ("", "ascii", "é", "😀", "a😀b", "\ud83d")] == [0, 5, 1, 2, 4, 1]

@@ -1,5 +1,6 @@
 """The upstream client and the account pool without a network: clearance, refresh, the arena mode."""
 import asyncio
+import time
 
 from test_accounts import session_value
 
@@ -82,3 +83,39 @@ def test_a_refused_mode_switches_for_this_run_even_when_the_flag_named_it(tmp_pa
     site.switch_mode()
     assert site.arena_mode() == "direct-battle"
     assert store.site_params()["arena_mode"] == "direct-battle"
+
+
+def test_a_request_queued_behind_an_asking_account_is_woken_by_the_answer_not_the_next_poll(tmp_path):
+    settings, store, site = parts(tmp_path)
+    pool = bridge.AccountPool(settings, store, site, site.sidecar)
+    pool.asking.add(1)
+
+    async def queued_then_answered():
+        waiting = [asyncio.create_task(pool.wait_for_answer(30.0)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        pool.answered(1)
+        _, pending = await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        woken_after = time.monotonic() - started
+        still_waiting = [task.done() for task in waiting]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await site.aclose()
+        return woken_after, still_waiting
+
+    woken_after, done = asyncio.run(queued_then_answered())
+    assert woken_after < 0.5 and done == [True, False]     # the first in the queue, and only it
+    assert 1 not in pool.asking and not pool.queued        # a waiter that left is no longer queued
+
+
+def test_a_queued_request_whose_wait_runs_out_leaves_the_queue(tmp_path):
+    settings, store, site = parts(tmp_path)
+    pool = bridge.AccountPool(settings, store, site, site.sidecar)
+
+    async def wait_out():
+        await pool.wait_for_answer(0.01)
+        await site.aclose()
+
+    asyncio.run(wait_out())
+    assert not pool.queued
