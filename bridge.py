@@ -313,6 +313,12 @@ def format_time(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
 
 
+# json.dumps(value, ensure_ascii=False) builds a JSONEncoder per call, 7x the cost of reusing one: these
+# are kept, for what runs per request or per line (json_text spells JSON as json.dumps does).
+json_text = json.JSONEncoder(ensure_ascii=False).encode
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
@@ -326,6 +332,28 @@ def without_lone_surrogates(text: str) -> str:
 
 def sha256_hex(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
+
+
+class Memo:
+    """The latest results of a pure computation, by a key that spells out all of its input: a changed
+    input is a new key, so no result is ever stale. Bounded twice, so that what it holds stays small
+    whatever clients send: at most `entries` results (the least recently used goes first), and none kept
+    for a key longer than `longest` characters."""
+
+    def __init__(self, entries: int, longest: int) -> None:
+        self.entries, self.longest = entries, longest
+        self.results: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key in self.results:
+            self.results.move_to_end(key)
+            return self.results[key]
+        result = compute()
+        if len(key) <= self.longest:
+            self.results[key] = result
+            if len(self.results) > self.entries:
+                self.results.popitem(last=False)
+        return result
 
 
 class SlidingWindow:
@@ -2894,7 +2922,7 @@ class ArenaSite:
     async def post_stream(self, path: str, body: dict, account: dict, deadline: float) -> Any:
         try:
             return await asyncio.wait_for(traced(self.http.post(
-                self.origin + path, data=json.dumps(body, ensure_ascii=False).encode(),
+                self.origin + path, data=json_text(body).encode(),
                 headers=self.request_headers(account), stream=True, timeout=None, discard_cookies=True,
                 allow_redirects=False), "POST", path, account), timeout=max(0.1, deadline - now()))
         except TimeoutError:
@@ -4561,7 +4589,7 @@ def normalise_for_match(message: Message) -> list[str]:
 
 def fingerprint_of(key_id: int, model: str, normalised: list[list[str]]) -> str:
     """The fingerprint of a history already normalised (normalise_for_match, message by message)."""
-    return sha256_hex(json.dumps([key_id, model, normalised], ensure_ascii=False, separators=(",", ":")))
+    return sha256_hex(compact_json([key_id, model, normalised]))
 
 
 def conversation_fingerprint(key_id: int, model: str, messages: list[Message]) -> str:
@@ -4675,24 +4703,21 @@ class ChunkEncoder:
     small json.dumps of the text: the hot path of a stream."""
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
-        head = json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                           "model": model}, ensure_ascii=False)[:-1]
+        head = json_text({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                          "model": model})[:-1]
         self.head = "data: " + head + ',"choices":[{"index":0,"delta":'
         self.tail = ',"logprobs":null,"finish_reason":null}]' + (',"usage":null' if include_usage else "") + "}\n\n"
         self.bare = "data: " + head
         self.include_usage = include_usage
 
     def delta(self, **fields: Any) -> str:
-        return self.head + json.dumps(fields, ensure_ascii=False) + self.tail
-
-    # json.dumps(text, ensure_ascii=False) builds a JSONEncoder per call: 7x the cost of reusing one.
-    text_json = staticmethod(json.JSONEncoder(ensure_ascii=False).encode)
+        return self.head + json_text(fields) + self.tail
 
     def content(self, text: str) -> str:
-        return self.head + '{"content":' + self.text_json(text) + "}" + self.tail
+        return self.head + '{"content":' + json_text(text) + "}" + self.tail
 
     def reasoning(self, text: str) -> str:
-        return self.head + '{"reasoning_content":' + self.text_json(text) + "}" + self.tail
+        return self.head + '{"reasoning_content":' + json_text(text) + "}" + self.tail
 
     def finish(self, reason: str) -> str:
         return (self.head + "{}" + ',"logprobs":null,"finish_reason":' + json.dumps(reason) + "}]"
@@ -4768,6 +4793,7 @@ class ToolConfig:
     choice: str = "auto"
     function: str | None = None
     parallel: bool = True
+    key: str = dataclasses.field(default="", compare=False, repr=False)   # see TOOL_RENDERINGS; "": none
 
     @property
     def callable(self) -> tuple[ToolSpec, ...]:
@@ -4810,7 +4836,7 @@ def tool_spec(name: Any, description: Any, parameters: Any, param: str) -> ToolS
 
 
 def tool_config(tools: list[ToolSpec], choice: str = "auto", function: str | None = None,
-                parallel: bool = True, param: str = "tool_choice") -> ToolConfig:
+                parallel: bool = True, param: str = "tool_choice", key: str = "") -> ToolConfig:
     """A checked ToolConfig: names unique, the choice known, a named or required call possible."""
     names = [t.name for t in tools]
     duplicate = next((n for n in names if names.count(n) > 1), None)
@@ -4819,7 +4845,7 @@ def tool_config(tools: list[ToolSpec], choice: str = "auto", function: str | Non
     problem = tool_choice_problem(choice, function, names)
     if problem:
         raise ApiError(400, f"`{param}` {problem}.", "invalid_value", param)
-    return ToolConfig(tuple(tools), choice, function if choice == "function" else None, parallel)
+    return ToolConfig(tuple(tools), choice, function if choice == "function" else None, parallel, key)
 
 
 def tool_choice_problem(choice: str, function: str | None, names: list[str]) -> str:
@@ -4913,17 +4939,31 @@ def function_lines(tools: tuple[ToolSpec, ...]) -> list[str]:
         entry: dict[str, Any] = {"name": tool.name,
                                  "description": trimmed(tool.description, TRIM_LIMITS["description"],
                                                         "of this description")}
-        full = json.dumps({**entry, "parameters": tool.parameters}, ensure_ascii=False)
+        full = json_text({**entry, "parameters": tool.parameters})
         if size + len(full) > TRIM_LIMITS["tool_list"]:
             entry["parameters"] = "[left out by the bridge: the tool list is too long; ask for them in text]"
-            full = json.dumps(entry, ensure_ascii=False)
+            full = json_text(entry)
         lines.append(full)
         size += len(full)
     return lines
 
 
+# An agent sends the same tools with every turn of its loop, and reading and rendering 20 of them was
+# most of a request's own CPU time: both are kept by the request fields they come from (ToolConfig.key),
+# for a few tool sets at once (several agents), none over 128 kB of JSON (Claude Code's are about 60 kB),
+# so that the memos hold a few MB at most whatever clients send.
+TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST = 8, 128 * 1024
+TOOL_RENDERINGS = Memo(TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST)
+
+
 def tool_instructions(config: ToolConfig) -> str:
     """The system-part text that teaches the model the tools; empty when the request has none."""
+    if config.key:
+        return TOOL_RENDERINGS.get(config.key, lambda: render_tools(config))
+    return render_tools(config)
+
+
+def render_tools(config: ToolConfig) -> str:
     if not config.tools:
         return ""
     if not config.callable:
@@ -4947,7 +4987,7 @@ def call_block(call: ToolCall) -> str:
     except ValueError:
         arguments = call.arguments      # a client's own history may hold anything: shown as it came
     body = {"id": call.id, "name": call.name, "arguments": arguments}
-    return f"<tool_call>{json.dumps(body, ensure_ascii=False)}</tool_call>"
+    return f"<tool_call>{json_text(body)}</tool_call>"
 
 
 def result_block(message: Message, names: dict[str, str]) -> str:
@@ -5424,8 +5464,20 @@ def chat_tool_choice(raw: Any) -> tuple[str, str | None]:
                         "{\"name\": ...}}.", "invalid_value", "tool_choice")
 
 
+CHAT_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+CHAT_TOOLS = Memo(TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST)     # read once while an agent's loop runs (TOOL_RENDERINGS)
+
+
 def parse_chat_tools(body: dict) -> ToolConfig:
-    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request."""
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request, kept by their JSON text."""
+    fields = [body.get(field) for field in CHAT_TOOL_FIELDS]
+    if fields == [None, None, None]:
+        return ToolConfig()
+    key = "chat:" + compact_json(fields)
+    return CHAT_TOOLS.get(key, lambda: read_chat_tools(body, key))
+
+
+def read_chat_tools(body: dict, key: str) -> ToolConfig:
     raw = body.get("tools") or []
     if not isinstance(raw, list):
         raise ApiError(400, "`tools` must be an array.", "invalid_type", "tools")
@@ -5436,7 +5488,7 @@ def parse_chat_tools(body: dict) -> ToolConfig:
         raise ApiError(400, "`parallel_tool_calls` must be a boolean.", "invalid_type", "parallel_tool_calls")
     if not tools and choice == "none":
         return ToolConfig()
-    return tool_config(tools, choice, function, parallel is not False)
+    return tool_config(tools, choice, function, parallel is not False, key=key)
 
 
 def parse_response_format(raw: Any) -> OutputFormat:
@@ -6490,8 +6542,6 @@ class AnthropicEncoder:
     (with the engine's finish reason and usage), error, and KEEPALIVE while waiting."""
 
     KEEPALIVE = sse_event("ping", {"type": "ping"})
-    text_json = staticmethod(json.JSONEncoder(ensure_ascii=False).encode)
-
     def __init__(self, message_id: str, model: str, input_tokens: int):
         self.message_id, self.model, self.input_tokens = message_id, model, input_tokens
         self.index = -1
@@ -6533,7 +6583,7 @@ class AnthropicEncoder:
             delta_type, field = ANTHROPIC_DELTAS[kind]
             self.head = ('event: content_block_delta\ndata: {"type":"content_block_delta",'
                          f'"index":{self.index},"delta":{{"type":"{delta_type}","{field}":')
-        return events + self.head + self.text_json(text) + "}}\n\n"
+        return events + self.head + json_text(text) + "}}\n\n"
 
     def _open(self, block: dict) -> str:
         self.index += 1
@@ -6825,8 +6875,6 @@ class ResponsesEncoder:
     Its methods are those of AnthropicEncoder; the keep-alive is an SSE comment (the API has no ping event)."""
 
     KEEPALIVE = ": ping\n\n"
-    text_json = staticmethod(json.JSONEncoder(ensure_ascii=False).encode)
-
     def __init__(self, response_id: str, created_at: int, request: ResponsesRequest):
         self.response_id, self.created_at, self.request = response_id, created_at, request
         self.sequence = -1
@@ -6886,7 +6934,7 @@ class ResponsesEncoder:
         events = "" if self.open == kind else self._close() + self._open(kind)
         self.texts.append(text)
         self.sequence += 1
-        return f"{events}{self.head[0]}{self.sequence}{self.head[1]}{self.text_json(text)}{self.head[2]}"
+        return f"{events}{self.head[0]}{self.sequence}{self.head[1]}{json_text(text)}{self.head[2]}"
 
     def _open(self, kind: str) -> str:
         """Open a reasoning item with its summary part, or a message with its output_text part."""

@@ -538,3 +538,51 @@ def test_call_ids_take_the_apis_prefix():
     parser = ToolCallParser(TOOLS, TEXT, "msg_1", id_prefix="toolu_")
     [event] = [e for e in parser.feed(call_text()) if e.kind == "call"]
     assert event.call.id.startswith("toolu_") and event.call.id == call_id("msg_1", 0, "toolu_")
+
+
+# The memos of a chat request's tools (an agent sends the same ones every turn).
+
+def function_tool(name="get_weather", description="weather", parameters=None):
+    return {"type": "function", "function": {"name": name, "description": description,
+                                             "parameters": parameters or WEATHER.parameters}}
+
+
+def test_the_same_tools_sent_again_are_read_and_rendered_once():
+    first = bridge.parse_chat_tools(chat_body(tools=[function_tool()]))
+    again = bridge.parse_chat_tools(json.loads(json.dumps(chat_body(tools=[function_tool()]))))
+    assert again is first and tool_instructions(again) is tool_instructions(first)
+
+
+@pytest.mark.parametrize("change", [
+    {"tools": [function_tool(parameters={"type": "object", "properties": {"town": {"type": "string"}}})]},
+    {"tools": [function_tool(description="the weather, in Celsius")]},
+    {"tools": [function_tool(parameters={"required": ["city"], "type": "object",   # the same keys, reordered
+                                         "properties": {"city": {"type": "string"}}})]},
+    {"tools": [function_tool()], "tool_choice": "required"},
+    {"tools": [function_tool()], "parallel_tool_calls": False},
+])
+def test_a_changed_tools_list_or_choice_is_never_served_a_stale_rendering(change):
+    bridge.parse_chat_tools(chat_body(tools=[function_tool()]))
+    changed = bridge.parse_chat_tools(chat_body(**change))
+    fresh = bridge.read_chat_tools(chat_body(**change), key="")     # read and rendered without the memos
+    assert changed == fresh and tool_instructions(changed) == tool_instructions(fresh)
+
+
+def test_the_tool_memos_stay_bounded_and_keep_no_huge_tools_list():
+    for i in range(3 * bridge.TOOL_MEMO_ENTRIES):
+        tool_instructions(bridge.parse_chat_tools(chat_body(tools=[function_tool(f"tool_{i}")])))
+    huge = function_tool(description="d" * bridge.TOOL_MEMO_LONGEST)
+    tool_instructions(bridge.parse_chat_tools(chat_body(tools=[huge])))
+    for memo in (bridge.CHAT_TOOLS, bridge.TOOL_RENDERINGS):
+        assert len(memo.results) == bridge.TOOL_MEMO_ENTRIES
+        assert max(map(len, memo.results)) <= bridge.TOOL_MEMO_LONGEST
+
+
+def test_a_memo_drops_the_least_recently_used_result_and_keeps_no_failure():
+    memo = bridge.Memo(entries=2, longest=10)
+    for key in ("a", "b", "a", "c"):
+        memo.get(key, lambda key=key: key.upper())
+    assert list(memo.results) == ["a", "c"]
+    with pytest.raises(ApiError):
+        memo.get("bad", lambda: bridge.read_chat_tools(chat_body(tools={"a": 1}), key="bad"))
+    assert "bad" not in memo.results and memo.get("x" * 11, lambda: 1) == 1 and "x" * 11 not in memo.results
