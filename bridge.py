@@ -3897,6 +3897,8 @@ TROUBLESHOOTING = {
     "recaptcha": "#recaptcha-failures",
     "upstream": "#lm-arena-errors",
     "images": "#image-uploads-fail",
+    "executor": "#browser-executor-not-connected",
+    "userscript": "#bridge-on-a-server-browser-at-home",
 }
 
 # What a failure means, by its code (an upstream failure kind, or the API error code a request ended
@@ -3914,6 +3916,7 @@ FAILURE_CAUSES: dict[str, tuple[str, str]] = {
     "no_account": ("no_account", "session"),
     "signup_failed": ("no_account", "session"),
     "sidecar_unavailable": ("browser", "browser"),
+    "browser_unavailable": ("browser", "executor"),
     "server": ("upstream_5xx", "upstream"),
     "upstream_timeout": ("upstream_5xx", "upstream"),
     "upstream_unreachable": ("network", "network"),
@@ -7487,7 +7490,7 @@ def verdict_text(findings: list[Finding]) -> str:
         return "a chat worked and every step passed"
     if any(f.step == "chat" and f.status == "ok" for f in findings):
         return "a chat worked, but a step failed: see the failed lines above"
-    return "no chat worked: see the failed lines above"
+    return f"no chat worked: see the {'failed' if any(f.status == 'failed' for f in findings) else 'skipped'} lines above"
 
 
 def seconds_text(seconds: float) -> str:
@@ -7633,10 +7636,11 @@ class ChatOutcome:
     first_token: float | None = None
     seconds: float = 0.0
     text: str = ""
+    label: str = ""     # a browser account's label: whose tab sent it
 
 
 def judge_chat(path: str, outcome: ChatOutcome) -> Finding:
-    where = f"account {outcome.account_id}"
+    where = f"account {outcome.account_id}" + (f" ({outcome.label})" if outcome.label else "")
     if outcome.kind is not None or outcome.status != 200:
         return failed("chat", f"{where}: LM Arena answered {outcome.status} ({outcome.kind}): {outcome.message}",
                       fix_for(outcome.kind), path)
@@ -7645,6 +7649,66 @@ def judge_chat(path: str, outcome: ChatOutcome) -> Finding:
     first = seconds_text(outcome.first_token) if outcome.first_token is not None else "?"
     return ok("chat", f"{where}: first token after {first}, reply of {len(outcome.text)} chars in "
                       f"{seconds_text(outcome.seconds)}", path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorView:
+    """What the server knows about one browser account (a userscript tab): its record and live pages."""
+    id: int
+    label: str
+    connected: bool
+    state: str                      # as a request sees it (account_state)
+    cooldown_until: float | None = None
+    reason: str | None = None
+    last_seen: float | None = None
+
+
+def unseen_text(view: ExecutorView, at: float) -> str:
+    seen = f", last seen {until_text(at, view.last_seen)} ago" if view.last_seen else ""
+    return (f"its tab is not connected{seen} (closed, asleep, reloaded or signed out): open LM Arena in that "
+            "browser until the userscript's badge says connected")
+
+
+# Why the doctor sends no chat through an executor: the first row whose test holds gives the
+# troubleshooting entry and the text. An executor no row stops gets its one chat.
+EXECUTOR_SKIPS: tuple[tuple[Callable[[ExecutorView, float], bool], str,
+                            Callable[[ExecutorView, float], str]], ...] = (
+    (lambda v, at: not v.connected, "executor", unseen_text),
+    (lambda v, at: v.state == "cooling_down", "cooldown",
+     lambda v, at: f"cooling down for {until_text(v.cooldown_until or at, at)} ({v.reason or 'no reason given'}); "
+                   "the doctor leaves it alone"),
+    (lambda v, at: v.state not in ("ok", "refreshing"), "executor",
+     lambda v, at: f"marked {v.state} ({v.reason or 'no reason given'}); the doctor leaves it alone"),
+)
+
+
+def judge_executor(view: ExecutorView, at: float) -> Finding | None:
+    """The line of an executor the doctor does not chat through, or None when it may."""
+    row = next((row for row in EXECUTOR_SKIPS if row[0](view, at)), None)
+    if row is None:
+        return None
+    return skipped("chat", f"{view.label}: {row[2](view, at)}", row[1], f"executor {view.id}")
+
+
+def no_executor() -> Finding:
+    return skipped("chat", "no browser executor has connected to this server: install the userscript in a browser "
+                           "signed in to LM Arena and keep an LM Arena tab open", "userscript", "executor")
+
+
+def judge_server(url: str, status: int | None, error: str | None = None) -> Finding:
+    """The executor line of the CLI's doctor, when the running server (which the tabs connect to) did not
+    send its executors' chats: none runs (no status: the connection failed with `error`), it runs on
+    another database, or it failed (`error` says how, or its status does)."""
+    if status is None:
+        return skipped("chat", f"no bridge server answers at {url} ({error}): browser executors connect to the "
+                               "running server, not to this command; start the server and run the doctor again, or "
+                               "run it from the dashboard's Diagnostics page", "executor", "executor")
+    if status in (302, 303, 307, 401, 403):
+        return skipped("chat", f"the bridge at {url} does not use this database (it refused a dashboard session made "
+                               "in it): run the doctor with the server's --db (BRIDGE_DB), or from its Diagnostics "
+                               "page", "executor", "executor")
+    return failed("chat", f"the bridge at {url} could not run the executor check: {error or f'it answered {status}'}",
+                  "upstream", "executor")
 
 
 def judge_upload(account_id: int, signed_url: str | None, error: str | None) -> Finding:
@@ -7684,8 +7748,12 @@ class Doctor:
     refreshes a session that expired, keeps a session the site rotated, and cools down an account the
     site rate-limited)."""
 
-    def __init__(self, state: BridgeState, recorder: Recorder | None = None):
+    def __init__(self, state: BridgeState, recorder: Recorder | None = None,
+                 server: Callable[[], Awaitable[list[Finding]]] | None = None):
         self.state, self.recorder = state, recorder
+        # The CLI's doctor runs beside the server the browser executors connect to: `server` asks that
+        # server for their lines. Without it, this process is the server and chats through them itself.
+        self.server = server
         self.site, self.pool, self.turns, self.sidecar = state.site, state.pool, state.turns, state.sidecar
         self.mode = state.settings.sidecar
         self.page: Any = None
@@ -7777,18 +7845,19 @@ class Doctor:
                            account["cooldown_reason"] or account["last_error"], refresh)
         return judge_account(view, at)
 
-    async def usable_account(self) -> dict | None:
-        """An account that may serve now. When only pacing holds them back, wait for it (up to a minute):
-        the doctor is paced as requests are."""
-        account = self.pool.pick(self.spent)
+    async def usable_account(self, exclude: set[int] | None = None) -> dict | None:
+        """An account that may serve now (not in `exclude`, by default those spent). When only pacing holds
+        them back, wait for it (up to a minute): the doctor is paced as requests are."""
+        exclude = self.spent if exclude is None else exclude
+        account = self.pool.pick(exclude)
         if account is None:
             at = now()
             waits = [self.state.settings.account_min_interval - (at - (a["last_used"] or 0))
-                     for a in self.state.store.accounts() if a["id"] not in self.spent and is_usable(a, at)]
+                     for a in self.state.store.accounts() if a["id"] not in exclude and is_usable(a, at)]
             wait = min(waits, default=0.0)
             if 0 < wait <= PACING_WAIT:
                 await asyncio.sleep(wait)
-                account = self.pool.pick(self.spent)
+                account = self.pool.pick(exclude)
         return account
 
     # --- the browser -------------------------------------------------------------------------------
@@ -7825,49 +7894,60 @@ class Doctor:
     def paths(self) -> list[str]:
         return ["direct"] + (["in-page"] if self.mode != "off" else [])
 
+    def chat_model(self) -> dict | None:
+        return next((m for m in usable_models(self.state.store.models()) if choose_modality(m) == "chat"), None)
+
     async def chats(self) -> list[Finding]:
-        model = next((m for m in usable_models(self.state.store.models()) if choose_modality(m) == "chat"), None)
+        model = self.chat_model()
         if model is None:
             return [failed("chat", "no text model to chat with", "models")]
         return [await self.chat_by(path, model) for path in self.paths()]
 
-    async def chat_by(self, path: str, model: dict) -> Finding:
-        """One path's chat; a failure to send it at all is that path's line, not the end of the step."""
+    async def chat_by(self, path: str, model: dict, account: dict | None = None, subject: str = "") -> Finding:
+        """One path's chat (on `account`, else one the pool picks); a failure to send it at all is that
+        path's line, not the end of the step."""
+        subject = subject or path
         try:
-            return await self.chat(path, model)
+            return await self.chat(path, model, account, subject)
         except ArenaError as exc:
-            return failed("chat", f"could not send it: {exc.message}", fix_for(exc.kind), path)
+            return failed("chat", f"could not send it: {exc.message}", fix_for(exc.kind), subject)
         except SidecarError as exc:
-            return failed("chat", f"the browser could not send it: {exc}", "browser", path)
+            return failed("chat", f"the browser could not send it: {exc}", "browser", subject)
 
-    async def chat(self, path: str, model: dict) -> Finding:
-        account = await self.usable_account()
+    async def send(self, path: str, body: dict, account: dict, action: str) -> tuple[Any, dict[str, str]]:
+        """The chat request by `path`, and the headers it went with (for the saved run)."""
+        deadline = now() + self.state.settings.request_timeout
+        if path == "direct":
+            return await self.site.post_stream(CREATE_PATH, body, account, deadline), self.site.request_headers(account)
+        sent = {"Content-Type": "text/plain;charset=UTF-8"}
+        if path == "executor":
+            response = await self.site.post_by_executor(self.state.executors, CREATE_PATH, body, account, action,
+                                                        deadline)
+            return response, sent
+        cookies = "; ".join(f"{name}=" for name in Session.of(account).cookies())
+        return await self.site.post_in_page(CREATE_PATH, body, account, action, deadline), {**sent, "Cookie": cookies}
+
+    async def chat(self, path: str, model: dict, account: dict | None, subject: str) -> Finding:
+        account = account or await self.usable_account()
         if account is None:
-            return skipped("chat", "no account can serve now (see the account lines)", "cooldown", path)
-        in_page = path == "in-page"
+            return skipped("chat", "no account can serve now (see the account lines)", "cooldown", subject)
         action = self.site.recaptcha_action
         evaluation_id = uuid7()
-        token = None if in_page else await self.site.recaptcha_token(action)
+        token = await self.site.recaptcha_token(action) if path == "direct" else None   # else minted in the page
         self.keep_secret(token)
         body = chat_body(evaluation_id=evaluation_id, model_id=model["id"], content=DOCTOR_PROMPT,
                          modality="chat", attachments=[], mode=self.site.arena_mode(), token=token)
         started = time.monotonic()
-        deadline = now() + self.state.settings.request_timeout
-        if in_page:
-            response = await self.site.post_in_page(CREATE_PATH, body, account, action, deadline)
-            sent = {"Content-Type": "text/plain;charset=UTF-8", "Cookie": "; ".join(
-                f"{name}=" for name in Session.of(account).cookies())}
-        else:
-            response = await self.site.post_stream(CREATE_PATH, body, account, deadline)
-            sent = self.site.request_headers(account)
+        response, sent = await self.send(path, body, account, action)
         received = bytearray()
         tap(response, received)
         try:
             if response.status_code != 200:
                 content = await response.acontent()
                 await response.aclose()
-                return self.refused(path, account, response, content)
-            return await self.read_reply(path, OpenedTurn(response, account["id"], evaluation_id, 1), started)
+                return self.refused(subject, account, response, content)
+            opened = OpenedTurn(response, account["id"], evaluation_id, 1)
+            return await self.read_reply(subject, opened, started, account["label"] if path == "executor" else "")
         finally:
             if self.recorder is not None:
                 self.recorder.add(Exchange("chat", "POST", self.site.origin + CREATE_PATH, response.status_code,
@@ -7884,18 +7964,49 @@ class Doctor:
                                 f"rate limited by LM Arena: {answer.message}")
         return judge_chat(path, ChatOutcome(account["id"], answer.status, answer.kind, answer.message))
 
-    async def read_reply(self, path: str, opened: OpenedTurn, started: float) -> Finding:
+    async def read_reply(self, path: str, opened: OpenedTurn, started: float, label: str = "") -> Finding:
         """Model A's reply through the turn runner's own reader (which keeps a session the site rotated)."""
         first: float | None = None
         text: list[str] = []
         async for event in self.turns.stream(opened):
             if event.kind == "error":
-                return judge_chat(path, ChatOutcome(opened.account_id, 200, "stream", str(event.value)))
+                return judge_chat(path, ChatOutcome(opened.account_id, 200, "stream", str(event.value), label=label))
             if event.kind == "text":
                 first = first if first is not None else time.monotonic() - started
                 text.append(event.value)
         return judge_chat(path, ChatOutcome(opened.account_id, 200, None, "", first, time.monotonic() - started,
-                                            "".join(text)))
+                                            "".join(text), label))
+
+    # --- browser executors (SPEC §8) -------------------------------------------------------------------
+    async def executor_chats(self) -> list[Finding]:
+        """One chat through each browser account's connected tab. The tabs connect to the server, so the
+        CLI's doctor has the running server send these (`server`), unless no tab ever connected."""
+        browsers = [a for a in self.state.store.accounts() if a["kind"] == "browser"]
+        if not browsers:
+            return [no_executor()]
+        if self.server is not None:
+            return await self.server()
+        model = self.chat_model()
+        if model is None:
+            return [failed("chat", "no text model to chat with", "models", "executor")]
+        return [await self.executor_chat(account, model) for account in browsers]
+
+    async def executor_chat(self, account: dict, model: dict) -> Finding:
+        """A tab that is connected and not cooling down gets one chat, when pacing lets its account serve."""
+        at, subject = now(), f"executor {account['id']}"
+        executors = self.state.executors
+        view = ExecutorView(account["id"], account["label"] or subject, executors.connection_for(account["id"]) is not None,
+                            account_state(account, at), account["cooldown_until"],
+                            account["cooldown_reason"] or account["last_error"],
+                            executors.records.record(account["id"]).get("last_seen"))
+        skip = judge_executor(view, at)
+        if skip is not None:
+            return skip
+        chosen = await self.usable_account({a["id"] for a in self.state.store.accounts() if a["id"] != account["id"]})
+        if chosen is None:
+            return skipped("chat", f"{view.label}: busy with a request, or paced for over a minute; try again later",
+                           "cooldown", subject)
+        return await self.chat_by("executor", model, chosen, subject)
 
     async def upload(self) -> list[Finding]:
         account = await self.usable_account()
@@ -7908,6 +8019,9 @@ class Doctor:
         return [judge_upload(account["id"], attachment["url"], None)]
 
 
+# A browser account needs no account line to pass (its session is in its tab, which the chat tries), nor
+# the model page: the server knows the models, and its tabs may reach LM Arena when the server cannot.
+EXECUTOR_STEP = Step("executor chat", (), Doctor.executor_chats, option="chat")
 DOCTOR_STEPS = (
     Step("origin", (), Doctor.origin),
     Step("cloudflare", ("origin",), Doctor.cloudflare),
@@ -7917,6 +8031,7 @@ DOCTOR_STEPS = (
     Step("browser", ("origin",), Doctor.browser),
     Step("token mint", ("discovery",), Doctor.mint),
     Step("chat", ("page", "account"), Doctor.chats, option="chat"),
+    EXECUTOR_STEP,
     Step("image upload", ("discovery", "account"), Doctor.upload, option="images"),
 )
 
@@ -8731,7 +8846,7 @@ async def settings_page(request: Request, admin: Admin) -> Response:
 
 
 DOCTOR_FIELDS = Html("""<label><input type="checkbox" name="chat" value="1"> also send one short chat
-by each request path (it uses an account's quota)</label>
+by each request path and through each connected browser executor (it uses an account's quota)</label>
 <label><input type="checkbox" name="images" value="1"> and upload a test image</label>""")
 FINDING_TONES = {"ok": "ok", "failed": "bad", "skipped": "off"}
 
@@ -8759,6 +8874,17 @@ async def diagnostics_page(request: Request, admin: Admin) -> Response:
     return render("Diagnostics", body, admin)
 
 
+DOCTOR_EXECUTORS_PATH = "/dashboard/diagnostics/executors"
+
+
+async def doctor_executors(request: Request, admin: Admin) -> Response:
+    """The doctor's executor step for `python bridge.py doctor`, which runs in another process: the tabs
+    connect to this server, so only it can chat through them. The CLI signs in with a short-lived
+    dashboard session it makes in the database, so a server on another database refuses it."""
+    findings = await run_steps([EXECUTOR_STEP], Doctor(bridge(request)), ["chat"])
+    return JSONResponse({"findings": [f.as_dict() for f in findings]})
+
+
 DASHBOARD = (("/dashboard", "Overview", overview_page), ("/dashboard/accounts", "Accounts", accounts_page),
              ("/dashboard/keys", "API keys", keys_page), ("/dashboard/usage", "Usage", usage_page),
              ("/dashboard/models", "Models", models_page), ("/dashboard/diagnostics", "Diagnostics", diagnostics_page),
@@ -8769,7 +8895,8 @@ def dashboard_routes() -> list[Route]:
     nav = tuple((path, label) for path, label, _ in DASHBOARD)
     return [Route("/", home), Route("/login", login, methods=["GET", "POST"]),
             Route("/logout", signed_in(logout), methods=["POST"]),
-            *(Route(path, signed_in(page, nav), methods=["GET", "POST"]) for path, _, page in DASHBOARD)]
+            *(Route(path, signed_in(page, nav), methods=["GET", "POST"]) for path, _, page in DASHBOARD),
+            Route(DOCTOR_EXECUTORS_PATH, signed_in(doctor_executors), methods=["POST"])]
 
 
 # =====================================================================================================
@@ -9065,13 +9192,18 @@ def executor_line(store: Store, account: dict) -> str:
             f"failures {record.get('failures') or 0}")
 
 
+def local_url(settings: Settings) -> str:
+    """The server's address from this machine: HOST:PORT, a wildcard address read as loopback."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+
+
 def userscript_command(settings: Settings, store: Store, args: argparse.Namespace) -> int:
     if args.revoke:
         print(f"revoked {ExecutorRecords(store).revoke_pairings()} pairing secret(s); connected browsers are dropped within seconds",
               file=sys.stderr)
         return 0
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    url = args.url or local_url(settings)
     if not url.startswith(("http://", "https://")):
         return print_error("error: --url must be an http:// or https:// URL", 2)
     print(new_userscript(store, url, settings.arena_url, rotate=args.rotate), end="")
@@ -9130,6 +9262,32 @@ def save_run(folder: str, recorder: Recorder, state: BridgeState, findings: list
             f.write(data)
 
 
+async def executor_chats_on_server(settings: Settings, store: Store) -> list[Finding]:
+    """The executor lines from the running server at HOST:PORT, which the tabs connect to. It is asked
+    with a dashboard session made in this database for the length of the check, and ended after it."""
+    url = local_url(settings)
+    browsers = sum(a["kind"] == "browser" for a in store.accounts())
+    wait = (settings.request_timeout + PACING_WAIT) * max(1, browsers) + 10.0
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    store.create_admin_session(sha256_hex(token), csrf, now() + wait)
+    try:
+        async with httpx.AsyncClient(timeout=wait, trust_env=False) as client:
+            response = await client.post(url + DOCTOR_EXECUTORS_PATH, data={"csrf": csrf},
+                                         headers={"Cookie": f"{SESSION_COOKIE}={token}"})
+        names = [field.name for field in dataclasses.fields(Finding)]
+        findings = [Finding(**{name: str(item.get(name) or "") for name in names})
+                    for item in response.json()["findings"]] if response.status_code == 200 else None
+    except httpx.ConnectError as exc:
+        return [judge_server(url, None, str(exc) or type(exc).__name__)]
+    except httpx.HTTPError as exc:
+        return [judge_server(url, 0, f"{type(exc).__name__} after up to {wait:.0f} s")]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [judge_server(url, 200, "its answer is not a bridge's (another program on that port?)")]
+    finally:
+        store.end_admin_session(sha256_hex(token))
+    return findings if findings is not None else [judge_server(url, response.status_code)]
+
+
 async def run_doctor(settings: Settings, store: Store, args: argparse.Namespace) -> int:
     state = bridge_state(settings, store)
     recorder = Recorder() if args.save else None
@@ -9139,7 +9297,8 @@ async def run_doctor(settings: Settings, store: Store, args: argparse.Namespace)
         state.site.http = RecordingHttp(state.site.http, recorder)  # type: ignore[assignment]
     print(f"doctor: {state.site.origin}, {len(store.accounts())} account(s), sidecar {settings.sidecar}", flush=True)
     try:
-        findings = await run_steps(DOCTOR_STEPS, Doctor(state, recorder), ["chat", *(["images"] if args.images else [])],
+        doctor = Doctor(state, recorder, server=lambda: executor_chats_on_server(settings, store))
+        findings = await run_steps(DOCTOR_STEPS, doctor, ["chat", *(["images"] if args.images else [])],
                                    emit=lambda finding: print(finding.line(), flush=True))
     finally:
         await state.sidecar.aclose()

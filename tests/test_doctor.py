@@ -387,3 +387,76 @@ def test_image_upload_reports_where_the_image_went_or_what_failed():
         "account 1: generateUploadUrl -> PUT -> getSignedUrl, the image is on bucket.r2.example"
     failed = dx.judge_upload(1, None, "LM Arena's storage answered 403 to the image upload")
     assert failed.status == "failed" and failed.fix == "#image-uploads-fail" and "403" in failed.detail
+
+
+# --- browser executors (a line per browser account, sent by the server its tabs connect to) ---------------
+
+def executor(**fields) -> dx.ExecutorView:
+    return dx.ExecutorView(**{"id": 4, "label": "browser: jane@example.com", "connected": True, "state": "ok", **fields})
+
+
+def test_a_connected_executor_that_may_serve_gets_its_chat():
+    assert dx.judge_executor(executor(), time.time()) is None
+    assert dx.judge_executor(executor(state="refreshing"), time.time()) is None
+
+
+def test_an_executor_whose_tab_is_not_connected_is_skipped_with_when_it_was_last_seen():
+    at = time.time()
+    finding = dx.judge_executor(executor(connected=False, state="disconnected", last_seen=at - 300), at)
+    assert finding.status == "skipped" and finding.label == "chat (executor 4)"
+    assert finding.detail.startswith("browser: jane@example.com: its tab is not connected, last seen 5 min ago")
+    assert finding.fix == "#browser-executor-not-connected"
+
+
+def test_an_executor_in_cool_down_is_skipped_and_left_alone():
+    at = time.time()
+    finding = dx.judge_executor(executor(state="cooling_down", cooldown_until=at + 90, reason="rate limited"), at)
+    assert finding.status == "skipped" and finding.fix == "#429-and-cool-downs"
+    assert "cooling down for 90 s (rate limited)" in finding.detail and "leaves it alone" in finding.detail
+
+
+def test_an_executor_marked_unusable_is_skipped_with_its_state():
+    finding = dx.judge_executor(executor(state="needs_login", reason="LOGIN_GATE"), time.time())
+    assert finding.status == "skipped" and "marked needs_login (LOGIN_GATE)" in finding.detail
+
+
+def test_no_executor_at_all_says_to_install_the_userscript():
+    finding = dx.no_executor()
+    assert finding.status == "skipped" and finding.label == "chat (executor)"
+    assert finding.fix == "#bridge-on-a-server-browser-at-home" and "userscript" in finding.detail
+
+
+def test_an_executor_chat_names_the_tab_and_its_time_to_first_token():
+    finding = dx.judge_chat("executor 4", dx.ChatOutcome(4, 200, first_token=0.31, seconds=0.9, text="OK",
+                                                         label="browser: jane@example.com"))
+    assert finding.status == "ok" and finding.label == "chat (executor 4)"
+    assert finding.detail == "account 4 (browser: jane@example.com): first token after 310 ms, reply of 2 chars in 900 ms"
+
+
+def test_a_chat_through_an_executor_alone_is_a_chat_that_worked():
+    lines = [dx.skipped("chat", "not tried: account did not pass", subject="direct"),
+             dx.judge_chat("executor 4", dx.ChatOutcome(4, 200, first_token=0.3, seconds=0.5, text="OK"))]
+    assert dx.exit_status(lines) == 0
+    assert dx.exit_status([*lines, dx.failed("chat", "the page failed", "executor", "executor 5")]) == 1
+
+
+def test_the_cli_doctor_with_no_server_running_skips_the_executors_and_says_why():
+    finding = dx.judge_server("http://127.0.0.1:8000", None, "connection refused")
+    assert finding.status == "skipped" and finding.label == "chat (executor)"
+    assert "no bridge server answers at http://127.0.0.1:8000" in finding.detail
+    assert "executors connect to the running server" in finding.detail
+    assert finding.fix == "#browser-executor-not-connected"
+
+
+def test_a_server_on_another_database_is_named_and_a_broken_one_fails():
+    other = dx.judge_server("http://127.0.0.1:8000", 303)
+    assert other.status == "skipped" and "does not use this database" in other.detail
+    broken = dx.judge_server("http://127.0.0.1:8000", 500)
+    assert broken.status == "failed" and "answered 500" in broken.detail
+    slow = dx.judge_server("http://127.0.0.1:8000", 0, "ReadTimeout after up to 190 s")
+    assert slow.status == "failed" and "ReadTimeout" in slow.detail
+
+
+def test_with_no_chat_and_no_failure_the_closing_line_points_to_the_skipped_lines():
+    lines = [dx.ok("origin", "fine"), dx.skipped("chat", "its tab is not connected", "executor", "executor 4")]
+    assert dx.verdict_text(lines) == "no chat worked: see the skipped lines above"

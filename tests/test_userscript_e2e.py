@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 from fake_arena import AUTH_COOKIE
-from harness import ROOT, BridgeProcess, upstream_aborted, validate
+from harness import ROOT, BridgeProcess, free_port, upstream_aborted, validate
 
 import bridge
 
@@ -244,3 +244,81 @@ def test_the_dashboard_offers_the_userscript_and_rotates_its_secret(ub, arena):
         assert records.pairing_by_secret(earlier) is None and records.pairing_by_secret(secret_of(download.text)) is None
         assert records.pairing_by_secret(secret_of(rotated.text)) is not None
         assert admin.post("/dashboard/userscript", data={"csrf": "forged"}).status_code == 403
+
+
+# --- the doctor's chat through each connected executor (SPEC §9) -----------------------------------------
+
+def run_diagnostics_with_chats(proc) -> str:
+    """The Diagnostics page's doctor run, chats asked for, by a signed-in admin: the page it answers."""
+    with httpx.Client(base_url=proc.url, timeout=120) as admin:
+        assert admin.post("/login", data={"password": PASSWORD}).status_code == 303
+        csrf = re.findall(r'name="csrf" value="([^"]+)"', admin.get("/dashboard/diagnostics").text)[0]
+        return admin.post("/dashboard/diagnostics", data={"action": "doctor", "csrf": csrf, "chat": "1"}).text
+
+
+def diagnostics_rows(page: str) -> dict[str, tuple[str, str]]:
+    """label -> (status, what the doctor saw) for each row of the Diagnostics page's report."""
+    rows = re.findall(r'<span class="badge \w+">(\w+)</span></td><td[^>]*>([^<]+)</td><td[^>]*>(.*?)</td>', page)
+    return {label: (status, re.sub(r"<[^>]+>", "", seen)) for status, label, seen in rows}
+
+
+def cli_doctor(proc) -> subprocess.CompletedProcess:
+    """`python bridge.py doctor` with the running bridge's settings, from another process as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), *proc.args, "doctor"], capture_output=True,
+                          text=True, timeout=240, check=False, cwd=proc.folder, env=proc.env)
+
+
+def cli_verdicts(result: subprocess.CompletedProcess) -> dict[str, tuple[str, str]]:
+    """label -> (status, what the doctor saw) for each line of the CLI doctor's report."""
+    found = {}
+    for line in result.stdout.splitlines():
+        status, _, rest = line.partition(" ")
+        if status in ("ok", "failed", "skipped"):
+            found[rest.strip()[:24].strip()] = (status, rest[24:].strip())
+    return found
+
+
+def test_the_diagnostics_page_sends_exactly_one_chat_through_the_connected_tab(tab, ub, arena):
+    [account] = ub.store.accounts()
+    page = run_diagnostics_with_chats(ub)
+    status, seen = diagnostics_rows(page)[f"chat (executor {account['id']})"]
+    assert status == "ok" and re.search(r"first token after \d+ ms", seen), page
+    assert account["label"] in seen
+    [sent] = arena.chat_requests()                           # one chat, and the tab's own fetch sent it
+    assert sent["status"] == 200 and sent["headers"].get("x-arena-page")
+    assert "A chat worked and every step passed." in page
+
+
+def test_the_cli_doctor_has_the_running_server_chat_through_the_tab_and_exits_0(tab, ub, arena):
+    [account] = ub.store.accounts()
+    sessions = ub.store.rows("SELECT token_hash FROM admin_sessions")
+    result = cli_doctor(ub)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, seen = cli_verdicts(result)[f"chat (executor {account['id']})"]
+    assert status == "ok" and re.search(r"first token after \d+ ms", seen), result.stdout
+    [sent] = arena.chat_requests()
+    assert sent["headers"].get("x-arena-page")
+    assert ub.store.rows("SELECT token_hash FROM admin_sessions") == sessions     # its session ended with it
+
+
+def test_a_closed_tab_is_a_skipped_executor_line_that_says_why(tab, ub, arena):
+    page, _ = tab
+    [account] = ub.store.accounts()
+    page.close()
+    wait_for(lambda: not any(e["connected"] for e in executors(ub)), 15, "the closed page to be dropped")
+    result = cli_doctor(ub)
+    status, seen = cli_verdicts(result)[f"chat (executor {account['id']})"]
+    assert status == "skipped" and "its tab is not connected, last seen" in seen, result.stdout
+    assert "README.md#browser-executor-not-connected" in result.stdout
+    assert result.returncode == 1 and arena.chat_requests() == []
+
+
+def test_the_cli_doctor_without_a_server_says_executors_connect_to_the_running_one(tab, ub, arena):
+    args = list(ub.args)
+    args[args.index("--port") + 1] = str(free_port())        # the same database, no server at that port
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), *args, "doctor"], capture_output=True,
+                            text=True, timeout=240, check=False, cwd=ub.folder, env=ub.env)
+    status, seen = cli_verdicts(result)["chat (executor)"]
+    assert status == "skipped" and "no bridge server answers at http://127.0.0.1:" in seen, result.stdout
+    assert "executors connect to the running server" in result.stdout
+    assert result.returncode == 1 and arena.chat_requests() == []
