@@ -264,7 +264,7 @@ def diagnostics_rows(page: str) -> dict[str, tuple[str, str]]:
 
 def cli_doctor(proc) -> subprocess.CompletedProcess:
     """`python bridge.py doctor` with the running bridge's settings, from another process as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), *proc.args, "doctor"], capture_output=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "doctor", *proc.args], capture_output=True,
                           text=True, timeout=240, check=False, cwd=proc.folder, env=proc.env)
 
 
@@ -316,7 +316,7 @@ def test_a_closed_tab_is_a_skipped_executor_line_that_says_why(tab, ub, arena):
 def test_the_cli_doctor_without_a_server_says_executors_connect_to_the_running_one(tab, ub, arena):
     args = list(ub.args)
     args[args.index("--port") + 1] = str(free_port())        # the same database, no server at that port
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), *args, "doctor"], capture_output=True,
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "doctor", *args], capture_output=True,
                             text=True, timeout=240, check=False, cwd=ub.folder, env=ub.env)
     status, seen = cli_verdicts(result)["chat (executor)"]
     assert status == "skipped" and "no bridge server answers at http://127.0.0.1:" in seen, result.stdout
