@@ -1899,9 +1899,15 @@ PAGE_AGENT_JS = r"""
 //                   {type: 'chunk', text}            each piece of the body as the page reads it
 //                   {type: 'done'} | {type: 'error', message, aborted}   exactly one, last
 //   abort(jobId) -> bool   cancels that job's fetch; its chat() then emits {type: 'error', aborted: true}
+//   signup({sitekey?, action?, turnstileSitekey?, timeoutMs?}) -> Promise<{status, text, bodies}>   an
+//                 anonymous sign-up as the 2026 web client does it (U5): {recaptchaToken, provisionalUserId}
+//                 first (no token without a sitekey); only when the site refuses that (4xx) and the page
+//                 shows Turnstile, again with a Turnstile token. The provisional id is the cookie's, else
+//                 localStorage's, else a new uuid4 kept in localStorage. bodies: ['2026'] or
+//                 ['2026', 'turnstile']; rejects with an Error when the page fails (not on a refusal)
 (() => {
   if (window !== window.top || window.__arenaBridge) return;
-  const AUTH = 'arena-auth-prod-v1';
+  const AUTH = 'arena-auth-prod-v1', PROVISIONAL = 'provisional_user_id';
   const FORBIDDEN = /^(accept-charset|accept-encoding|connection|content-length|cookie2?|date|dnt|expect|host|keep-alive|origin|referer|te|trailer|transfer-encoding|upgrade|user-agent|via|sec-.*|proxy-.*)$/i;
   const jobs = new Map();
   const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
@@ -1910,9 +1916,13 @@ PAGE_AGENT_JS = r"""
     if (g && g.enterprise && typeof g.enterprise.execute === 'function') return g.enterprise;
     return g && !g.enterprise && typeof g.execute === 'function' ? g : null;
   };
-  const user = () => {
+  const cookies = () => {
     const jar = {};
     for (const part of document.cookie.split('; ')) jar[part.slice(0, part.indexOf('='))] = part.slice(part.indexOf('=') + 1);
+    return jar;
+  };
+  const user = () => {
+    const jar = cookies();
     let value = jar[AUTH] || '';
     if (!value) for (let i = 0; jar[AUTH + '.' + i] !== undefined; i++) value += jar[AUTH + '.' + i];
     try {
@@ -1940,6 +1950,36 @@ PAGE_AGENT_JS = r"""
   };
   const interstitial = () => document.title.includes('Just a moment...') ||
     (document.body ? document.body.innerText : '').includes('Enable JavaScript and cookies to continue');
+  // U5: the site's cookie, else the 2026 client's localStorage entry, else a new uuid4 kept there as it does.
+  const provisionalId = () => {
+    let id = cookies()[PROVISIONAL] || '';
+    try { id = id || localStorage.getItem(PROVISIONAL) || ''; } catch (e) {}
+    if (!id) {
+      const b = crypto.getRandomValues(new Uint8Array(16));
+      b[6] = b[6] & 15 | 64; b[8] = b[8] & 63 | 128;
+      const h = [...b].map(x => x.toString(16).padStart(2, '0')).join('');
+      id = [h.slice(0, 8), h.slice(8, 12), h.slice(12, 16), h.slice(16, 20), h.slice(20)].join('-');
+      try { localStorage.setItem(PROVISIONAL, id); } catch (e) {}
+    }
+    return decodeURIComponent(id);
+  };
+  const turnstileShown = () => !!window.turnstile ||
+    !!document.querySelector('script[src*="/turnstile/"], iframe[src*="challenges.cloudflare.com"], .cf-turnstile');
+  const turnstileToken = async (sitekey, timeoutMs) => {
+    const deadline = Date.now() + timeoutMs;
+    while (!window.turnstile || typeof window.turnstile.render !== 'function') {
+      if (Date.now() > deadline) throw new Error('turnstile did not load');
+      await sleep(50);
+    }
+    const el = document.querySelector('.cf-turnstile[data-sitekey]');
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('turnstile timed out')), Math.max(0, deadline - Date.now()));
+      const done = (f, v) => { clearTimeout(timer); f(v); };
+      window.turnstile.render(document.body.appendChild(document.createElement('div')), {
+        sitekey: sitekey || (el && el.dataset.sitekey), callback: t => done(resolve, t),
+        'error-callback': e => done(reject, new Error('turnstile error ' + e))});
+    });
+  };
   const agent = {
     version: 1,
     state: () => ({version: 1, origin: location.origin, url: location.href, user: user(), sitekeys: sitekeys(),
@@ -1996,6 +2036,21 @@ PAGE_AGENT_JS = r"""
       const ctl = jobs.get(jobId);
       if (ctl) ctl.abort();
       return !!ctl;
+    },
+    async signup({sitekey, action = 'sign_up', turnstileSitekey, timeoutMs = 30000} = {}) {
+      const send = async extra => {
+        const body = {...extra, provisionalUserId: provisionalId()};
+        if (sitekey) body.recaptchaToken = await agent.mint(action, sitekey, timeoutMs);
+        const r = await fetch('/nextjs-api/sign-up', {method: 'POST', credentials: 'include',
+          headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+        return {status: r.status, text: await r.text()};
+      };
+      const first = await send({});
+      if (first.status < 400 || first.status >= 500 || first.status === 429 || !turnstileShown()) {
+        return {...first, bodies: ['2026']};
+      }
+      const again = await send({turnstileToken: await turnstileToken(turnstileSitekey, timeoutMs)});
+      return {...again, bodies: ['2026', 'turnstile']};
     },
   };
   Object.defineProperty(window, '__arenaBridge', {value: Object.freeze(agent), enumerable: false});

@@ -4,8 +4,9 @@ started lazily by the bridge as a child process, serving HTTP/1.1 on a Unix sock
     GET  /status      process and browser state; never launches the browser
     POST /token       {"sitekey", "action"}: a reCAPTCHA v3 token minted with the site's own script
     POST /clearance   pass a Cloudflare interstitial; the host's cookies + the browser's exact User-Agent
-    POST /signup      {"turnstile_sitekey", "recaptcha_sitekey", "recaptcha_action"}: an anonymous
-                      account created in a fresh context; {"cookies", "body", "user_agent"}
+    POST /signup      {"turnstile_sitekey"?, "recaptcha_sitekey", "recaptcha_action"}: an anonymous account
+                      made by the page agent in a fresh context; {"cookies", "body", "user_agent", "bodies"}
+    POST /sitekeys    the reCAPTCHA sitekeys a freshly loaded page uses (its live ___grecaptcha_cfg)
     POST /fetch       {"url", "method", "headers", "body", "cookies", "sitekey", "action"}: one request
                       run with the page's own fetch(), relayed as NDJSON lines as the page reads them
     POST /shutdown    close the browser and exit 0
@@ -37,7 +38,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -189,22 +190,17 @@ STATE_JS = "() => window.__arenaBridge.state()"
 MINT_JS = "([action, sitekey, ms]) => window.__arenaBridge.mint(action, sitekey, ms)"
 CHAT_JS = "([id, request]) => window.__arenaBridge.chat(id, request, event => window.__arenaBridgeEmit(id, event))"
 ABORT_JS = "(id) => window.__arenaBridge.abort(id)"
+SIGNUP_JS = "(options) => window.__arenaBridge.signup(options)"
 GRECAPTCHA_JS = "() => window.__arenaBridge.state().grecaptcha"
+SITEKEYS_JS = "() => window.__arenaBridge.state().sitekeys.length > 0"
 PASSED_JS = "() => !window.__arenaBridge.state().interstitial"
-SCRIPT_ORIGIN_JS = "(n) => { const s = [...document.scripts].find(s => s.src.includes(n)); return s ? new URL(s.src).origin : null; }"
-# Where a missing helper script comes from on the real site (else from the emulator's own origin).
-SCRIPT_HOSTS = {"/recaptcha/": "https://www.google.com", "/turnstile/": "https://challenges.cloudflare.com"}
-
-# Sign-up only: render a Turnstile widget and wait for its token.
-TURNSTILE_READY_JS = "() => window.turnstile && typeof window.turnstile.render === 'function'"
-TURNSTILE_JS = """
-({sitekey, timeoutMs}) => new Promise((resolve, reject) => {
-  const timer = setTimeout(() => reject(new Error('turnstile timed out')), timeoutMs);
-  const done = (f, v) => { clearTimeout(timer); f(v); };
-  window.turnstile.render(document.body.appendChild(document.createElement('div')), {sitekey,
-    callback: t => done(resolve, t), 'error-callback': e => done(reject, new Error('turnstile error ' + e))});
-})
-"""
+SCRIPT_ORIGIN_JS = "() => { const s = [...document.scripts].find(s => s.src.includes('/recaptcha/')); return s ? new URL(s.src).origin : null; }"
+REAL_RECAPTCHA_HOST = "https://www.google.com"  # where reCAPTCHA's script comes from on the real site
+# A page agent event as a /fetch line ("done" adds the cookie jar).
+FETCH_LINES: dict[str, Callable[[dict], dict]] = {
+    "head": lambda e: {"status": e["status"], "headers": e["headers"]},
+    "chunk": lambda e: {"chunk": e["text"]},
+    "error": lambda e: {"error": e["message"]}}
 
 
 class PageJob:
@@ -285,46 +281,27 @@ class PageJob:
 
 
 # ---------------------------------------------------------------------------------------------
-# Browser: one Chromium, one page on the arena URL, launched lazily
+# Chromium: the browser process and its contexts, launched lazily
 # ---------------------------------------------------------------------------------------------
 
 
-class Browser:
+class Chromium:
+    """One Chromium (headless, or headful on a display or under xvfb-run) and the contexts it opens, each
+    with the page agent and the binding that hands its events to `jobs`."""
+
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self._pw: Any = None
-        self._browser: Any = None
-        self._context: Any = None
-        self._page: Any = None
+        self.browser: Any = None
         self._xvfb: tuple[asyncio.subprocess.Process, dict[str, str]] | None = None  # kept across launches
-        self._page_loaded_at = 0.0
-        self._page_broken = False
-        self._lock = asyncio.Lock()  # launch and (re)load happen one at a time
         self.jobs: dict[str, PageJob] = {}
-        # The page's fetch reads the cookie jar as its request leaves: one account's session in the jar at a
-        # time, from setting it until its request is on its way (PageJob.sent, learnt on the CDP session).
-        self._session_lock = asyncio.Lock()
-        self._cdp: Any = None
         self.user_agent: str | None = None
-        self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
         self.headful = False
         self.launch_seconds: float | None = None   # how long the last launch took (the doctor reports it)
 
-    # -- lifecycle ------------------------------------------------------------------------------
-
     @property
     def running(self) -> bool:
-        return self._browser is not None and self._browser.is_connected()
-
-    def status(self) -> dict[str, Any]:
-        """The browser's part of /status; never launches it."""
-        if not self.running:
-            return {"browser": "not started", **dict.fromkeys(
-                ("user_agent", "page_url", "webdriver", "version", "headful", "launch_seconds"))}
-        page = self._page if self._page is not None and not self._page.is_closed() else None
-        return {"browser": "running", "user_agent": self.user_agent, "page_url": page.url if page else None,
-                "webdriver": self.webdriver, "version": self._browser.version, "headful": self.headful,
-                "launch_seconds": self.launch_seconds}
+        return self.browser is not None and self.browser.is_connected()
 
     async def _display_env(self) -> dict[str, str] | None:
         """Headful: the display we have, else one from xvfb-run; None: run headless."""
@@ -337,39 +314,79 @@ class Browser:
             self._xvfb = await start_xvfb()
         return self._xvfb[1]
 
-    async def _launch(self) -> None:
+    async def launch(self) -> None:
         display = await self._display_env()
         self._pw = self._pw or await async_playwright().start()
         path = find_browser(self.s.browser, self._pw.chromium.executable_path)
         started = time.monotonic()
-        self._browser = await self._pw.chromium.launch(
+        self.browser = await self._pw.chromium.launch(
             executable_path=path, headless=display is None, args=CHROMIUM_ARGS, timeout=LAUNCH_TIMEOUT * 1000,
             env={**os.environ, **(display or {})})
         try:
             # The real UA minus "Headless": sites (and Cloudflare) reject HeadlessChrome.
-            version = await (await self._browser.new_browser_cdp_session()).send("Browser.getVersion")
+            version = await (await self.browser.new_browser_cdp_session()).send("Browser.getVersion")
             self.user_agent = version["userAgent"].replace("HeadlessChrome", "Chrome")
-            self._context = await self.new_context()
         except BaseException:
             await self.close()  # half a launch would look "running" to the next call
             raise
         self.headful, self.launch_seconds = display is not None, time.monotonic() - started
-        log.info("browser %s launched in %.1fs (%s, %s)", self._browser.version, self.launch_seconds,
+        log.info("browser %s launched in %.1fs (%s, %s)", self.browser.version, self.launch_seconds,
                  path, "headful" if self.headful else "headless")
 
     async def new_context(self) -> Any:
-        ctx = await self._browser.new_context(user_agent=self.user_agent, locale="en-US",
-                                              viewport={"width": 1366, "height": 768})
+        ctx = await self.browser.new_context(user_agent=self.user_agent, locale="en-US",
+                                             viewport={"width": 1366, "height": 768})
         await ctx.add_init_script(self.s.page_agent)
         await ctx.expose_binding("__arenaBridgeEmit", self._on_emit)
         return ctx
 
     async def _on_emit(self, _source: Any, job_id: str, event: dict) -> None:
-        job = self.jobs.get(job_id)
-        if job is not None:
+        if (job := self.jobs.get(job_id)) is not None:
             job.push(event)
 
-    async def _open_page(self) -> None:
+    async def close(self) -> None:
+        with contextlib.suppress(PlaywrightError):
+            if self.browser is not None:
+                await self.browser.close()
+        with contextlib.suppress(PlaywrightError):
+            if self._pw is not None:
+                await self._pw.stop()
+        self.browser = self._pw = None  # Xvfb ends with us (start_xvfb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arena page: the page jobs (tokens, clearance, sign-up, in-page fetch) in one page on the arena URL
+# ---------------------------------------------------------------------------------------------
+
+
+class ArenaPage:
+    """The page every job runs in, (re)loaded when needed, in the browser's main context."""
+
+    def __init__(self, chromium: Chromium) -> None:
+        self.chromium, self.s = chromium, chromium.s
+        self._context: Any = None
+        self._page: Any = None
+        self._loaded_at = 0.0
+        self._broken = False
+        self._lock = asyncio.Lock()  # launch and (re)load happen one at a time
+        # The page's fetch reads the cookie jar as its request leaves: one account's session in the jar at a
+        # time, from setting it until its request is on its way (PageJob.sent, learnt on the CDP session).
+        self._session_lock = asyncio.Lock()
+        self._cdp: Any = None
+        self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
+
+    def status(self) -> dict[str, Any]:
+        """The browser's part of /status; never launches it."""
+        c = self.chromium
+        if not c.running:
+            return {"browser": "not started", **dict.fromkeys(
+                ("user_agent", "page_url", "webdriver", "version", "headful", "launch_seconds"))}
+        page = self._page if self._page is not None and not self._page.is_closed() else None
+        return {"browser": "running", "user_agent": c.user_agent, "page_url": page.url if page else None,
+                "webdriver": self.webdriver, "version": c.browser.version, "headful": c.headful,
+                "launch_seconds": c.launch_seconds}
+
+    async def _open(self) -> None:
         if self._page is not None and not self._page.is_closed():
             with contextlib.suppress(PlaywrightError):
                 await self._page.close()
@@ -384,55 +401,60 @@ class Browser:
     async def _goto(self, page: Any) -> None:
         await page.goto(self.s.arena_url, wait_until="load", timeout=OP_TIMEOUT * 1000)
         if page is self._page:
-            self._page_loaded_at, self._page_broken = time.monotonic(), False
+            self._loaded_at, self._broken = time.monotonic(), False
 
     def _mark_broken(self, why: str) -> None:
         log.warning("%s; the page will be reopened", why)
-        self._page_broken = True
+        self._broken = True
 
-    def _page_busy(self) -> bool:
-        return any(job.page is self._page for job in self.jobs.values())
+    def _busy(self) -> bool:
+        return any(job.page is self._page for job in self.chromium.jobs.values())
 
     async def page(self, *, fresh: bool = False) -> Any:
         """The arena page, launching the browser and (re)loading the page when needed."""
         async with self._lock:
-            if not self.running:
-                await self._launch()
-                await self._open_page()
-            elif self._page is None or self._page.is_closed() or self._page_broken or fresh:
+            if not self.chromium.running:
+                await self.chromium.launch()
+                self._context = await self.chromium.new_context()
+                await self._open()
+            elif self._page is None or self._page.is_closed() or self._broken or fresh:
                 # A fresh page also ends the jobs still running in the old one: only asked for after the
                 # page failed (a mint error), when they are unlikely to be healthy anyway.
-                await self._open_page()
-            elif time.monotonic() - self._page_loaded_at > PAGE_MAX_AGE and not self._page_busy():
+                await self._open()
+            elif time.monotonic() - self._loaded_at > PAGE_MAX_AGE and not self._busy():
                 log.info("page older than %ds; reloading", PAGE_MAX_AGE)
                 await self._goto(self._page)
             return self._page
 
-    async def close(self) -> None:
-        with contextlib.suppress(PlaywrightError):
-            if self._browser is not None:
-                await self._browser.close()
-        with contextlib.suppress(PlaywrightError):
-            if self._pw is not None:
-                await self._pw.stop()
-        self._browser = self._pw = self._page = self._context = None  # Xvfb ends with us (start_xvfb)
+    @contextlib.asynccontextmanager
+    async def _side_page(self, context: Any = None) -> AsyncIterator[Any]:
+        """A page of its own on the arena URL, past any interstitial (in the main context by default, so
+        its cookies are shared), closed afterwards."""
+        context = context or self._context
+        page = await context.new_page()
+        try:
+            await self._goto(page)
+            await self.pass_interstitial(page, context, CLEARANCE_TIMEOUT)
+            yield page
+        finally:
+            with contextlib.suppress(PlaywrightError):
+                await page.close()
 
     # -- reCAPTCHA ----------------------------------------------------------------------------------
 
-    async def _ensure_script(self, page: Any, ready_js: str, needle: str, path: str) -> None:
-        """Wait until a helper script is ready; one the page does not load itself is added, from the host
-        the page uses for it, else from SCRIPT_HOSTS."""
+    async def recaptcha_ready(self, page: Any, sitekey: str) -> None:
+        """Wait for the page's grecaptcha; a page that loads none gets the script, from the host the page
+        uses for it, else from reCAPTCHA's (the emulator's own origin when it stands in for the site)."""
         with contextlib.suppress(PlaywrightTimeout):  # the site's own tag may still be loading
-            await page.wait_for_function(ready_js, timeout=1500)
+            await page.wait_for_function(GRECAPTCHA_JS, timeout=1500)
             return
-        base = await page.evaluate(SCRIPT_ORIGIN_JS, needle)
-        base = base or (SCRIPT_HOSTS[needle] if self.s.is_real_site else self.s.origin)
-        log.info("page has no %s script; adding %s%s", needle.strip("/"), base, path.split("?")[0])
-        await page.add_script_tag(url=base + path)
-        await page.wait_for_function(ready_js, timeout=OP_TIMEOUT * 1000)
+        base = await page.evaluate(SCRIPT_ORIGIN_JS) or (REAL_RECAPTCHA_HOST if self.s.is_real_site else self.s.origin)
+        log.info("page has no recaptcha script; adding %s/recaptcha/enterprise.js", base)
+        await page.add_script_tag(url=f"{base}/recaptcha/enterprise.js?render={sitekey}")
+        await page.wait_for_function(GRECAPTCHA_JS, timeout=OP_TIMEOUT * 1000)
 
     async def mint(self, page: Any, sitekey: str, action: str) -> str:
-        await self._ensure_script(page, GRECAPTCHA_JS, "/recaptcha/", f"/recaptcha/enterprise.js?render={sitekey}")
+        await self.recaptcha_ready(page, sitekey)
         return await page.evaluate(MINT_JS, [action, sitekey, int(OP_TIMEOUT * 1000)])
 
     async def token(self, sitekey: str, action: str) -> str:
@@ -450,10 +472,19 @@ class Browser:
             log.warning("token mint failed (%s); reloading the page and retrying", first_line(exc))
             return await self.mint(await self.page(fresh=True), sitekey, action)
 
+    async def sitekeys(self) -> list[str]:
+        """The sitekeys a newly loaded page uses, from its live reCAPTCHA configuration (U8): what the site's
+        code runs with when no text of it names the key."""
+        await self.page()
+        async with self._side_page() as page:
+            with contextlib.suppress(PlaywrightTimeout):
+                await page.wait_for_function(SITEKEYS_JS, timeout=5000)
+            return list((await page.evaluate(STATE_JS))["sitekeys"])
+
     # -- cookies ----------------------------------------------------------------------------------
 
-    async def host_cookies(self, context: Any) -> dict[str, str]:
-        return {c["name"]: c["value"] for c in await context.cookies(self.s.arena_url)}
+    async def host_cookies(self, context: Any = None) -> dict[str, str]:
+        return {c["name"]: c["value"] for c in await (context or self._context).cookies(self.s.arena_url)}
 
     async def set_cookies(self, cookies: dict[str, str]) -> None:
         if any(name.startswith("arena-auth-prod-v1") for name in cookies):
@@ -471,24 +502,20 @@ class Browser:
             return (await page.evaluate(STATE_JS))["interstitial"]
         return True  # mid-navigation: treat as still challenged
 
-    async def clearance(self, timeout: float = CLEARANCE_TIMEOUT) -> tuple[dict[str, str], str]:
+    async def clearance(self) -> tuple[dict[str, str], str]:
         page = await self.page()
         async with self._lock:
-            # Reloading the page would end its jobs: then pass the challenge in a page of its own (same
-            # context, so the clearance cookie is shared).
-            target = await self._context.new_page() if self._page_busy() else page
-            try:
-                await self._goto(target)
-                await self.pass_interstitial(target, self._context, timeout)
-                cookies = await self.host_cookies(self._context)
-            finally:
-                if target is not page:
-                    with contextlib.suppress(PlaywrightError):
-                        await target.close()
+            if self._busy():  # reloading the page would end its jobs: pass it in a page of its own
+                async with self._side_page():
+                    cookies = await self.host_cookies()
+            else:
+                await self._goto(page)
+                await self.pass_interstitial(page, self._context, CLEARANCE_TIMEOUT)
+                cookies = await self.host_cookies()
         log.info("clearance: %d cookies (cf_clearance %s)", len(cookies),
                  f"{len(cookies['cf_clearance'])} chars" if "cf_clearance" in cookies else "absent")
-        assert self.user_agent is not None  # every context has it (new_context), so the page sent it
-        return cookies, self.user_agent
+        assert self.chromium.user_agent is not None  # every context has it (new_context), so the page sent it
+        return cookies, self.chromium.user_agent
 
     async def pass_interstitial(self, page: Any, context: Any, timeout: float) -> None:
         """Wait (bounded) until a Cloudflare interstitial on page clears; a no-op without one. The
@@ -518,52 +545,36 @@ class Browser:
 
     # -- anonymous sign-up --------------------------------------------------------------------
 
-    async def signup(self, turnstile_sitekey: str, recaptcha_sitekey: str | None, recaptcha_action: str) -> dict:
-        await self.page()  # make sure the browser runs
-        ctx = await self.new_context()  # a fresh visitor: no session or provisional id of the main page
+    async def signup(self, turnstile_sitekey: str | None, recaptcha_sitekey: str | None, action: str) -> dict:
+        """An anonymous account made by the page agent in a fresh visitor's context (no session or
+        provisional id of the main page), in the same browser, UA and IP, so the main page's Cloudflare
+        clearance is valid there too."""
+        await self.page()
+        ctx = await self.chromium.new_context()
         try:
-            # ...but the same browser, UA and IP, so the main page's Cloudflare clearance is valid here too.
             cf = [c for c in await self._context.cookies(self.s.arena_url) if c["name"] in CLOUDFLARE_COOKIES]
             if cf:
                 await ctx.add_cookies(cf)
-            page = await ctx.new_page()
-            await self._goto(page)
-            await self.pass_interstitial(page, ctx, CLEARANCE_TIMEOUT)
-            provisional = (await self.host_cookies(ctx)).get("provisional_user_id")
-            if not provisional:
-                raise OpError("the arena page set no provisional_user_id cookie")
-            await self._ensure_script(page, TURNSTILE_READY_JS, "/turnstile/", "/turnstile/v0/api.js?render=explicit")
-            turnstile = {"sitekey": turnstile_sitekey, "timeoutMs": OP_TIMEOUT * 1000}
-            payload: dict[str, Any] = {"turnstileToken": await page.evaluate(TURNSTILE_JS, turnstile),
-                                       "provisionalUserId": provisional}
-            if recaptcha_sitekey:
-                payload["recaptchaToken"] = await self.mint(page, recaptcha_sitekey, recaptcha_action)
-            status, text = await self._collect(page, {"url": "/nextjs-api/sign-up", "method": "POST",
-                                                      "headers": {"Content-Type": "application/json"},
-                                                      "body": json.dumps(payload)})
-            if status >= 400:
-                raise OpError(f"sign-up answered {status}: {text[:200]}")
-            try:
-                body: Any = json.loads(text) if text.strip() else None
-            except ValueError:
-                body = text.strip()
-            # The session comes as cookies or in the body: the bridge alone reads session formats.
-            cookies = await self.host_cookies(ctx)
-            log.info("sign-up answered %s with %d cookies", status, len(cookies))
-            return {"cookies": cookies, "body": body, "user_agent": self.user_agent}
+            async with self._side_page(ctx) as page:
+                if recaptcha_sitekey:
+                    await self.recaptcha_ready(page, recaptcha_sitekey)
+                result = await page.evaluate(SIGNUP_JS, {"sitekey": recaptcha_sitekey, "action": action,
+                                                         "turnstileSitekey": turnstile_sitekey,
+                                                         "timeoutMs": int(OP_TIMEOUT * 1000)})
+                cookies = await self.host_cookies(ctx)
         finally:
             with contextlib.suppress(PlaywrightError):
                 await ctx.close()
-
-    async def _collect(self, page: Any, request: dict) -> tuple[int, str]:
-        """Run a small request through the agent and return (status, body text)."""
-        status, parts = 0, []
-        async for event in PageJob(page, request, self.jobs).events():
-            if event["type"] == "error":
-                raise OpError(event["message"])
-            status = event.get("status", status)
-            parts.append(event.get("text", ""))
-        return status, "".join(parts)
+        status, text, bodies = result["status"], result["text"], "+".join(result["bodies"])
+        log.info("sign-up (%s body) answered %s with %d cookies", bodies, status, len(cookies))
+        if status >= 400:
+            raise OpError(f"sign-up ({bodies} body) answered {status}: {text[:200]}")
+        try:
+            body: Any = json.loads(text) if text.strip() else None
+        except ValueError:
+            body = text.strip()
+        # The session comes as cookies or in the body: the bridge alone reads session formats.
+        return {"cookies": cookies, "body": body, "user_agent": self.chromium.user_agent, "bodies": result["bodies"]}
 
     # -- in-page fetch ------------------------------------------------------------------------
 
@@ -576,7 +587,7 @@ class Browser:
         page = await self.page()  # after the mint, which may have replaced a broken page
         async with self._session_lock:
             await self.set_cookies(spec.get("cookies") or {})
-            job = PageJob(page, request, self.jobs, self._cdp)
+            job = PageJob(page, request, self.chromium.jobs, self._cdp)
             try:
                 with contextlib.suppress(TimeoutError):  # then the first event back tells
                     await asyncio.wait_for(job.sent.wait(), OP_TIMEOUT)
@@ -584,18 +595,10 @@ class Browser:
                 job.close()  # cancelled: the client left before the request did
                 raise
         async for event in job.events():
-            yield await self._fetch_line(event)
-
-    async def _fetch_line(self, event: dict) -> dict:
-        """A page agent event as a /fetch line."""
-        if event["type"] == "head":
-            return {"status": event["status"], "headers": event["headers"]}
-        if event["type"] == "chunk":
-            return {"chunk": event["text"]}
-        if event["type"] == "error":
-            return {"error": event["message"]}
-        # The site may have rotated cookies while answering (Set-Cookie is not visible to JS).
-        return {"done": True, "cookies": await self.host_cookies(self._context)}
+            if event["type"] in FETCH_LINES:
+                yield FETCH_LINES[event["type"]](event)
+            else:  # done: the site may have rotated cookies while answering (Set-Cookie is not visible to JS)
+                yield {"done": True, "cookies": await self.host_cookies()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,7 +633,7 @@ def handler(fn: Any, timeout: float | None) -> Any:
     return endpoint
 
 
-def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
+def build_app(browser: ArenaPage, shutdown: asyncio.Event) -> Starlette:
     async def status(_: dict) -> Response:
         return JSONResponse({"ok": True, "pid": os.getpid(), "rss_mb": rss_mb(os.getpid()), **browser.status()})
 
@@ -645,8 +648,11 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
         return JSONResponse({"cookies": cookies, "user_agent": ua})
 
     async def signup(body: dict) -> Response:
-        return JSONResponse(await browser.signup(need(body, "turnstile_sitekey"), body.get("recaptcha_sitekey"),
+        return JSONResponse(await browser.signup(body.get("turnstile_sitekey"), body.get("recaptcha_sitekey"),
                                                  body.get("recaptcha_action") or "sign_up"))
+
+    async def sitekeys(_: dict) -> Response:
+        return JSONResponse({"sitekeys": await browser.sitekeys()})
 
     async def fetch(body: dict) -> Response:
         need(body, "url")
@@ -676,7 +682,7 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
     bound = LAUNCH_TIMEOUT + OP_TIMEOUT  # a first call also launches the browser
     routes = [("/status", "GET", status, None), ("/token", "POST", token, bound),
               ("/clearance", "POST", clearance, bound + CLEARANCE_TIMEOUT), ("/signup", "POST", signup, bound + OP_TIMEOUT),
-              ("/fetch", "POST", fetch, bound), ("/shutdown", "POST", stop, None)]
+              ("/sitekeys", "POST", sitekeys, bound), ("/fetch", "POST", fetch, bound), ("/shutdown", "POST", stop, None)]
     return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method]) for path, method, fn, timeout in routes])
 
 
@@ -687,7 +693,7 @@ def build_app(browser: Browser, shutdown: asyncio.Event) -> Starlette:
 
 async def main_async(settings: Settings) -> None:
     shutdown = asyncio.Event()
-    browser = Browser(settings)
+    chromium = Chromium(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
@@ -696,11 +702,11 @@ async def main_async(settings: Settings) -> None:
     # umask: the socket is created 0600, only our user may talk to the browser.
     config = HypercornConfig.from_mapping(bind=[f"unix:{settings.socket}"], umask=0o177, accesslog=None,
                                           errorlog=logging.getLogger("sidecar.server"), graceful_timeout=2.0)
-    app: Any = build_app(browser, shutdown)
+    app: Any = build_app(ArenaPage(chromium), shutdown)
     try:
         await serve(app, config, shutdown_trigger=shutdown.wait)
     finally:
-        await browser.close()
+        await chromium.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(settings.socket)
         log.info("sidecar stopped")

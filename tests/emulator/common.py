@@ -70,7 +70,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "page_auto_signup": False,          # the page signs up by itself when it has no auth cookie
     "rotate_on_chat": False,            # a chat reply carries Set-Cookie with a rotated session (refresh token used)
     "signup_turnstile": "required",     # U5: "required" | "none" (2026: no Turnstile on the page or in the body)
-    "provisional_id_store": "cookie",   # U5: "cookie" | "local_storage" (no provisional_user_id cookie)
+    "provisional_id_store": "cookie",   # U5: "cookie" | "local_storage" (no cookie) | "none" (the client makes one)
     "login_gate": False,                # U4: guests get 401 LOGIN_GATE in direct, direct-battle, side-by-side, auto
     # --- chat validation ---
     "mode_policy": "both",              # "both" | "no_direct"
@@ -84,8 +84,8 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "flight_split": True,               # split the initialModels payload across two pushes
     "models_at": "both",                # U10: "both" | "direct_only" (initialModels only at /?mode=direct)
     "anon_key_in_chunks": True,         # U10: False: no Supabase anon key in the JS chunks
-    "sitekey_call_site": "literal",     # U8: "literal" execute(k,{action:"chat_submit"}) | "variable" {action:e}
-    "sitekey_in_page": "render",        # U8: "render" (?render=<key>) | "k" (render=explicit + ?k=<key>) | "none"
+    "sitekey_call_site": "literal",     # U8: "literal" execute(k,{action:"chat_submit"}) | "variable" {action:e} | "hidden"
+    "sitekey_in_page": "render",        # U8: "render" (?render=<key>) | "k" (render=explicit + ?k=<key>) | "none" | "live"
     "model_fields_2026": False,         # U9: every model gets displayName and userSelectable
     "unselectable_models": [],          # U9: ids or publicNames served with userSelectable:false, refused in chats
     "router_model": None,               # U9: publicName the "max" router model routes to (a2 routed_model part)

@@ -41,11 +41,11 @@ class SignUp:
 
     def _claim_provisional(self, req: Request, body: dict, legacy: bool) -> str | None:
         """The provisional id becomes the user id: it must match the cookie and be unused.  With
-        ``provisional_id_store: local_storage`` (U5) the client made it: any unused uuid, matching the cookie
+        ``provisional_id_store`` other than ``cookie`` (U5) the client made it: any unused uuid, matching the cookie
         only if one was sent."""
         cookie_pid = req.cookies.get("provisional_user_id")
         pid = (cookie_pid or self.core.uuid4()) if legacy else body.get("provisionalUserId")
-        own = self.core.knobs["provisional_id_store"] == "local_storage" and not cookie_pid
+        own = self.core.knobs["provisional_id_store"] != "cookie" and not cookie_pid
         with self.core.lock:
             if not isinstance(pid, str) or not UUID_ANY_RE.match(pid) or pid in self.used_provisional \
                     or pid in self.accounts.accounts or not (legacy or own or pid == cookie_pid):
@@ -62,6 +62,9 @@ class SignUp:
         if not isinstance(req.json, dict):
             return err(h, 400, "Invalid request body")
         body = req.json
+        if self.core.knobs["signup_turnstile"] == "none" and not set(body) <= {"recaptchaToken", "provisionalUserId"}:
+            req.log["note"] = "not the 2026 sign-up body"   # U5: the 2026 site knows no Turnstile field
+            return err(h, 400, "Invalid request body")
         legacy = "turnstile_token" in body and "turnstileToken" not in body
         failure = self._token_failure(req, body, legacy)
         if failure:

@@ -3,6 +3,7 @@ its flight data, and the cookies and session refresh a page GET performs."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 
@@ -84,6 +85,8 @@ class Site:
         variable = 'grecaptcha.enterprise.execute("' + self.sitekey + '",{action:e})'
         if self.core.knobs["sitekey_call_site"] == "variable":
             return "return " + variable + "}"
+        if self.core.knobs["sitekey_call_site"] == "hidden":   # built at run time: no text search finds it
+            return "return grecaptcha.enterprise.execute(" + self.hidden_sitekey() + ",{action:e})}"
         return ('return e===r.submit?grecaptcha.enterprise.execute("' + self.sitekey + '",{action:"chat_submit"}):'
                 + variable + "}")
 
@@ -150,6 +153,18 @@ class Site:
         render = self.sitekey if where == "render" else "explicit"
         return f'<script src="{host}/recaptcha/enterprise.js?render={render}" async=""></script>'
 
+    def hidden_sitekey(self) -> str:
+        """A JS expression giving the sitekey that holds neither the key nor ``render=``/``k=`` (U8)."""
+        return "atob(" + js_string(base64.b64encode(self.sitekey[::-1].encode()).decode()) + ").split('').reverse().join('')"
+
+    def live_bootstrap(self) -> str:
+        """With ``sitekey_in_page: live`` the page's own code executes reCAPTCHA once loaded, so the key is in the
+        live ``___grecaptcha_cfg`` only (U8)."""
+        if self.core.knobs["sitekey_in_page"] != "live":
+            return ""
+        return ("<script>(function go(){var g=window.grecaptcha&&window.grecaptcha.enterprise;if(!g)return setTimeout(go,50);"
+                "g.ready(function(){g.execute(" + self.hidden_sitekey() + ",{action:'homepage'})})})()</script>")
+
     def recaptcha_anchor(self) -> str:
         """With ``sitekey_in_page: k`` the key is in the invisible widget's anchor iframe, as grecaptcha renders it."""
         if self.core.knobs["sitekey_in_page"] != "k":
@@ -177,7 +192,7 @@ class Site:
                 f"</head><body><main id=\"root\"><h1>LMArena</h1>{widget}"
                 f"<div id=\"recaptcha-v2-container\"></div></main>{self.recaptcha_anchor()}"
                 "<script>(self.__next_f=self.__next_f||[]).push([0])</script>"
-                f"{pushes}{signup}</body></html>")
+                f"{pushes}{self.live_bootstrap()}{signup}</body></html>")
 
 
 class Page:
