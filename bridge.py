@@ -1802,9 +1802,10 @@ class Rule:
 #   follow_move     the site moved to another origin: switch to it and send again
 #   clear_cloudflare  get Cloudflare clearance from the browser sidecar and send again
 #   give_up         fail with the kind (a challenge the browser could not pass)
-#   rediscover      reload the site's parameters: a rotated reCAPTCHA sitekey heals here and the account sends
-#                   again; with the key unchanged the site refused the account itself, and every attempt
-#                   during its penalty would extend it (U2): back off
+#   rediscover      reload the site's parameters (the page's text, then its live reCAPTCHA configuration): a
+#                   rotated sitekey heals here and the account sends again; with the key unchanged the site
+#                   refused the account itself, and every attempt during its penalty would extend it (U2):
+#                   back off
 #   back_off        cool the account down, doubling per consecutive failure, and move to another; a refused
 #                   direct attempt also moves every account's chats into the sidecar's page (U1, kept)
 #   refresh         refresh the account's session and send again (another account when that fails)
@@ -2167,12 +2168,16 @@ class SidecarClient:
         result = await self._call("/clearance", {})
         return dict(result.get("cookies") or {}), self._field(result, "user_agent")
 
-    async def signup(self, turnstile_sitekey: str, recaptcha_sitekey: str | None) -> dict:
-        """A new anonymous account as the site answered it: {"cookies", "body", "user_agent"}."""
-        result = await self._call("/signup", {"turnstile_sitekey": turnstile_sitekey,
-                                              "recaptcha_sitekey": recaptcha_sitekey,
-                                              "recaptcha_action": "sign_up"})
-        return result
+    async def signup(self, turnstile_sitekey: str | None, recaptcha_sitekey: str | None) -> dict:
+        """A new anonymous account as the site answered it: {"cookies", "body", "user_agent", "bodies"}
+        (the sign-up bodies sent: the 2026 one, then the Turnstile one when the site refused it)."""
+        return await self._call("/signup", {"turnstile_sitekey": turnstile_sitekey,
+                                            "recaptcha_sitekey": recaptcha_sitekey, "recaptcha_action": "sign_up"})
+
+    async def sitekeys(self) -> list[str]:
+        """The reCAPTCHA sitekeys a freshly loaded page of the site uses: its live configuration (U8)."""
+        result = await self._call("/sitekeys", {})
+        return [key for key in result.get("sitekeys") or [] if isinstance(key, str) and key]
 
     async def fetch_stream(self, request: dict) -> AsyncGenerator[tuple[int, dict] | str | dict, None]:
         """Run a request with the page's own fetch(): yields (status, headers) first, then text chunks, and
@@ -2932,6 +2937,8 @@ class ArenaSite:
         self.discovery_lock = asyncio.Lock()
         self.clearance: asyncio.Task | None = None      # the clearance in flight, shared by every request
         self.last_discovery = 0.0
+        self.last_live_lookup = 0.0
+        self.live_asked = False     # since the last discovery, for a sitekey it did not find
         # An explicit --arena-mode wins at start; the mode learned from a refusal is only the default.
         self.mode: str = settings.arena_mode or self.params.get("arena_mode") or DEFAULT_ARENA_MODE
 
@@ -2991,7 +2998,7 @@ class ArenaSite:
         # Only the session: the page keeps its own Cloudflare cookies, which match its User-Agent.
         request = {"url": self.origin + path, "method": "POST", "body": json.dumps(body, ensure_ascii=False),
                    "headers": {"Content-Type": "text/plain;charset=UTF-8"}, "cookies": Session.of(account).cookies(),
-                   "action": action, "sitekey": self.sitekey}
+                   "action": action, "sitekey": await self.mint_sitekey()}
         return await traced(BrowserResponse(self.sidecar.fetch_stream(request)).opened(deadline), "POST", path,
                             account, " (in the sidecar's page)")
 
@@ -3054,6 +3061,7 @@ class ArenaSite:
     def learn(self, page: str, scripts: list[str]) -> dict[str, Any]:
         """Store what the page and its scripts say: the model list and the site parameters found."""
         found = discover_site(page, scripts)
+        self.live_asked = False
         models = found.pop("models", None)
         if models:
             self.store.replace_models(models)
@@ -3106,13 +3114,43 @@ class ArenaSite:
     def recaptcha_action(self) -> str:
         return self.params.get("recaptcha_action") or "chat_submit"
 
+    async def mint_sitekey(self) -> str:
+        """The sitekey to mint with: discovery's; when the page and its chunks named none, the key the
+        sidecar's page runs with (asked once per discovery, U8), else the fallback."""
+        if "sitekey" not in self.params and not self.live_asked:
+            self.live_asked = True
+            await self.live_sitekey()
+        return self.sitekey
+
+    async def live_sitekey(self, refused: str | None = None, min_age: float = 2.0) -> bool:
+        """Read the sitekey from the sidecar page's live reCAPTCHA configuration (U8), for when no text of
+        the site names it or the site refused tokens for the key the text names (`refused`). One lookup at
+        a time, not again within `min_age` seconds. True when a key other than `refused` is known now."""
+        if self.settings.sidecar == "off":
+            return False
+        async with self.discovery_lock:
+            if now() - self.last_live_lookup >= min_age:
+                self.last_live_lookup = now()
+                try:
+                    keys = await self.sidecar.sitekeys()
+                except SidecarError as exc:
+                    log.warning("could not read the page's live reCAPTCHA configuration: %s", exc)
+                    keys = []
+                # A page still running with the refused key says the key is fine: the site refused the account.
+                key = keys[0] if keys and refused not in keys else None
+                if key is not None and key != self.params.get("sitekey"):
+                    log.info("reCAPTCHA sitekey taken from the page's live configuration")
+                    self.store.set_site_params(sitekey=key)
+                    self.params = self.store.site_params()
+        return self.params.get("sitekey") not in (None, refused)
+
     async def recaptcha_token(self, action: str) -> str | None:
         """A fresh v3 token from the sidecar, or None when the sidecar is off (the request then goes
         without one and the site decides)."""
         if self.settings.sidecar == "off":
             return None
         try:
-            token = await self.sidecar.token(self.sitekey, action)
+            token = await self.sidecar.token(await self.mint_sitekey(), action)
         except SidecarError:
             self.on_mint(False)
             raise
@@ -3572,7 +3610,7 @@ class AccountPool:
             log.info("no usable LM Arena account: signing up anonymously through the browser sidecar")
             try:
                 result = await self.sidecar.signup(self.site.params.get("turnstile_sitekey") or FALLBACK_TURNSTILE_SITEKEY,
-                                                   self.site.sitekey)
+                                                   await self.site.mint_sitekey())
                 found = Session.from_signup(result.get("cookies") or {}, result.get("body"))
                 parsed = parse_account_input(found.value)
             except (SidecarError, ValueError) as exc:
@@ -3583,7 +3621,8 @@ class AccountPool:
                 label="anonymous, created automatically", kind="anonymous", auth=parsed.auth, form=parsed.form,
                 cookies=json.dumps(cookies), user_agent=result.get("user_agent"),
                 expires_at=Session(parsed.auth).expiry, state="ok", failures=0, last_used=0.0)
-            log.info("anonymous LM Arena account %s created", account_id)
+            log.info("anonymous LM Arena account %s created (sign-up bodies: %s)", account_id,
+                     ", ".join(result.get("bodies") or ()))
             return self.store.account(account_id)
 
 
@@ -3818,7 +3857,7 @@ class TurnRunner:
     async def step_rediscover(self, failure: Failure) -> None:
         before = self.site.sitekey
         await self.site.discover(min_age=2.0)
-        if self.site.sitekey == before:
+        if self.site.sitekey == before and not await self.site.live_sitekey(refused=before):
             await self.step_back_off(failure)
 
     async def step_back_off(self, failure: Failure) -> None:

@@ -346,6 +346,28 @@ def test_u5_the_2026_body_fails_where_turnstile_is_still_required(arena, raw):
     assert r.status_code == 400 and r.json() == {"error": "Invalid turnstile token"}
 
 
+def test_u5_without_turnstile_only_the_2026_body_is_accepted(arena, raw):
+    arena.configure(signup_turnstile="none", provisional_id_store="local_storage")
+    pid = str(uuid.uuid4())
+    for extra in ({"turnstileToken": arena._mint_turnstile(arena.turnstile_sitekey)}, {"turnstile_token": arena._mint_turnstile(arena.turnstile_sitekey)}):
+        r = raw.post(arena.url + "/nextjs-api/sign-up",
+                     json={**extra, "recaptchaToken": arena.mint_token("sign_up"), "provisionalUserId": pid})
+        assert r.status_code == 400 and r.json() == {"error": "Invalid request body"}
+    r = raw.post(arena.url + "/nextjs-api/sign-up",
+                 json={"recaptchaToken": arena.mint_token("sign_up"), "provisionalUserId": pid})
+    assert r.status_code == 200
+
+
+def test_u5_a_page_may_keep_no_provisional_id_and_sign_up_takes_the_clients(arena, raw):
+    arena.configure(signup_turnstile="none", provisional_id_store="none")
+    r = raw.get(arena.url + "/")
+    assert "provisional_user_id" not in r.cookies and "provisional_user_id" not in r.text
+    pid = str(uuid.uuid4())
+    r = raw.post(arena.url + "/nextjs-api/sign-up",
+                 json={"recaptchaToken": arena.mint_token("sign_up"), "provisionalUserId": pid})
+    assert r.status_code == 200 and arena.session_user(r.cookies["arena-auth-prod-v1"]) == pid
+
+
 # --- U6: citations as offsets ------------------------------------------------------------------------------------
 
 
@@ -438,6 +460,29 @@ def test_u8_the_page_may_not_name_the_sitekey_at_all(arena, raw):
     arena.configure(sitekey_in_page="none")
     assert arena.sitekey not in raw.get(arena.url + "/").text
     assert arena.sitekey in chunks_js(raw, arena)
+
+
+def test_u8_hidden_in_the_chunks_and_live_in_the_page_no_text_names_the_sitekey(arena, raw):
+    arena.configure(sitekey_call_site="hidden", sitekey_in_page="live")
+    text = raw.get(arena.url + "/").text + chunks_js(raw, arena)
+    assert arena.sitekey not in text and "execute(atob(" in text
+
+
+@pytest.mark.skipif(not BROWSER, reason="needs Chromium")
+def test_u8_a_live_key_page_has_the_sitekey_in_its_live_recaptcha_config(arena):
+    from playwright.sync_api import sync_playwright
+    arena.configure(sitekey_call_site="hidden", sitekey_in_page="live")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=BROWSER, headless=True)
+        try:
+            page = browser.new_context(user_agent=UA).new_page()
+            page.goto(arena.url + "/")
+            page.wait_for_function("() => window.___grecaptcha_cfg && window.___grecaptcha_cfg.count > 0")
+            config = page.evaluate("() => JSON.stringify(window.___grecaptcha_cfg)")
+            scripts = page.evaluate("() => [...document.scripts].map(s => s.src).join(' ')")
+        finally:
+            browser.close()
+    assert arena.sitekey in config and arena.sitekey not in scripts
 
 
 def test_u8_a_rotated_sitekey_is_served_everywhere_and_old_tokens_fail(arena, raw):

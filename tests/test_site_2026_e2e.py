@@ -407,3 +407,57 @@ def test_u4_zero_setup_behind_the_login_gate_ends_in_one_clear_error_after_one_s
         assert len(arena.chat_requests()) == 1
         [account] = proc.store.accounts()
         assert account["kind"] == "anonymous" and account["state"] == "needs_login"
+
+
+def sign_ups(arena):
+    return [r for r in arena.core.requests if r["path"] == "/nextjs-api/sign-up"]
+
+
+@needs_browser
+@pytest.mark.parametrize("store", ["local_storage", "none"], ids=["id-in-local-storage", "id-made-by-the-client"])
+def test_u5_zero_setup_signs_up_a_guest_with_the_2026_body_and_chats(arena, tmp_path, store):
+    with browser_bridge(arena, tmp_path, signup_turnstile="none", provisional_id_store=store) as proc:
+        assert post(proc, proc.create_key(), GOOD).status_code == 200
+        [signup] = sign_ups(arena)
+        assert signup["status"] == 200 and set(signup["json"]) == {"recaptchaToken", "provisionalUserId"}
+        assert [a["kind"] for a in proc.store.accounts()] == ["anonymous"]
+        [chat] = arena.chat_requests()      # the guest that provisional id became did the chatting
+        assert arena.session_user(chat["cookies"]["arena-auth-prod-v1"]) == signup["json"]["provisionalUserId"]
+
+
+@needs_browser
+def test_u5_on_the_2025_site_sign_up_falls_back_to_the_turnstile_body_once_the_2026_one_is_refused(arena, tmp_path):
+    with browser_bridge(arena, tmp_path) as proc:
+        assert post(proc, proc.create_key(), GOOD).status_code == 200
+        first, second = sign_ups(arena)
+        assert first["status"] == 400 and "turnstileToken" not in first["json"]
+        assert second["status"] == 200 and second["json"]["turnstileToken"]
+        assert second["json"]["provisionalUserId"] == first["json"]["provisionalUserId"]
+        assert [a["kind"] for a in proc.store.accounts()] == ["anonymous"]
+
+
+LIVE_KEY_ONLY = {"sitekey_call_site": "hidden", "sitekey_in_page": "live"}
+
+
+@needs_browser
+def test_u8_a_sitekey_named_by_no_text_is_read_from_the_pages_live_recaptcha_config(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, **LIVE_KEY_ONLY) as proc:
+        assert "sitekey" not in proc.store.site_params()      # the page and its chunks did not name it
+        proc.set_accounts(arena.new_session())
+        assert post(proc, proc.create_key(), GOOD).status_code == 200
+        assert proc.store.site_params()["sitekey"] == arena.sitekey
+        assert [r["status"] for r in arena.chat_requests()] == [200]     # no request spent on a wrong key
+
+
+@needs_browser
+def test_u8_a_rotated_sitekey_named_by_no_text_heals_from_the_live_config_without_a_restart(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, **LIVE_KEY_ONLY) as proc:
+        proc.set_accounts(arena.new_session())
+        key = proc.create_key()
+        assert post(proc, key, GOOD).status_code == 200
+        arena.rotate_sitekey()
+        time.sleep(2.1)    # discovery and live look-ups are rate-limited to one per 2 s while failures come in
+        arena.clear_log()
+        assert post(proc, key, GOOD).status_code == 200
+        assert proc.store.site_params()["sitekey"] == arena.sitekey
+        assert [r["status"] for r in arena.chat_requests()] == [403, 200]   # the stale key's token, then the new
