@@ -396,9 +396,13 @@ def test_u8_a_rotated_sitekey_at_the_real_call_site_heals_without_a_restart(aren
         assert len(arena.chat_requests()) <= 2          # the refused token, then the one with the new key
 
 
+# The 2026 sign-up (U5): no Turnstile, the provisional id in localStorage; one request makes a guest.
+SITE_2026_SIGN_UP = {"signup_turnstile": "none", "provisional_id_store": "local_storage"}
+
+
 @needs_browser
 def test_u4_zero_setup_behind_the_login_gate_ends_in_one_clear_error_after_one_sign_up(arena, tmp_path):
-    with browser_bridge(arena, tmp_path, login_gate=True) as proc:
+    with browser_bridge(arena, tmp_path, login_gate=True, **SITE_2026_SIGN_UP) as proc:
         key = proc.create_key()
         for _ in range(3):
             answer = post(proc, key, GOOD)
