@@ -2175,8 +2175,13 @@ class SidecarClient:
                                             "recaptcha_sitekey": recaptcha_sitekey, "recaptcha_action": "sign_up"})
 
     async def sitekeys(self) -> list[str]:
-        """The reCAPTCHA sitekeys a freshly loaded page of the site uses: its live configuration (U8)."""
-        result = await self._call("/sitekeys", {})
+        """The reCAPTCHA sitekeys a freshly loaded page of the site uses (its live configuration, U8); none
+        when the browser fails."""
+        try:
+            result = await self._call("/sitekeys", {})
+        except SidecarError as exc:
+            log.warning("could not read the page's live reCAPTCHA configuration: %s", exc)
+            return []
         return [key for key in result.get("sitekeys") or [] if isinstance(key, str) and key]
 
     async def fetch_stream(self, request: dict) -> AsyncGenerator[tuple[int, dict] | str | dict, None]:
@@ -2937,8 +2942,7 @@ class ArenaSite:
         self.discovery_lock = asyncio.Lock()
         self.clearance: asyncio.Task | None = None      # the clearance in flight, shared by every request
         self.last_discovery = 0.0
-        self.last_live_lookup = 0.0
-        self.live_asked = False     # since the last discovery, for a sitekey it did not find
+        self.last_live_lookup, self.live_asked = 0.0, False     # live_asked: since the last discovery (U8)
         # An explicit --arena-mode wins at start; the mode learned from a refusal is only the default.
         self.mode: str = settings.arena_mode or self.params.get("arena_mode") or DEFAULT_ARENA_MODE
 
@@ -3115,8 +3119,7 @@ class ArenaSite:
         return self.params.get("recaptcha_action") or "chat_submit"
 
     async def mint_sitekey(self) -> str:
-        """The sitekey to mint with: discovery's; when the page and its chunks named none, the key the
-        sidecar's page runs with (asked once per discovery, U8), else the fallback."""
+        """Discovery's sitekey; when no text named one, the sidecar page's (asked once per discovery, U8)."""
         if "sitekey" not in self.params and not self.live_asked:
             self.live_asked = True
             await self.live_sitekey()
@@ -3126,21 +3129,14 @@ class ArenaSite:
         """Read the sitekey from the sidecar page's live reCAPTCHA configuration (U8), for when no text of
         the site names it or the site refused tokens for the key the text names (`refused`). One lookup at
         a time, not again within `min_age` seconds. True when a key other than `refused` is known now."""
-        if self.settings.sidecar == "off":
-            return False
         async with self.discovery_lock:
-            if now() - self.last_live_lookup >= min_age:
+            if self.settings.sidecar != "off" and now() - self.last_live_lookup >= min_age:
                 self.last_live_lookup = now()
-                try:
-                    keys = await self.sidecar.sitekeys()
-                except SidecarError as exc:
-                    log.warning("could not read the page's live reCAPTCHA configuration: %s", exc)
-                    keys = []
+                keys = await self.sidecar.sitekeys()
                 # A page still running with the refused key says the key is fine: the site refused the account.
-                key = keys[0] if keys and refused not in keys else None
-                if key is not None and key != self.params.get("sitekey"):
+                if keys and refused not in keys and keys[0] != self.params.get("sitekey"):
                     log.info("reCAPTCHA sitekey taken from the page's live configuration")
-                    self.store.set_site_params(sitekey=key)
+                    self.store.set_site_params(sitekey=keys[0])
                     self.params = self.store.site_params()
         return self.params.get("sitekey") not in (None, refused)
 
