@@ -209,6 +209,32 @@ def test_dockerfile_cmd_serves_health_with_state_in_the_volume(arena):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_started_bridge_has_loaded_neither_numpy_nor_the_schema_validator(arena, tmp_path):
+    """Idle memory: a bridge started as the image starts it, after discovery, has loaded neither numpy
+    (sqlite_utils imports it when it can) nor jsonschema (the first request that validates a schema loads
+    it). Their extension modules show in the process's memory map: numpy's core, and rpds under
+    jsonschema's `referencing`, as this process's own map shows once it has imported jsonschema."""
+    import jsonschema  # noqa: F401 - for the map of this process
+    assert "/rpds/" in pathlib.Path("/proc/self/maps").read_text()
+    arena.reset()
+    port, log_path = free_port(), str(tmp_path / "bridge.log")
+    env = {**os.environ, "BRIDGE_SIDECAR": "off", "BRIDGE_ANONYMOUS": "off"}
+    env.pop("ARENA_AUTH_TOKENS", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bridge", "--port", str(port), "--db", str(tmp_path / "b.db"),
+                                 "--arena-url", arena.url], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}/api/v1/health", proc, log_path)
+        deadline = time.time() + 20
+        while "discovered LM Arena" not in pathlib.Path(log_path).read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        maps = pathlib.Path(f"/proc/{proc.pid}/maps").read_text()
+    finally:
+        assert stop(proc) == 0, pathlib.Path(log_path).read_text(errors="replace")
+    assert "discovered LM Arena" in pathlib.Path(log_path).read_text()
+    assert [name for name in ("numpy", "rpds") if f"/{name}/" in maps] == []
+
+
 def test_fly_toml_parses_and_agrees_with_the_dockerfile():
     with open(FLY_TOML, "rb") as f:
         fly = tomllib.load(f)
