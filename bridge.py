@@ -7919,8 +7919,8 @@ class Doctor:
 
     async def account(self, account: dict) -> Finding:
         if account["kind"] == "browser":
-            return skipped("account", "a browser tab (userscript): its session stays in the tab; the server it "
-                           "connects to shows its state in tokens list and /health", subject=f"account {account['id']}")
+            return skipped("account", f"a browser tab (userscript): its session stays in the tab; the line chat "
+                           f"(executor {account['id']}) checks it", subject=f"account {account['id']}")
         at = now()
         refresh = None
         state = account_state(account, at)

@@ -460,3 +460,41 @@ def test_a_server_on_another_database_is_named_and_a_broken_one_fails():
 def test_with_no_chat_and_no_failure_the_closing_line_points_to_the_skipped_lines():
     lines = [dx.ok("origin", "fine"), dx.skipped("chat", "its tab is not connected", "executor", "executor 4")]
     assert dx.verdict_text(lines) == "no chat worked: see the skipped lines above"
+
+
+# --- the server's executor step, on the bridge's own parts (no tab connected, so nothing is sent) ------------
+
+def test_the_server_side_executor_step_has_a_line_per_browser_account_and_sends_nothing_it_may_not(tmp_path):
+    state = dx.bridge_state(dx.Settings.load(env={"BRIDGE_DB": str(tmp_path / "bridge.db"), "BRIDGE_SIDECAR": "off"}),
+                            dx.Store(str(tmp_path / "bridge.db")))
+    store = state.store
+    store.replace_models([{"id": "m-1", "publicName": "m", "organization": "o",
+                           "capabilities": {"outputCapabilities": {"text": True}}}])
+    gone = store.add_account(label="browser: a@example.com", kind="browser", auth="browser:a", form="browser",
+                             cookies="{}", state="disconnected", failures=0, last_used=0.0)
+    cooling = store.add_account(label="browser: b@example.com", kind="browser", auth="browser:b", form="browser",
+                                cookies="{}", state="cooling_down", failures=0, last_used=0.0)
+    store.update_account(cooling, cooldown_until=time.time() + 600, cooldown_reason="rate limited")
+    state.executors.connect("tab-of-b-000", state.executors.records.create_pairing()[0], {"user": {"id": "b"}})
+    lines = asyncio.run(dx.run_steps([dx.EXECUTOR_STEP], dx.Doctor(state), ["chat"]))
+    assert [(f.label, f.status, f.fix) for f in lines] == [
+        (f"chat (executor {gone})", "skipped", "#browser-executor-not-connected"),
+        (f"chat (executor {cooling})", "skipped", "#429-and-cool-downs")]
+    assert state.executors.jobs == {} and store.account(cooling)["last_used"] == 0.0
+    store.close()
+
+
+def test_no_browser_account_is_one_line_that_says_to_install_the_userscript_and_asks_no_server(tmp_path):
+    state = dx.bridge_state(dx.Settings.load(env={"BRIDGE_DB": str(tmp_path / "bridge.db"), "BRIDGE_SIDECAR": "off"}),
+                            dx.Store(str(tmp_path / "bridge.db")))
+    asked = []
+
+    async def server() -> list[dx.Finding]:
+        asked.append(True)
+        return []
+
+    lines = asyncio.run(dx.run_steps([dx.EXECUTOR_STEP], dx.Doctor(state, server=server), ["chat"]))
+    assert [(f.label, f.status, f.fix) for f in lines] == [("chat (executor)", "skipped",
+                                                            "#bridge-on-a-server-browser-at-home")]
+    assert asked == []
+    state.store.close()
