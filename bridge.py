@@ -825,9 +825,10 @@ class Store:
             self.db.execute("DELETE FROM responses WHERE created < ?", [cutoff])
 
     # --- stored responses (the Responses API's previous_response_id) ---------------------------------
-    def remember_response(self, response_id: str, key_id: int, history: list[dict]) -> None:
+    def remember_response(self, response_id: str, key_id: int, history: str) -> None:
+        """`history`: the JSON of the messages the response ends (encoded by the caller, off the event loop)."""
         self.write("INSERT INTO responses (id, key_id, history, created) VALUES (?, ?, ?, ?)",
-                   [response_id, key_id, json.dumps(history, ensure_ascii=False), now()])
+                   [response_id, key_id, history, now()])
 
     def response_history(self, response_id: str, key_id: int) -> list[dict] | None:
         """The history a stored response ends, for the key that created it only."""
@@ -3626,6 +3627,8 @@ class AccountPool:
 # Turn runner
 # =====================================================================================================
 
+LOOP_SLICE = 0.005      # seconds a reply's buffered chunks are folded before other tasks get the loop
+
 ACCOUNT_QUEUE_WAIT = 30.0         # how long a request waits for an account that is busy asking (U2)
 DEAD_CREDENTIAL_RE = re.compile(r"user not found", re.IGNORECASE)   # the site no longer knows the account (U9)
 
@@ -3921,6 +3924,7 @@ class TurnRunner:
         when the client goes away and the task is cancelled)."""
         parser = StreamParser()
         chunks = opened.response.aiter_content()
+        paused = time.perf_counter()
         try:
             while True:
                 try:   # asyncio.timeout, not wait_for: no extra task per chunk (the relay's hot path)
@@ -3940,6 +3944,11 @@ class TurnRunner:
                     if event.kind == "finish":
                         await self.end_turn(opened, parser)
                         return
+                # Chunks already received are read without a pause: a long reply that arrived at once
+                # would be folded in one go, and every other client would wait for it.
+                if time.perf_counter() - paused > LOOP_SLICE:
+                    await asyncio.sleep(0)
+                    paused = time.perf_counter()
             for event in parser.close():
                 yield event
             await self.end_turn(opened, parser)
@@ -4425,14 +4434,78 @@ def lone_surrogate_at(value: Any) -> str | None:
     return None
 
 
+# A large body is parsed and scanned in pieces of about this many bytes (see loads_in_pieces).
+PIECE_BYTES = 256 * 1024
+JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+JSON_DECODER = json.JSONDecoder()
+
+
+def _skip(text: str, at: int) -> int:
+    """The index of the first character at or after `at` that is not JSON whitespace."""
+    match = JSON_SPACE_RE.match(text, at)
+    return match.end() if match else at
+
+
+def _json_mark(text: str, at: int, marks: str) -> tuple[str, int]:
+    """The structural character at `at` (after whitespace), one of `marks`, and the index after it."""
+    at = _skip(text, at)
+    if at >= len(text) or text[at] not in marks:
+        raise ValueError(f"expected one of {marks!r} at character {at}")
+    return text[at], at + 1
+
+
+def _json_value(text: str, at: int) -> tuple[Any, int]:
+    """The value at `at` (after whitespace) and the index after it; an array item by item."""
+    at = _skip(text, at)
+    if not text.startswith("[", at):
+        return JSON_DECODER.raw_decode(text, at)
+    items: list[Any] = []
+    if text.startswith("]", _skip(text, at + 1)):
+        return items, _skip(text, at + 1) + 1
+    mark, at = ",", at + 1
+    while mark == ",":
+        item, at = JSON_DECODER.raw_decode(text, _skip(text, at))
+        items.append(item)
+        mark, at = _json_mark(text, at, ",]")
+    return items, at
+
+
+def loads_in_pieces(body: bytes) -> Any:
+    """json.loads for a large body, the top object's members (and each item of an array member) parsed one
+    at a time: json.loads is one C call that keeps the GIL for the whole body, so even in a worker thread
+    it held up the event loop (and /health) for as long. The same value as json.loads, or a ValueError."""
+    text = body.decode(json.detect_encoding(body), "surrogatepass")
+    start = _skip(text, 0)
+    if not text.startswith("{", start):
+        return json.loads(text)
+    value: dict[str, Any] = {}
+    mark, at = _json_mark(text, start + 1, '}"')
+    while mark == '"':
+        name, at = JSON_DECODER.raw_decode(text, at - 1)
+        _, at = _json_mark(text, at, ":")
+        value[name], at = _json_value(text, at)
+        mark, at = _json_mark(text, at, ",}")
+        if mark == ",":
+            mark, at = _json_mark(text, at, '"')
+    if _skip(text, at) != len(text):
+        raise ValueError("extra data after the JSON value")
+    return value
+
+
+def surrogate_hinted(body: bytes) -> bool:
+    """SURROGATE_HINT_RE anywhere in the body, searched a piece at a time (one search is one C call that
+    keeps the GIL); the pieces overlap by the pattern's length."""
+    return any(SURROGATE_HINT_RE.search(body, at, at + PIECE_BYTES + 5) for at in range(0, len(body), PIECE_BYTES))
+
+
 def parse_json_body(body: bytes) -> Any:
     try:
-        value = json.loads(body)
+        value = loads_in_pieces(body) if len(body) > PIECE_BYTES else json.loads(body)
     except ValueError:
         raise ApiError(400, "The request body is not valid JSON.", "invalid_json") from None
     except RecursionError:
         raise ApiError(400, "The request body is nested too deeply.", "invalid_json") from None
-    where = lone_surrogate_at(value) if SURROGATE_HINT_RE.search(body) else None
+    where = lone_surrogate_at(value) if surrogate_hinted(body) else None
     if where is not None:
         raise ApiError(400, f"`{where}` holds a lone UTF-16 surrogate, which is not text; send valid Unicode.",
                        "invalid_value", where)
@@ -4680,9 +4753,19 @@ def normalise_for_match(message: Message) -> list[str]:
     return [message.role, " ".join(text.split()), *images, *calls]
 
 
+FINGERPRINT_SLICE = 1000      # messages encoded per json.dumps call (each call keeps the GIL throughout)
+
+
 def fingerprint_of(key_id: int, model: str, normalised: list[list[str]]) -> str:
-    """The fingerprint of a history already normalised (normalise_for_match, message by message)."""
-    return sha256_hex(compact_json([key_id, model, normalised]))
+    """The fingerprint of a history already normalised (normalise_for_match, message by message): the
+    hash of the JSON of [key_id, model, normalised], encoded and hashed a slice of messages at a time, so
+    that a long history does not keep the GIL (and the event loop) in one call."""
+    digest = hashlib.sha256(compact_json([key_id, model])[:-1].encode() + b",[")
+    for start in range(0, len(normalised), FINGERPRINT_SLICE):
+        piece = compact_json(normalised[start:start + FINGERPRINT_SLICE])[1:-1]
+        digest.update((piece if start == 0 else "," + piece).encode())
+    digest.update(b"]]")
+    return digest.hexdigest()
 
 
 def conversation_fingerprint(key_id: int, model: str, messages: list[Message]) -> str:
@@ -5634,6 +5717,7 @@ class ChatJob:
     content: list[str] = dataclasses.field(default_factory=list)     # the content relayed
     calls: list[ToolCall] = dataclasses.field(default_factory=list)
     route: str = dataclasses.field(kw_only=True)      # the API route, as usage and metrics name it
+    large: bool = dataclasses.field(default=False, kw_only=True)   # its steps that grow with it run off the loop
 
     def events(self) -> AsyncGenerator[Event, None]:
         return self.state.turns.events(self.plan, now() + self.state.settings.request_timeout)
@@ -5714,14 +5798,17 @@ class ChatJob:
     def usage(self) -> dict:
         return completion_usage(self.plan.new_content, self.builder)
 
-    def succeeded(self) -> None:
+    def fingerprint_with(self, reply: Message) -> str:
+        history = self.plan.history or [normalise_for_match(m) for m in self.chat.messages]
+        return fingerprint_of(self.key["id"], self.chat.model, [*history, normalise_for_match(reply)])
+
+    async def succeeded(self) -> None:
         """Remember which evaluation now holds this exact history, for the next turn's follow-up."""
         opened = self.plan.opened
         if opened is None:
             return
         reply = Message("assistant", "".join(self.content), [], tool_calls=self.calls)
-        history = self.plan.history or [normalise_for_match(m) for m in self.chat.messages]
-        fingerprint = fingerprint_of(self.key["id"], self.chat.model, [*history, normalise_for_match(reply)])
+        fingerprint = await off_loop(self.large, self.fingerprint_with, reply)
         self.state.store.remember_conversation(fingerprint, opened.evaluation_id, opened.account_id,
                                                self.plan.model["id"], self.key["id"], opened.turns)
 
@@ -5961,12 +6048,19 @@ def takes_one_image(model: dict, newest: Message) -> bool | None:
     return single
 
 
+def history_images(messages: list[Message], room: int) -> list[tuple[int, int, str]]:
+    """The newest `room` images of the user turns before the newest one: (message, image, URL)."""
+    found = [(i, j, url) for i, m in enumerate(messages[:-1]) if m.role == "user" for j, url in enumerate(m.images)]
+    return found[max(0, len(found) - room):]
+
+
 async def load_images(messages: list[Message], model: dict, settings: Settings, http: AsyncSession,
-                      with_history: bool = False) -> list[ImageInput]:
+                      with_history: bool = False, large: bool = False) -> list[ImageInput]:
     """The images to attach, checked and read into memory: the newest user turn's, where any refusal is a
     400 and nothing goes upstream. With `with_history` (a new evaluation carrying the history, on a model
     that takes several images) the earlier user turns' images come first; one of those that cannot be
-    read stays an [image] mark in the transcript, as it would for a model without vision."""
+    read stays an [image] mark in the transcript, as it would for a model without vision. The history is
+    searched off the event loop when the request is `large`."""
     last = len(messages) - 1
     single = takes_one_image(model, messages[last])
     if single is None:
@@ -5975,10 +6069,9 @@ async def load_images(messages: list[Message], model: dict, settings: Settings, 
     if len(messages[last].images) > cap:
         raise ApiError(400, f"The newest message has {len(messages[last].images)} images; this bridge attaches "
                             f"at most {cap} (BRIDGE_MAX_IMAGES).", "too_many_images", "messages")
-    earlier = [] if single or not with_history else [
-        (i, j, url) for i, m in enumerate(messages[:last]) if m.role == "user" for j, url in enumerate(m.images)]
     # the history's newest images, as many as the cap leaves room for; the others stay [image] marks
-    earlier = earlier[len(earlier) - (cap - len(messages[last].images)):] if earlier else []
+    room = 0 if single or not with_history else cap - len(messages[last].images)
+    earlier = await off_loop(large, history_images, messages, room) if room > 0 else []
     images = []
     for i, j, url in earlier:
         with contextlib.suppress(ApiError):
@@ -6166,8 +6259,8 @@ async def chat_completions(request: Request) -> Response:
         draft = await off_loop(large, draft_turn, key["id"], chat, state.settings.max_prompt_chars, tools, output)
         plan = plan_turn(state, key, chat, model, tools, output, draft)
         plan.images = await load_images(chat.messages, model, state.settings, state.site.http,
-                                        with_history=plan.followup is None)
-    job = ChatJob(state, key, chat, plan, started, tools, output, route=CHAT_ROUTE)
+                                        with_history=plan.followup is None, large=large)
+    job = ChatJob(state, key, chat, plan, started, tools, output, route=CHAT_ROUTE, large=large)
     if chat.stream:
         return await stream_chat(job)
     return await complete_chat(job)
@@ -6187,7 +6280,7 @@ async def run_to_end(job: ChatJob) -> ReplyBuilder:
 async def complete_chat(job: ChatJob) -> Response:
     builder = await run_to_end(job)
     usage = job.usage()
-    job.succeeded()
+    await job.succeeded()
     job.record(200, usage)
     return JSONResponse(completion_object(job.completion_id, job.created, job.chat.model, builder, usage,
                                           "".join(job.content), job.calls, job.finish_reason), headers=job.headers)
@@ -6299,7 +6392,7 @@ async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[
         usage = job.usage()
         for chunk in sse_ending(job, encoder, usage):
             yield chunk
-        job.succeeded()
+        await job.succeeded()
         job.record(200, usage)
     except asyncio.CancelledError:
         job.record(499, error="client_disconnected")
@@ -7105,9 +7198,9 @@ async def agent_job(state: BridgeState, key: dict, started: float, turn: AgentRe
                                turn.output)
         plan = plan_turn(state, key, chat, model, turn.tools, turn.output, draft)
         plan.images = await load_images(turn.messages, model, state.settings, state.site.http,
-                                        with_history=plan.followup is None)
+                                        with_history=plan.followup is None, large=large)
     return ChatJob(state, key, chat, plan, started, turn.tools, turn.output, completion_id=job_id,
-                   call_prefix=call_prefix, route=route)
+                   call_prefix=call_prefix, route=route, large=large)
 
 
 def job_reply(job: ChatJob) -> tuple[str, str, list[ToolCall]]:
@@ -7116,7 +7209,7 @@ def job_reply(job: ChatJob) -> tuple[str, str, list[ToolCall]]:
 
 
 async def agent_sse(job: ChatJob, encoder: Any, pump: Prefetcher, first: Any,
-                    done: Callable[[ChatJob], None]) -> AsyncIterator[str]:
+                    done: Callable[[ChatJob], Awaitable[None]] | None) -> AsyncIterator[str]:
     """A streamed agent turn in the API's events; `done` runs once it has succeeded."""
     def encode(item: Any) -> str:
         return encoder.KEEPALIVE if item is None else AGENT_OUTPUTS[item[0]](encoder, item[1])
@@ -7128,9 +7221,10 @@ async def agent_sse(job: ChatJob, encoder: Any, pump: Prefetcher, first: Any,
             yield text
         usage = job.usage()
         yield encoder.finish(job.finish_reason, usage)
-        job.succeeded()
+        await job.succeeded()
         job.record(200, usage)
-        done(job)
+        if done is not None:
+            await done(job)
     except asyncio.CancelledError:
         job.record(499, error="client_disconnected")
         raise
@@ -7141,16 +7235,17 @@ async def agent_sse(job: ChatJob, encoder: Any, pump: Prefetcher, first: Any,
 
 
 async def answer_agent(job: ChatJob, encoder: Any, body: Callable[[ChatJob, dict], dict],
-                       done: Callable[[ChatJob], None] = lambda job: None) -> Response:
+                       done: Callable[[ChatJob], Awaitable[None]] | None = None) -> Response:
     """The turn streamed through `encoder`, or run to its end and answered with `body(job, usage)`."""
     if job.chat.stream:
         pump, first = await first_output(job)
         return event_stream(agent_sse(job, encoder, pump, first, done), job)
     await run_to_end(job)
     usage = job.usage()
-    job.succeeded()
+    await job.succeeded()
     job.record(200, usage)
-    done(job)
+    if done is not None:
+        await done(job)
     return JSONResponse(body(job, usage), headers=job.headers)
 
 
@@ -7218,6 +7313,10 @@ def continue_stored(store: Store, key: dict, ask: ResponsesRequest) -> None:
     ask.continuing([message_from_json(m) for m in history])
 
 
+def history_json(messages: list[Message]) -> str:
+    return json.dumps([dataclasses.asdict(m) for m in messages], ensure_ascii=False)
+
+
 async def responses(request: Request) -> Response:
     state, key, started, body = await accepted_post(request)
     ask = await off_loop(large_body(request), parse_responses_request, body)
@@ -7232,11 +7331,11 @@ async def responses(request: Request) -> Response:
     def response(job: ChatJob, usage: dict) -> dict:
         return responses_body(response_id, created, ask, *job_reply(job), job.finish_reason, usage)
 
-    def store(job: ChatJob) -> None:
+    async def store(job: ChatJob) -> None:
         if ask.store:
             _, text, calls = job_reply(job)
             ended = [*ask.history, Message("assistant", text, [], tool_calls=calls)]
-            state.store.remember_response(response_id, job.key["id"], [dataclasses.asdict(m) for m in ended])
+            state.store.remember_response(response_id, job.key["id"], await off_loop(job.large, history_json, ended))
 
     return await answer_agent(job, encoder, response, store)
 

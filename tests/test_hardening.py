@@ -1,4 +1,5 @@
 """Unit tests of the hardening (issue 19): pure functions, no network."""
+import json
 import time
 
 import pytest
@@ -18,6 +19,46 @@ def test_trimming_is_linear_in_the_history():
     started = time.perf_counter()
     text, dropped = bridge.keep_newest([], body, 100_000)
     assert time.perf_counter() - started < 1.0 and dropped > 40_000 and len(text) <= 100_000
+
+
+PIECEWISE_JSON = ['{}', ' {\n} ', '{"a":1}', '{"a":[1,[2],{"b":[3]}],"c":"x"}', '{"a":[]}', '{ "a" : [ ] , "b" : [ 1 , 2 ] }',
+                  '{"a":1,"a":2}', '{"m":[{"content":"\\ud83d\\ude00 \u00e9"}]}', '[1,2]', '"x"', '{"a":{"b":[1]}}']
+BAD_JSON = ['{', '{"a"}', '{"a":1,}', '{"a":[1,]}', '{"a":[1 2]}', '{"a":1} x', '{1:2}', '{"a":[', '{"a":1 "b":2}', '']
+
+
+@pytest.mark.parametrize("text", PIECEWISE_JSON)
+def test_a_large_body_parsed_in_pieces_is_what_json_loads_gives(text):
+    assert bridge.loads_in_pieces(text.encode()) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", BAD_JSON)
+def test_a_large_body_parsed_in_pieces_refuses_what_json_loads_refuses(text):
+    with pytest.raises(ValueError):
+        bridge.loads_in_pieces(text.encode())
+
+
+def test_a_large_body_is_parsed_without_one_long_call_of_the_parser(monkeypatch):
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 100}] * 20_000}).encode()
+    sizes, decode = [], bridge.JSON_DECODER.raw_decode
+
+    def measured(text, at):
+        value, end = decode(text, at)
+        sizes.append(end - at)
+        return value, end
+    monkeypatch.setattr(bridge.JSON_DECODER, "raw_decode", measured)
+    assert bridge.parse_json_body(body) == json.loads(body) and max(sizes) < 1000
+
+
+def test_a_surrogate_escape_across_two_search_pieces_is_found():
+    body = b" " * (bridge.PIECE_BYTES - 3) + b'"\\ud800"'
+    assert bridge.surrogate_hinted(body) and not bridge.surrogate_hinted(body.replace(b"d800", b"0041"))
+
+
+def test_a_fingerprint_hashed_slice_by_slice_is_the_one_of_the_whole_history():
+    history = [["user", f"message {i} \u00e9 \U0001f600"] for i in range(2 * bridge.FINGERPRINT_SLICE + 1)]
+    for messages in ([], history[:1], history[:bridge.FINGERPRINT_SLICE], history):
+        whole = json.dumps([7, "gpt-x", messages], ensure_ascii=False, separators=(",", ":"))
+        assert bridge.fingerprint_of(7, "gpt-x", messages) == bridge.sha256_hex(whole)
 
 
 def test_an_emoji_split_between_two_text_parts_is_joined():

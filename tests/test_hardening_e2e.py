@@ -1,12 +1,17 @@
 """End to end: one API key must not be able to hurt the server or the other clients (issue 19)."""
+import asyncio
 import base64
 import json
 import threading
 import time
 
 import httpx
+import hypercorn.asyncio
+import hypercorn.config
 from fake_arena import make_png
-from harness import BridgeProcess
+from harness import BridgeProcess, free_port
+
+import bridge
 
 MODEL = "gemini-3-pro"
 
@@ -38,6 +43,66 @@ def test_a_huge_history_does_not_hold_up_health(fresh, api_key):
           sorted(round(t * 1000) for t in times))
     assert answers[0].status_code == 200 and int(answers[0].headers["x-bridge-history-trimmed"]) > 40_000
     assert max(times) < 1.0
+
+
+class LoopSteps:
+    """The bridge served in-process on an event loop of its own (a thread), with the CPU time of each step
+    (callback) that loop runs: CPU time, not wall-clock, so that a loaded machine does not make it up."""
+
+    def __init__(self, app, monkeypatch):
+        self.app, self.port, self.thread_id = app, free_port(), None
+        self.steps: list[float] = []
+        self.stop: asyncio.Event | None = None
+        original = asyncio.events.Handle._run
+
+        def timed(handle):
+            if threading.get_ident() != self.thread_id:
+                return original(handle)
+            started = time.thread_time()
+            original(handle)
+            self.steps.append(time.thread_time() - started)
+        monkeypatch.setattr(asyncio.events.Handle, "_run", timed)
+
+    async def serve(self):
+        self.thread_id, self.stop = threading.get_ident(), asyncio.Event()
+        config = hypercorn.config.Config()
+        config.bind = [f"127.0.0.1:{self.port}"]
+        await hypercorn.asyncio.serve(self.app, config, shutdown_trigger=self.stop.wait)
+
+    def __enter__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.serve(),))
+        self.thread.start()
+        deadline = time.time() + 20
+        while time.time() < deadline and not self.app.state.bridge.store.models():
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+
+
+def test_no_step_of_a_huge_history_request_holds_the_event_loop(arena, tmp_path, monkeypatch):
+    arena.reset()
+    arena.configure(recaptcha="off")
+    settings = bridge.Settings.load(env={"BRIDGE_DB": str(tmp_path / "b.db"), "ARENA_URL": arena.url,
+                                         "BRIDGE_SIDECAR": "off", "BRIDGE_ADMIN_PASSWORD": "loop-steps-password"})
+    store = bridge.Store(settings.db)
+    bridge.add_account(store, bridge.parse_account_input(arena.new_session()))
+    key = store.create_key("loop", 10_000)[1]
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} is short"}
+                for i in range(50_000)]
+    body = json.dumps({"model": MODEL, "messages": messages}).encode()
+    with LoopSteps(bridge.create_app(settings), monkeypatch) as loop:
+        loop.steps.clear()
+        answer = httpx.post(f"http://127.0.0.1:{loop.port}/v1/chat/completions", content=body, timeout=120,
+                            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        steps = sorted(loop.steps)
+    print(f"loop steps: {len(steps)}, CPU {sum(steps) * 1000:.0f} ms in all, the longest (ms):",
+          [round(s * 1000, 1) for s in steps[-5:]])
+    assert answer.status_code == 200 and int(answer.headers["x-bridge-history-trimmed"]) > 40_000
+    assert steps[-1] < 0.025
 
 
 SPLIT_EMOJI = ['a0:"smile \\ud83d"', 'a0:"\\ude00 and a lone \\udc00 one"', 'a0:" and the rest"',
