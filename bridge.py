@@ -3324,6 +3324,9 @@ def in_browser_mode(account: dict, at: float) -> bool:
     return bool(account["needs_browser"]) and at < (account["direct_retry_at"] or 0)
 
 
+QUEUE_POLLS = (0.05, 0.5)       # seconds between looks of a queued request: the first one's at the store, the others'
+
+
 def is_usable(account: dict, at: float | None = None) -> bool:
     """Can serve now. An account being refreshed counts: its requests wait for the refresh to finish."""
     return account_state(account, at) in ("ok", "refreshing")
@@ -3345,33 +3348,47 @@ class AccountPool:
         # rather than sending a second request on one account before the first says whether it is
         # refused: on the late-2026 site each refused attempt extends the account's penalty (U2).
         self.asking: set[int] = set()
-        # The requests queued meanwhile, woken one at a time as an answer comes in. Their poll (every 50 ms,
-        # for pacing and cool-downs that end by time) alone left a freed account idle for up to that long:
-        # a burst on one account ran at about 40 streams/s.
-        self.queued: collections.deque[asyncio.Future[None]] = collections.deque()
+        # The requests queued meanwhile, in order, each woken by an answer, one at a time. A poll alone left
+        # a freed account idle for up to its interval, and each of a burst's requests polling the store 20
+        # times a second cost more than relaying its reply: only the first in the queue polls (for pacing
+        # and cool-downs, which end by time, not by an answer).
+        self.queued: collections.deque[asyncio.Event] = collections.deque()
 
     # --- requests queued while accounts are asking ---------------------------------------------------
     def answered(self, account_id: int) -> None:
         """The account's answer is in: it asks no more, and the first request queued tries again (one, not
         all: the account serves one of them; one it cannot serve finds another on its next poll)."""
         self.asking.discard(account_id)
-        while self.queued:
-            waiter = self.queued.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        self.wake_first()
 
-    async def wait_for_answer(self, timeout: float) -> None:
-        """Until an asking account's answer is in or `timeout` passed (pacing and cool-downs end by time)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self.queued.append(waiter)
-        try:
+    def wake_first(self) -> None:
+        place = next((place for place in self.queued if not place.is_set()), None)
+        if place is not None:
+            place.set()
+
+    def join_queue(self) -> asyncio.Event:
+        place = asyncio.Event()
+        self.queued.append(place)
+        return place
+
+    def leave_queue(self, place: asyncio.Event, served: bool) -> None:
+        """Out of the queue; an answer that woke a request which leaves unserved wakes the next one."""
+        self.queued.remove(place)
+        if place.is_set() and not served:
+            self.wake_first()
+
+    async def wait_in_queue(self, place: asyncio.Event, until: float) -> None:
+        """Until an answer wakes this place, or its poll of the store is due (not after `until`): soon for
+        the first in the queue, while the others only look every QUEUE_POLLS[1] whether they are first. A
+        place stays woken until it waits again, so that no answer is given to it meanwhile."""
+        place.clear()
+        while not place.is_set() and now() < until:
+            first = self.queued[0] is place
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await waiter
-        finally:   # timed out or cancelled (which cancels the future too): out of the queue
-            with contextlib.suppress(ValueError):
-                self.queued.remove(waiter)
+                async with asyncio.timeout(min(QUEUE_POLLS[not first], until - now())):
+                    await place.wait()
+            if first:
+                break
 
     # --- choice and pacing --------------------------------------------------------------------------
     def usable(self, exclude: set[int], modality: str = "chat") -> list[dict]:
@@ -3783,16 +3800,23 @@ class TurnRunner:
         """The account for the next attempt; a follow-up whose account cannot serve starts over. While
         every usable account is asking, the request queues briefly for one (pool.asking)."""
         queued_until = min(deadline, now() + ACCOUNT_QUEUE_WAIT)
-        while True:
-            account = await self.pool.account_for(tries.followup, tries.excluded, tries.modality)
-            if account is None and tries.followup is not None:
-                tries.followup = None
-                account = await self.pool.account_for(None, tries.excluded, tries.modality)
-            if account is not None:
-                return account
-            if now() >= queued_until or not self.pool.asking - tries.excluded:
-                raise self.pool.unavailable(tries.last, tries.modality)
-            await self.pool.wait_for_answer(0.05)
+        place: asyncio.Event | None = None
+        account = None
+        try:
+            while True:
+                account = await self.pool.account_for(tries.followup, tries.excluded, tries.modality)
+                if account is None and tries.followup is not None:
+                    tries.followup = None
+                    account = await self.pool.account_for(None, tries.excluded, tries.modality)
+                if account is not None:
+                    return account
+                if now() >= queued_until or not self.pool.asking - tries.excluded:
+                    raise self.pool.unavailable(tries.last, tries.modality)
+                place = place or self.pool.join_queue()
+                await self.pool.wait_in_queue(place, queued_until)
+        finally:
+            if place is not None:
+                self.pool.leave_queue(place, served=account is not None)
 
     async def send(self, plan: TurnPlan, tries: Tries, account: dict, deadline: float) -> OpenedTurn | Failure:
         followup = tries.followup

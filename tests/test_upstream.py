@@ -1,6 +1,5 @@
 """The upstream client and the account pool without a network: clearance, refresh, the arena mode."""
 import asyncio
-import time
 
 from test_accounts import session_value
 
@@ -85,37 +84,48 @@ def test_a_refused_mode_switches_for_this_run_even_when_the_flag_named_it(tmp_pa
     assert store.site_params()["arena_mode"] == "direct-battle"
 
 
-def test_a_request_queued_behind_an_asking_account_is_woken_by_the_answer_not_the_next_poll(tmp_path):
+def queue_of(tmp_path):
     settings, store, site = parts(tmp_path)
-    pool = bridge.AccountPool(settings, store, site, site.sidecar)
-    pool.asking.add(1)
+    return bridge.AccountPool(settings, store, site, site.sidecar), site
 
-    async def queued_then_answered():
-        waiting = [asyncio.create_task(pool.wait_for_answer(30.0)) for _ in range(2)]
+
+def test_queued_requests_are_woken_by_answers_in_order_one_each_not_at_their_next_poll(tmp_path):
+    pool, site = queue_of(tmp_path)
+    pool.asking.update({1, 2})
+
+    async def three_queued_two_answers():
+        places = [pool.join_queue() for _ in range(3)]
+        waiting = [asyncio.create_task(pool.wait_in_queue(place, bridge.now() + 30)) for place in places]
         await asyncio.sleep(0.01)
-        started = time.monotonic()
         pool.answered(1)
-        _, pending = await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-        woken_after = time.monotonic() - started
-        still_waiting = [task.done() for task in waiting]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        pool.answered(2)
+        await asyncio.sleep(0.2)
+        woken = [task.done() for task in waiting]
+        pool.leave_queue(places[0], served=True)
+        pool.leave_queue(places[1], served=False)        # woken, but it leaves unserved: the next one is woken
+        await asyncio.wait_for(waiting[2], 0.2)
+        pool.leave_queue(places[2], served=True)
         await site.aclose()
-        return woken_after, still_waiting
+        return woken
 
-    woken_after, done = asyncio.run(queued_then_answered())
-    assert woken_after < 0.5 and done == [True, False]     # the first in the queue, and only it
-    assert 1 not in pool.asking and not pool.queued        # a waiter that left is no longer queued
+    assert asyncio.run(three_queued_two_answers()) == [True, True, False]
+    assert not pool.asking and not pool.queued
 
 
-def test_a_queued_request_whose_wait_runs_out_leaves_the_queue(tmp_path):
-    settings, store, site = parts(tmp_path)
-    pool = bridge.AccountPool(settings, store, site, site.sidecar)
+def test_only_the_first_queued_request_polls_the_store_soon(tmp_path):
+    pool, site = queue_of(tmp_path)
 
-    async def wait_out():
-        await pool.wait_for_answer(0.01)
+    async def two_queued_without_an_answer():
+        places = [pool.join_queue() for _ in range(2)]
+        until = bridge.now() + 30
+        waiting = [asyncio.create_task(pool.wait_in_queue(place, until)) for place in places]
+        await asyncio.sleep(0.3)
+        polled = [task.done() for task in waiting]
+        pool.leave_queue(places[0], served=True)
+        await asyncio.gather(*waiting)              # the second is first now, and polls within QUEUE_POLLS[1]
+        pool.leave_queue(places[1], served=True)
         await site.aclose()
+        return polled
 
-    asyncio.run(wait_out())
+    assert asyncio.run(two_queued_without_an_answer()) == [True, False]    # 50 ms for the first, 500 ms after it
     assert not pool.queued
