@@ -4461,7 +4461,6 @@ def lone_surrogate_at(value: Any) -> str | None:
 # A large body is parsed and scanned in pieces of about this many bytes (see loads_in_pieces).
 PIECE_BYTES = 256 * 1024
 JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
-JSON_DECODER = json.JSONDecoder()
 
 
 def _skip(text: str, at: int) -> int:
