@@ -1,5 +1,5 @@
-"""Browser sidecar for the LM Arena bridge: one Chromium (Playwright) with one page on the arena URL,
-started lazily by the bridge as a child process, serving HTTP/1.1 on a Unix socket (mode 0600):
+"""Browser sidecar for the LM Arena bridge: one Chromium (Playwright) with one page on the arena URL, started
+lazily by the bridge as a child process, serving HTTP/1.1 on a Unix socket (mode 0600):
 
     GET  /status      process and browser state; never launches the browser
     POST /token       {"sitekey", "action"}: a reCAPTCHA v3 token minted with the site's own script
@@ -11,15 +11,15 @@ started lazily by the bridge as a child process, serving HTTP/1.1 on a Unix sock
                       run with the page's own fetch(), relayed as NDJSON lines as the page reads them
     POST /shutdown    close the browser and exit 0
 
-Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browser or page failure) or
-504 (timeout). A /fetch answer is ``application/x-ndjson``: ``{"status", "headers"}``, then
-``{"chunk": "<text>"}``…, then ``{"done": true, "cookies": {…the host's cookies after the call…}}`` or
-``{"error": "…"}``. Closing the connection early aborts the page's fetch.
+Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browser or page failure) or 504
+(timeout). A /fetch answer is ``application/x-ndjson``: ``{"status", "headers"}``, then ``{"chunk": "<text>"}``…,
+then ``{"done": true, "cookies": {…the host's cookies after the call…}}`` or ``{"error": "…"}``. Closing the
+connection early aborts the page's fetch.
 
-In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too), read from the
-file named by --page-agent; its events come back through a Playwright binding. The kernel ends us when
-the bridge dies (PR_SET_PDEATHSIG); the driver, Chromium and Xvfb end with us as their pipes close.
-Secrets (tokens, cookies) are never logged.
+In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too), read from the file
+named by --page-agent; its events come back through a Playwright binding. The kernel ends us when the bridge
+dies (PR_SET_PDEATHSIG); the driver, Chromium and Xvfb end with us as their pipes close. Secrets (tokens,
+cookies) are never logged.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """SIGTERM from the kernel when the bridge dies, even by SIGKILL (Linux; it watches the bridge's loop
-    thread, which started us)."""
+    """SIGTERM from the kernel when the bridge dies, even by SIGKILL (it watches the thread that started us)."""
     prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
     if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
         print("sidecar: PR_SET_PDEATHSIG is not available: it may outlive a crashed bridge", file=sys.stderr)
@@ -69,21 +68,18 @@ from starlette.routing import Route
 log = logging.getLogger("sidecar")
 
 # ---------------------------------------------------------------------------------------------
-# Settings
+# Settings and the process: errors, memory, the browser binary, a virtual display
 # ---------------------------------------------------------------------------------------------
 
+# --no-sandbox: the sandbox needs user namespaces or a setuid helper, which root (CI) and Docker's seccomp
+# profile lack; the page only ever loads LM Arena and our socket is private to our user. No phoning home
+# (updates, sync, QUIC probes: refused connections on a closed network, memory). navigator.webdriver must
+# read false, as in a browser a person uses.
 CHROMIUM_ARGS = [
-    # The sandbox needs user namespaces or a setuid helper: root (CI) and Docker's seccomp profile have
-    # neither. The page only ever loads LM Arena; our socket is private to our user.
-    "--no-sandbox",
-    # No phoning home (updates, sync, QUIC probes): refused connections on a closed network, memory.
-    "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-default-apps", "--disable-dev-shm-usage", "--metrics-recording-only",
-    "--password-store=basic", "--disable-breakpad", "--disable-crash-reporter",
-    # navigator.webdriver must read false, as in a browser a person uses.
-    "--disable-blink-features=AutomationControlled",
-]
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-default-apps",
+    "--disable-dev-shm-usage", "--metrics-recording-only", "--password-store=basic", "--disable-breakpad",
+    "--disable-crash-reporter", "--disable-blink-features=AutomationControlled"]
 
 PAGE_MAX_AGE = 20 * 60  # reload the page after this long: reCAPTCHA clients go stale
 OP_TIMEOUT = 30.0  # default bound for one browser operation
@@ -91,6 +87,7 @@ LAUNCH_TIMEOUT = 45.0
 CLEARANCE_TIMEOUT = 30.0
 REAL_SITE_HOSTS = ("arena.ai", "lmarena.ai")
 CLOUDFLARE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid")
+STATUS_FIELDS = ("user_agent", "version", "page_url", "webdriver", "headful", "launch_seconds")
 XVFB_SCREEN = "-screen 0 1920x1080x24"
 
 
@@ -130,11 +127,6 @@ def need(body: dict, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{key!r} is required")
     return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Process: memory, the browser binary, a virtual display
-# ---------------------------------------------------------------------------------------------
 
 
 def rss_mb(root_pid: int) -> float:
@@ -201,6 +193,8 @@ FETCH_LINES: dict[str, Callable[[dict], dict]] = {
     "head": lambda e: {"status": e["status"], "headers": e["headers"]},
     "chunk": lambda e: {"chunk": e["text"]},
     "error": lambda e: {"error": e["message"]}}
+# requestWillBeSent names a request; its requestWillBeSentExtraInfo (the headers sent) says it left.
+NETWORK_EVENTS = ("Network.requestWillBeSent", "Network.requestWillBeSentExtraInfo")
 
 
 class PageJob:
@@ -220,31 +214,25 @@ class PageJob:
         self.finished = False
         registry[self.id] = self
         self._cdp = cdp
-        if cdp is not None:
-            cdp.on("Network.requestWillBeSent", self._on_request)
-            cdp.on("Network.requestWillBeSentExtraInfo", self._on_request_left)
+        for name in NETWORK_EVENTS if cdp is not None else ():
+            cdp.on(name, self._on_network)
         self.runner = asyncio.ensure_future(page.evaluate(CHAT_JS, [self.id, request]))
         self.runner.add_done_callback(self._ended)
 
-    def _on_request(self, event: dict) -> None:
-        if self.request_id is None and (event["request"]["url"], event["request"]["method"]) == (self.url, self.method):
+    def _on_network(self, event: dict) -> None:
+        request = event.get("request")  # only in requestWillBeSent; either event may come first
+        if request is None:
+            self._left.add(event["requestId"])
+        elif self.request_id is None and (request["url"], request["method"]) == (self.url, self.method):
             self.request_id = event["requestId"]
-            self._check_sent()
-
-    def _on_request_left(self, event: dict) -> None:
-        self._left.add(event["requestId"])
-        self._check_sent()
-
-    def _check_sent(self) -> None:
         if self.request_id in self._left:
             self._mark_sent()
 
     def _mark_sent(self) -> None:
         self.sent.set()
-        if self._cdp is not None:
-            self._cdp.remove_listener("Network.requestWillBeSent", self._on_request)
-            self._cdp.remove_listener("Network.requestWillBeSentExtraInfo", self._on_request_left)
-            self._cdp = None
+        for name in NETWORK_EVENTS if self._cdp is not None else ():
+            self._cdp.remove_listener(name, self._on_network)
+        self._cdp = None
 
     def _ended(self, task: asyncio.Future) -> None:
         # The agent reports its own failures; this catches a page that died under it (crash, navigation).
@@ -281,18 +269,19 @@ class PageJob:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chromium: the browser process and its contexts, launched lazily
+# Browser: Chromium and its contexts (launched lazily); the arena page and the jobs run in it
 # ---------------------------------------------------------------------------------------------
 
 
 class Chromium:
-    """One Chromium (headless, or headful on a display or under xvfb-run) and the contexts it opens, each
-    with the page agent and the binding that hands its events to `jobs`."""
+    """One Chromium (headful on a display or under xvfb-run, else headless) and its contexts, each with the
+    page agent and the binding that hands its events to `jobs`; the main one holds the arena page."""
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self._pw: Any = None
         self.browser: Any = None
+        self.context: Any = None
         self._xvfb: tuple[asyncio.subprocess.Process, dict[str, str]] | None = None  # kept across launches
         self.jobs: dict[str, PageJob] = {}
         self.user_agent: str | None = None
@@ -326,6 +315,7 @@ class Chromium:
             # The real UA minus "Headless": sites (and Cloudflare) reject HeadlessChrome.
             version = await (await self.browser.new_browser_cdp_session()).send("Browser.getVersion")
             self.user_agent = version["userAgent"].replace("HeadlessChrome", "Chrome")
+            self.context = await self.new_context()
         except BaseException:
             await self.close()  # half a launch would look "running" to the next call
             raise
@@ -344,6 +334,17 @@ class Chromium:
         if (job := self.jobs.get(job_id)) is not None:
             job.push(event)
 
+    async def cookies(self, context: Any = None) -> dict[str, str]:
+        return {c["name"]: c["value"] for c in await (context or self.context).cookies(self.s.arena_url)}
+
+    async def set_cookies(self, cookies: dict[str, str]) -> None:
+        if any(name.startswith("arena-auth-prod-v1") for name in cookies):
+            # Another account's session (whole or .N chunks) must not linger beside this one.
+            await self.context.clear_cookies(name=re.compile(r"^arena-auth-prod-v1"))
+        if cookies:
+            await self.context.add_cookies(
+                [{"name": k, "value": str(v), "url": self.s.origin + "/"} for k, v in cookies.items()])
+
     async def close(self) -> None:
         with contextlib.suppress(PlaywrightError):
             if self.browser is not None:
@@ -351,20 +352,14 @@ class Chromium:
         with contextlib.suppress(PlaywrightError):
             if self._pw is not None:
                 await self._pw.stop()
-        self.browser = self._pw = None  # Xvfb ends with us (start_xvfb)
-
-
-# ---------------------------------------------------------------------------------------------
-# Arena page: the page jobs (tokens, clearance, sign-up, in-page fetch) in one page on the arena URL
-# ---------------------------------------------------------------------------------------------
+        self.browser = self._pw = self.context = None  # Xvfb ends with us (start_xvfb)
 
 
 class ArenaPage:
-    """The page every job runs in, (re)loaded when needed, in the browser's main context."""
+    """The page the jobs run in, (re)loaded when needed; side pages for those that must not reload it."""
 
     def __init__(self, chromium: Chromium) -> None:
         self.chromium, self.s = chromium, chromium.s
-        self._context: Any = None
         self._page: Any = None
         self._loaded_at = 0.0
         self._broken = False
@@ -377,24 +372,21 @@ class ArenaPage:
 
     def status(self) -> dict[str, Any]:
         """The browser's part of /status; never launches it."""
-        c = self.chromium
+        c, page = self.chromium, self._page
         if not c.running:
-            return {"browser": "not started", **dict.fromkeys(
-                ("user_agent", "page_url", "webdriver", "version", "headful", "launch_seconds"))}
-        page = self._page if self._page is not None and not self._page.is_closed() else None
-        return {"browser": "running", "user_agent": c.user_agent, "page_url": page.url if page else None,
-                "webdriver": self.webdriver, "version": c.browser.version, "headful": c.headful,
-                "launch_seconds": c.launch_seconds}
+            return {"browser": "not started", **dict.fromkeys(STATUS_FIELDS)}
+        return {"browser": "running", "user_agent": c.user_agent, "version": c.browser.version,
+                "page_url": page.url if page and not page.is_closed() else None, "webdriver": self.webdriver,
+                "headful": c.headful, "launch_seconds": c.launch_seconds}
 
     async def _open(self) -> None:
         if self._page is not None and not self._page.is_closed():
             with contextlib.suppress(PlaywrightError):
                 await self._page.close()
-        page = await self._context.new_page()
+        page = self._page = await self.chromium.context.new_page()
         page.on("crash", lambda _p: self._mark_broken("page crashed"))
-        self._cdp = await self._context.new_cdp_session(page)
+        self._cdp = await self.chromium.context.new_cdp_session(page)
         await self._cdp.send("Network.enable")
-        self._page = page
         await self._goto(page)
         self.webdriver = await page.evaluate("() => navigator.webdriver === true")
 
@@ -415,7 +407,6 @@ class ArenaPage:
         async with self._lock:
             if not self.chromium.running:
                 await self.chromium.launch()
-                self._context = await self.chromium.new_context()
                 await self._open()
             elif self._page is None or self._page.is_closed() or self._broken or fresh:
                 # A fresh page also ends the jobs still running in the old one: only asked for after the
@@ -428,13 +419,12 @@ class ArenaPage:
 
     @contextlib.asynccontextmanager
     async def _side_page(self, context: Any = None) -> AsyncIterator[Any]:
-        """A page of its own on the arena URL, past any interstitial (in the main context by default, so
-        its cookies are shared), closed afterwards."""
-        context = context or self._context
+        """A page of its own on the arena URL past any interstitial, in `context` (default: the main one)."""
+        context = context or self.chromium.context
         page = await context.new_page()
         try:
             await self._goto(page)
-            await self.pass_interstitial(page, context, CLEARANCE_TIMEOUT)
+            await self.pass_interstitial(page, context)
             yield page
         finally:
             with contextlib.suppress(PlaywrightError):
@@ -473,26 +463,12 @@ class ArenaPage:
             return await self.mint(await self.page(fresh=True), sitekey, action)
 
     async def sitekeys(self) -> list[str]:
-        """The sitekeys a newly loaded page uses, from its live reCAPTCHA configuration (U8): what the site's
-        code runs with when no text of it names the key."""
+        """The sitekeys a newly loaded page runs with, from its live reCAPTCHA configuration (U8)."""
         await self.page()
         async with self._side_page() as page:
             with contextlib.suppress(PlaywrightTimeout):
                 await page.wait_for_function(SITEKEYS_JS, timeout=5000)
             return list((await page.evaluate(STATE_JS))["sitekeys"])
-
-    # -- cookies ----------------------------------------------------------------------------------
-
-    async def host_cookies(self, context: Any = None) -> dict[str, str]:
-        return {c["name"]: c["value"] for c in await (context or self._context).cookies(self.s.arena_url)}
-
-    async def set_cookies(self, cookies: dict[str, str]) -> None:
-        if any(name.startswith("arena-auth-prod-v1") for name in cookies):
-            # Another account's session (whole or .N chunks) must not linger beside this one.
-            await self._context.clear_cookies(name=re.compile(r"^arena-auth-prod-v1"))
-        if cookies:
-            await self._context.add_cookies(
-                [{"name": k, "value": str(v), "url": self.s.origin + "/"} for k, v in cookies.items()])
 
     # -- Cloudflare clearance -----------------------------------------------------------------
 
@@ -502,25 +478,26 @@ class ArenaPage:
             return (await page.evaluate(STATE_JS))["interstitial"]
         return True  # mid-navigation: treat as still challenged
 
-    async def clearance(self) -> tuple[dict[str, str], str]:
+    async def clearance(self) -> dict[str, Any]:
+        """The arena page reloaded past any challenge (or a page of its own while jobs run in it): the host's
+        cookies and the User-Agent they are bound to (every context sends it)."""
         page = await self.page()
         async with self._lock:
-            if self._busy():  # reloading the page would end its jobs: pass it in a page of its own
+            if self._busy():
                 async with self._side_page():
-                    cookies = await self.host_cookies()
+                    pass
             else:
                 await self._goto(page)
-                await self.pass_interstitial(page, self._context, CLEARANCE_TIMEOUT)
-                cookies = await self.host_cookies()
+                await self.pass_interstitial(page, self.chromium.context)
+            cookies = await self.chromium.cookies()
         log.info("clearance: %d cookies (cf_clearance %s)", len(cookies),
                  f"{len(cookies['cf_clearance'])} chars" if "cf_clearance" in cookies else "absent")
-        assert self.chromium.user_agent is not None  # every context has it (new_context), so the page sent it
-        return cookies, self.chromium.user_agent
+        return {"cookies": cookies, "user_agent": self.chromium.user_agent}
 
-    async def pass_interstitial(self, page: Any, context: Any, timeout: float) -> None:
+    async def pass_interstitial(self, page: Any, context: Any) -> None:
         """Wait (bounded) until a Cloudflare interstitial on page clears; a no-op without one. The
         challenge reloads the page once passed (wait_for_function waits across that navigation)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + CLEARANCE_TIMEOUT
         while await self.is_interstitial(page):
             if time.monotonic() > deadline:
                 raise TimeoutError("the Cloudflare challenge did not clear")
@@ -529,7 +506,7 @@ class ArenaPage:
             with contextlib.suppress(PlaywrightError):
                 await page.wait_for_function(PASSED_JS, timeout=2000)
                 await page.wait_for_load_state("load", timeout=5000)
-            if await self.is_interstitial(page) and "cf_clearance" in await self.host_cookies(context):
+            if await self.is_interstitial(page) and "cf_clearance" in await self.chromium.cookies(context):
                 await self._goto(page)  # the cookie is set but the challenge has not reloaded the page yet
 
     @staticmethod
@@ -543,7 +520,7 @@ class ArenaPage:
                         await el.click(timeout=1000)
                         return
 
-    # -- anonymous sign-up --------------------------------------------------------------------
+    # -- anonymous sign-up and in-page fetch --------------------------------------------------
 
     async def signup(self, turnstile_sitekey: str | None, recaptcha_sitekey: str | None, action: str) -> dict:
         """An anonymous account made by the page agent in a fresh visitor's context (no session or
@@ -552,16 +529,15 @@ class ArenaPage:
         await self.page()
         ctx = await self.chromium.new_context()
         try:
-            cf = [c for c in await self._context.cookies(self.s.arena_url) if c["name"] in CLOUDFLARE_COOKIES]
-            if cf:
-                await ctx.add_cookies(cf)
+            cf = [c for c in await self.chromium.context.cookies(self.s.arena_url) if c["name"] in CLOUDFLARE_COOKIES]
+            await ctx.add_cookies(cf)
             async with self._side_page(ctx) as page:
                 if recaptcha_sitekey:
                     await self.recaptcha_ready(page, recaptcha_sitekey)
                 result = await page.evaluate(SIGNUP_JS, {"sitekey": recaptcha_sitekey, "action": action,
                                                          "turnstileSitekey": turnstile_sitekey,
                                                          "timeoutMs": int(OP_TIMEOUT * 1000)})
-                cookies = await self.host_cookies(ctx)
+                cookies = await self.chromium.cookies(ctx)
         finally:
             with contextlib.suppress(PlaywrightError):
                 await ctx.close()
@@ -569,14 +545,10 @@ class ArenaPage:
         log.info("sign-up (%s body) answered %s with %d cookies", bodies, status, len(cookies))
         if status >= 400:
             raise OpError(f"sign-up ({bodies} body) answered {status}: {text[:200]}")
-        try:
-            body: Any = json.loads(text) if text.strip() else None
-        except ValueError:
-            body = text.strip()
+        with contextlib.suppress(ValueError):
+            text = json.loads(text) if text.strip() else None
         # The session comes as cookies or in the body: the bridge alone reads session formats.
-        return {"cookies": cookies, "body": body, "user_agent": self.chromium.user_agent, "bodies": result["bodies"]}
-
-    # -- in-page fetch ------------------------------------------------------------------------
+        return {"cookies": cookies, "body": text, "user_agent": self.chromium.user_agent, "bodies": result["bodies"]}
 
     async def fetch(self, spec: dict) -> AsyncGenerator[dict, None]:
         """Run spec's request with the page's fetch(); yield the /fetch lines until done or error."""
@@ -586,7 +558,7 @@ class ArenaPage:
             request["recaptcha"] = {"token": await self.token(spec["sitekey"], spec.get("action") or "chat_submit")}
         page = await self.page()  # after the mint, which may have replaced a broken page
         async with self._session_lock:
-            await self.set_cookies(spec.get("cookies") or {})
+            await self.chromium.set_cookies(spec.get("cookies") or {})
             job = PageJob(page, request, self.chromium.jobs, self._cdp)
             try:
                 with contextlib.suppress(TimeoutError):  # then the first event back tells
@@ -598,11 +570,11 @@ class ArenaPage:
             if event["type"] in FETCH_LINES:
                 yield FETCH_LINES[event["type"]](event)
             else:  # done: the site may have rotated cookies while answering (Set-Cookie is not visible to JS)
-                yield {"done": True, "cookies": await self.host_cookies()}
+                yield {"done": True, "cookies": await self.chromium.cookies()}
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP surface (Starlette on a Unix socket)
+# HTTP surface (Starlette on a Unix socket) and main
 # ---------------------------------------------------------------------------------------------
 
 
@@ -644,8 +616,7 @@ def build_app(browser: ArenaPage, shutdown: asyncio.Event) -> Starlette:
         return JSONResponse({"token": value})
 
     async def clearance(_: dict) -> Response:
-        cookies, ua = await browser.clearance()
-        return JSONResponse({"cookies": cookies, "user_agent": ua})
+        return JSONResponse(await browser.clearance())
 
     async def signup(body: dict) -> Response:
         return JSONResponse(await browser.signup(body.get("turnstile_sitekey"), body.get("recaptcha_sitekey"),
@@ -686,22 +657,16 @@ def build_app(browser: ArenaPage, shutdown: asyncio.Event) -> Starlette:
     return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method]) for path, method, fn, timeout in routes])
 
 
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
-
-
-async def main_async(settings: Settings) -> None:
+async def serve_until_shutdown(settings: Settings) -> None:
     shutdown = asyncio.Event()
-    chromium = Chromium(settings)
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown.set)
+        asyncio.get_running_loop().add_signal_handler(sig, shutdown.set)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(settings.socket)  # a stale socket from a previous run
     # umask: the socket is created 0600, only our user may talk to the browser.
     config = HypercornConfig.from_mapping(bind=[f"unix:{settings.socket}"], umask=0o177, accesslog=None,
                                           errorlog=logging.getLogger("sidecar.server"), graceful_timeout=2.0)
+    chromium = Chromium(settings)
     app: Any = build_app(ArenaPage(chromium), shutdown)
     try:
         await serve(app, config, shutdown_trigger=shutdown.wait)
@@ -725,8 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s sidecar %(levelname)s %(message)s")
     with args.page_agent as f:
-        page_agent = f.read()
-    asyncio.run(main_async(Settings(args.socket, args.arena_url.rstrip("/"), page_agent, args.browser, args.headful)))
+        settings = Settings(args.socket, args.arena_url.rstrip("/"), f.read(), args.browser, args.headful)
+    asyncio.run(serve_until_shutdown(settings))
     return 0
 
 
