@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -178,11 +178,8 @@ async def start_xvfb() -> tuple[asyncio.subprocess.Process, dict[str, str]]:
 # ---------------------------------------------------------------------------------------------
 
 # The page agent's contract is documented in bridge.py (PAGE_AGENT_JS).
-STATE_JS = "() => window.__arenaBridge.state()"
-MINT_JS = "([action, sitekey, ms]) => window.__arenaBridge.mint(action, sitekey, ms)"
+AGENT_JS = "([name, ...args]) => window.__arenaBridge[name](...args)"  # state, mint, abort, signup
 CHAT_JS = "([id, request]) => window.__arenaBridge.chat(id, request, event => window.__arenaBridgeEmit(id, event))"
-ABORT_JS = "(id) => window.__arenaBridge.abort(id)"
-SIGNUP_JS = "(options) => window.__arenaBridge.signup(options)"
 GRECAPTCHA_JS = "() => window.__arenaBridge.state().grecaptcha"
 SITEKEYS_JS = "() => window.__arenaBridge.state().sitekeys.length > 0"
 PASSED_JS = "() => !window.__arenaBridge.state().interstitial"
@@ -198,11 +195,10 @@ NETWORK_EVENTS = ("Network.requestWillBeSent", "Network.requestWillBeSentExtraIn
 
 
 class PageJob:
-    """One agent chat() in a page; its events arrive through the binding into a queue.
-
-    `sent` is set once the request has left with its cookies, after which the cookie jar may change:
-    Chromium's requestWillBeSentExtraInfo (on `cdp`, a CDP session with Network enabled) carries the
-    headers it sent, long before any response. Without `cdp`, or if nothing matched, the first event does."""
+    """One agent chat() in a page; its events arrive through the binding into a queue. `sent` is set once
+    the request has left with its cookies, after which the jar may change: Chromium's
+    requestWillBeSentExtraInfo (on `cdp`, a CDP session with Network enabled) carries the headers it sent,
+    long before any response. Without `cdp`, or if nothing matched, the first event does."""
 
     def __init__(self, page: Any, request: dict, registry: dict[str, PageJob], cdp: Any = None) -> None:
         self.id, self.page, self.registry = uuid.uuid4().hex, page, registry
@@ -265,7 +261,7 @@ class PageJob:
 
     async def _abort(self) -> None:
         with contextlib.suppress(PlaywrightError):
-            await self.page.evaluate(ABORT_JS, self.id)
+            await self.page.evaluate(AGENT_JS, ["abort", self.id])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,13 +441,13 @@ class ArenaPage:
 
     async def mint(self, page: Any, sitekey: str, action: str) -> str:
         await self.recaptcha_ready(page, sitekey)
-        return await page.evaluate(MINT_JS, [action, sitekey, int(OP_TIMEOUT * 1000)])
+        return await page.evaluate(AGENT_JS, ["mint", action, sitekey, int(OP_TIMEOUT * 1000)])
 
     async def token(self, sitekey: str, action: str) -> str:
         page = await self.page()
         if await self.is_interstitial(page):  # no grecaptcha behind a Cloudflare challenge
             await self.clearance()
-        known = (await page.evaluate(STATE_JS))["sitekeys"]
+        known = (await page.evaluate(AGENT_JS, ["state"]))["sitekeys"]
         if known and sitekey not in known:
             # The site rotated its key since this page loaded: only a fresh page loads the new script.
             log.info("page was loaded with another reCAPTCHA sitekey; reloading it")
@@ -462,20 +458,20 @@ class ArenaPage:
             log.warning("token mint failed (%s); reloading the page and retrying", first_line(exc))
             return await self.mint(await self.page(fresh=True), sitekey, action)
 
-    async def sitekeys(self) -> list[str]:
+    async def sitekeys(self) -> dict[str, list[str]]:
         """The sitekeys a newly loaded page runs with, from its live reCAPTCHA configuration (U8)."""
         await self.page()
         async with self._side_page() as page:
             with contextlib.suppress(PlaywrightTimeout):
                 await page.wait_for_function(SITEKEYS_JS, timeout=5000)
-            return list((await page.evaluate(STATE_JS))["sitekeys"])
+            return {"sitekeys": (await page.evaluate(AGENT_JS, ["state"]))["sitekeys"]}
 
     # -- Cloudflare clearance -----------------------------------------------------------------
 
     @staticmethod
     async def is_interstitial(page: Any) -> bool:
         with contextlib.suppress(PlaywrightError):
-            return (await page.evaluate(STATE_JS))["interstitial"]
+            return (await page.evaluate(AGENT_JS, ["state"]))["interstitial"]
         return True  # mid-navigation: treat as still challenged
 
     async def clearance(self) -> dict[str, Any]:
@@ -523,9 +519,8 @@ class ArenaPage:
     # -- anonymous sign-up and in-page fetch --------------------------------------------------
 
     async def signup(self, turnstile_sitekey: str | None, recaptcha_sitekey: str | None, action: str) -> dict:
-        """An anonymous account made by the page agent in a fresh visitor's context (no session or
-        provisional id of the main page), in the same browser, UA and IP, so the main page's Cloudflare
-        clearance is valid there too."""
+        """An account made by the page agent in a fresh visitor's context (no session or provisional id of
+        the main page), with the main page's Cloudflare clearance (same browser, UA and IP)."""
         await self.page()
         ctx = await self.chromium.new_context()
         try:
@@ -534,9 +529,9 @@ class ArenaPage:
             async with self._side_page(ctx) as page:
                 if recaptcha_sitekey:
                     await self.recaptcha_ready(page, recaptcha_sitekey)
-                result = await page.evaluate(SIGNUP_JS, {"sitekey": recaptcha_sitekey, "action": action,
-                                                         "turnstileSitekey": turnstile_sitekey,
-                                                         "timeoutMs": int(OP_TIMEOUT * 1000)})
+                result = await page.evaluate(AGENT_JS, ["signup", {
+                    "sitekey": recaptcha_sitekey, "action": action, "turnstileSitekey": turnstile_sitekey,
+                    "timeoutMs": int(OP_TIMEOUT * 1000)}])
                 cookies = await self.chromium.cookies(ctx)
         finally:
             with contextlib.suppress(PlaywrightError):
@@ -545,9 +540,8 @@ class ArenaPage:
         log.info("sign-up (%s body) answered %s with %d cookies", bodies, status, len(cookies))
         if status >= 400:
             raise OpError(f"sign-up ({bodies} body) answered {status}: {text[:200]}")
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError):  # the session is in cookies or the body: the bridge reads it
             text = json.loads(text) if text.strip() else None
-        # The session comes as cookies or in the body: the bridge alone reads session formats.
         return {"cookies": cookies, "body": text, "user_agent": self.chromium.user_agent, "bodies": result["bodies"]}
 
     async def fetch(self, spec: dict) -> AsyncGenerator[dict, None]:
@@ -582,8 +576,9 @@ def error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def handler(fn: Any, timeout: float | None) -> Any:
-    """A JSON endpoint bounded by `timeout`: the body parsed, failures answered as 400, 504 or 502."""
+def handler(fn: Callable[[dict], Awaitable[Any]], timeout: float | None) -> Any:
+    """A JSON endpoint bounded by `timeout`: the body parsed, the answer (a Response, or JSON) sent,
+    failures answered as 400, 504 or 502."""
     async def endpoint(request: Request) -> Response:
         try:
             payload = json.loads((await request.body()).strip() or b"{}")
@@ -592,7 +587,7 @@ def handler(fn: Any, timeout: float | None) -> Any:
         if not isinstance(payload, dict):
             return error("the request body must be a JSON object", 400)
         try:
-            return await asyncio.wait_for(fn(payload), timeout)
+            answer = await asyncio.wait_for(fn(payload), timeout)
         except BadRequest as exc:
             return error(str(exc), 400)
         except (TimeoutError, PlaywrightTimeout) as exc:
@@ -602,58 +597,55 @@ def handler(fn: Any, timeout: float | None) -> Any:
         except (OpError, PlaywrightError, OSError) as exc:
             log.warning("%s failed: %s", request.url.path, first_line(exc))
             return error(first_line(exc) or type(exc).__name__, 502)
+        return answer if isinstance(answer, Response) else JSONResponse(answer)
     return endpoint
 
 
-def build_app(browser: ArenaPage, shutdown: asyncio.Event) -> Starlette:
-    async def status(_: dict) -> Response:
-        return JSONResponse({"ok": True, "pid": os.getpid(), "rss_mb": rss_mb(os.getpid()), **browser.status()})
+async def fetch_lines(page: ArenaPage, body: dict) -> Response:
+    """POST /fetch: the page's answer as NDJSON lines; a failure before its status line is a plain error."""
+    need(body, "url")
+    if not isinstance(body.get("cookies") or {}, dict) or not isinstance(body.get("headers") or {}, dict):
+        raise BadRequest("'cookies' and 'headers' must be objects")
+    stream = page.fetch(body)
+    first = await anext(stream)  # within the handler's bound
+    if "error" in first:
+        await stream.aclose()
+        return error(first["error"], 502)
 
-    async def token(body: dict) -> Response:
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            yield (json.dumps(first) + "\n").encode()
+            async for item in stream:
+                yield (json.dumps(item) + "\n").encode()
+        finally:
+            await stream.aclose()  # aborts the page's fetch when the client disconnected
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
+
+
+def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
+    async def status(_: dict) -> dict:
+        return {"ok": True, "pid": os.getpid(), "rss_mb": rss_mb(os.getpid()), **page.status()}
+
+    async def token(body: dict) -> dict:
         action = body.get("action") or "chat_submit"
-        value = await browser.token(need(body, "sitekey"), action)
+        value = await page.token(need(body, "sitekey"), action)
         log.info("minted a %s token (%d chars)", action, len(value))
-        return JSONResponse({"token": value})
+        return {"token": value}
 
-    async def clearance(_: dict) -> Response:
-        return JSONResponse(await browser.clearance())
-
-    async def signup(body: dict) -> Response:
-        return JSONResponse(await browser.signup(body.get("turnstile_sitekey"), body.get("recaptcha_sitekey"),
-                                                 body.get("recaptcha_action") or "sign_up"))
-
-    async def sitekeys(_: dict) -> Response:
-        return JSONResponse({"sitekeys": await browser.sitekeys()})
-
-    async def fetch(body: dict) -> Response:
-        need(body, "url")
-        if not isinstance(body.get("cookies") or {}, dict) or not isinstance(body.get("headers") or {}, dict):
-            raise BadRequest("'cookies' and 'headers' must be objects")
-        stream = browser.fetch(body)
-        first = await anext(stream)  # within the handler's bound: a failure before it is a plain HTTP error
-        if "error" in first:
-            await stream.aclose()
-            return error(first["error"], 502)
-
-        async def lines() -> AsyncIterator[bytes]:
-            try:
-                yield (json.dumps(first) + "\n").encode()
-                async for item in stream:
-                    yield (json.dumps(item) + "\n").encode()
-            finally:
-                await stream.aclose()  # aborts the page's fetch when the client disconnected
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
-
-    async def stop(_: dict) -> Response:
+    async def stop(_: dict) -> dict:
         log.info("shutdown requested")
         asyncio.get_running_loop().call_later(0.1, shutdown.set)
-        return JSONResponse({"ok": True})
+        return {"ok": True}
 
     bound = LAUNCH_TIMEOUT + OP_TIMEOUT  # a first call also launches the browser
-    routes = [("/status", "GET", status, None), ("/token", "POST", token, bound),
-              ("/clearance", "POST", clearance, bound + CLEARANCE_TIMEOUT), ("/signup", "POST", signup, bound + OP_TIMEOUT),
-              ("/sitekeys", "POST", sitekeys, bound), ("/fetch", "POST", fetch, bound), ("/shutdown", "POST", stop, None)]
+    routes: list[tuple[str, str, Callable[[dict], Awaitable[Any]], float | None]] = [
+        ("/status", "GET", status, None), ("/token", "POST", token, bound),
+        ("/clearance", "POST", lambda _: page.clearance(), bound + CLEARANCE_TIMEOUT),
+        ("/signup", "POST", lambda b: page.signup(b.get("turnstile_sitekey"), b.get("recaptcha_sitekey"),
+                                                  b.get("recaptcha_action") or "sign_up"), bound + OP_TIMEOUT),
+        ("/sitekeys", "POST", lambda _: page.sitekeys(), bound), ("/fetch", "POST", lambda b: fetch_lines(page, b), bound),
+        ("/shutdown", "POST", stop, None)]
     return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method]) for path, method, fn, timeout in routes])
 
 
