@@ -7889,6 +7889,8 @@ EXECUTOR_SKIPS: tuple[tuple[Callable[[ExecutorView, float], bool], str,
     (lambda v, at: v.state == "cooling_down", "cooldown",
      lambda v, at: f"cooling down for {until_text(v.cooldown_until or at, at)} ({v.reason or 'no reason given'}); "
                    "the doctor leaves it alone"),
+    (lambda v, at: v.state == "needs_login", "login_gate",
+     lambda v, at: "its tab is signed in as a guest, behind the login gate: sign in to LM Arena in that tab"),
     (lambda v, at: v.state not in ("ok", "refreshing"), "executor",
      lambda v, at: f"marked {v.state} ({v.reason or 'no reason given'}); the doctor leaves it alone"),
 )

@@ -415,9 +415,15 @@ def test_an_executor_in_cool_down_is_skipped_and_left_alone():
     assert "cooling down for 90 s (rate limited)" in finding.detail and "leaves it alone" in finding.detail
 
 
-def test_an_executor_marked_unusable_is_skipped_with_its_state():
+def test_an_executor_whose_tab_is_a_guest_behind_the_login_gate_is_told_to_sign_in():
     finding = dx.judge_executor(executor(state="needs_login", reason="LOGIN_GATE"), time.time())
-    assert finding.status == "skipped" and "marked needs_login (LOGIN_GATE)" in finding.detail
+    assert finding.status == "skipped" and finding.fix == "#guest-accounts-behind-the-login-gate"
+    assert "sign in to LM Arena in that tab" in finding.detail
+
+
+def test_an_executor_marked_unusable_is_skipped_with_its_state():
+    finding = dx.judge_executor(executor(state="invalid", reason="removed upstream"), time.time())
+    assert finding.status == "skipped" and "marked invalid (removed upstream)" in finding.detail
 
 
 def test_no_executor_at_all_says_to_install_the_userscript():
