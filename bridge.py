@@ -17,11 +17,12 @@ Contents:
     Sessions                the Session value type, what users paste, accounts from it
     Stream parser           pure: LM Arena's data stream in, events out
     Chat bodies             pure: models' capabilities, ids, the body of a chat turn, image attachments
-    Failure policy          tables: an answer's failure kind, and the next step for the n-th failure
+    Failure policy          tables: an answer's failure kind, the next step for the n-th failure, the request path
     Page agent              the JavaScript run in an LM Arena page, by the sidecar and by the userscript
     Sidecar client          the lazily started Playwright helper (sidecar.py) behind a Unix socket
     Browser executor        the user's own browsers (userscript): accounts of kind browser, jobs by long poll
     Userscript              the script a user installs: header, the page agent, the long-poll transport
+    Browser fingerprints    pure: one table pairing curl_cffi's TLS imitation with that browser's User-Agent
     Upstream HTTP client    origin, requests (direct or in the sidecar's page), discovery, clearance, actions
     Uploads                 images to LM Arena's storage, reused while their signed URLs last
     Account pool            choice, pacing, cool-downs, refresh, sign-up, session adoption
@@ -83,6 +84,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -159,6 +161,13 @@ def networks(text: str) -> tuple[Network, ...]:
         raise ValueError(f"not an address or network (CIDR): {exc}") from None
 
 
+def _bool_or_auto(text: str) -> bool | None:
+    """A switch that may be left to the bridge: "auto" (or empty) is None."""
+    return None if str(text).strip().lower() in {"", "auto"} else _bool(text)
+
+
+REQUEST_PATH_SETTINGS = ("auto", "page", "direct")     # BRIDGE_REQUEST_PATH; REQUEST_PATHS says what each does
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", "--host", ("BRIDGE_HOST",), str, "127.0.0.1", "address to listen on"),
     Option("port", "--port", ("BRIDGE_PORT", "PORT"), int, 8000, "port to listen on"),
@@ -177,8 +186,9 @@ OPTIONS: tuple[Option, ...] = (
            "seconds without use before the sidecar (and its browser) is stopped"),
     Option("sidecar_timeout", "--sidecar-timeout", ("BRIDGE_SIDECAR_TIMEOUT",), float, 45.0,
            "seconds a request waits for the sidecar before failing with 503"),
-    Option("headful", "--headful", ("BRIDGE_HEADFUL",), _bool, False,
-           "run the sidecar's Chromium with a window (under Xvfb when there is no display)"),
+    Option("headful", "--headful", ("BRIDGE_HEADFUL",), _bool_or_auto, None,
+           "run the sidecar's Chromium with a window (under Xvfb when there is no display); auto (the default): "
+           "headful when xvfb-run or a display exists, since LM Arena scores a headful browser better"),
     Option("request_timeout", "--request-timeout", ("BRIDGE_REQUEST_TIMEOUT",), float, 120.0,
            "seconds a chat request may take until LM Arena starts answering (all attempts together)"),
     Option("stream_idle_timeout", "--stream-idle-timeout", ("BRIDGE_STREAM_IDLE_TIMEOUT",), float, 180.0,
@@ -222,6 +232,12 @@ OPTIONS: tuple[Option, ...] = (
            "browser whose TLS/HTTP2 fingerprint curl_cffi imitates"),
     Option("account_min_interval", "--account-min-interval", ("BRIDGE_ACCOUNT_MIN_INTERVAL",), float, 0.0,
            "least seconds between two chat requests on one arena account (0 = no pacing)"),
+    Option("account_rph", "--account-rph", ("BRIDGE_ACCOUNT_RPH",), int, 10,
+           "chat requests per hour per arena account, the low end of what LM Arena is reported to tolerate "
+           "(10-20); beyond it a request waits a few seconds for an account, then gets 429 (0 = no budget)"),
+    Option("request_path", "--request-path", ("BRIDGE_REQUEST_PATH",), str, "auto",
+           "how chats reach LM Arena: auto (through the browser page unless the direct path is known to work), "
+           "page, or direct (re-tried at most daily on an account the site refused)"),
     Option("trusted_proxy", "--trusted-proxy", ("BRIDGE_TRUSTED_PROXY",), networks, (),
            "addresses and networks (CIDR, comma separated) of the reverse proxies whose X-Forwarded-For/-Proto "
            "are believed, only on connections from them; 1 or true (and the flag without a value): loopback",
@@ -252,7 +268,7 @@ class Settings:
     sidecar_socket: str | None
     sidecar_idle: float
     sidecar_timeout: float
-    headful: bool
+    headful: bool | None
     request_timeout: float
     stream_idle_timeout: float
     ping_interval: float
@@ -273,6 +289,8 @@ class Settings:
     bare_body: bool
     impersonate: str
     account_min_interval: float
+    account_rph: int
+    request_path: str
     trusted_proxy: tuple[Network, ...]
     login_attempts: int
     login_budget: int
@@ -291,6 +309,9 @@ class Settings:
                 value = opt.kind(raw) if raw is not None else opt.default
             values[opt.name] = value
         values["arena_url"] = values["arena_url"].rstrip("/")
+        if values["request_path"] not in REQUEST_PATH_SETTINGS:
+            raise SystemExit(f"BRIDGE_REQUEST_PATH must be one of {', '.join(REQUEST_PATH_SETTINGS)}, "
+                             f"not {values['request_path']!r}")
         return cls(**values)
 
     @property
@@ -1030,6 +1051,12 @@ def discover_site(page: str, scripts: Iterable[str]) -> dict[str, Any]:
     if build := BUILD_RE.search(page):
         found["build_id"] = build.group(1)
     return found
+
+
+def names_recaptcha(page: str, scripts: Iterable[str], found: dict[str, Any]) -> bool:
+    """Whether the site uses reCAPTCHA: a sitekey was found, or the page or a chunk names it. Only a site
+    that says nothing of it is taken to enforce no token (REQUEST_PATHS' "no_token")."""
+    return "sitekey" in found or any("recaptcha" in text.lower() for text in (page, *scripts))
 
 
 def is_cloudflare_challenge(status: int, headers: dict[str, str], body: str) -> bool:
@@ -1862,6 +1889,52 @@ def next_step(kind: str, failures: int, attempt: Attempt) -> str:
     return next((step for step in candidates if STEP_APPLIES.get(step, lambda a: True)(attempt)), "refuse")
 
 
+# --- the request path (arena-protocol §0 U1, U2) ----------------------------------------------------------
+# The site binds reCAPTCHA tokens to the page that minted them, and every refused attempt costs the account a
+# penalty of tens of minutes: a chat goes through a browser page (the sidecar's in-page fetch) unless the direct
+# path is known to work. The table below is the whole rule; its input is the first evidence that holds.
+
+@dataclasses.dataclass(frozen=True)
+class PathFacts:
+    """What the bridge knows, for one account, about how its chats can reach the site."""
+    browser: bool               # a browser page can send it (the sidecar is not off)
+    account_refused: bool       # the site refused this account's direct attempt (in_browser_mode)
+    site_said: str | None       # site_params.request_path: "page" (a direct attempt refused), "direct" (one served)
+    recaptcha_seen: bool | None  # discovery found reCAPTCHA on the site; False: it enforces no token
+
+
+def in_browser_mode(account: dict, at: float) -> bool:
+    """The site refused this account's direct attempt: its chats go through the page until its next try of the
+    direct path, a day later and only once it is in good standing again (no failure since)."""
+    return bool(account["needs_browser"]) and (at < (account["direct_retry_at"] or 0) or bool(account["failures"]))
+
+
+PATH_EVIDENCE: tuple[tuple[str, Callable[[PathFacts], bool]], ...] = (
+    ("no_browser", lambda f: not f.browser),
+    ("account_refused", lambda f: f.account_refused),
+    ("site_refused", lambda f: f.site_said == "page"),
+    ("direct_worked", lambda f: f.site_said == "direct"),
+    ("no_token", lambda f: f.recaptcha_seen is False),
+    ("unknown", lambda f: True),           # tokens may be bound: assume they are
+)
+
+# BRIDGE_REQUEST_PATH -> evidence -> path. "page" without a browser fails with the sidecar's clear 503; "direct"
+# still keeps an account the site refused in the page until its daily retry (in_browser_mode).
+REQUEST_PATHS: dict[str, dict[str, str]] = {
+    "auto": {"no_browser": "direct", "account_refused": "page", "site_refused": "page", "direct_worked": "direct",
+             "no_token": "direct", "unknown": "page"},
+    "direct": {"no_browser": "direct", "account_refused": "page", "site_refused": "direct",
+               "direct_worked": "direct", "no_token": "direct", "unknown": "direct"},
+    "page": {evidence: "page" for evidence, _ in PATH_EVIDENCE},
+}
+
+
+def request_path_for(setting: str, facts: PathFacts) -> str:
+    """"page" or "direct" for a chat, by REQUEST_PATHS."""
+    evidence = next(name for name, holds in PATH_EVIDENCE if holds(facts))
+    return REQUEST_PATHS[setting][evidence]
+
+
 class FailureLog:
     """The last few failed attempts of each account, kept in memory for the dashboard's Diagnostics
     page: when, the failure kind the policy saw, and what LM Arena said."""
@@ -2076,6 +2149,14 @@ class SidecarError(Exception):
     """A sidecar failure. The message is user-facing: the bridge answers 503 with it."""
 
 
+def headful_wanted(setting: bool | None, environ: Mapping[str, str], xvfb_run: str | None) -> bool:
+    """The explicit setting, else headful wherever a window can be had (a display, or xvfb-run for a virtual
+    one): LM Arena's reCAPTCHA scores a headful browser better than a headless one."""
+    if setting is not None:
+        return setting
+    return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY") or xvfb_run)
+
+
 class SidecarClient:
     """Starts sidecar.py on demand, talks to it over its Unix socket, stops it when idle.
 
@@ -2119,7 +2200,8 @@ class SidecarClient:
         """The sidecar for `settings`, on LM Arena's current origin (it may have moved since it was set)."""
         return cls(socket_path=settings.socket_path, arena_url=arena_url, browser=settings.browser,
                    mode=settings.sidecar, request_timeout=settings.sidecar_timeout,
-                   idle_timeout=settings.sidecar_idle, headful=settings.headful, log_level=settings.log_level)
+                   idle_timeout=settings.sidecar_idle, log_level=settings.log_level,
+                   headful=headful_wanted(settings.headful, os.environ, shutil.which("xvfb-run")))
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -2828,6 +2910,82 @@ def render_userscript(bridge_url: str, secret: str, arena_url: str) -> str:
 
 
 # =====================================================================================================
+# Browser fingerprints
+# =====================================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """One browser curl_cffi imitates: its impersonation target (TLS and HTTP/2 fingerprint) and the
+    identifying headers that browser sends, as curl_cffi's own defaults for the target have them."""
+    target: str
+    family: str                 # the browser a User-Agent names: "Chrome" or "Firefox"
+    major: int
+    user_agent: str
+    sec_ch_ua: str | None       # Chrome's client hints brand list; Firefox sends none
+
+
+_MAC = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{v}.0.0.0 Safari/537.36"
+# The site scores each message with the User-Agent and the JA4 TLS fingerprint together (§0 U1): a request
+# sends the User-Agent of the browser its TLS handshake imitates, never another's. Newest of each family first.
+FINGERPRINTS: tuple[Fingerprint, ...] = (
+    Fingerprint("chrome152", "Chrome", 152, "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, "
+                "like Gecko) Chrome/152.0.0.0 Safari/537.36",
+                '"Chromium";v="152", "Not?A_Brand";v="24", "Google Chrome";v="152"'),
+    Fingerprint("chrome146", "Chrome", 146, _MAC.format(v=146),
+                '"Chromium";v="146", "Not-A.Brand";v="24", "Google Chrome";v="146"'),
+    Fingerprint("chrome142", "Chrome", 142, _MAC.format(v=142),
+                '"Chromium";v="142", "Google Chrome";v="142", "Not_A Brand";v="99"'),
+    Fingerprint("chrome136", "Chrome", 136, _MAC.format(v=136),
+                '"Chromium";v="136", "Google Chrome";v="136", "Not.A/Brand";v="99"'),
+    Fingerprint("chrome131", "Chrome", 131, _MAC.format(v=131),
+                '"Google Chrome";v="131", "Chromium";v="131", "Not_A Brand";v="24"'),
+    Fingerprint("firefox147", "Firefox", 147, "Mozilla/5.0 (Macintosh; Intel Mac OS X 10.15; rv:147.0) "
+                "Gecko/20100101 Firefox/147.0", None),
+)
+IMPERSONATE_ALIASES = {"chrome": "chrome152", "firefox": "firefox147"}   # BRIDGE_IMPERSONATE's family names
+UA_BROWSER_RE = re.compile(r"\b(Firefox|Chrome)/(\d+)")
+UA_PLATFORMS = (("Android", "Android"), ("Windows", "Windows"), ("Macintosh", "macOS"), ("CrOS", "Chrome OS"),
+                ("Linux", "Linux"))
+
+
+def chrome_hints(major: int, user_agent: str) -> dict[str, str]:
+    """The client hints a Chromium of this User-Agent sends with it: its version and platform."""
+    platform = next((name for marker, name in UA_PLATFORMS if marker in user_agent), "Windows")
+    return {"sec-ch-ua": f'"Chromium";v="{major}", "Not_A Brand";v="24"',
+            "sec-ch-ua-mobile": "?1" if "Mobile" in user_agent else "?0", "sec-ch-ua-platform": f'"{platform}"'}
+
+
+def paired_fingerprint(impersonate: str, user_agent: str | None) -> tuple[str, dict[str, str]]:
+    """The impersonation target and the identifying headers for a direct request, one browser's both.
+
+    A User-Agent the bridge must send (the sidecar's browser's, to which Cloudflare bound cf_clearance) picks
+    the target of its own family, the newest not newer than it, with client hints of its own version. Without
+    one, BRIDGE_IMPERSONATE's row gives both; a target the table does not know keeps curl_cffi's own headers,
+    which match it. A User-Agent of no browser in the table (never the sidecar's Chromium) is sent as given:
+    the clearance is bound to it."""
+    target = IMPERSONATE_ALIASES.get(impersonate, impersonate)
+    if user_agent:
+        return fingerprint_of_user_agent(user_agent) or (target, {"User-Agent": user_agent})
+    named = next((r for r in FINGERPRINTS if r.target == target), None)
+    if named is None:
+        return target, {}
+    hints = {**chrome_hints(named.major, named.user_agent), "sec-ch-ua": named.sec_ch_ua} if named.sec_ch_ua else {}
+    return named.target, {"User-Agent": named.user_agent, **hints}
+
+
+def fingerprint_of_user_agent(user_agent: str) -> tuple[str, dict[str, str]] | None:
+    """The target of the User-Agent's own browser family, the newest not newer than it (else the closest),
+    with the client hints of its own version; None for a browser the table does not know."""
+    found = UA_BROWSER_RE.search(user_agent)
+    if found is None:
+        return None
+    family, major = found.group(1), int(found.group(2))
+    row = min((r for r in FINGERPRINTS if r.family == family), key=lambda r: (r.major > major, abs(r.major - major)))
+    hints = chrome_hints(major, user_agent) if family == "Chrome" else {}
+    return row.target, {"User-Agent": user_agent, **hints}
+
+
+# =====================================================================================================
 # Upstream HTTP client
 # =====================================================================================================
 
@@ -2951,17 +3109,22 @@ class ArenaSite:
         await self.http.close()
 
     # --- requests -----------------------------------------------------------------------------------
+    def identity(self, account: dict | None) -> tuple[str, dict[str, str]]:
+        """The impersonation target and identifying headers of a direct request (paired_fingerprint). The
+        sidecar's clearance is bound to its browser's User-Agent, so that one comes first, then the account's."""
+        clearance = self.params.get("clearance") or {}
+        user_agent = clearance.get("user_agent") or (account or {}).get("user_agent")
+        return paired_fingerprint(self.settings.impersonate, user_agent)
+
     def request_headers(self, account: dict | None, *, referer: str = "/?mode=direct",
                         content_type: str | None = "text/plain;charset=UTF-8", accept: str = "*/*") -> dict:
         # Clearance the sidecar earned goes last: it is bound to the browser's User-Agent sent with it, while
         # Cloudflare cookies that came with an account (pasted, or from its sign-up) may be stale by now.
         clearance = self.params.get("clearance") or {}
         cookies: dict[str, str] = {}
-        user_agent = clearance.get("user_agent")
         if account is not None:
             cookies.update(json.loads(account.get("cookies") or "{}"))
             cookies.update(Session.of(account).cookies())
-            user_agent = user_agent or account.get("user_agent")
         cookies.update(clearance.get("cookies") or {})
         headers = {"Accept": accept, "Origin": self.origin, "Referer": self.origin + referer,
                    "Accept-Language": "en-US,en;q=0.9", "Sec-Fetch-Dest": "empty", "Sec-Fetch-Mode": "cors",
@@ -2970,8 +3133,7 @@ class ArenaSite:
             headers["Content-Type"] = content_type
         if cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
-        if user_agent:
-            headers["User-Agent"] = user_agent
+        headers.update(self.identity(account)[1])
         return headers
 
     async def get(self, path: str, account: dict | None = None, timeout: float = 20.0) -> Any:
@@ -2979,7 +3141,8 @@ class ArenaSite:
             try:
                 response = await traced(self.http.get(self.origin + path, headers=self.request_headers(
                     account, content_type=None, accept="text/html,application/xhtml+xml,*/*"),
-                    timeout=timeout, discard_cookies=True, allow_redirects=False), "GET", path, account)
+                    impersonate=self.identity(account)[0], timeout=timeout, discard_cookies=True,
+                    allow_redirects=False), "GET", path, account)
             except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
                 raise unreachable(exc) from None
             if response.status_code not in (301, 308) or not await self.follow_move(path, response.headers.get("location")):
@@ -2990,8 +3153,9 @@ class ArenaSite:
         try:
             return await asyncio.wait_for(traced(self.http.post(
                 self.origin + path, data=json_text(body).encode(),
-                headers=self.request_headers(account), stream=True, timeout=None, discard_cookies=True,
-                allow_redirects=False), "POST", path, account), timeout=max(0.1, deadline - now()))
+                headers=self.request_headers(account), impersonate=self.identity(account)[0], stream=True,
+                timeout=None, discard_cookies=True, allow_redirects=False), "POST", path, account),
+                timeout=max(0.1, deadline - now()))
         except TimeoutError:
             raise ArenaError("upstream_timeout", "LM Arena did not answer in time") from None
         except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
@@ -3070,8 +3234,7 @@ class ArenaSite:
         models = found.pop("models", None)
         if models:
             self.store.replace_models(models)
-        if found:
-            self.store.set_site_params(**found)
+        self.store.set_site_params(**found, recaptcha_seen=names_recaptcha(page, scripts, found))
         self.params = self.store.site_params()
         log.info("discovered LM Arena: %d models, sitekey %s, %d server actions",
                  len(models or []), "found" if found.get("sitekey") else "not found",
@@ -3102,6 +3265,17 @@ class ArenaSite:
             self.store.set_site_params(request_path="page")
             self.params["request_path"] = "page"
             log.warning("LM Arena refused a token sent from outside the browser; chats go through its page now")
+
+    def direct_worked(self) -> None:
+        """The site served a chat sent straight from the bridge: the direct path is known to work here."""
+        if self.params.get("request_path") != "direct":
+            self.store.set_site_params(request_path="direct")
+            self.params["request_path"] = "direct"
+            log.info("LM Arena served a chat sent straight from the bridge; the direct path works here")
+
+    def path_facts(self, account: dict) -> PathFacts:
+        return PathFacts(browser=self.settings.sidecar != "off", account_refused=in_browser_mode(account, now()),
+                         site_said=self.params.get("request_path"), recaptcha_seen=self.params.get("recaptcha_seen"))
 
     def switch_mode(self) -> None:
         """LM Arena refused the mode: new conversations use the other one from now on, and later starts
@@ -3143,8 +3317,8 @@ class ArenaSite:
 
     async def recaptcha_token(self, action: str) -> str | None:
         """A fresh v3 token from the sidecar, or None when the sidecar is off (the request then goes
-        without one and the site decides)."""
-        if self.settings.sidecar == "off":
+        without one and the site decides), or when the site names no reCAPTCHA at all."""
+        if self.settings.sidecar == "off" or self.params.get("recaptcha_seen") is False:
             return None
         try:
             token = await self.sidecar.token(await self.mint_sitekey(), action)
@@ -3176,7 +3350,7 @@ class ArenaSite:
         try:
             path = f"/nextjs-api/stream/skip-direct-battle/{evaluation_id}"
             response = await traced(self.http.post(
-                self.origin + path, headers=headers,
+                self.origin + path, headers=headers, impersonate=self.identity(account)[0],
                 data=json.dumps({"messageAId": lane_a, "messageBId": lane_b, "modelAMessageId": lane_a,
                                  "modelBMessageId": lane_b}), timeout=20, discard_cookies=True,
                 allow_redirects=False), "POST", path, account)
@@ -3200,9 +3374,9 @@ class ArenaSite:
             sent = now()
             try:
                 response = await traced(self.http.post(self.origin + "/?mode=direct", data=json.dumps(args),
-                                                       headers=headers, timeout=30, discard_cookies=True,
-                                                       allow_redirects=False), "POST", "/", account,
-                                        f" (server action {name})")
+                                                       headers=headers, impersonate=self.identity(account)[0],
+                                                       timeout=30, discard_cookies=True, allow_redirects=False),
+                                        "POST", "/", account, f" (server action {name})")
             except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
                 raise ArenaError("upload_failed", f"LM Arena's {name} could not be reached ({type(exc).__name__})") \
                     from None
@@ -3307,8 +3481,8 @@ NEEDS_LOGIN_HELP = ("LM Arena requires a signed-in account for direct chat (LOGI
                     "only guest accounts. Sign in at arena.ai in a browser, copy its arena-auth-prod-v1 cookie "
                     "and add it with `python bridge.py tokens add VALUE` or on the dashboard's Accounts page.")
 ACCOUNT_STATE_LABELS = {NEEDS_LOGIN: "needs a signed-in account", "cooling_down": "cooling down"}
-DIRECT_RETRY_AFTER = 86400.0     # an account in browser mode tries the direct path again after this: each try
-                                 # that fails costs a penalty (U1, U2), so at most once a day
+DIRECT_RETRY_AFTER = 86400.0     # an account the site refused tries the direct path again after this (only with
+                                 # BRIDGE_REQUEST_PATH=direct): each try that fails costs a penalty (U1, U2)
 
 
 def account_state(account: dict, at: float | None = None) -> str:
@@ -3317,11 +3491,6 @@ def account_state(account: dict, at: float | None = None) -> str:
     if account["state"] == "cooling_down" and (account["cooldown_until"] or 0) <= at:
         return "ok"
     return account["state"]
-
-
-def in_browser_mode(account: dict, at: float) -> bool:
-    """The account's chats go through the sidecar's page until its next try of the direct path."""
-    return bool(account["needs_browser"]) and at < (account["direct_retry_at"] or 0)
 
 
 QUEUE_POLLS = (0.05, 0.5)       # seconds between looks of a queued request: the first one's at the store, the others'
@@ -3344,6 +3513,8 @@ class AccountPool:
         self.sidecar = sidecar
         self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.signup_lock = asyncio.Lock()
+        # Chat requests per account in the last hour, against BRIDGE_ACCOUNT_RPH (U2: 10-20 an hour reported).
+        self.budget = SlidingWindow(3600.0)
         # Accounts with a chat request sent and its answer's status not yet in. A burst waits for them
         # rather than sending a second request on one account before the first says whether it is
         # refused: on the late-2026 site each refused attempt extends the account's penalty (U2).
@@ -3395,8 +3566,25 @@ class AccountPool:
         at = now()
         quotas = self.store.quotas(at)
         return [a for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)
-                and (a["id"], modality) not in quotas
+                and (a["id"], modality) not in quotas and not self.budget_wait(a)
                 and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
+
+    def budget_wait(self, account: dict) -> float:
+        """Seconds until the account's hourly budget allows another chat request (0: it does now)."""
+        rph = self.settings.account_rph
+        return self.budget.full(account["id"], rph) if rph > 0 else 0.0
+
+    def spend(self, account: dict) -> None:
+        """One chat request is sent on the account: it counts against its hourly budget."""
+        if self.settings.account_rph > 0:
+            self.budget.admit(account["id"], self.settings.account_rph)
+
+    def soonest_budget(self, exclude: set[int]) -> float | None:
+        """Seconds until the first account held back only by its budget may send; None: no account is."""
+        at = now()
+        waits = [self.budget_wait(a) for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)]
+        waits = [w for w in waits if w > 0]
+        return min(waits) if waits else None
 
     def pick(self, exclude: set[int], modality: str = "chat") -> dict | None:
         """The least recently used account that can serve now and is not asking already."""
@@ -3424,7 +3612,7 @@ class AccountPool:
         if followup is not None:
             account = self.store.account(followup["account_id"])
             usable = account is not None and account["id"] not in excluded and is_usable(account) \
-                and (account["id"], modality) not in self.store.quotas(now())
+                and (account["id"], modality) not in self.store.quotas(now()) and not self.budget_wait(account)
             return account if usable else None
         account = self.pick(excluded, modality)
         if account is None and not excluded and self.may_sign_up():
@@ -3465,6 +3653,12 @@ class AccountPool:
         if not accounts:
             return ArenaError("no_account", "No LM Arena account is configured. Add one in the dashboard or "
                                             "with `python bridge.py tokens add VALUE`.")
+        paced = self.soonest_budget(set())
+        if paced is not None:
+            return ArenaError("accounts_paced", f"Every usable LM Arena account has sent its "
+                                                f"{self.settings.account_rph} chat requests of the last hour "
+                                                f"(BRIDGE_ACCOUNT_RPH); the first may send again in {int(paced) + 1} s.",
+                              retry_after=paced)
         wait = self.soonest_recovery(accounts, now())
         if wait is not None:
             return ArenaError("accounts_cooling_down", f"Every LM Arena account is cooling down; the first is "
@@ -3507,14 +3701,17 @@ class AccountPool:
                                                                          f"any more ({said}); add a fresh one")
         log.warning("account %s is dead: LM Arena answered %s", account_id, said)
 
-    def remember_path(self, account: dict, in_page: bool) -> None:
-        """Record which path worked: browser mode sticks for a while, a direct success clears it."""
-        if in_page:
-            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=1,
-                                      direct_retry_at=now() + DIRECT_RETRY_AFTER)
-        elif account["failures"] or account["last_error"] or account["needs_browser"]:
+    def refused_direct(self, account: dict) -> None:
+        """The site refused this account's direct attempt: its chats go through the page, and the direct path
+        is tried again at most once a day (in_browser_mode), each try costing a penalty when it fails (U2)."""
+        self.store.update_account(account["id"], needs_browser=1, direct_retry_at=now() + DIRECT_RETRY_AFTER)
+
+    def served(self, account: dict, in_page: bool) -> None:
+        """The account was served: its failures are over; a direct success also ends its browser mode."""
+        if account["failures"] or account["last_error"] or (account["needs_browser"] and not in_page):
             # Only when something changes: this runs on every successful request.
-            self.store.update_account(account["id"], failures=0, last_error=None, needs_browser=0)
+            self.store.update_account(account["id"], failures=0, last_error=None,
+                                      needs_browser=account["needs_browser"] if in_page else 0)
 
     # --- refresh ------------------------------------------------------------------------------------
     async def fresh(self, account: dict) -> dict | None:
@@ -3647,6 +3844,7 @@ class AccountPool:
 LOOP_SLICE = 0.005      # seconds a reply's buffered chunks are folded before other tasks get the loop
 
 ACCOUNT_QUEUE_WAIT = 30.0         # how long a request waits for an account that is busy asking (U2)
+BUDGET_QUEUE_WAIT = 5.0           # a request waits for an account's hourly budget only when it frees this soon
 DEAD_CREDENTIAL_RE = re.compile(r"user not found", re.IGNORECASE)   # the site no longer knows the account (U9)
 
 
@@ -3783,6 +3981,7 @@ class TurnRunner:
         """One attempt on one account: the opened turn, or None once the policy acted on its failure. The
         account counts as asking until then (a cool-down may be on its way: pool.asking)."""
         self.pool.asking.add(account["id"])
+        self.pool.spend(account)
         try:
             opened = await self.send(plan, tries, account, deadline)
             if isinstance(opened, OpenedTurn):
@@ -3810,7 +4009,9 @@ class TurnRunner:
                     account = await self.pool.account_for(None, tries.excluded, tries.modality)
                 if account is not None:
                     return account
-                if now() >= queued_until or not self.pool.asking - tries.excluded:
+                budget = self.pool.soonest_budget(tries.excluded)
+                soon = budget is not None and budget <= BUDGET_QUEUE_WAIT
+                if now() >= queued_until or not (self.pool.asking - tries.excluded or soon):
                     raise self.pool.unavailable(tries.last, tries.modality)
                 place = place or self.pool.join_queue()
                 await self.pool.wait_in_queue(place, queued_until)
@@ -3839,7 +4040,9 @@ class TurnRunner:
             response = await self.site.post_stream(path, body, account, deadline)
         if response.status_code == 200:
             if in_page == account_in_page and not browser:   # a path chosen for the model says nothing about the account
-                self.pool.remember_path(account, in_page)
+                self.pool.served(account, in_page)
+            if not in_page:
+                self.site.direct_worked()
             self.note_quota(account, plan.modality, response.headers)
             return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1,
                               (body["modelAMessageId"], body.get("modelBMessageId")))
@@ -3887,6 +4090,7 @@ class TurnRunner:
         self.pool.back_off(failure.account, "reCAPTCHA validation failed")
         failure.tries.excluded.add(failure.account["id"])
         if not failure.in_page and self.settings.sidecar != "off":
+            self.pool.refused_direct(failure.account)
             self.site.use_page()
 
     async def step_refresh(self, failure: Failure) -> None:
@@ -3933,10 +4137,8 @@ class TurnRunner:
 
     # --- the two paths ------------------------------------------------------------------------------------
     def account_in_page(self, account: dict) -> bool:
-        """In-page fetch once the site refused a token from outside the browser (U1), and for an account
-        that needed it, until its next try of the direct path."""
-        in_page = self.site.params.get("request_path") == "page" or in_browser_mode(account, now())
-        return self.settings.sidecar != "off" and in_page
+        """In-page fetch unless the direct path is known to work (REQUEST_PATHS, BRIDGE_REQUEST_PATH)."""
+        return request_path_for(self.settings.request_path, self.site.path_facts(account)) == "page"
 
     def model_in_page(self, model: dict) -> bool:
         """In-page fetch for the models configured so (BRIDGE_BROWSER_MODELS), on whichever account."""
@@ -4031,6 +4233,7 @@ FAILURE_CAUSES: dict[str, tuple[str, str]] = {
     "rate_limit_exceeded": ("rate_limit", "cooldown"),      # the API key's own limit
     "quota": ("rate_limit", "cooldown"),
     "accounts_cooling_down": ("cool_down", "cooldown"),
+    "accounts_paced": ("rate_limit", "cooldown"),
     "recaptcha": ("recaptcha", "recaptcha"),
     "cloudflare": ("cloudflare", "cloudflare"),
     "login_gate": ("login_gate", "login_gate"),
@@ -4188,7 +4391,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 # answer passed on (`relayed`). "upstream_<status>" (a refusal the table does not name) is a 400 for a
 # 4xx status, else a 502.
 ARENA_STATUS = {
-    "quota_exhausted": 429, "needs_signed_in_account": 503, "no_account": 503, "accounts_cooling_down": 503, "no_usable_account": 503, "signup_failed": 503,
+    "quota_exhausted": 429, "needs_signed_in_account": 503, "no_account": 503, "accounts_cooling_down": 503, "accounts_paced": 429, "no_usable_account": 503, "signup_failed": 503,
     "cloudflare": 503, "model_not_available": 403, "upstream_forbidden": 403, "content_filter": 422,
     "attachment_too_large": 413, "model_not_found": 404, "upstream_timeout": 504, "browser_unavailable": 503,
 }
@@ -7988,7 +8191,7 @@ class Doctor:
         try:
             for _ in range(MAX_HOPS):
                 response = await self.site.http.get(url, headers=headers, timeout=20, allow_redirects=False,
-                                                    discard_cookies=True)
+                                                    impersonate=self.site.identity(None)[0], discard_cookies=True)
                 location = response.headers.get("location")
                 if response.status_code not in REDIRECTS or not location:
                     break
@@ -9294,7 +9497,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = "" if opt.default in (None, "") else f"; default {opt.default}"
         kwargs: dict[str, Any] = {"dest": opt.name, "default": argparse.SUPPRESS,
                                   "help": f"{opt.help} (env {env}{default})"}
-        if opt.kind is _bool:
+        if opt.kind in (_bool, _bool_or_auto):
             kwargs.update(action="store_const", const=True)
         else:
             kwargs.update(type=opt.kind, metavar=opt.name.upper())

@@ -44,7 +44,10 @@ class BridgeProcess:
         self.folder = folder
         self.db = os.path.join(folder, "bridge.db")
         self.log_path = os.path.join(folder, "bridge.log")
-        self.env = {**os.environ, "BRIDGE_LOG_LEVEL": "debug", "BRIDGE_SIDECAR": sidecar, **(env or {})}
+        # The emulator's accounts send far more chats than LM Arena's accounts tolerate (BRIDGE_ACCOUNT_RPH's
+        # default): the suite lifts that budget here, and the pacing tests set their own.
+        self.env = {**os.environ, "BRIDGE_LOG_LEVEL": "debug", "BRIDGE_SIDECAR": sidecar, "BRIDGE_ACCOUNT_RPH": "0",
+                    **(env or {})}
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), "--db", self.db,
                      "--arena-url", arena_url, *args]
         self.process: subprocess.Popen | None = None

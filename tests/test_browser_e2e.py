@@ -26,10 +26,14 @@ def content(response):
     return response.json()["choices"][0]["message"]["content"]
 
 
-def start_bridge(arena, folder, **env):
+def start_bridge(arena, folder, site_params=None, **env):
+    """A bridge with its sidecar; `site_params` are what it knows of the site before it starts."""
     proc = BridgeProcess(arena.url, str(folder), sidecar="auto",
                          env={"BRIDGE_BROWSER": BROWSER, "BRIDGE_SIDECAR_SOCKET": str(folder / "s.sock"), **env},
-                         args=("--ping-interval", "0.5")).start()
+                         args=("--ping-interval", "0.5"))
+    if site_params:
+        proc.store.set_site_params(**site_params)
+    proc.start()
     proc.wait_for_models()
     return proc
 
@@ -185,9 +189,9 @@ def test_a_failed_sign_up_is_a_clear_503_and_is_not_retried_in_a_loop(arena, tmp
 
 
 def test_context_bound_tokens_switch_to_in_page_fetch_which_streams_line_by_line(arena, tmp_path):
-    """A bridge that never sent in-page meets tokens bound to the page (U1): one refused direct attempt
-    cools that account down (U2) and moves every chat into the page, for good."""
-    bb = start_bridge(arena, tmp_path)
+    """A bridge that has seen the direct path work meets tokens bound to the page (U1): one refused direct
+    attempt cools that account down (U2) and moves every chat into the page, for good."""
+    bb = start_bridge(arena, tmp_path, site_params={"request_path": "direct"})
     try:
         arena.reset()
         bb.set_accounts(arena.new_session(), arena.new_session())
@@ -204,9 +208,9 @@ def test_context_bound_tokens_switch_to_in_page_fetch_which_streams_line_by_line
         assert len(arrivals) == 30 and "line 30" in arrivals[-1][1]
         assert arrivals[-1][0] - arrivals[0][0] > 2.0      # the first lines came long before the last was produced
         refused, served = bb.store.accounts()
-        assert refused["state"] == "cooling_down" and served["needs_browser"] == 1
+        assert refused["state"] == "cooling_down" and refused["needs_browser"] == 1 and served["needs_browser"] == 0
         assert bb.store.site_params()["request_path"] == "page"
-        assert bb.health()["checks"]["accounts"]["items"][1]["needs_browser"] == 1
+        assert bb.health()["checks"]["accounts"]["items"][0]["needs_browser"] == 1
         arena.clear_log()
         arena.configure(lines=0, line_delay=0)
         assert content(post(bb, key)) == "turn 1: x"

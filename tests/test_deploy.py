@@ -290,6 +290,8 @@ def options_table() -> str:
         text = o.help.replace("|", "\\|")
         if o.kind is bridge._bool:
             text += " (the flag takes no value; in the environment `1`, `true`, `yes` or `on`)"
+        if o.kind is bridge._bool_or_auto:
+            text += " (the flag takes no value and turns it on; in the environment `auto`, `1` or `0`)"
         rows.append(f"| {flag} | {env} | {_cell(o.default)} | {text} |")
     return "\n".join(rows)
 

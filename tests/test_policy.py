@@ -197,3 +197,54 @@ def test_a_retry_after_that_says_nothing_leaves_the_default_to_the_caller(value)
 
 def test_an_ordinary_retry_after_is_kept():
     assert wait({"retry-after": "30"}) == 30.0
+
+
+# --- the request path (§0 U1, U2) -------------------------------------------------------------------------
+
+def facts(browser=True, account_refused=False, site_said=None, recaptcha_seen=True) -> bridge.PathFacts:
+    return bridge.PathFacts(browser=browser, account_refused=account_refused, site_said=site_said,
+                            recaptcha_seen=recaptcha_seen)
+
+
+def test_every_request_path_setting_names_a_path_for_every_evidence():
+    evidence = {name for name, _ in bridge.PATH_EVIDENCE}
+    assert set(bridge.REQUEST_PATHS) == set(bridge.REQUEST_PATH_SETTINGS)
+    for paths in bridge.REQUEST_PATHS.values():
+        assert set(paths) == evidence and set(paths.values()) <= {"page", "direct"}
+
+
+@pytest.mark.parametrize("known,path", [
+    (facts(), "page"),                                   # tokens may be bound: the page first, no 403 to learn it
+    (facts(recaptcha_seen=None), "page"),                # nothing discovered yet: assume bound
+    (facts(recaptcha_seen=False), "direct"),             # the site names no reCAPTCHA: no token is enforced
+    (facts(site_said="direct"), "direct"),               # the direct path has served here
+    (facts(site_said="page"), "page"),                   # the direct path was refused here: never re-probed
+    (facts(site_said="direct", account_refused=True), "page"),
+    (facts(browser=False), "direct"),                    # no browser page to send from
+])
+def test_auto_uses_the_page_unless_the_direct_path_is_known_to_work(known, path):
+    assert bridge.request_path_for("auto", known) == path
+
+
+@pytest.mark.parametrize("known,path", [
+    (facts(), "direct"), (facts(site_said="page"), "direct"), (facts(account_refused=True), "page"),
+])
+def test_direct_is_used_when_asked_except_on_an_account_the_site_refused(known, path):
+    assert bridge.request_path_for("direct", known) == path
+
+
+def test_page_is_used_when_asked_whatever_is_known():
+    assert {bridge.request_path_for("page", f) for f in (facts(), facts(recaptcha_seen=False), facts(browser=False),
+                                                           facts(site_said="direct"))} == {"page"}
+
+
+def account_row(needs_browser=1, retry_in=3600.0, failures=0) -> dict:
+    return {"needs_browser": needs_browser, "direct_retry_at": 1000.0 + retry_in, "failures": failures}
+
+
+def test_a_refused_account_retries_direct_only_after_a_day_and_in_good_standing():
+    assert bridge.in_browser_mode(account_row(), 1000.0)
+    assert not bridge.in_browser_mode(account_row(retry_in=-1), 1000.0)
+    assert bridge.in_browser_mode(account_row(retry_in=-1, failures=1), 1000.0)     # not in good standing yet
+    assert not bridge.in_browser_mode(account_row(needs_browser=0), 1000.0)
+    assert bridge.DIRECT_RETRY_AFTER >= 86400

@@ -225,3 +225,26 @@ def test_a_request_body_that_arrives_too_slowly_is_408(arena, tmp_path):
         assert time.monotonic() - started < 15     # 1 s, with room for a loaded machine
     finally:
         proc.stop()
+
+
+def test_the_request_path_pacing_and_headful_defaults():
+    s = bridge.Settings.load(env={})
+    assert (s.request_path, s.account_rph, s.headful) == ("auto", 10, None)
+    assert bridge.Settings.load(env={"BRIDGE_HEADFUL": "0"}).headful is False
+    assert bridge.Settings.load(env={"BRIDGE_HEADFUL": "auto"}).headful is None
+
+
+def test_an_unknown_request_path_is_refused_at_start():
+    with pytest.raises(SystemExit, match="BRIDGE_REQUEST_PATH"):
+        bridge.Settings.load(env={"BRIDGE_REQUEST_PATH": "sideways"})
+
+
+@pytest.mark.parametrize("setting,environ,xvfb,headful", [
+    (None, {}, "/usr/bin/xvfb-run", True),
+    (None, {"DISPLAY": ":0"}, None, True),
+    (None, {}, None, False),
+    (False, {"DISPLAY": ":0"}, "/usr/bin/xvfb-run", False),
+    (True, {}, None, True),
+])
+def test_headful_by_default_wherever_a_window_can_be_had(setting, environ, xvfb, headful):
+    assert bridge.headful_wanted(setting, environ, xvfb) is headful

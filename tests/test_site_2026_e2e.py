@@ -22,6 +22,7 @@ SEARCH_MODEL = "gemini-3-pro-grounding"
 IMAGE_MODEL = "flux-2-flex"
 TEXT_MODEL = "gemini-3-pro"
 UNSELECTABLE = "grok-4.1"
+GOOD = {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "x"}]}
 
 
 def chat(client, *contents, model=TEXT_MODEL, **extra):
@@ -338,6 +339,46 @@ def test_u4_a_signed_in_account_beside_a_gated_guest_serves(fresh, arena, client
     assert sorted(a["state"] for a in fresh.store.accounts()) == ["needs_login", "ok"]
 
 
+# --- U1: the User-Agent and the TLS fingerprint of one browser ---------------------------------------------------------
+
+
+def versions_agree(headers: dict) -> bool:
+    """The User-Agent's Chrome version is the one its client hints name (a real Chrome never differs)."""
+    [ua_major] = re.findall(r"Chrome/(\d+)\.", headers["user-agent"])
+    return set(re.findall(r'v="(\d{3})"', headers["sec-ch-ua"])) == {ua_major}
+
+
+def test_u1_a_direct_chat_sends_the_user_agent_of_the_browser_its_tls_imitates(fresh, arena, client):
+    chat(client, "hi")
+    [sent] = [r["headers"] for r in arena.chat_requests()]
+    assert "Chrome/152." in sent["user-agent"] and versions_agree(sent)
+
+
+# --- U2: a budget per account -------------------------------------------------------------------------------------------
+
+
+def test_u2_requests_are_spread_over_the_accounts_and_past_their_budget_get_429_without_asking(arena, tmp_path):
+    arena.reset()
+    arena.configure(recaptcha="off")
+    proc = BridgeProcess(arena.url, str(tmp_path), env={"BRIDGE_ACCOUNT_RPH": "2"}).start()
+    try:
+        proc.wait_for_models()
+        values = [arena.new_session(), arena.new_session()]
+        proc.set_accounts(*values)
+        key = proc.create_key()
+        for i in range(4):
+            assert post(proc, key, {**GOOD, "messages": [{"role": "user", "content": f"paced {i}"}]}).status_code == 200
+        senders = collections.Counter(arena.session_user(r["cookies"]["arena-auth-prod-v1"])
+                                      for r in arena.chat_requests())
+        assert sorted(senders.values()) == [2, 2]
+        fifth = post(proc, key, GOOD)
+        assert fifth.status_code == 429 and fifth.json()["error"]["code"] == "accounts_paced"
+        assert 3000 < int(fifth.headers["retry-after"]) <= 3601
+        assert len(arena.chat_requests()) == 4
+    finally:
+        proc.stop()
+
+
 # --- with the real sidecar and Chromium: U1, U2, U4 zero setup, U8 -------------------------------------------------------
 
 BROWSER = os.environ.get("BRIDGE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -345,12 +386,12 @@ needs_browser = pytest.mark.skipif(BROWSER is None, reason="no Chromium binary f
 
 
 @contextlib.contextmanager
-def browser_bridge(arena, folder, **knobs):
-    """A bridge with its sidecar, first meeting the emulator under these knobs."""
+def browser_bridge(arena, folder, env=None, **knobs):
+    """A bridge with its sidecar (and these settings), first meeting the emulator under these knobs."""
     arena.reset()
     arena.configure(**knobs)
     proc = BridgeProcess(arena.url, str(folder), sidecar="auto",
-                         env={"BRIDGE_BROWSER": BROWSER, "BRIDGE_SIDECAR_SOCKET": str(folder / "s.sock")},
+                         env={"BRIDGE_BROWSER": BROWSER, "BRIDGE_SIDECAR_SOCKET": str(folder / "s.sock"), **(env or {})},
                          args=("--ping-interval", "0.5")).start()
     try:
         proc.wait_for_models()
@@ -359,13 +400,68 @@ def browser_bridge(arena, folder, **knobs):
         proc.stop()
 
 
-GOOD = {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "x"}]}
+PAGE_HEADER = "x-arena-page"      # the emulator's grecaptcha adds it to its page's own fetch() calls only
+PENALTY = {"k": 2, "w": 20, "p": 1200, "on_fail": True}
+
+
+@needs_browser
+def test_u1_with_context_bound_tokens_the_first_chat_goes_through_the_page_and_costs_no_403(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, context_bound_tokens=True, recaptcha_penalty=PENALTY) as proc:
+        proc.set_accounts(arena.new_session())
+        assert post(proc, proc.create_key(), GOOD).status_code == 200
+        [sent] = arena.chat_requests()
+        assert sent["status"] == 200 and PAGE_HEADER in sent["headers"]
+        assert proc.store.accounts()[0]["failures"] == 0
+
+
+@needs_browser
+def test_u1_a_site_that_names_no_recaptcha_is_sent_direct_without_starting_the_browser(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, recaptcha="absent") as proc:
+        proc.set_accounts(arena.new_session())
+        assert post(proc, proc.create_key(), GOOD).status_code == 200
+        [sent] = arena.chat_requests()
+        assert PAGE_HEADER not in sent["headers"] and "recaptchaV3Token" not in sent["json"]
+        assert proc.health()["checks"]["sidecar"]["state"] == "stopped"
+        assert proc.store.site_params()["request_path"] == "direct"
+
+
+@needs_browser
+def test_u1_request_path_direct_sends_straight_from_the_bridge_with_a_sidecar_token(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, env={"BRIDGE_REQUEST_PATH": "direct"}) as proc:
+        proc.set_accounts(arena.new_session())
+        assert post(proc, proc.create_key(), GOOD).status_code == 200
+        [sent] = arena.chat_requests()
+        assert PAGE_HEADER not in sent["headers"] and sent["json"]["recaptchaV3Token"].startswith("0cAFcWeA")
+
+
+@needs_browser
+def test_u1_request_path_direct_moves_a_refused_account_into_the_page_until_its_daily_retry(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, env={"BRIDGE_REQUEST_PATH": "direct"}, context_bound_tokens=True) as proc:
+        [account_id] = proc.set_accounts(arena.new_session())
+        key = proc.create_key()
+        assert post(proc, key, GOOD).status_code == 503       # the user asked for direct: it is refused once
+        refused = proc.store.account(account_id)
+        assert refused["needs_browser"] == 1 and refused["direct_retry_at"] > time.time() + 86000
+        proc.store.update_account(account_id, state="ok", cooldown_until=0)   # its penalty is over
+        assert post(proc, key, GOOD).status_code == 200
+        assert [(PAGE_HEADER in r["headers"], r["status"]) for r in arena.chat_requests()] == [(False, 403), (True, 200)]
+
+
+@needs_browser
+def test_u1_after_cloudflare_clearance_a_direct_chat_sends_the_browser_s_user_agent_with_matching_hints(arena, tmp_path):
+    with browser_bridge(arena, tmp_path, env={"BRIDGE_REQUEST_PATH": "direct"}, cloudflare=True) as proc:
+        proc.set_accounts(arena.new_session())
+        assert post(proc, proc.create_key(), GOOD).status_code == 200
+        passed = arena.chat_requests()[-1]
+        clearance = proc.store.site_params()["clearance"]
+        assert passed["status"] == 200 and PAGE_HEADER not in passed["headers"] and "cf_clearance" in passed["cookies"]
+        assert passed["headers"]["user-agent"] == clearance["user_agent"] and versions_agree(passed["headers"])
+        assert passed["headers"]["sec-ch-ua-platform"] == '"Linux"'
 
 
 @needs_browser
 def test_u1_u2_a_burst_over_two_accounts_gets_at_most_one_403_each_and_every_request_an_answer(arena, tmp_path):
-    with browser_bridge(arena, tmp_path, context_bound_tokens=True,
-                        recaptcha_penalty={"k": 2, "w": 20, "p": 1200, "on_fail": True}) as proc:
+    with browser_bridge(arena, tmp_path, context_bound_tokens=True, recaptcha_penalty=PENALTY) as proc:
         values = [arena.new_session(), arena.new_session()]
         proc.set_accounts(*values)
         key = proc.create_key()

@@ -139,7 +139,7 @@ class Recaptcha:
         Order: an account under penalty fails at once (and the penalty grows); then the token itself; then the
         score knobs.  With ``on_fail``, a failed token puts the account under penalty too."""
         knobs = self.core.knobs
-        if knobs["recaptcha"] == "off":
+        if knobs["recaptcha"] in ("off", "absent"):
             return None
         picked = pick_token(body)
         scored = score_knobs and not (picked and picked[1] and knobs["v2_passes_when_v3_fails"])

@@ -40,7 +40,8 @@ UNICODE_EXTRA = ' 你好，世界 שלום مرحبا 😀🎉 "quoted"\nsecond 
 
 DEFAULT_KNOBS: dict[str, Any] = {
     # --- anti-bot ---
-    "recaptcha": "required",            # "required" | "off"
+    "recaptcha": "required",            # "required" | "off" | "absent" (off, and nothing on the page or in
+                                        # the chunks names reCAPTCHA: a deployment that enforces no token)
     "recaptcha_fail_next": 0,           # fail the next N chat token checks (score too low)
     "recaptcha_fail_always": False,
     "recaptcha_penalty": None,          # U2 {"k":2,"w":20,"p":1200,"on_fail":true}: see Recaptcha.penalty_reason

@@ -16,6 +16,9 @@ from .http import Handler, Request, send
 JS_TYPE = "application/javascript; charset=utf-8"
 
 
+V2_CONTAINER = '<div id="recaptcha-v2-container"></div>'
+
+
 def auto_signup_script(turnstile_sitekey: str | None, sitekey: str) -> str:
     """The page signs up by itself when it has no auth cookie (the ``page_auto_signup`` knob): with a Turnstile
     token first, or with the 2026 body alone when the page has no Turnstile (U5)."""
@@ -101,10 +104,16 @@ class Site:
             's.findSourceMapURL,"getSignedUrl"),'
             f'd=(0,s.createServerReference)("{self.decoy_action_id}",s.callServer,void 0,'
             's.findSourceMapURL,"deleteEvaluationSession")},'
-            '81234:(e,t,n)=>{n.d(t,{mint:()=>a});let r={submit:"chat_submit",retry:"chat_retry",signUp:"sign_up"};'
-            'async function a(e){await new Promise(t=>window.grecaptcha.enterprise.ready(t));'
-            + self._mint_js() +
-            f'let v2key="{self.v2_sitekey}",c="recaptcha-v2-container"}}}}]);')
+            + self._mint_module() + '}]);')
+
+    def _mint_module(self) -> str:
+        """The token minting module; a deployment without reCAPTCHA mints nothing."""
+        if self.core.knobs["recaptcha"] == "absent":
+            return '81234:(e,t,n)=>{n.d(t,{mint:()=>a});async function a(e){return null}}'
+        return ('81234:(e,t,n)=>{n.d(t,{mint:()=>a});let r={submit:"chat_submit",retry:"chat_retry",signUp:"sign_up"};'
+                'async function a(e){await new Promise(t=>window.grecaptcha.enterprise.ready(t));'
+                + self._mint_js() +
+                f'let v2key="{self.v2_sitekey}",c="recaptcha-v2-container"}}')
 
     def _auth_js(self) -> str:
         return ('"use strict";(self.webpackChunk_N_E=self.webpackChunk_N_E||[]).push([[8765],{35999:(e,t,n)=>{'
@@ -148,6 +157,8 @@ class Site:
 
     def recaptcha_tags(self) -> str:
         """How the page names its sitekey (U8): ``render=<key>``, ``k=<key>`` in an anchor URL, or nowhere."""
+        if self.core.knobs["recaptcha"] == "absent":
+            return ""
         host = self.core.knobs["recaptcha_script_host"] or ""
         where = self.core.knobs["sitekey_in_page"]
         render = self.sitekey if where == "render" else "explicit"
@@ -167,7 +178,7 @@ class Site:
 
     def recaptcha_anchor(self) -> str:
         """With ``sitekey_in_page: k`` the key is in the invisible widget's anchor iframe, as grecaptcha renders it."""
-        if self.core.knobs["sitekey_in_page"] != "k":
+        if self.core.knobs["sitekey_in_page"] != "k" or self.core.knobs["recaptcha"] == "absent":
             return ""
         host = self.core.knobs["recaptcha_script_host"] or ""
         return (f'<iframe title="reCAPTCHA" width="256" height="60" style="display:none" src="{host}/recaptcha/'
@@ -190,7 +201,7 @@ class Site:
                 "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>"
                 f"<title>LMArena</title>{scripts}{self.recaptcha_tags()}{turnstile}"
                 f"</head><body><main id=\"root\"><h1>LMArena</h1>{widget}"
-                f"<div id=\"recaptcha-v2-container\"></div></main>{self.recaptcha_anchor()}"
+                f"{'' if knobs['recaptcha'] == 'absent' else V2_CONTAINER}</main>{self.recaptcha_anchor()}"
                 "<script>(self.__next_f=self.__next_f||[]).push([0])</script>"
                 f"{pushes}{self.live_bootstrap()}{signup}</body></html>")
 
