@@ -270,8 +270,10 @@ def test_metrics_are_open_to_an_admin_session(dash):
 
 @needs_browser
 def test_token_mints_are_counted_in_the_metrics(arena, tmp_path):
+    # The direct path: its token is minted by the sidecar for the bridge (in-page chats mint inside the page).
     proc = BridgeProcess(arena.url, str(tmp_path), sidecar="auto",
-                         env={"BRIDGE_BROWSER": BROWSER, "BRIDGE_SIDECAR_SOCKET": str(tmp_path / "s.sock")}).start()
+                         env={"BRIDGE_BROWSER": BROWSER, "BRIDGE_SIDECAR_SOCKET": str(tmp_path / "s.sock"),
+                              "BRIDGE_REQUEST_PATH": "direct"}).start()
     try:
         proc.wait_for_models()
         proc.set_accounts(arena.new_session())
