@@ -1929,6 +1929,9 @@ REQUEST_PATHS: dict[str, dict[str, str]] = {
 }
 
 
+PATH_LEARNT = {"page": "refused the token of", "direct": "served"}   # site_said: what the site did to a direct chat
+
+
 def request_path_for(setting: str, facts: PathFacts) -> str:
     """"page" or "direct" for a chat, by REQUEST_PATHS."""
     evidence = next(name for name, holds in PATH_EVIDENCE if holds(facts))
@@ -3110,10 +3113,9 @@ class ArenaSite:
 
     # --- requests -----------------------------------------------------------------------------------
     def identity(self, account: dict | None) -> tuple[str, dict[str, str]]:
-        """The impersonation target and identifying headers of a direct request (paired_fingerprint). The
-        sidecar's clearance is bound to its browser's User-Agent, so that one comes first, then the account's."""
-        clearance = self.params.get("clearance") or {}
-        user_agent = clearance.get("user_agent") or (account or {}).get("user_agent")
+        """The impersonation target and identifying headers of a direct request (paired_fingerprint): the
+        sidecar's browser's User-Agent first (its clearance is bound to it), then the account's."""
+        user_agent = (self.params.get("clearance") or {}).get("user_agent") or (account or {}).get("user_agent")
         return paired_fingerprint(self.settings.impersonate, user_agent)
 
     def request_headers(self, account: dict | None, *, referer: str = "/?mode=direct",
@@ -3258,24 +3260,13 @@ class ArenaSite:
     def arena_mode(self) -> str:
         return self.mode
 
-    def use_page(self) -> None:
-        """The site refused a token sent from outside the browser: it binds tokens to the page that minted
-        them (U1), so from now on every chat goes through the sidecar's page (kept across restarts)."""
-        if self.params.get("request_path") != "page":
-            self.store.set_site_params(request_path="page")
-            self.params["request_path"] = "page"
-            log.warning("LM Arena refused a token sent from outside the browser; chats go through its page now")
-
-    def direct_worked(self) -> None:
-        """The site served a chat sent straight from the bridge: the direct path is known to work here."""
-        if self.params.get("request_path") != "direct":
-            self.store.set_site_params(request_path="direct")
-            self.params["request_path"] = "direct"
-            log.info("LM Arena served a chat sent straight from the bridge; the direct path works here")
-
-    def path_facts(self, account: dict) -> PathFacts:
-        return PathFacts(browser=self.settings.sidecar != "off", account_refused=in_browser_mode(account, now()),
-                         site_said=self.params.get("request_path"), recaptcha_seen=self.params.get("recaptcha_seen"))
+    def learn_path(self, said: str) -> None:
+        """Keep (across restarts) what the site did with a direct chat, for REQUEST_PATHS: "page" when it refused
+        its token (it binds tokens to the page that minted them, U1), "direct" when it served it."""
+        if self.params.get("request_path") != said:
+            self.store.set_site_params(request_path=said)
+            self.params["request_path"] = said
+            log.warning("LM Arena %s a chat sent straight from the bridge", PATH_LEARNT[said])
 
     def switch_mode(self) -> None:
         """LM Arena refused the mode: new conversations use the other one from now on, and later starts
@@ -4042,7 +4033,7 @@ class TurnRunner:
             if in_page == account_in_page and not browser:   # a path chosen for the model says nothing about the account
                 self.pool.served(account, in_page)
             if not in_page:
-                self.site.direct_worked()
+                self.site.learn_path("direct")
             self.note_quota(account, plan.modality, response.headers)
             return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1,
                               (body["modelAMessageId"], body.get("modelBMessageId")))
@@ -4091,7 +4082,7 @@ class TurnRunner:
         failure.tries.excluded.add(failure.account["id"])
         if not failure.in_page and self.settings.sidecar != "off":
             self.pool.refused_direct(failure.account)
-            self.site.use_page()
+            self.site.learn_path("page")
 
     async def step_refresh(self, failure: Failure) -> None:
         if await self.pool.refresh(failure.account) is None:
@@ -4138,7 +4129,10 @@ class TurnRunner:
     # --- the two paths ------------------------------------------------------------------------------------
     def account_in_page(self, account: dict) -> bool:
         """In-page fetch unless the direct path is known to work (REQUEST_PATHS, BRIDGE_REQUEST_PATH)."""
-        return request_path_for(self.settings.request_path, self.site.path_facts(account)) == "page"
+        params = self.site.params
+        facts = PathFacts(browser=self.settings.sidecar != "off", account_refused=in_browser_mode(account, now()),
+                          site_said=params.get("request_path"), recaptcha_seen=params.get("recaptcha_seen"))
+        return request_path_for(self.settings.request_path, facts) == "page"
 
     def model_in_page(self, model: dict) -> bool:
         """In-page fetch for the models configured so (BRIDGE_BROWSER_MODELS), on whichever account."""
