@@ -262,9 +262,13 @@ def diagnostics_rows(page: str) -> dict[str, tuple[str, str]]:
     return {label: (status, re.sub(r"<[^>]+>", "", seen)) for status, label, seen in rows}
 
 
-def cli_doctor(proc) -> subprocess.CompletedProcess:
-    """`python bridge.py doctor` with the running bridge's settings, from another process as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "doctor", *proc.args], capture_output=True,
+def cli_doctor(proc, **changed: str) -> subprocess.CompletedProcess:
+    """`python bridge.py doctor` with the running bridge's settings (but the flags `changed`, e.g. port=...),
+    from another process as a user runs it."""
+    args = list(proc.args)
+    for name, value in changed.items():
+        args[args.index(f"--{name}") + 1] = value
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "doctor", *args], capture_output=True,
                           text=True, timeout=240, check=False, cwd=proc.folder, env=proc.env)
 
 
@@ -314,11 +318,18 @@ def test_a_closed_tab_is_a_skipped_executor_line_that_says_why(tab, ub, arena):
 
 
 def test_the_cli_doctor_without_a_server_says_executors_connect_to_the_running_one(tab, ub, arena):
-    args = list(ub.args)
-    args[args.index("--port") + 1] = str(free_port())        # the same database, no server at that port
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bridge.py"), "doctor", *args], capture_output=True,
-                            text=True, timeout=240, check=False, cwd=ub.folder, env=ub.env)
+    result = cli_doctor(ub, port=str(free_port()))        # the same database, no server at that port
     status, seen = cli_verdicts(result)["chat (executor)"]
     assert status == "skipped" and "no bridge server answers at http://127.0.0.1:" in seen, result.stdout
     assert "executors connect to the running server" in result.stdout
     assert result.returncode == 1 and arena.chat_requests() == []
+
+
+def test_the_cli_doctor_on_another_database_is_refused_by_the_server_and_says_so(ub, tmp_path):
+    other = bridge.Store(str(tmp_path / "other.db"))
+    other.add_account(label="browser: someone", kind="browser", auth="browser:x", form="browser", cookies="{}",
+                      state="disconnected", failures=0, last_used=0.0)
+    other.close()
+    result = cli_doctor(ub, db=str(tmp_path / "other.db"))    # the running server's port, another database
+    status, seen = cli_verdicts(result)["chat (executor)"]
+    assert status == "skipped" and f"the bridge at {ub.url} does not use this database" in seen, result.stdout
