@@ -74,7 +74,8 @@ def _state(arena: FakeArena, _req: Request) -> Any:
     return {"url": arena.url, "sitekey": arena.sitekey, "build_id": arena.build_id, "action_ids": arena.action_ids,
             "anon_key": arena.anon_key, "clock_offset": arena.clock_offset, "evaluations": arena.evaluations,
             "penalties": {uid: until for uid in arena.accounts if (until := arena.penalty_until(uid))},
-            "image_quota_used": {uid: day["used"] for uid, day in arena.chat.quota.days.items()}}
+            "image_quota_used": {uid: day["used"] for uid, day in arena.chat.quota.days.items()},
+            "open_connections": arena.open_connections}
 
 
 def _script(arena: FakeArena, req: Request) -> Any:

@@ -125,6 +125,7 @@ class FakeArena:
     deployment_id = property(lambda self: self.site.deployment_id)
     action_ids = property(lambda self: self.site.action_ids)
     anon_key = property(lambda self: self.accounts_.anon_key)
+    open_connections = property(lambda self: self._server.open_connections)   # client connections still open
 
     @property
     def clock_offset(self) -> float:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import select
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -27,6 +29,15 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024
     block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_connections = 0          # client connections not yet closed (tests count leaks with it)
+        self.count_lock = threading.Lock()
+
+    def count_connection(self, delta: int) -> None:
+        with self.count_lock:
+            self.open_connections += delta
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # resets are normal in fault tests
         if isinstance(sys.exc_info()[1], OSError):
@@ -51,12 +62,31 @@ class Handler(BaseHTTPRequestHandler):
     log_entry: dict | None = None
     headers_sent = False
 
+    server: Server
+
     def setup(self) -> None:
         super().setup()
+        self.server.count_connection(1)
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.count_connection(-1)
+
+    def client_gone(self) -> bool:
+        """Whether the client closed its side: readable with nothing to read (its request was read whole,
+        so anything readable is its end or a reset)."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
@@ -248,8 +278,9 @@ class StreamWriter:
 
     def start(self, headers: Iterable[tuple[str, str]]) -> None:
         h = self.h
-        if self.opts.first_byte_delay:
-            time.sleep(float(self.opts.first_byte_delay))
+        if self.opts.first_byte_delay and not self.hold(float(self.opts.first_byte_delay)):
+            self.aborted()
+            raise Abort()
         h.send_response(200)
         for k, v in headers:
             h.send_header(k, v)
@@ -267,14 +298,34 @@ class StreamWriter:
             self.h.wfile.flush()
             self.last_write = time.monotonic()
 
+    def hold(self, seconds: float) -> bool:
+        """Wait, watching the connection: False as soon as the client hangs up (a write would only show
+        it at the next piece, and a bridge that leaves during a long delay must be seen leaving)."""
+        end = time.monotonic() + seconds
+        while (remaining := end - time.monotonic()) > 0:
+            if self.h.client_gone():
+                return False
+            time.sleep(min(remaining, 0.05))
+        return True
+
     def wait(self, seconds: float) -> None:
-        """Sleep, sending heartbeat lines at the configured interval meanwhile."""
+        """Sleep, sending heartbeat lines at the configured interval meanwhile; a client that hangs up
+        meanwhile ends the stream (as a failed write does)."""
         every = float(self.opts.heartbeat_every or 0)
         end = time.monotonic() + seconds
         while (remaining := end - time.monotonic()) > 0:
             if every and time.monotonic() - self.last_write >= every:
                 self.write(self.heartbeat)
-            time.sleep(min(remaining, every, 0.05) if every else remaining)
+            if not self.hold(min(remaining, every) if every else remaining):
+                raise ConnectionAbortedError("the client hung up")
+
+    def aborted(self) -> None:
+        """The client went away before the end: tests check that a bridge cancels upstream when its own
+        client does."""
+        if self.h.log_entry is not None:
+            self.h.log_entry["aborted"] = True
+            self.h.log_entry["aborted_at"] = time.time()
+        self.h.close_connection = True
 
     def run(self, pieces: list[bytes], before_last: Callable[[], None]) -> bool:
         """Write the pieces; True if the stream completed, False when the client hung up.
@@ -300,10 +351,7 @@ class StreamWriter:
                 self.h.wfile.flush()
             return True
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            # The client went away mid-stream: tests check that a bridge cancels upstream when its own client does.
-            if self.h.log_entry is not None:
-                self.h.log_entry["aborted"] = True
-            self.h.close_connection = True
+            self.aborted()
             return False
 
     def _cut(self) -> None:
