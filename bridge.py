@@ -23,6 +23,7 @@ Contents:
     Browser executor        the user's own browsers (userscript): accounts of kind browser, jobs by long poll
     Userscript              the script a user installs: header, the page agent, the long-poll transport
     Browser fingerprints    pure: one table pairing curl_cffi's TLS imitation with that browser's User-Agent
+    Upstream responses      streamed answers, closed at once: curl_cffi's, and an in-page fetch's relayed
     Upstream HTTP client    origin, requests (direct or in the sidecar's page), discovery, clearance, actions
     Uploads                 images to LM Arena's storage, reused while their signed URLs last
     Account pool            choice, pacing, cool-downs, refresh, sign-up, session adoption
@@ -2989,44 +2990,53 @@ def fingerprint_of_user_agent(user_agent: str) -> tuple[str, dict[str, str]] | N
 
 
 # =====================================================================================================
-# Upstream HTTP client
+# Upstream responses
 # =====================================================================================================
 
-OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
-DEFAULT_ARENA_MODE = "direct-battle"
-MODEL_PAGES = ("/?mode=direct", "/")      # where the model list is embedded, most likely first (U10)
+class UpstreamSession(AsyncSession):
+    """curl_cffi's session, able to stop a streamed request whose client left before its answer began. A
+    task cancelled while `post(stream=True)` waits for the first bytes leaves the transfer running in
+    curl_cffi's own task, out of reach (its connection stayed open for good when LM Arena held the answer
+    back). So the session keeps which task each curl handle serves, from taking it out of the pool to
+    putting it back, and stop_transfers(task) ends that task's transfers still running."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.owners: dict[Any, asyncio.Task | None] = {}    # curl handle -> the task whose request holds it
+
+    async def pop_curl(self) -> Any:
+        curl = await super().pop_curl()
+        self.owners[curl] = asyncio.current_task()
+        return curl
+
+    def release_curl(self, curl: Any) -> None:
+        self.owners.pop(curl, None)
+        super().release_curl(curl)
+
+    def stop_transfers(self, task: asyncio.Task | None) -> None:
+        """Taking a transfer out of curl's multi handle ends it now and closes its connection (a handle
+        still held is still this task's: it goes back to the pool only once its transfer is over)."""
+        for curl in [curl for curl, owner in self.owners.items() if owner is task]:
+            self.acurl.remove_handle(curl)
 
 
-def current_origin(settings: Settings, store: Store) -> str:
-    """Where LM Arena lives now: the configured origin, or where it moved to (kept across restarts)."""
-    moved = store.site_params().get("moved_origin") or {}
-    return str(moved["to"]) if moved.get("from") == settings.arena_url and moved.get("to") else settings.arena_url
-
-
-def unreachable(exc: BaseException) -> ArenaError:
-    return ArenaError("upstream_unreachable", f"could not reach LM Arena ({type(exc).__name__})")
-
-
-def parse_action_response(text: str) -> dict | None:
-    """The `1:` line of a server action's text/x-component answer, if it says success."""
-    for line in text.splitlines():
-        ident, sep, payload = line.partition(":")
-        if sep and ident == "1":
-            with contextlib.suppress(ValueError):
-                value = json.loads(payload)
-                if isinstance(value, dict) and value.get("success") is True:
-                    return value.get("data") or {}
-    return None
-
-
-def action_values(status: int, text: str, name: str, fields: tuple[str, ...]) -> list[str]:
-    """The string `fields` of a server action's answer; ArenaError unless it succeeded with all of them."""
-    data = parse_action_response(text) if status == 200 else None
-    values = [data.get(field) for field in fields] if data is not None else []
-    if values and all(isinstance(v, str) and v for v in values):
-        return [str(v) for v in values]
-    answer = "without " + " and ".join(fields) if status == 200 else str(status)
-    raise ArenaError("upload_failed", f"LM Arena's {name} answered {answer}")
+async def close_streamed(http: AsyncSession, response: Any, grace: float = 0.0) -> None:
+    """Close a streamed curl_cffi response at once, whatever is left of its transfer, after up to `grace`
+    seconds for it to end by itself (a reply read to its finish: its connection is then kept for the next
+    request). Response.aclose() waits for the whole transfer, and `quit_now` is read only when more bytes
+    arrive (never, from a silent upstream): so quit_now is set for the bytes that may still come, and the
+    transfer is taken out of curl's multi handle, which ends it now."""
+    task = response.astream_task
+    try:
+        if task is not None and grace:
+            await asyncio.wait({task}, timeout=grace)
+    finally:
+        if response.quit_now is not None:
+            response.quit_now.set()
+        if task is not None and not task.done():   # once done, its handle may be back in the pool: not ours
+            http.acurl.remove_handle(response.curl)
+    if task is not None:
+        await asyncio.wait({task})
 
 
 class BrowserResponse:
@@ -3087,6 +3097,47 @@ class BrowserResponse:
             await self.stream.aclose()
 
 
+# =====================================================================================================
+# Upstream HTTP client
+# =====================================================================================================
+
+OTHER_MODE = {"direct-battle": "direct", "direct": "direct-battle"}
+DEFAULT_ARENA_MODE = "direct-battle"
+MODEL_PAGES = ("/?mode=direct", "/")      # where the model list is embedded, most likely first (U10)
+
+
+def current_origin(settings: Settings, store: Store) -> str:
+    """Where LM Arena lives now: the configured origin, or where it moved to (kept across restarts)."""
+    moved = store.site_params().get("moved_origin") or {}
+    return str(moved["to"]) if moved.get("from") == settings.arena_url and moved.get("to") else settings.arena_url
+
+
+def unreachable(exc: BaseException) -> ArenaError:
+    return ArenaError("upstream_unreachable", f"could not reach LM Arena ({type(exc).__name__})")
+
+
+def parse_action_response(text: str) -> dict | None:
+    """The `1:` line of a server action's text/x-component answer, if it says success."""
+    for line in text.splitlines():
+        ident, sep, payload = line.partition(":")
+        if sep and ident == "1":
+            with contextlib.suppress(ValueError):
+                value = json.loads(payload)
+                if isinstance(value, dict) and value.get("success") is True:
+                    return value.get("data") or {}
+    return None
+
+
+def action_values(status: int, text: str, name: str, fields: tuple[str, ...]) -> list[str]:
+    """The string `fields` of a server action's answer; ArenaError unless it succeeded with all of them."""
+    data = parse_action_response(text) if status == 200 else None
+    values = [data.get(field) for field in fields] if data is not None else []
+    if values and all(isinstance(v, str) and v for v in values):
+        return [str(v) for v in values]
+    answer = "without " + " and ".join(fields) if status == 200 else str(status)
+    raise ArenaError("upload_failed", f"LM Arena's {name} answered {answer}")
+
+
 class ArenaSite:
     """LM Arena's site over HTTP, with curl_cffi imitating a browser's TLS and HTTP/2 fingerprint: its
     origin (and a move to another), the headers and cookies of a request, discovery of the site's
@@ -3100,7 +3151,7 @@ class ArenaSite:
         self.on_mint = on_mint or (lambda worked: None)     # told how each token mint went (the metrics)
         self.params: dict[str, Any] = store.site_params()
         self.origin = current_origin(settings, store)
-        self.http: AsyncSession = AsyncSession(impersonate=settings.impersonate, max_clients=2048)
+        self.http = UpstreamSession(impersonate=settings.impersonate, max_clients=2048)
         self.discovery_lock = asyncio.Lock()
         self.clearance: asyncio.Task | None = None      # the clearance in flight, shared by every request
         self.last_discovery = 0.0
@@ -3110,6 +3161,14 @@ class ArenaSite:
 
     async def aclose(self) -> None:
         await self.http.close()
+
+    async def close(self, response: Any, grace: float = 0.0) -> None:
+        """Close a chat answer, from either path (in the page, or from here): at once, or after up to
+        `grace` seconds for a finished reply's transfer to end by itself."""
+        if isinstance(response, BrowserResponse):
+            await response.aclose()
+        else:
+            await close_streamed(self.http, response, grace)
 
     # --- requests -----------------------------------------------------------------------------------
     def identity(self, account: dict | None) -> tuple[str, dict[str, str]]:
@@ -3152,12 +3211,18 @@ class ArenaSite:
         return response
 
     async def post_stream(self, path: str, body: dict, account: dict, deadline: float) -> Any:
+        """The chat request sent from here, once its answer began. In this task (asyncio.timeout, not
+        wait_for's task of its own), so that a timeout or a client that leaves stops the transfer too."""
         try:
-            return await asyncio.wait_for(traced(self.http.post(
-                self.origin + path, data=json_text(body).encode(),
-                headers=self.request_headers(account), impersonate=self.identity(account)[0], stream=True,
-                timeout=None, discard_cookies=True, allow_redirects=False), "POST", path, account),
-                timeout=max(0.1, deadline - now()))
+            async with asyncio.timeout(max(0.1, deadline - now())):
+                try:
+                    return await traced(self.http.post(
+                        self.origin + path, data=json_text(body).encode(),
+                        headers=self.request_headers(account), impersonate=self.identity(account)[0], stream=True,
+                        timeout=None, discard_cookies=True, allow_redirects=False), "POST", path, account)
+                except asyncio.CancelledError:
+                    self.http.stop_transfers(asyncio.current_task())
+                    raise
         except TimeoutError:
             raise ArenaError("upstream_timeout", "LM Arena did not answer in time") from None
         except Exception as exc:  # noqa: BLE001 - any network failure is one answer: unreachable
@@ -3836,6 +3901,7 @@ LOOP_SLICE = 0.005      # seconds a reply's buffered chunks are folded before ot
 
 ACCOUNT_QUEUE_WAIT = 30.0         # how long a request waits for an account that is busy asking (U2)
 BUDGET_QUEUE_WAIT = 5.0           # a request waits for an account's hourly budget only when it frees this soon
+FINISHED_GRACE = 2.0              # how long a finished reply's transfer may take to end before it is cut
 DEAD_CREDENTIAL_RE = re.compile(r"user not found", re.IGNORECASE)   # the site no longer knows the account (U9)
 
 
@@ -4037,8 +4103,10 @@ class TurnRunner:
             self.note_quota(account, plan.modality, response.headers)
             return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1,
                               (body["modelAMessageId"], body.get("modelBMessageId")))
-        text = (await response.acontent()).decode("utf-8", "replace")[:4000]
-        await response.aclose()
+        try:
+            text = (await response.acontent()).decode("utf-8", "replace")[:4000]
+        finally:
+            await self.site.close(response)
         answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, text)
         return Failure(answer, account, path, in_page, tries)
 
@@ -4145,6 +4213,7 @@ class TurnRunner:
         parser = StreamParser()
         chunks = opened.response.aiter_content()
         paused = time.perf_counter()
+        finished = False    # the reply read to its finish: its transfer may end by itself (FINISHED_GRACE)
         try:
             while True:
                 try:   # asyncio.timeout, not wait_for: no extra task per chunk (the relay's hot path)
@@ -4162,6 +4231,7 @@ class TurnRunner:
                 for event in parser.feed(chunk):
                     yield event
                     if event.kind == "finish":
+                        finished = True
                         await self.end_turn(opened, parser)
                         return
                 # Chunks already received are read without a pause: a long reply that arrived at once
@@ -4173,7 +4243,7 @@ class TurnRunner:
                 yield event
             await self.end_turn(opened, parser)
         finally:
-            await opened.response.aclose()
+            await self.site.close(opened.response, FINISHED_GRACE if finished else 0.0)
 
     async def end_turn(self, opened: OpenedTurn, parser: StreamParser) -> None:
         """After model A's reply: keep a rotated session, and answer a battle turn (U3) by skipping it,
@@ -4292,6 +4362,8 @@ class Snapshot:
     sidecar: str
     executors: dict[str, int]       # executor state -> how many
     conversations: int
+    tasks: int = 0                  # asyncio tasks alive (a leak shows as a count that only grows)
+    transfers: int = 0              # upstream HTTP transfers holding a connection handle
 
 
 class SnapshotCollector(Collector):
@@ -4315,7 +4387,11 @@ class SnapshotCollector(Collector):
             executors.add_metric([name], count)
         conversations = GaugeMetricFamily("bridge_conversations", "Conversations the bridge can continue")
         conversations.add_metric([], now.conversations)
-        yield from (state, cooldown, sidecar, executors, conversations)
+        tasks = GaugeMetricFamily("bridge_asyncio_tasks", "asyncio tasks alive in the server")
+        tasks.add_metric([], now.tasks)
+        transfers = GaugeMetricFamily("bridge_upstream_transfers", "HTTP transfers to LM Arena in progress")
+        transfers.add_metric([], now.transfers)
+        yield from (state, cooldown, sidecar, executors, conversations, tasks, transfers)
 
 
 class Metrics:
@@ -4440,6 +4516,56 @@ def api_error_for(error: Exception) -> ApiError:
                         headers={"x-should-retry": "false"})
     log.error("unexpected %s while serving a request", type(error).__name__, exc_info=error)
     return ApiError(500, f"The bridge failed unexpectedly ({type(error).__name__}); see its log.", "internal_error")
+
+
+CLIENT_LEFT = "client_disconnected"     # the usage error code of a request whose client hung up
+
+
+class ClientLeft(ApiError):
+    """The client hung up before its answer: recorded as status 499 (nginx's "client closed request"), as
+    a stream whose client leaves mid-way is. The answer itself reaches nobody."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "The client closed the connection before the answer.", CLIENT_LEFT)
+
+
+class Unanswered(Response):
+    """The answer to a request whose client left: nothing at all (the server would write it to a closed
+    socket, and asyncio warn of each write)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+
+async def client_hangs_up(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Return once the client has hung up. Its request body was read whole, so all that is left to
+    receive is the ASGI http.disconnect (a pending receive, a queue's get, can be cancelled safely)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(work: Awaitable[Any], receive: Callable[[], Awaitable[Any]] | None) -> Any:
+    """`work`'s result, run in a task of its own while the client's connection is watched: a client that
+    hangs up first has the task cancelled at once (and its upstream request with it), then ClientLeft is
+    raised. The server only tells of a hang-up: a handler that does not listen for it runs to its end."""
+    task = asyncio.ensure_future(work)
+    if receive is None:
+        return await task
+    watch = asyncio.ensure_future(client_hangs_up(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done() and not watch.done():    # a watch that ended took the hang-up: nobody else will see it
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})      # its clean-up (the upstream request closed) is over before the answer
+    with contextlib.suppress(BaseException):
+        task.result()               # done or failed meanwhile: there is nobody left to tell
+    raise ClientLeft()
 
 
 class RateLimiter:
@@ -5938,6 +6064,9 @@ class ChatJob:
     calls: list[ToolCall] = dataclasses.field(default_factory=list)
     route: str = dataclasses.field(kw_only=True)      # the API route, as usage and metrics name it
     large: bool = dataclasses.field(default=False, kw_only=True)   # its steps that grow with it run off the loop
+    # The client's ASGI receive, watched for a hang-up while nothing has been sent (unless_client_leaves).
+    client: Callable[[], Awaitable[Any]] | None = dataclasses.field(default=None, kw_only=True)
+    recorded: bool = dataclasses.field(default=False, init=False)    # its usage row is written
 
     def events(self) -> AsyncGenerator[Event, None]:
         return self.state.turns.events(self.plan, now() + self.state.settings.request_timeout)
@@ -6041,6 +6170,7 @@ class ChatJob:
     def record(self, status: int, usage: dict | None = None, error: str | None = None,
                cause: str | None = None) -> None:
         usage = usage or {}
+        self.recorded = True
         self.state.usage.add(self.route, self.key["id"], self.chat.model, status, self.started,
                              usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), error, cause,
                              self.plan.routed_model)
@@ -6219,7 +6349,7 @@ async def fetch_bytes(http: AsyncSession, url: str, timeout: float, limit: int =
     except Exception as exc:  # noqa: BLE001 - any network failure: the download broke off
         raise FetchError(f"broke off while reading ({type(exc).__name__})", "image_url_unreachable") from None
     finally:
-        await response.aclose()
+        await close_streamed(http, response)
 
 
 def checked_url(url: str, where: str) -> urllib.parse.SplitResult:
@@ -6480,18 +6610,24 @@ async def chat_completions(request: Request) -> Response:
         plan = plan_turn(state, key, chat, model, tools, output, draft)
         plan.images = await load_images(chat.messages, model, state.settings, state.site.http,
                                         with_history=plan.followup is None, large=large)
-    job = ChatJob(state, key, chat, plan, started, tools, output, route=CHAT_ROUTE, large=large)
+    job = ChatJob(state, key, chat, plan, started, tools, output, route=CHAT_ROUTE, large=large,
+                  client=request.receive)
     if chat.stream:
         return await stream_chat(job)
     return await complete_chat(job)
 
 
+async def drain(job: ChatJob) -> None:
+    async with contextlib.aclosing(job.outputs()) as outputs:
+        async for _ in outputs:
+            pass
+
+
 async def run_to_end(job: ChatJob) -> ReplyBuilder:
-    """A turn that is not streamed: the whole reply read. A failure is recorded and raised as an API error."""
+    """A turn that is not streamed: the whole reply read, unless the client leaves first (its upstream
+    request is then cancelled at once). A failure is recorded and raised as an API error."""
     try:
-        async with contextlib.aclosing(job.outputs()) as outputs:
-            async for _ in outputs:
-                pass
+        await unless_client_leaves(drain(job), job.client)
     except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         raise job.fail(error) from None
     return job.builder
@@ -6519,7 +6655,8 @@ async def image_generations(request: Request) -> Response:
                                 "/v1/models.", "model_without_image_output", "model")
     chat = ChatRequest(model=ask.model, messages=[Message("user", image_prompt(ask, model), [])], stream=False,
                        include_usage=False)
-    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model), started, route=IMAGES_ROUTE)
+    job = ChatJob(state, key, chat, plan_turn(state, key, chat, model), started, route=IMAGES_ROUTE,
+                  client=request.receive)
     builder = await run_to_end(job)
     try:
         if not builder.images:
@@ -6535,10 +6672,11 @@ async def image_generations(request: Request) -> Response:
 
 async def first_output(job: ChatJob) -> tuple[Prefetcher, Any]:
     """Start a streamed job and wait (up to one ping interval) for its first item, so that a failure
-    before any byte is a plain HTTP error (for every API that streams)."""
+    before any byte is a plain HTTP error (for every API that streams). Nothing is sent yet, so the
+    client's hang-up is watched here (after, the streamed response watches it)."""
     pump = Prefetcher(job.outputs(), ahead=16)
     try:
-        first = await pump.next(job.state.settings.ping_interval)
+        first = await unless_client_leaves(pump.next(job.state.settings.ping_interval), job.client)
     except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
         await pump.aclose()
         raise job.fail(error) from None
@@ -6550,15 +6688,31 @@ async def first_output(job: ChatJob) -> tuple[Prefetcher, Any]:
     return pump, first
 
 
-def event_stream(body: AsyncIterator[str], job: ChatJob) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **job.headers})
+class EventStream(StreamingResponse):
+    """A streamed job's SSE answer, which ends the job however the response ends: the pull of its items
+    is closed (its upstream request with it) and a job that recorded nothing is recorded as its client's
+    hang-up. The body's generator cannot do it: a client that leaves before the body begins has the
+    generator dropped unstarted (its pull then ran on, orphaned), and one that leaves later has the
+    generator's clean-up cancelled again half-way."""
+
+    def __init__(self, body: AsyncIterator[str], job: ChatJob, pump: Prefetcher):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **job.headers})
+        self.job, self.pump = job, pump
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.pump.aclose()
+            if not self.job.recorded:
+                self.job.record(499, error=CLIENT_LEFT)
 
 
 async def stream_chat(job: ChatJob) -> Response:
     """After the first item, errors become an SSE error event followed by [DONE]."""
     pump, first = await first_output(job)
-    return event_stream(sse_body(job, pump, first), job)
+    return EventStream(sse_body(job, pump, first), job, pump)
 
 
 def sse_burst(item: Any, pump: Prefetcher, encode: Callable[[Any], str]) -> tuple[str, Any, Exception | None]:
@@ -6614,13 +6768,8 @@ async def sse_body(job: ChatJob, pump: Prefetcher, first: Any) -> AsyncIterator[
             yield chunk
         await job.succeeded()
         job.record(200, usage)
-    except asyncio.CancelledError:
-        job.record(499, error="client_disconnected")
-        raise
     except Exception as error:  # noqa: BLE001 - the stream's boundary: every failure becomes an SSE error
         yield sse_error(job.fail(error))
-    finally:
-        await pump.aclose()
 
 
 UNSUPPORTED_ENDPOINTS = {       # path under /v1 -> why LM Arena cannot serve it
@@ -7406,10 +7555,11 @@ AGENT_OUTPUTS: dict[str, Callable[[Any, Any], str]] = {
 
 
 async def agent_job(state: BridgeState, key: dict, started: float, turn: AgentRequest, route: str,
-                    call_prefix: str, job_id: str, large: bool) -> ChatJob:
+                    call_prefix: str, job_id: str, request: Request) -> ChatJob:
     """The chat job for an accepted agent request: the loop guard, the model, the plan and its images; a
-    refusal is recorded as usage, as on the chat route. The CPU-heavy steps of a `large` request run off
+    refusal is recorded as usage, as on the chat route. The CPU-heavy steps of a large request run off
     the event loop, as for chat."""
+    large = large_body(request)
     with recorded_refusals(route, state, key, turn.model, started):
         await off_loop(large, check_tool_loop, turn.messages)
         model = resolve_model(await state.models(), turn.model, with_images=bool(turn.messages[-1].images))
@@ -7420,7 +7570,7 @@ async def agent_job(state: BridgeState, key: dict, started: float, turn: AgentRe
         plan.images = await load_images(turn.messages, model, state.settings, state.site.http,
                                         with_history=plan.followup is None, large=large)
     return ChatJob(state, key, chat, plan, started, turn.tools, turn.output, completion_id=job_id,
-                   call_prefix=call_prefix, route=route, large=large)
+                   call_prefix=call_prefix, route=route, large=large, client=request.receive)
 
 
 def job_reply(job: ChatJob) -> tuple[str, str, list[ToolCall]]:
@@ -7445,13 +7595,8 @@ async def agent_sse(job: ChatJob, encoder: Any, pump: Prefetcher, first: Any,
         job.record(200, usage)
         if done is not None:
             await done(job)
-    except asyncio.CancelledError:
-        job.record(499, error="client_disconnected")
-        raise
     except Exception as error:  # noqa: BLE001 - the stream's boundary: every failure becomes an error event
         yield encoder.error(job.fail(error))
-    finally:
-        await pump.aclose()
 
 
 async def answer_agent(job: ChatJob, encoder: Any, body: Callable[[ChatJob, dict], dict],
@@ -7459,7 +7604,7 @@ async def answer_agent(job: ChatJob, encoder: Any, body: Callable[[ChatJob, dict
     """The turn streamed through `encoder`, or run to its end and answered with `body(job, usage)`."""
     if job.chat.stream:
         pump, first = await first_output(job)
-        return event_stream(agent_sse(job, encoder, pump, first, done), job)
+        return EventStream(agent_sse(job, encoder, pump, first, done), job, pump)
     await run_to_end(job)
     usage = job.usage()
     await job.succeeded()
@@ -7474,6 +7619,8 @@ def anthropic_shaped(handler: Callable[[Request], Awaitable[Response]]) -> Calla
     async def route(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientLeft:
+            return Unanswered()
         except Exception as error:  # noqa: BLE001 - the request's boundary: every failure becomes an API error
             api_error = api_error_for(error)
             return JSONResponse(anthropic_error_body(api_error), status_code=api_error.status,
@@ -7485,7 +7632,7 @@ async def anthropic_messages(request: Request) -> Response:
     state, key, started, body = await accepted_post(request)
     turn = await off_loop(large_body(request), parse_anthropic_request, body)
     message_id = "msg_" + uuid.uuid4().hex
-    job = await agent_job(state, key, started, turn, MESSAGES_ROUTE, "toolu_", message_id, large_body(request))
+    job = await agent_job(state, key, started, turn, MESSAGES_ROUTE, "toolu_", message_id, request)
 
     def message(job: ChatJob, usage: dict) -> dict:
         return anthropic_message_body(message_id, turn.model, *job_reply(job), job.finish_reason, usage)
@@ -7546,7 +7693,7 @@ async def responses(request: Request) -> Response:
         return await responses_probe(state, key, ask, encoder, started)
     with recorded_refusals(RESPONSES_ROUTE, state, key, ask.turn.model, started):
         continue_stored(state.store, key, ask)
-    job = await agent_job(state, key, started, ask.turn, RESPONSES_ROUTE, "call_", response_id, large_body(request))
+    job = await agent_job(state, key, started, ask.turn, RESPONSES_ROUTE, "call_", response_id, request)
 
     def response(job: ChatJob, usage: dict) -> dict:
         return responses_body(response_id, created, ask, *job_reply(job), job.finish_reason, usage)
@@ -9353,6 +9500,8 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def api_error_handler(request: Request, error: Exception) -> Response:
+    if isinstance(error, ClientLeft):
+        return Unanswered()
     api_error = api_error_for(error)
     return JSONResponse(api_error.body(), status_code=api_error.status, headers=api_error.headers)
 
@@ -9401,20 +9550,21 @@ async def discover_and_trim(site: ArenaSite) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def metrics_snapshot(settings: Settings, store: Store, sidecar: SidecarClient, executors: BrowserExecutors) -> Snapshot:
+def metrics_snapshot(settings: Settings, store: Store, sidecar: SidecarClient, executors: BrowserExecutors,
+                     http: UpstreamSession) -> Snapshot:
     at = now()
     accounts = [AccountGauge(a["id"], a["kind"] or "", account_state(a, at), a["cooldown_until"])
                 for a in store.accounts()]
     # "failed: <why>" would make a label per message
     return Snapshot(accounts, sidecar.state.split(":")[0], executors.counts(),
-                    store.conversation_count(settings.conversation_ttl))
+                    store.conversation_count(settings.conversation_ttl), len(asyncio.all_tasks()), len(http.owners))
 
 
 def bridge_state(settings: Settings, store: Store) -> BridgeState:
     """The parts of a bridge, wired together: what the server and the doctor run on."""
     sidecar = SidecarClient.from_settings(settings, current_origin(settings, store))
     executors = BrowserExecutors(store, settings.sidecar_timeout)
-    metrics = Metrics(lambda: metrics_snapshot(settings, store, sidecar, executors),
+    metrics = Metrics(lambda: metrics_snapshot(settings, store, sidecar, executors, site.http),
                       lambda: (m["publicName"] for m in store.models()))
     site = ArenaSite(settings, store, sidecar, on_mint=metrics.token_minted)
     pool = AccountPool(settings, store, site, sidecar)
