@@ -2,14 +2,16 @@
 import asyncio
 import base64
 import json
+import socket
 import threading
 import time
 
 import httpx
 import hypercorn.asyncio
 import hypercorn.config
+import pytest
 from fake_arena import make_png
-from harness import BridgeProcess, free_port
+from harness import BridgeProcess, free_port, upstream_aborted
 
 import bridge
 
@@ -201,3 +203,87 @@ def test_bodies_beyond_the_in_flight_budget_get_a_503_with_retry_after(arena, tm
         assert [post_raw(proc, key, fits).status_code for _ in range(3)] == [404] * 3  # each one's share came back
     finally:
         proc.stop()
+
+
+# A client that hangs up before its answer (defect 2). The shared bridge pings streams every 0.5 s.
+TASK_WARNINGS = ("Task was destroyed", "never retrieved")
+
+
+def hang_up(bridge_proc, key: str, path: str, body: dict, after: float) -> tuple[bytes, float]:
+    """POST from a raw socket and close it `after` seconds later: what had arrived by then, and when."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", bridge_proc.port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        time.sleep(after)
+        s.setblocking(False)
+        try:
+            received = s.recv(65536)
+        except BlockingIOError:
+            received = b""
+    return received, time.time()
+
+
+def cut_within(arena, closed: float, seconds: float) -> bool:
+    """Whether the emulator saw the bridge hang up on the chat request within `seconds` of the client."""
+    aborted = [r for r in arena.chat_requests() if r.get("aborted")] if upstream_aborted(arena, seconds + 3) else []
+    return len(aborted) == 1 and aborted[0]["aborted_at"] - closed < seconds
+
+
+def recorded_usage(fresh, key: str, timeout: float = 10.0) -> list[tuple[int, str | None]]:
+    key_id = fresh.store.key_by_secret(key)["id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (rows := fresh.store.rows("SELECT * FROM usage WHERE key_id = ?", [key_id])):
+        time.sleep(0.2)
+    return [(r["status"], r["error"]) for r in rows]
+
+
+def assert_cancelled(fresh, arena, key: str, closed: float) -> None:
+    assert cut_within(arena, closed, 2.0)
+    assert recorded_usage(fresh, key) == [(499, "client_disconnected")]
+    assert not any(warning in fresh.log() for warning in TASK_WARNINGS)
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hang up"}]}
+
+
+def test_a_stream_left_before_its_first_byte_cancels_upstream_at_once(fresh, api_key, arena):
+    arena.configure(first_byte_delay=60)
+    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=0.2)
+    assert received == b""
+    assert_cancelled(fresh, arena, api_key, closed)
+
+
+def test_a_stream_left_after_its_pings_before_lm_arena_answers_cancels_upstream(fresh, api_key, arena):
+    arena.configure(first_byte_delay=60)
+    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=1.5)
+    assert b": ping" in received
+    assert_cancelled(fresh, arena, api_key, closed)
+
+
+def test_a_stream_left_mid_reply_while_lm_arena_is_silent_cancels_upstream_at_once(fresh, api_key, arena):
+    arena.configure(lines=3, line_delay=60)
+    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=1.5)
+    assert b"line 1" in received
+    assert_cancelled(fresh, arena, api_key, closed)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/messages", {**CHAT, "max_tokens": 100}),
+    ("/v1/responses", {"model": MODEL, "input": "hang up"}),
+    ("/v1/images/generations", {"model": "flux-2-flex", "prompt": "hang up"}),
+], ids=["chat-completions", "messages", "responses", "images"])
+def test_a_request_left_by_its_client_before_the_answer_stops_upstream_and_is_a_499(fresh, api_key, arena, path,
+                                                                                    body):
+    arena.configure(first_byte_delay=60)
+    received, closed = hang_up(fresh, api_key, path, body, after=1.0)
+    assert received == b""
+    assert_cancelled(fresh, arena, api_key, closed)
+
+
+def test_a_completion_left_while_its_reply_is_read_stops_reading_upstream(fresh, api_key, arena):
+    arena.configure(lines=400, line_delay=0.05)
+    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", CHAT, after=1.0)
+    assert received == b"" and not any(r.get("status") is None for r in arena.chat_requests())
+    assert_cancelled(fresh, arena, api_key, closed)
