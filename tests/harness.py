@@ -124,6 +124,21 @@ class BridgeProcess:
                 if after in line:
                     return
 
+    def hang_up(self, key: str, path: str, body: dict, after: float) -> tuple[bytes, float]:
+        """POST from a raw socket and close it `after` seconds later, as a client that goes away whatever it
+        got: the bytes that had arrived by then, and when it closed."""
+        data = json.dumps(body).encode()
+        with socket.create_connection(("127.0.0.1", self.port)) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+            time.sleep(after)
+            s.setblocking(False)
+            try:
+                received = s.recv(65536)
+            except BlockingIOError:
+                received = b""
+        return received, time.time()
+
     def wait_for_models(self, timeout: float = 15.0) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -245,6 +245,17 @@ def test_client_disconnect_aborts_the_in_page_request(bb, key, arena):
     assert upstream_aborted(arena, timeout=8)
 
 
+def test_a_client_that_leaves_before_the_first_byte_aborts_the_in_page_request(bb, key, arena):
+    arena.configure(context_bound_tokens=True)
+    assert content(post(bb, key)) == "turn 1: x"            # learn that this account needs the page
+    arena.configure(first_byte_delay=60)
+    arena.clear_log()
+    received, closed = bb.hang_up(key, "/v1/chat/completions", {**GOOD, "stream": True}, after=0.2)
+    assert received == b"" and upstream_aborted(arena, timeout=8)
+    [aborted] = [r for r in arena.chat_requests() if r.get("aborted")]
+    assert aborted["aborted_at"] - closed < 3
+
+
 def test_concurrent_in_page_requests_each_carry_their_own_account(bb, key, arena):
     import concurrent.futures
     ids = bb.set_accounts(arena.new_session(), arena.new_session())

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 
 import httpx
@@ -678,3 +679,35 @@ def test_a_replayed_reply_is_the_evaluations_history(arena, raw):
     arena.script_reply(replay="nov-evalcreate-00")
     post_chat(raw, arena, CREATE, body, arena.new_session())
     assert arena.evaluations[body["id"]]["messages"][-1]["content"] == "Hello there! How can I help you today?"
+
+
+def test_a_client_that_hangs_up_on_a_held_answer_is_logged_aborted_at_once(arena):
+    arena.configure(first_byte_delay=60)
+    with httpx.Client(timeout=0.3) as client, pytest.raises(httpx.ReadTimeout):
+        post_chat(client, arena, CREATE, create_body(arena), arena.new_session())
+    closed = time.time()
+    deadline = closed + 2
+    while time.time() < deadline and not arena.chat_requests()[0].get("aborted"):
+        time.sleep(0.02)
+    [entry] = arena.chat_requests()
+    assert entry["aborted"] and entry["aborted_at"] - closed < 0.5 and entry.get("status") is None
+
+
+def test_a_held_answer_goes_out_whole_once_the_hold_is_over(arena, raw):
+    arena.configure(first_byte_delay=0.3)
+    started = time.time()
+    r = post_chat(raw, arena, CREATE, create_body(arena, "held"), arena.new_session())
+    assert r.status_code == 200 and time.time() - started >= 0.3
+    assert parse_stream(r.text)[0] == "turn 1: held" and not arena.chat_requests()[0].get("aborted")
+
+
+def test_open_connections_counts_the_connections_not_yet_closed(arena):
+    idle = arena.open_connections
+    with httpx.Client(timeout=10) as client:
+        client.get(arena.url + "/")
+        assert arena.open_connections == idle + 1
+    deadline = time.time() + 2
+    while time.time() < deadline and arena.open_connections != idle:
+        time.sleep(0.02)
+    assert arena.open_connections == idle
+    assert httpx.get(arena.url + "/__emulator/state").json()["open_connections"] == idle + 1

@@ -2,7 +2,6 @@
 import asyncio
 import base64
 import json
-import socket
 import threading
 import time
 
@@ -209,21 +208,6 @@ def test_bodies_beyond_the_in_flight_budget_get_a_503_with_retry_after(arena, tm
 TASK_WARNINGS = ("Task was destroyed", "never retrieved")
 
 
-def hang_up(bridge_proc, key: str, path: str, body: dict, after: float) -> tuple[bytes, float]:
-    """POST from a raw socket and close it `after` seconds later: what had arrived by then, and when."""
-    data = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", bridge_proc.port)) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-        time.sleep(after)
-        s.setblocking(False)
-        try:
-            received = s.recv(65536)
-        except BlockingIOError:
-            received = b""
-    return received, time.time()
-
-
 def cut_within(arena, closed: float, seconds: float) -> bool:
     """Whether the emulator saw the bridge hang up on the chat request within `seconds` of the client."""
     aborted = [r for r in arena.chat_requests() if r.get("aborted")] if upstream_aborted(arena, seconds + 3) else []
@@ -249,21 +233,21 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hang up"}]}
 
 def test_a_stream_left_before_its_first_byte_cancels_upstream_at_once(fresh, api_key, arena):
     arena.configure(first_byte_delay=60)
-    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=0.2)
+    received, closed = fresh.hang_up(api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=0.2)
     assert received == b""
     assert_cancelled(fresh, arena, api_key, closed)
 
 
 def test_a_stream_left_after_its_pings_before_lm_arena_answers_cancels_upstream(fresh, api_key, arena):
     arena.configure(first_byte_delay=60)
-    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=1.5)
+    received, closed = fresh.hang_up(api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=1.5)
     assert b": ping" in received
     assert_cancelled(fresh, arena, api_key, closed)
 
 
 def test_a_stream_left_mid_reply_while_lm_arena_is_silent_cancels_upstream_at_once(fresh, api_key, arena):
     arena.configure(lines=3, line_delay=60)
-    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=1.5)
+    received, closed = fresh.hang_up(api_key, "/v1/chat/completions", {**CHAT, "stream": True}, after=1.5)
     assert b"line 1" in received
     assert_cancelled(fresh, arena, api_key, closed)
 
@@ -277,13 +261,13 @@ def test_a_stream_left_mid_reply_while_lm_arena_is_silent_cancels_upstream_at_on
 def test_a_request_left_by_its_client_before_the_answer_stops_upstream_and_is_a_499(fresh, api_key, arena, path,
                                                                                     body):
     arena.configure(first_byte_delay=60)
-    received, closed = hang_up(fresh, api_key, path, body, after=1.0)
+    received, closed = fresh.hang_up(api_key, path, body, after=1.0)
     assert received == b""
     assert_cancelled(fresh, arena, api_key, closed)
 
 
 def test_a_completion_left_while_its_reply_is_read_stops_reading_upstream(fresh, api_key, arena):
     arena.configure(lines=400, line_delay=0.05)
-    received, closed = hang_up(fresh, api_key, "/v1/chat/completions", CHAT, after=1.0)
+    received, closed = fresh.hang_up(api_key, "/v1/chat/completions", CHAT, after=1.0)
     assert received == b"" and not any(r.get("status") is None for r in arena.chat_requests())
     assert_cancelled(fresh, arena, api_key, closed)

@@ -107,8 +107,8 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "no_final_newline": False,
     "split": "none",                    # "none" | "random" | "coalesce"
     "heartbeat_every": 0.0,
-    "first_byte_delay": 0.0,
-    "line_delay": 0.0,
+    "first_byte_delay": 0.0,            # hold the answer back (watching for a hang-up: README "Held answers")
+    "line_delay": 0.0,                  # wait between lines (watching for a hang-up too)
     "stream_framing": "chunked",        # "chunked" | "close" (close-delimited body)
     "ratelimit_limit": 3000,
 }
