@@ -576,6 +576,56 @@ def error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class FetchStream(StreamingResponse):
+    """The page's fetch relayed as NDJSON lines, after its first event. The fetch is closed however the
+    response ends (aborted in the page unless it is done), also when the client leaves before the body
+    begins: the body's generator is then dropped unstarted, and its own clean-up would never run."""
+
+    def __init__(self, first: dict, stream: AsyncGenerator[dict, None]):
+        super().__init__(self.lines(first, stream), media_type="application/x-ndjson",
+                         headers={"cache-control": "no-cache"})
+        self.stream = stream
+
+    @staticmethod
+    async def lines(first: dict, stream: AsyncGenerator[dict, None]) -> AsyncIterator[bytes]:
+        yield (json.dumps(first) + "\n").encode()
+        async for item in stream:
+            yield (json.dumps(item) + "\n").encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.aclose()
+
+
+async def client_hangs_up(receive: Any) -> None:
+    """Return once the client (the bridge) has hung up; its request body was read whole before."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(call: Awaitable[Any], receive: Any) -> Any:
+    """`call`'s answer, unless the bridge hangs up first (its own client left): `call` is then cancelled at
+    once, so an in-page fetch still waiting for LM Arena's answer is aborted, and nothing is answered."""
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(client_hangs_up(receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not gone.done():         # a watch that ended took the hang-up: nobody else would see it
+        return work.result()
+    work.cancel()
+    await asyncio.wait({work})
+    if not work.cancelled() and work.exception() is None and isinstance(work.result(), FetchStream):
+        await work.result().stream.aclose()
+    return Response(status_code=499)
+
+
 def handler(fn: Callable[[dict], Awaitable[Any]], timeout: float | None) -> Any:
     """A JSON endpoint bounded by `timeout`: the body parsed, the answer (a Response, or JSON) sent,
     failures answered as 400, 504 or 502."""
@@ -587,7 +637,7 @@ def handler(fn: Callable[[dict], Awaitable[Any]], timeout: float | None) -> Any:
         if not isinstance(payload, dict):
             return error("the request body must be a JSON object", 400)
         try:
-            answer = await asyncio.wait_for(fn(payload), timeout)
+            answer = await unless_client_leaves(asyncio.wait_for(fn(payload), timeout), request.receive)
         except BadRequest as exc:
             return error(str(exc), 400)
         except (TimeoutError, PlaywrightTimeout) as exc:
@@ -611,16 +661,7 @@ async def fetch_lines(page: ArenaPage, body: dict) -> Response:
     if "error" in first:
         await stream.aclose()
         return error(first["error"], 502)
-
-    async def lines() -> AsyncIterator[bytes]:
-        try:
-            yield (json.dumps(first) + "\n").encode()
-            async for item in stream:
-                yield (json.dumps(item) + "\n").encode()
-        finally:
-            await stream.aclose()  # aborts the page's fetch when the client disconnected
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
+    return FetchStream(first, stream)
 
 
 def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
