@@ -32,6 +32,7 @@ Contents:
   Part III: Client APIs (each API section defines its own route table)
     Metrics                 Prometheus counters and histograms per app, gauges read at scrape time, causes
     API plumbing            the API error type and its status table, app state, keys, bodies, rate limits, usage
+    Client hang-ups         a request whose client leaves before its answer: cancelled, recorded as 499
     OpenAI chat requests    validation, model choice, transcripts, conversation fingerprints
     OpenAI chat replies     events -> content, chunks and completion objects
     Tool emulation: requests  pure, for every API: tools, tool choice, formats -> instructions; tool history
@@ -4518,56 +4519,6 @@ def api_error_for(error: Exception) -> ApiError:
     return ApiError(500, f"The bridge failed unexpectedly ({type(error).__name__}); see its log.", "internal_error")
 
 
-CLIENT_LEFT = "client_disconnected"     # the usage error code of a request whose client hung up
-
-
-class ClientLeft(ApiError):
-    """The client hung up before its answer: recorded as status 499 (nginx's "client closed request"), as
-    a stream whose client leaves mid-way is. The answer itself reaches nobody."""
-
-    def __init__(self) -> None:
-        super().__init__(499, "The client closed the connection before the answer.", CLIENT_LEFT)
-
-
-class Unanswered(Response):
-    """The answer to a request whose client left: nothing at all (the server would write it to a closed
-    socket, and asyncio warn of each write)."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        return None
-
-
-async def client_hangs_up(receive: Callable[[], Awaitable[Any]]) -> None:
-    """Return once the client has hung up. Its request body was read whole, so all that is left to
-    receive is the ASGI http.disconnect (a pending receive, a queue's get, can be cancelled safely)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_client_leaves(work: Awaitable[Any], receive: Callable[[], Awaitable[Any]] | None) -> Any:
-    """`work`'s result, run in a task of its own while the client's connection is watched: a client that
-    hangs up first has the task cancelled at once (and its upstream request with it), then ClientLeft is
-    raised. The server only tells of a hang-up: a handler that does not listen for it runs to its end."""
-    task = asyncio.ensure_future(work)
-    if receive is None:
-        return await task
-    watch = asyncio.ensure_future(client_hangs_up(receive))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watch.cancel()
-    if task.done() and not watch.done():    # a watch that ended took the hang-up: nobody else will see it
-        return task.result()
-    task.cancel()
-    await asyncio.wait({task})      # its clean-up (the upstream request closed) is over before the answer
-    with contextlib.suppress(BaseException):
-        task.result()               # done or failed meanwhile: there is nobody left to tell
-    raise ClientLeft()
-
-
 class RateLimiter:
     """Requests per minute per API key, over a sliding 60-second window (in memory: a restart forgives)."""
 
@@ -4861,6 +4812,62 @@ def parse_json_body(body: bytes) -> Any:
 async def read_json(request: Request, limit: int) -> Any:
     body = await read_body(request, limit)
     return await off_loop(large_body(request), parse_json_body, body)
+
+
+# =====================================================================================================
+# Client hang-ups
+# =====================================================================================================
+# A client that leaves before its answer began: Hypercorn only tells of it (http.disconnect), so the
+# request is watched while nothing is sent; once a stream is sent, Starlette's response watches it.
+
+CLIENT_LEFT = "client_disconnected"     # the usage error code of a request whose client hung up
+
+
+class ClientLeft(ApiError):
+    """The client hung up before its answer: recorded as status 499 (nginx's "client closed request"), as
+    a stream whose client leaves mid-way is. The answer itself reaches nobody."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "The client closed the connection before the answer.", CLIENT_LEFT)
+
+
+class Unanswered(Response):
+    """The answer to a request whose client left: nothing at all (the server would write it to a closed
+    socket, and asyncio warn of each write)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+
+async def client_hangs_up(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Return once the client has hung up. Its request body was read whole, so all that is left to
+    receive is the ASGI http.disconnect (a pending receive, a queue's get, can be cancelled safely)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(work: Awaitable[Any], receive: Callable[[], Awaitable[Any]] | None) -> Any:
+    """`work`'s result, run in a task of its own while the client's connection is watched: a client that
+    hangs up first has the task cancelled at once (and its upstream request with it), then ClientLeft is
+    raised. The server only tells of a hang-up: a handler that does not listen for it runs to its end."""
+    task = asyncio.ensure_future(work)
+    if receive is None:
+        return await task
+    watch = asyncio.ensure_future(client_hangs_up(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done() and not watch.done():    # a watch that ended took the hang-up: nobody else will see it
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})      # its clean-up (the upstream request closed) is over before the answer
+    with contextlib.suppress(BaseException):
+        task.result()               # done or failed meanwhile: there is nobody left to tell
+    raise ClientLeft()
 
 
 # =====================================================================================================
