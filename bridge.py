@@ -853,10 +853,11 @@ class Store:
         self.write("INSERT INTO responses (id, key_id, history, created) VALUES (?, ?, ?, ?)",
                    [response_id, key_id, history, now()])
 
-    def response_history(self, response_id: str, key_id: int) -> list[dict] | None:
-        """The history a stored response ends, for the key that created it only."""
+    def response_history(self, response_id: str, key_id: int) -> str | None:
+        """The JSON of the history a stored response ends, for the key that created it only (decoded by
+        the caller, off the event loop when it is long)."""
         rows = self.rows("SELECT history FROM responses WHERE id = ? AND key_id = ?", [response_id, key_id])
-        return json.loads(rows[0]["history"]) if rows else None
+        return rows[0]["history"] if rows else None
 
     # --- dashboard: admin password and sessions ---------------------------------------------------------
     def set_admin_password(self, hashed: str, keep_session: str | None = None) -> None:
@@ -4767,16 +4768,10 @@ def _json_value(text: str, at: int) -> tuple[Any, int]:
     return items, at
 
 
-def loads_in_pieces(body: bytes) -> Any:
-    """json.loads for a large body, the top object's members (and each item of an array member) parsed one
-    at a time: json.loads is one C call that keeps the GIL for the whole body, so even in a worker thread
-    it held up the event loop (and /health) for as long. The same value as json.loads, or a ValueError."""
-    text = body.decode(json.detect_encoding(body), "surrogatepass")
-    start = _skip(text, 0)
-    if not text.startswith("{", start):
-        return json.loads(text)
+def _json_object(text: str, at: int) -> tuple[dict[str, Any], int]:
+    """The members of the object whose `{` ends before `at`, one by one, and the index after its `}`."""
     value: dict[str, Any] = {}
-    mark, at = _json_mark(text, start + 1, '}"')
+    mark, at = _json_mark(text, at, '}"')
     while mark == '"':
         name, at = JSON_DECODER.raw_decode(text, at - 1)
         _, at = _json_mark(text, at, ":")
@@ -4784,6 +4779,17 @@ def loads_in_pieces(body: bytes) -> Any:
         mark, at = _json_mark(text, at, ",}")
         if mark == ",":
             mark, at = _json_mark(text, at, '"')
+    return value, at
+
+
+def loads_in_pieces(body: bytes) -> Any:
+    """json.loads for a large body, the top object's members (and the items of the top array, or of an
+    array member) parsed one at a time: json.loads is one C call that keeps the GIL for the whole body,
+    so even in a worker thread it held up the event loop (and /health) for as long. The same value as
+    json.loads, or a ValueError."""
+    text = body.decode(json.detect_encoding(body), "surrogatepass")
+    start = _skip(text, 0)
+    value, at = _json_object(text, start + 1) if text.startswith("{", start) else _json_value(text, start)
     if _skip(text, at) != len(text):
         raise ValueError("extra data after the JSON value")
     return value
@@ -7675,16 +7681,20 @@ async def responses_probe(state: BridgeState, key: dict, ask: ResponsesRequest, 
     return JSONResponse(encoder.response("completed", usage=responses_usage(empty, "")))
 
 
-def continue_stored(store: Store, key: dict, ask: ResponsesRequest) -> None:
+def stored_messages(history: str) -> list[Message]:
+    return [message_from_json(m) for m in loads_in_pieces(history.encode())]
+
+
+async def continue_stored(store: Store, key: dict, ask: ResponsesRequest) -> None:
     """Put the history of the response `previous_response_id` names before the input; that response must
-    be one this bridge stored for this key."""
+    be one this bridge stored for this key. A long one is decoded off the event loop."""
     if ask.previous_response_id is None:
         return
     history = store.response_history(ask.previous_response_id, key["id"])
     if history is None:
         raise ApiError(400, f"Previous response with id '{ask.previous_response_id}' not found.",
                        "previous_response_not_found", "previous_response_id")
-    ask.continuing([message_from_json(m) for m in history])
+    ask.continuing(await off_loop(len(history) > OFF_LOOP_BYTES, stored_messages, history))
 
 
 def history_json(messages: list[Message]) -> str:
@@ -7699,7 +7709,7 @@ async def responses(request: Request) -> Response:
     if ask.probe:
         return await responses_probe(state, key, ask, encoder, started)
     with recorded_refusals(RESPONSES_ROUTE, state, key, ask.turn.model, started):
-        continue_stored(state.store, key, ask)
+        await continue_stored(state.store, key, ask)
     job = await agent_job(state, key, started, ask.turn, RESPONSES_ROUTE, "call_", response_id, request)
 
     def response(job: ChatJob, usage: dict) -> dict:
