@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
@@ -527,9 +528,10 @@ class Bench:
         self.model = next(m for m in bridge.usable_models(models) if bridge.choose_modality(m) == "chat")
         self.model = bridge.resolve_model(models, self.model["publicName"])
         account = self.store.accounts()[0]
-        # The bridge's own headers for the direct runs, from a stand-in with the two fields they read
-        # (a whole ArenaSite would open an HTTP session and a sidecar client just for this).
-        site = types.SimpleNamespace(params={}, origin=self.emulator.url)
+        # The bridge's own headers for the direct runs, from a stand-in with the fields and the method they
+        # read (a whole ArenaSite would open an HTTP session and a sidecar client just for this).
+        site = types.SimpleNamespace(params={}, origin=self.emulator.url, settings=self.settings)
+        site.identity = functools.partial(bridge.ArenaSite.identity, site)  # type: ignore[arg-type]
         self.direct_headers = bridge.ArenaSite.request_headers(site, account)  # type: ignore[arg-type]
         self.bridge_headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         time.sleep(0.3)   # let the discovery burst settle before measuring idle memory
