@@ -3639,6 +3639,8 @@ class AccountPool:
 
     def soonest_budget(self, exclude: set[int]) -> float | None:
         """Seconds until the first account held back only by its budget may send; None: no account is."""
+        if self.settings.account_rph <= 0:
+            return None
         at = now()
         waits = [self.budget_wait(a) for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)]
         waits = [w for w in waits if w > 0]
