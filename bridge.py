@@ -1941,6 +1941,14 @@ def request_path_for(setting: str, facts: PathFacts) -> str:
     return REQUEST_PATHS[setting][evidence]
 
 
+def account_path(settings: Settings, site_params: dict, account: dict, at: float) -> str:
+    """"page" or "direct" for this account's next chat: the facts REQUEST_PATHS reads, gathered in one place
+    so the turn runner and the dashboard cannot disagree."""
+    facts = PathFacts(browser=settings.sidecar != "off", account_refused=in_browser_mode(account, at),
+                      site_said=site_params.get("request_path"), recaptcha_seen=site_params.get("recaptcha_seen"))
+    return request_path_for(settings.request_path, facts)
+
+
 class FailureLog:
     """The last few failed attempts of each account, kept in memory for the dashboard's Diagnostics
     page: when, the failure kind the policy saw, and what LM Arena said."""
@@ -3717,7 +3725,9 @@ class AccountPool:
         if paced is not None:
             return ArenaError("accounts_paced", f"Every usable LM Arena account has sent its "
                                                 f"{self.settings.account_rph} chat requests of the last hour "
-                                                f"(BRIDGE_ACCOUNT_RPH); the first may send again in {int(paced) + 1} s.",
+                                                f"(BRIDGE_ACCOUNT_RPH); the first may send again in {int(paced) + 1} s. "
+                                                f"Add accounts to serve more, or raise the budget at your accounts' "
+                                                f"risk (LM Arena penalises accounts that send faster).",
                               retry_after=paced)
         wait = self.soonest_recovery(accounts, now())
         if wait is not None:
@@ -4201,10 +4211,7 @@ class TurnRunner:
     # --- the two paths ------------------------------------------------------------------------------------
     def account_in_page(self, account: dict) -> bool:
         """In-page fetch unless the direct path is known to work (REQUEST_PATHS, BRIDGE_REQUEST_PATH)."""
-        params = self.site.params
-        facts = PathFacts(browser=self.settings.sidecar != "off", account_refused=in_browser_mode(account, now()),
-                          site_said=params.get("request_path"), recaptcha_seen=params.get("recaptcha_seen"))
-        return request_path_for(self.settings.request_path, facts) == "page"
+        return account_path(self.settings, self.site.params, account, now()) == "page"
 
     def model_in_page(self, model: dict) -> bool:
         """In-page fetch for the models configured so (BRIDGE_BROWSER_MODELS), on whichever account."""
@@ -9172,13 +9179,18 @@ def account_badge(account: dict, at: float) -> Html:
                  {"ok": "ok", "expired": "bad", "refreshing": "info", NEEDS_LOGIN: "bad"}.get(state, "off"))
 
 
-def request_path(account: dict, at: float) -> Html:
-    """How this account's chats reach LM Arena: straight from the bridge, or through the browser page
-    when the site refused tokens from outside it (until the next try of the direct path)."""
-    if in_browser_mode(account, at):
-        return fill('{badge}<div class="text small muted">direct again after {when}</div>',
-                    badge=badge("in-page", "info"), when=format_time(account["direct_retry_at"]))
-    return badge("direct", "off")
+def request_path(state: BridgeState, account: dict, at: float) -> Html:
+    """How this account's next chat reaches LM Arena, as the turn runner will send it (account_path): through
+    the user's own tab, the sidecar's page (with when the direct path is tried again, if the site refused it),
+    or straight from the bridge."""
+    if account["kind"] == "browser":
+        return badge("your tab", "info")
+    if account_path(state.settings, state.site.params, account, at) == "direct":
+        return badge("direct", "off")
+    if not in_browser_mode(account, at):
+        return badge("in-page", "info")
+    return fill('{badge}<div class="text small muted">direct again after {when}</div>',
+                badge=badge("in-page", "info"), when=format_time(account["direct_retry_at"]))
 
 
 async def add_account_action(state: BridgeState, admin: Admin) -> Html:
@@ -9250,12 +9262,12 @@ async def accounts_page(request: Request, admin: Admin) -> Response:
     outcome = await run_action(request, admin, {"add": add_account_action, "remove": remove_account_action,
                                                 "refresh": refresh_account_action,
                                                 "revoke_pairings": revoke_pairings_action})
-    at = now()
-    rows = [(a["id"], prose(a["label"] or "-"), a["kind"], account_badge(a, at), request_path(a, at),
+    at, state = now(), bridge(request)
+    rows = [(a["id"], prose(a["label"] or "-"), a["kind"], account_badge(a, at), request_path(state, a, at),
              format_time(a["expires_at"]), format_time(a["last_used"]), prose(a["last_error"] or "-"),
              join([button(admin, "refresh", "Refresh now", id=a["id"]), " ",
                    button(admin, "remove", "Remove", "danger", id=a["id"])]))
-            for a in bridge(request).store.accounts()]
+            for a in state.store.accounts()]
     body = join([fill("<h1>Arena accounts</h1>"), outcome, form_card(admin, "add", ACCOUNT_FIELDS, "Add account"),
                  table(["ID", "Label", "Kind", "State", "Path", "Expires", "Last used", "Last error", ""], rows,
                        "No accounts yet: add one above."),

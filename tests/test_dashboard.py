@@ -298,12 +298,31 @@ def test_account_states_have_their_badges(admin, dash, arena):
     assert "reCAPTCHA refused <b>twice</b>" in admin.locator("tr", has_text="cooling down").inner_text()
 
 
-def test_an_account_in_browser_mode_shows_its_in_page_path(admin, dash, arena):
-    _direct, in_page = dash.set_accounts(arena.new_session(), arena.new_session())
-    dash.store.update_account(in_page, needs_browser=1, direct_retry_at=time.time() + 1800)
+def test_without_a_browser_every_account_shows_the_direct_path(admin, dash, arena):
+    _plain, refused = dash.set_accounts(arena.new_session(), arena.new_session())
+    dash.store.update_account(refused, needs_browser=1, direct_retry_at=time.time() + 1800)
     admin.goto(dash.url + "/dashboard/accounts")
-    assert admin.locator("td:nth-child(5) .badge").all_inner_texts() == ["direct", "in-page"]
-    assert "direct again after" in admin.locator("tr", has_text="in-page").inner_text()
+    assert admin.locator("td:nth-child(5) .badge").all_inner_texts() == ["direct", "direct"]
+
+
+@pytest.mark.parametrize("site_said, paths", [("direct", ["direct", "in-page"]), ("page", ["in-page", "in-page"])])
+def test_with_a_sidecar_the_path_column_shows_where_each_account_s_next_chat_goes(arena, tmp_path, page,
+                                                                                   site_said, paths):
+    """Direct where the site served a direct chat, except for an account it refused (in-page until its daily
+    retry); in-page for all once the site refused the deployment's direct chat (REQUEST_PATHS)."""
+    proc = BridgeProcess(arena.url, str(tmp_path), sidecar="auto", env={"BRIDGE_ADMIN_PASSWORD": PASSWORD})
+    _plain, refused = proc.set_accounts(arena.new_session(), arena.new_session())
+    proc.store.update_account(refused, needs_browser=1, direct_retry_at=time.time() + 1800)
+    proc.store.set_site_params(request_path=site_said)
+    proc.start()
+    try:
+        sign_in(page, proc.url)
+        page.goto(proc.url + "/dashboard/accounts")
+        assert page.locator("td:nth-child(5) .badge").all_inner_texts() == paths
+        refused_row = page.locator("tr", has=page.locator("td")).nth(1)
+        assert "direct again after" in refused_row.inner_text()
+    finally:
+        proc.stop()
 
 
 def test_password_can_be_changed_on_the_settings_page(admin, dash, browser):
