@@ -196,6 +196,15 @@ class Emulator:
             return self.arena.new_session()
         return self.control.post("/session", json={}).json()["value"]
 
+    def last_turn(self) -> str:
+        """The user message of the last chat the emulator received: what the bridge sent for a turn."""
+        if self.mode == "inproc":
+            bodies = [r["body"].decode() for r in self.arena.requests]
+        else:
+            bodies = [r["body"] for r in self.control.post("/requests").json()]
+        chats = [json.loads(b) for b in bodies if b.startswith("{") and '"userMessage"' in b]
+        return chats[-1]["userMessage"]["content"]
+
     def stop(self) -> None:
         if self.mode == "inproc":
             self.arena.stop()
@@ -434,14 +443,14 @@ class Target:
     """How to send one chat turn to the bridge (by one of its APIS) or straight to the emulator
     (create-evaluation with the body and headers the bridge itself would send)."""
 
-    def __init__(self, bench: Bench, direct: bool, tools: bool = False, api: str = "chat"):
-        self.bench, self.direct, self.tools = bench, direct, tools
+    def __init__(self, bench: Bench, direct: bool, tools: bool = False, api: str = "chat", content: str = PROMPT):
+        self.bench, self.direct, self.tools, self.content = bench, direct, tools, content
         self.path, self.body, self.first_token, self.stream_text, self.whole_text = APIS[api]
 
     def request(self, stream: bool) -> tuple[str, bytes, dict[str, str]]:
         b = self.bench
         if self.direct:
-            body = bridge.chat_body(evaluation_id=bridge.uuid7(), model_id=b.model["id"], content=PROMPT,
+            body = bridge.chat_body(evaluation_id=bridge.uuid7(), model_id=b.model["id"], content=self.content,
                                     modality="chat", attachments=[], token=None,
                                     mode=b.settings.arena_mode or bridge.DEFAULT_ARENA_MODE)
             return ("/nextjs-api/stream/create-evaluation", json.dumps(body, ensure_ascii=False).encode(),
@@ -735,15 +744,19 @@ class Bench:
 
     # --- 7: tools ------------------------------------------------------------------------------------
     def tool_latency(self, runs: int) -> tuple[list[float], list[float]]:
-        """The added latency (ms) of a one-line reply, without and with TOOLS in the request: both through
-        the bridge, alternating with direct requests, so that drift hits all three alike."""
+        """The added latency (ms) of a one-line reply, without and with TOOLS in the request, each against a
+        direct request carrying the turn the bridge sends for it (with tools, their rendered instructions:
+        what LM Arena takes longer to read is not the bridge's), alternating so that drift hits all alike."""
         self.emulator.configure(lines=1)
-        targets = (Target(self, True), Target(self, False), Target(self, False, tools=True))
         session: curl.Session[curl.Response] = curl.Session(impersonate=self.settings.impersonate)
+        path, body, headers = Target(self, False, tools=True).request(False)
+        session.post(self.bridge.url + path, data=body, headers=headers, timeout=30).raise_for_status()
+        targets = (Target(self, True), Target(self, False), Target(self, False, tools=True),
+                   Target(self, True, tools=True, content=self.emulator.last_turn()))
         times: dict[tuple[bool, bool], list[float]] = {(t.direct, t.tools): [] for t in targets}
         warmup = max(20, runs // 10)
         for i in range(warmup + runs):
-            for target in targets[i % 3:] + targets[:i % 3]:
+            for target in targets[i % 4:] + targets[:i % 4]:
                 path, body, headers = target.request(False)
                 t0 = time.perf_counter()
                 response = session.post(target.base + path, data=body, headers=headers, timeout=30,
@@ -754,9 +767,8 @@ class Bench:
                 if i >= warmup:
                     times[(target.direct, target.tools)].append(elapsed)
         session.close()
-        direct = times[(True, False)]
-        return ([b - d for b, d in zip(times[(False, False)], direct)],
-                [b - d for b, d in zip(times[(False, True)], direct)])
+        return ([b - d for b, d in zip(times[(False, False)], times[(True, False)])],
+                [b - d for b, d in zip(times[(False, True)], times[(True, True)])])
 
     def tool_relay(self, runs: int, lines: int = 10_000) -> None:
         """One long stream with 20 tool definitions that ends in a call: every line passes the tool-call
