@@ -1977,8 +1977,10 @@ PAGE_AGENT_JS = r"""
 //
 // window.__arenaBridge (version 1), defined once per top-level document, never enumerable:
 //   state()   -> {version, origin, url, user: {id, email, anonymous} | null, sitekeys: [string],
-//                 grecaptcha: bool, interstitial: bool}   the signed-in user comes from the session
-//                 cookie; sitekeys from the live ___grecaptcha_cfg and render=/k= in script URLs
+//                 grecaptcha: bool, interstitial: bool, recaptchaOrigin}   the signed-in user comes from
+//                 the session cookie; sitekeys from the live ___grecaptcha_cfg and render=/k= in script
+//                 URLs; recaptchaOrigin is where the page's reCAPTCHA script comes from (for one that loads
+//                 none: Google's on the real site, else the page's own, an emulator standing in for it)
 //   mint(action, sitekey?, timeoutMs?) -> Promise<string>   a reCAPTCHA v3 (Enterprise) token;
 //                 sitekey defaults to the first the page knows; rejects with an Error
 //   chat(jobId, request, emit) -> Promise<void>, never rejects. request = {url, method, headers, body,
@@ -2038,6 +2040,11 @@ PAGE_AGENT_JS = r"""
     }
     return [...keys];
   };
+  const recaptchaOrigin = () => {
+    const script = [...document.scripts].find(s => s.src.includes('/recaptcha/'));
+    if (script) return new URL(script.src).origin;
+    return /(^|\.)(lm)?arena\.ai$/.test(location.hostname) ? 'https://www.google.com' : location.origin;
+  };
   const interstitial = () => document.title.includes('Just a moment...') ||
     (document.body ? document.body.innerText : '').includes('Enable JavaScript and cookies to continue');
   // U5: the site's cookie, else the 2026 client's localStorage entry, else a new uuid4 kept there as it does.
@@ -2073,7 +2080,7 @@ PAGE_AGENT_JS = r"""
   const agent = {
     version: 1,
     state: () => ({version: 1, origin: location.origin, url: location.href, user: user(), sitekeys: sitekeys(),
-                   grecaptcha: !!recaptcha(), interstitial: interstitial()}),
+                   grecaptcha: !!recaptcha(), interstitial: interstitial(), recaptchaOrigin: recaptchaOrigin()}),
     async mint(action, sitekey, timeoutMs = 30000) {
       const deadline = Date.now() + timeoutMs;
       while (!recaptcha()) {

@@ -85,7 +85,6 @@ PAGE_MAX_AGE = 20 * 60  # reload the page after this long: reCAPTCHA clients go 
 OP_TIMEOUT = 30.0  # default bound for one browser operation
 LAUNCH_TIMEOUT = 45.0
 CLEARANCE_TIMEOUT = 30.0
-REAL_SITE_HOSTS = ("arena.ai", "lmarena.ai")
 CLOUDFLARE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid")
 STATUS_FIELDS = ("user_agent", "version", "page_url", "webdriver", "headful", "launch_seconds")
 XVFB_SCREEN = "-screen 0 1920x1080x24"
@@ -104,18 +103,13 @@ class Settings:
         parts = urlsplit(self.arena_url)
         return f"{parts.scheme}://{parts.netloc}"
 
-    @property
-    def is_real_site(self) -> bool:
-        host = urlsplit(self.arena_url).hostname or ""
-        return any(host == h or host.endswith("." + h) for h in REAL_SITE_HOSTS)
-
 
 class OpError(Exception):
-    """A browser or page failure; answered as 502."""
+    """A failure answered with its status: 502 (the browser or the page), 400 (a malformed request)."""
 
-
-class BadRequest(Exception):
-    """A malformed request to the sidecar; answered as 400."""
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def first_line(exc: BaseException) -> str:
@@ -125,7 +119,7 @@ def first_line(exc: BaseException) -> str:
 def need(body: dict, key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
-        raise BadRequest(f"{key!r} is required")
+        raise OpError(f"{key!r} is required", 400)
     return value
 
 
@@ -179,12 +173,10 @@ async def start_xvfb() -> tuple[asyncio.subprocess.Process, dict[str, str]]:
 
 # The page agent's contract is documented in bridge.py (PAGE_AGENT_JS).
 AGENT_JS = "([name, ...args]) => window.__arenaBridge[name](...args)"  # state, mint, abort, signup
-CHAT_JS = "([id, request]) => window.__arenaBridge.chat(id, request, event => window.__arenaBridgeEmit(id, event))"
+CHAT_JS = "([id, req]) => window.__arenaBridge.chat(id, req, event => window.__arenaBridgeEmit(id, event))"
 GRECAPTCHA_JS = "() => window.__arenaBridge.state().grecaptcha"
 SITEKEYS_JS = "() => window.__arenaBridge.state().sitekeys.length > 0"
 PASSED_JS = "() => !window.__arenaBridge.state().interstitial"
-SCRIPT_ORIGIN_JS = "() => { const s = [...document.scripts].find(s => s.src.includes('/recaptcha/')); return s ? new URL(s.src).origin : null; }"
-REAL_RECAPTCHA_HOST = "https://www.google.com"  # where reCAPTCHA's script comes from on the real site
 # A page agent event as a /fetch line ("done" adds the cookie jar).
 FETCH_LINES: dict[str, Callable[[dict], dict]] = {
     "head": lambda e: {"status": e["status"], "headers": e["headers"]},
@@ -198,9 +190,9 @@ class PageJob:
     """One agent chat() in a page; its events arrive through the binding into a queue. `sent` is set once
     the request has left with its cookies, after which the jar may change: Chromium's
     requestWillBeSentExtraInfo (on `cdp`, a CDP session with Network enabled) carries the headers it sent,
-    long before any response. Without `cdp`, or if nothing matched, the first event does."""
+    long before any response. If nothing matched, the first event does."""
 
-    def __init__(self, page: Any, request: dict, registry: dict[str, PageJob], cdp: Any = None) -> None:
+    def __init__(self, page: Any, request: dict, registry: dict[str, PageJob], cdp: Any) -> None:
         self.id, self.page, self.registry = uuid.uuid4().hex, page, registry
         self.url, self.method = urljoin(page.url, request["url"]), (request.get("method") or "GET").upper()
         self.request_id: str | None = None
@@ -209,8 +201,8 @@ class PageJob:
         self.sent = asyncio.Event()
         self.finished = False
         registry[self.id] = self
-        self._cdp = cdp
-        for name in NETWORK_EVENTS if cdp is not None else ():
+        self._cdp: Any = cdp  # None once the request has left
+        for name in NETWORK_EVENTS:
             cdp.on(name, self._on_network)
         self.runner = asyncio.ensure_future(page.evaluate(CHAT_JS, [self.id, request]))
         self.runner.add_done_callback(self._ended)
@@ -429,12 +421,12 @@ class ArenaPage:
     # -- reCAPTCHA ----------------------------------------------------------------------------------
 
     async def recaptcha_ready(self, page: Any, sitekey: str) -> None:
-        """Wait for the page's grecaptcha; a page that loads none gets the script, from the host the page
-        uses for it, else from reCAPTCHA's (the emulator's own origin when it stands in for the site)."""
+        """Wait for the page's grecaptcha; a page that loads none gets the script from where the page agent
+        says the page's comes from (its state's recaptchaOrigin)."""
         with contextlib.suppress(PlaywrightTimeout):  # the site's own tag may still be loading
             await page.wait_for_function(GRECAPTCHA_JS, timeout=1500)
             return
-        base = await page.evaluate(SCRIPT_ORIGIN_JS) or (REAL_RECAPTCHA_HOST if self.s.is_real_site else self.s.origin)
+        base = (await page.evaluate(AGENT_JS, ["state"]))["recaptchaOrigin"]
         log.info("page has no recaptcha script; adding %s/recaptcha/enterprise.js", base)
         await page.add_script_tag(url=f"{base}/recaptcha/enterprise.js?render={sitekey}")
         await page.wait_for_function(GRECAPTCHA_JS, timeout=OP_TIMEOUT * 1000)
@@ -599,17 +591,14 @@ class FetchStream(StreamingResponse):
             await self.stream.aclose()
 
 
-async def client_hangs_up(receive: Any) -> None:
-    """Return once the client (the bridge) has hung up; its request body was read whole before."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def unless_client_leaves(call: Awaitable[Any], receive: Any) -> Any:
     """`call`'s answer, unless the bridge hangs up first (its own client left): `call` is then cancelled at
     once, so an in-page fetch still waiting for LM Arena's answer is aborted, and nothing is answered."""
-    work = asyncio.ensure_future(call)
-    gone = asyncio.ensure_future(client_hangs_up(receive))
+    async def hang_up() -> None:  # the request body was read whole before: only a disconnect comes now
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.ensure_future(call), asyncio.ensure_future(hang_up())
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -628,7 +617,7 @@ async def unless_client_leaves(call: Awaitable[Any], receive: Any) -> Any:
 
 def handler(fn: Callable[[dict], Awaitable[Any]], timeout: float | None) -> Any:
     """A JSON endpoint bounded by `timeout`: the body parsed, the answer (a Response, or JSON) sent,
-    failures answered as 400, 504 or 502."""
+    failures answered as 504, or with their status (OpError's) or 502."""
     async def endpoint(request: Request) -> Response:
         try:
             payload = json.loads((await request.body()).strip() or b"{}")
@@ -638,15 +627,13 @@ def handler(fn: Callable[[dict], Awaitable[Any]], timeout: float | None) -> Any:
             return error("the request body must be a JSON object", 400)
         try:
             answer = await unless_client_leaves(asyncio.wait_for(fn(payload), timeout), request.receive)
-        except BadRequest as exc:
-            return error(str(exc), 400)
         except (TimeoutError, PlaywrightTimeout) as exc:
             message = first_line(exc) or f"{request.url.path[1:]} timed out after {timeout:.0f}s"
             log.warning("%s: %s", request.url.path, message)
             return error(message, 504)
         except (OpError, PlaywrightError, OSError) as exc:
             log.warning("%s failed: %s", request.url.path, first_line(exc))
-            return error(first_line(exc) or type(exc).__name__, 502)
+            return error(first_line(exc) or type(exc).__name__, getattr(exc, "status", 502))
         return answer if isinstance(answer, Response) else JSONResponse(answer)
     return endpoint
 
@@ -655,7 +642,7 @@ async def fetch_lines(page: ArenaPage, body: dict) -> Response:
     """POST /fetch: the page's answer as NDJSON lines; a failure before its status line is a plain error."""
     need(body, "url")
     if not isinstance(body.get("cookies") or {}, dict) or not isinstance(body.get("headers") or {}, dict):
-        raise BadRequest("'cookies' and 'headers' must be objects")
+        raise OpError("'cookies' and 'headers' must be objects", 400)
     stream = page.fetch(body)
     first = await anext(stream)  # within the handler's bound
     if "error" in first:
@@ -685,9 +672,10 @@ def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
         ("/clearance", "POST", lambda _: page.clearance(), bound + CLEARANCE_TIMEOUT),
         ("/signup", "POST", lambda b: page.signup(b.get("turnstile_sitekey"), b.get("recaptcha_sitekey"),
                                                   b.get("recaptcha_action") or "sign_up"), bound + OP_TIMEOUT),
-        ("/sitekeys", "POST", lambda _: page.sitekeys(), bound), ("/fetch", "POST", lambda b: fetch_lines(page, b), bound),
-        ("/shutdown", "POST", stop, None)]
-    return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method]) for path, method, fn, timeout in routes])
+        ("/sitekeys", "POST", lambda _: page.sitekeys(), bound),
+        ("/fetch", "POST", lambda b: fetch_lines(page, b), bound), ("/shutdown", "POST", stop, None)]
+    return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method])
+                             for path, method, fn, timeout in routes])
 
 
 async def serve_until_shutdown(settings: Settings) -> None:
