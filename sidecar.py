@@ -12,14 +12,12 @@ lazily by the bridge as a child process, serving HTTP/1.1 on a Unix socket (mode
     POST /shutdown    close the browser and exit 0
 
 Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browser or page failure) or 504
-(timeout). A /fetch answer is ``application/x-ndjson``: ``{"status", "headers"}``, then ``{"chunk": "<text>"}``…,
-then ``{"done": true, "cookies": {…the host's cookies after the call…}}`` or ``{"error": "…"}``. Closing the
-connection early aborts the page's fetch.
+(timeout). A /fetch answer is NDJSON: ``{"status", "headers"}``, ``{"chunk": "<text>"}``…, then ``{"done": true,
+"cookies": {…the host's jar after the call…}}`` or ``{"error": "…"}``; closing the connection aborts the fetch.
 
-In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too), read from the file
-named by --page-agent; its events come back through a Playwright binding. The kernel ends us when the bridge
-dies (PR_SET_PDEATHSIG); the driver, Chromium and Xvfb end with us as their pipes close. Secrets (tokens,
-cookies) are never logged.
+In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too) from --page-agent's
+file; its events come back through a Playwright binding. The kernel ends us when the bridge dies
+(PR_SET_PDEATHSIG); the driver, Chromium and Xvfb end with us as their pipes close. Secrets are never logged.
 """
 
 from __future__ import annotations
@@ -412,7 +410,7 @@ class ArenaPage:
         page = await context.new_page()
         try:
             await self._goto(page)
-            await self.pass_interstitial(page, context)
+            await self.pass_interstitial(page)
             yield page
         finally:
             with contextlib.suppress(PlaywrightError):
@@ -476,13 +474,13 @@ class ArenaPage:
                     pass
             else:
                 await self._goto(page)
-                await self.pass_interstitial(page, self.chromium.context)
+                await self.pass_interstitial(page)
             cookies = await self.chromium.cookies()
         log.info("clearance: %d cookies (cf_clearance %s)", len(cookies),
                  f"{len(cookies['cf_clearance'])} chars" if "cf_clearance" in cookies else "absent")
         return {"cookies": cookies, "user_agent": self.chromium.user_agent}
 
-    async def pass_interstitial(self, page: Any, context: Any) -> None:
+    async def pass_interstitial(self, page: Any) -> None:
         """Wait (bounded) until a Cloudflare interstitial on page clears; a no-op without one. The
         challenge reloads the page once passed (wait_for_function waits across that navigation)."""
         deadline = time.monotonic() + CLEARANCE_TIMEOUT
@@ -494,7 +492,7 @@ class ArenaPage:
             with contextlib.suppress(PlaywrightError):
                 await page.wait_for_function(PASSED_JS, timeout=2000)
                 await page.wait_for_load_state("load", timeout=5000)
-            if await self.is_interstitial(page) and "cf_clearance" in await self.chromium.cookies(context):
+            if await self.is_interstitial(page) and "cf_clearance" in await self.chromium.cookies(page.context):
                 await self._goto(page)  # the cookie is set but the challenge has not reloaded the page yet
 
     @staticmethod
