@@ -8932,10 +8932,18 @@ def forwarded(request: Request, header: str) -> str:
     return value if value and address_in(peer, bridge(request).settings.trusted_proxy) else ""
 
 
+def forwarding_client(hops: str, trusted: Iterable[Network]) -> str:
+    """The client in an X-Forwarded-For: the last hop that is not itself a listed proxy. Each proxy appends
+    the address it saw, so with a chain of listed proxies (a CDN, then nginx) the last hop is a proxy, and
+    every client would share its sign-in throttle; hops before the client's are its own say, not believed."""
+    addresses = [hop.strip() for hop in hops.split(",") if hop.strip()]
+    return next((a for a in reversed(addresses) if not address_in(a, trusted)), addresses[0] if addresses else "")
+
+
 def client_address(request: Request) -> str:
-    """Behind a trusted proxy, the address that proxy saw: the last X-Forwarded-For hop, the one it added."""
+    """Behind a trusted proxy, the address the proxies saw (forwarding_client); else the connection's."""
     if hops := forwarded(request, "x-forwarded-for"):
-        return hops.rsplit(",", 1)[-1].strip()
+        return forwarding_client(hops, bridge(request).settings.trusted_proxy) or "unknown"
     return request.client.host if request.client else "unknown"
 
 

@@ -55,6 +55,13 @@ def test_trusted_proxy_is_a_list_of_networks_where_1_means_loopback_and_0_none()
         trusted("proxy.example")
 
 
+def test_the_client_behind_a_chain_of_listed_proxies_is_the_last_hop_that_is_not_one():
+    trusted = bridge.networks("10.0.0.0/8, 127.0.0.1")
+    assert bridge.forwarding_client("203.0.113.9, 10.1.2.3", trusted) == "203.0.113.9"
+    assert bridge.forwarding_client("198.51.100.1, 203.0.113.9", trusted) == "203.0.113.9"   # a client's own claim
+    assert bridge.forwarding_client("10.1.2.3, 127.0.0.1", trusted) == "10.1.2.3"            # all hops are proxies
+
+
 def test_the_sidecar_socket_defaults_to_beside_the_database(tmp_path):
     s = bridge.Settings.load(env={"BRIDGE_DB": str(tmp_path / "state.db")})
     assert s.socket_path == str(tmp_path / "bridge-sidecar.sock")
