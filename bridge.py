@@ -93,6 +93,7 @@ import socket
 import sqlite3
 import struct
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -362,21 +363,25 @@ class Memo:
     """The latest results of a pure computation, by a key that spells out all of its input: a changed
     input is a new key, so no result is ever stale. Bounded twice, so that what it holds stays small
     whatever clients send: at most `entries` results (the least recently used goes first), and none kept
-    for a key longer than `longest` characters."""
+    for a key longer than `longest` characters. Locked: a large request's steps call it from a worker thread
+    (off_loop), and a key evicted between another caller's lookup and its move_to_end was a KeyError."""
 
     def __init__(self, entries: int, longest: int) -> None:
         self.entries, self.longest = entries, longest
         self.results: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key in self.results:
-            self.results.move_to_end(key)
-            return self.results[key]
-        result = compute()
+        with self.lock:
+            if key in self.results:
+                self.results.move_to_end(key)
+                return self.results[key]
+        result = compute()      # outside the lock: two callers may compute one key, never wait on each other
         if len(key) <= self.longest:
-            self.results[key] = result
-            if len(self.results) > self.entries:
-                self.results.popitem(last=False)
+            with self.lock:
+                self.results[key] = result
+                if len(self.results) > self.entries:
+                    self.results.popitem(last=False)
         return result
 
 

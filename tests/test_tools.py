@@ -1,5 +1,8 @@
 """The emulated tool engine and structured output (SPEC §7.1): pure functions, no network."""
+import collections
+import concurrent.futures
 import json
+import time
 
 import pytest
 
@@ -586,3 +589,18 @@ def test_a_memo_drops_the_least_recently_used_result_and_keeps_no_failure():
     with pytest.raises(ApiError):
         memo.get("bad", lambda: bridge.read_chat_tools(chat_body(tools={"a": 1}), key="bad"))
     assert "bad" not in memo.results and memo.get("x" * 11, lambda: 1) == 1 and "x" * 11 not in memo.results
+
+
+def test_a_memo_used_from_two_threads_never_loses_a_key_between_lookup_and_use():
+    class SlowLookup(collections.OrderedDict):      # a lookup that lets the other thread run meanwhile
+        def __contains__(self, key):
+            found = super().__contains__(key)
+            time.sleep(0.05 if key == "a" else 0)
+            return found
+    memo = bridge.Memo(entries=1, longest=10)
+    memo.results = SlowLookup(a="A")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        reader = pool.submit(memo.get, "a", lambda: "A")
+        time.sleep(0.01)
+        evicter = pool.submit(memo.get, "b", lambda: "B")
+        assert (reader.result(), evicter.result()) == ("A", "B")
