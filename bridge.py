@@ -171,6 +171,7 @@ def _bool_or_auto(text: str) -> bool | None:
 
 
 REQUEST_PATH_SETTINGS = ("auto", "page", "direct")     # BRIDGE_REQUEST_PATH; REQUEST_PATHS says what each does
+AT_LEAST_ONE = ("login_attempts", "login_budget")      # settings that have no "off" (0)
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", "--host", ("BRIDGE_HOST",), str, "127.0.0.1", "address to listen on"),
@@ -316,6 +317,10 @@ class Settings:
         if values["request_path"] not in REQUEST_PATH_SETTINGS:
             raise SystemExit(f"BRIDGE_REQUEST_PATH must be one of {', '.join(REQUEST_PATH_SETTINGS)}, "
                              f"not {values['request_path']!r}")
+        # A throttle of 0 guesses would lock the dashboard for good (and failed on its empty window).
+        for opt in OPTIONS:
+            if opt.name in AT_LEAST_ONE and values[opt.name] < 1:
+                raise SystemExit(f"{opt.env[0]} must be 1 or more, not {values[opt.name]}")
         return cls(**values)
 
     @property

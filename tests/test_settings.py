@@ -55,6 +55,12 @@ def test_trusted_proxy_is_a_list_of_networks_where_1_means_loopback_and_0_none()
         trusted("proxy.example")
 
 
+def test_a_sign_in_throttle_of_zero_guesses_is_refused_at_start():
+    for env in ("BRIDGE_LOGIN_ATTEMPTS", "BRIDGE_LOGIN_BUDGET"):
+        with pytest.raises(SystemExit, match=f"{env} must be 1 or more"):
+            bridge.Settings.load(env={env: "0"})
+
+
 def test_the_client_behind_a_chain_of_listed_proxies_is_the_last_hop_that_is_not_one():
     trusted = bridge.networks("10.0.0.0/8, 127.0.0.1")
     assert bridge.forwarding_client("203.0.113.9, 10.1.2.3", trusted) == "203.0.113.9"
