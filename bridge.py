@@ -8540,6 +8540,7 @@ class Doctor:
         body = chat_body(evaluation_id=evaluation_id, model_id=model["id"], content=DOCTOR_PROMPT,
                          modality="chat", attachments=[], mode=self.site.arena_mode(), token=token)
         started = time.monotonic()
+        self.pool.spend(account)    # a request on the account like any other: within its hourly budget
         response, sent = await self.send(path, body, account, action)
         received = bytearray()
         tap(response, received)

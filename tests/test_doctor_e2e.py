@@ -337,3 +337,19 @@ def test_a_browser_account_is_reported_and_never_chatted_on_from_the_doctor(aren
         assert store.account(browser)["state"] == "ok" and not store.account(browser)["last_error"]
     finally:
         store.close()
+
+
+def test_a_chat_from_the_diagnostics_page_counts_against_the_accounts_hourly_budget(arena, tmp_path):
+    arena.configure(recaptcha="off")
+    proc = BridgeProcess(arena.url, str(tmp_path), env={"BRIDGE_ADMIN_PASSWORD": PASSWORD,
+                                                         "BRIDGE_ACCOUNT_RPH": "1"}).start()
+    try:
+        proc.wait_for_models()
+        proc.set_accounts(arena.new_session())
+        assert "A chat worked" in run_from_page(signed_in(proc), chat="1")
+        answer = httpx.post(proc.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {proc.create_key()}"},
+                            json={"model": "gemini-3-pro", "messages": [{"role": "user", "content": "x"}]}, timeout=60)
+        assert answer.status_code == 429 and answer.json()["error"]["code"] == "accounts_paced"
+        assert len(arena.chat_requests()) == 1
+    finally:
+        proc.stop()
