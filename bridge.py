@@ -1067,10 +1067,14 @@ def discover_site(page: str, scripts: Iterable[str]) -> dict[str, Any]:
     return found
 
 
-def names_recaptcha(page: str, scripts: Iterable[str], found: dict[str, Any]) -> bool:
+def names_recaptcha(page: str, scripts: list[str], found: dict[str, Any]) -> bool | None:
     """Whether the site uses reCAPTCHA: a sitekey was found, or the page or a chunk names it. Only a site
-    that says nothing of it is taken to enforce no token (REQUEST_PATHS' "no_token")."""
-    return "sitekey" in found or any("recaptcha" in text.lower() for text in (page, *scripts))
+    that says nothing of it is taken to enforce no token (REQUEST_PATHS' "no_token"); None (unknown) when a
+    chunk failed to load (read as ""): a chat sent without a token to a site that wants one costs the account
+    a penalty (U2)."""
+    if "sitekey" in found or any("recaptcha" in text.lower() for text in (page, *scripts)):
+        return True
+    return None if "" in scripts else False
 
 
 def is_cloudflare_challenge(status: int, headers: dict[str, str], body: str) -> bool:

@@ -206,6 +206,13 @@ def facts(browser=True, account_refused=False, site_said=None, recaptcha_seen=Tr
                             recaptcha_seen=recaptcha_seen)
 
 
+def test_a_site_is_taken_to_enforce_no_token_only_when_every_chunk_was_read_and_none_names_recaptcha():
+    assert bridge.names_recaptcha("<html>", ["chunk one", "chunk two"], {}) is False
+    assert bridge.names_recaptcha("<html>", ["chunk one", ""], {}) is None       # a chunk failed to load
+    assert bridge.names_recaptcha("<html>", ["grecaptcha.enterprise", ""], {}) is True
+    assert bridge.names_recaptcha("<html>", [], {"sitekey": "6Le"}) is True
+
+
 def test_every_request_path_setting_names_a_path_for_every_evidence():
     evidence = {name for name, _ in bridge.PATH_EVIDENCE}
     assert set(bridge.REQUEST_PATHS) == set(bridge.REQUEST_PATH_SETTINGS)
