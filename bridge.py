@@ -3190,17 +3190,27 @@ class ArenaSite:
         self.last_live_lookup, self.live_asked = 0.0, False     # live_asked: since the last discovery (U8)
         # An explicit --arena-mode wins at start; the mode learned from a refusal is only the default.
         self.mode: str = settings.arena_mode or self.params.get("arena_mode") or DEFAULT_ARENA_MODE
+        self.closing: set[asyncio.Task] = set()     # finished replies' transfers given their grace (close)
 
     async def aclose(self) -> None:
+        for task in list(self.closing):
+            task.cancel()       # close_streamed's clean-up still ends the transfer
+        await asyncio.gather(*self.closing, return_exceptions=True)
         await self.http.close()
 
     async def close(self, response: Any, grace: float = 0.0) -> None:
-        """Close a chat answer, from either path (in the page, or from here): at once, or after up to
-        `grace` seconds for a finished reply's transfer to end by itself."""
+        """Close a chat answer, from either path (in the page, or from here): at once, or, for a finished
+        reply, after up to `grace` seconds for its transfer to end by itself (its connection is then kept).
+        That wait runs in the background: the client's answer is complete, and lane B of a battle turn may
+        stream on after model A's finish (the real capture's `bd:` comes after `ad:`)."""
         if isinstance(response, BrowserResponse):
             await response.aclose()
+        elif grace:
+            task = asyncio.ensure_future(close_streamed(self.http, response, grace))
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
         else:
-            await close_streamed(self.http, response, grace)
+            await close_streamed(self.http, response)
 
     # --- requests -----------------------------------------------------------------------------------
     def identity(self, account: dict | None) -> tuple[str, dict[str, str]]:
@@ -4139,12 +4149,20 @@ class TurnRunner:
             self.note_quota(account, plan.modality, response.headers)
             return OpenedTurn(response, account["id"], evaluation_id, followup["turns"] + 1 if followup else 1,
                               (body["modelAMessageId"], body.get("modelBMessageId")))
+        answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()},
+                        await self.refusal_text(response))
+        return Failure(answer, account, path, in_page, tries)
+
+    async def refusal_text(self, response: Any) -> str:
+        """The start of a refusal's body, then the answer closed. A body that never ends (the status came,
+        the rest hangs) is given up after the stream's idle timeout: its status and headers still decide."""
         try:
-            text = (await response.acontent()).decode("utf-8", "replace")[:4000]
+            async with asyncio.timeout(self.settings.stream_idle_timeout):
+                return (await response.acontent()).decode("utf-8", "replace")[:4000]
+        except TimeoutError:
+            return ""
         finally:
             await self.site.close(response)
-        answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, text)
-        return Failure(answer, account, path, in_page, tries)
 
     def turn_fields(self, plan: TurnPlan, followup: dict | None) -> dict[str, Any]:
         """A follow-up sends only the newest message and no mode; a new evaluation the whole history."""

@@ -103,7 +103,10 @@ def test_no_step_of_a_huge_history_request_holds_the_event_loop(arena, tmp_path,
     print(f"loop steps: {len(steps)}, CPU {sum(steps) * 1000:.0f} ms in all, the longest (ms):",
           [round(s * 1000, 1) for s in steps[-5:]])
     assert answer.status_code == 200 and int(answer.headers["x-bridge-history-trimmed"]) > 40_000
-    assert steps[-1] < 0.025
+    # CPU seconds of the longest step: 5-19 ms on a quiet machine, up to ~40 ms on a loaded one (CPU time
+    # inflates too when two cores are shared by many processes); 64-193 ms before the large-body work moved
+    # off the loop.
+    assert steps[-1] < 0.05
 
 
 SPLIT_EMOJI = ['a0:"smile \\ud83d"', 'a0:"\\ude00 and a lone \\udc00 one"', 'a0:" and the rest"',
@@ -271,3 +274,22 @@ def test_a_completion_left_while_its_reply_is_read_stops_reading_upstream(fresh,
     received, closed = fresh.hang_up(api_key, "/v1/chat/completions", CHAT, after=1.0)
     assert received == b"" and not any(r.get("status") is None for r in arena.chat_requests())
     assert_cancelled(fresh, arena, api_key, closed)
+
+
+def test_a_finished_reply_ends_for_its_client_while_lane_b_still_streams(fresh, api_key, arena):
+    """The site keeps the transfer open after model A's finish while lane B of a battle turn streams on (the
+    real capture's `bd:` comes after `ad:`): the client's [DONE] follows A's finish at once, while the
+    bridge gives the transfer its grace to end by itself in the background."""
+    arena.configure(recaptcha="off", line_delay=1.0)
+    arena.script_reply(lines=['a0:"done"', 'ad:{"finishReason":"stop"}', 'b0:"lane b, still going"',
+                              'b0:" and going"', 'bd:{"finishReason":"stop"}'])
+    seen: dict[str, float] = {}
+    with httpx.stream("POST", fresh.url + "/v1/chat/completions", timeout=30,
+                      json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+                      headers={"Authorization": f"Bearer {api_key}"}) as response:
+        for line in response.iter_lines():
+            if '"content":"done"' in line.replace(" ", ""):
+                seen["text"] = time.perf_counter()
+            if line == "data: [DONE]":
+                seen["done"] = time.perf_counter()
+    assert seen["done"] - seen["text"] < 1.8     # A's finish is 1 s after its text; lane B would add 3 s more

@@ -1,5 +1,6 @@
 """The upstream client and the account pool without a network: clearance, refresh, the arena mode."""
 import asyncio
+import types
 
 from test_accounts import session_value
 
@@ -129,3 +130,23 @@ def test_only_the_first_queued_request_polls_the_store_soon(tmp_path):
 
     assert asyncio.run(two_queued_without_an_answer()) == [True, False]    # 50 ms for the first, 500 ms after it
     assert not pool.queued
+
+
+def test_a_refusal_whose_body_never_ends_is_given_up_after_the_idle_timeout_and_closed():
+    """The status came, the body hangs: the attempt goes on by its status after the stream's idle timeout,
+    and the answer is closed (not held until the client leaves)."""
+    closed = []
+
+    class Hanging:
+        async def acontent(self) -> bytes:
+            await asyncio.sleep(3600)
+            return b""
+
+    async def close(response, grace=0.0):
+        closed.append(response)
+
+    runner = types.SimpleNamespace(settings=types.SimpleNamespace(stream_idle_timeout=0.05),
+                                   site=types.SimpleNamespace(close=close))
+    response = Hanging()
+    assert asyncio.run(asyncio.wait_for(bridge.TurnRunner.refusal_text(runner, response), 5)) == ""
+    assert closed == [response]
