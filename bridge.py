@@ -1907,10 +1907,10 @@ def next_step(kind: str, failures: int, attempt: Attempt) -> str:
     return next((step for step in candidates if STEP_APPLIES.get(step, lambda a: True)(attempt)), "refuse")
 
 
-# --- the request path (arena-protocol §0 U1, U2) ----------------------------------------------------------
-# The site binds reCAPTCHA tokens to the page that minted them, and every refused attempt costs the account a
-# penalty of tens of minutes: a chat goes through a browser page (the sidecar's in-page fetch) unless the direct
-# path is known to work. The table below is the whole rule; its input is the first evidence that holds.
+# The request path (arena-protocol §0 U1, U2). The site binds reCAPTCHA tokens to the page that minted them,
+# and every refused attempt costs the account a penalty of tens of minutes: a chat goes through a browser page
+# (the sidecar's in-page fetch) unless the direct path is known to work. The table below is the whole rule;
+# its input is the first evidence that holds.
 
 @dataclasses.dataclass(frozen=True)
 class PathFacts:
