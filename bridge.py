@@ -3613,9 +3613,10 @@ class AccountPool:
         self.signup_lock = asyncio.Lock()
         # Chat requests per account in the last hour, against BRIDGE_ACCOUNT_RPH (U2: 10-20 an hour reported).
         self.budget = SlidingWindow(3600.0)
-        # Accounts with a chat request sent and its answer's status not yet in. A burst waits for them
-        # rather than sending a second request on one account before the first says whether it is
-        # refused: on the late-2026 site each refused attempt extends the account's penalty (U2).
+        # Accounts taken for a chat request (chosen, their session maybe refreshing, or the request sent)
+        # whose answer's status is not yet in. A burst waits for them rather than sending a second request
+        # on one account before the first says whether it is refused: on the late-2026 site each refused
+        # attempt extends the account's penalty (U2).
         self.asking: set[int] = set()
         # The requests queued meanwhile, in order, each woken by an answer, one at a time. A poll alone left
         # a freed account idle for up to its interval, and each of a burst's requests polling the store 20
@@ -3700,13 +3701,28 @@ class AccountPool:
         """The account that owns the held conversation (the site refuses follow-ups from another), or
         any usable account for a new one, with a session that is not about to expire."""
         account = await self.first_choice(followup, excluded, modality)
+        if account is not None and followup is not None:
+            return await self.fresh(account)
         while account is not None:
-            fresh = await self.fresh(account)
-            if fresh is not None or followup is not None:
+            fresh = await self.taken_fresh(account)
+            if fresh is not None:
                 return fresh
             excluded.add(account["id"])
             account = self.pick(excluded, modality)
         return None
+
+    async def taken_fresh(self, account: dict) -> dict | None:
+        """`fresh` for a new conversation's account, which counts as asking from now on (the caller's attempt
+        ends that: `answered`): a refresh awaits LM Arena, and a request that picked the account meanwhile
+        would send beside it, past its hourly budget (BRIDGE_ACCOUNT_MIN_INTERVAL is 0 by default)."""
+        self.asking.add(account["id"])
+        fresh = None
+        try:
+            fresh = await self.fresh(account)
+        finally:
+            if fresh is None:
+                self.answered(account["id"])
+        return fresh
 
     async def first_choice(self, followup: dict | None, excluded: set[int], modality: str) -> dict | None:
         if followup is not None:

@@ -379,6 +379,28 @@ def test_u2_requests_are_spread_over_the_accounts_and_past_their_budget_get_429_
         proc.stop()
 
 
+def test_u2_a_request_arriving_while_the_picked_account_refreshes_its_session_cannot_overspend_its_budget(
+        arena, tmp_path):
+    """pick -> refresh -> send: the refresh awaits LM Arena, and the account must count as taken meanwhile
+    (BRIDGE_ACCOUNT_MIN_INTERVAL is 0 by default, so its last_used alone does not hold a second request off)."""
+    arena.reset()
+    arena.configure(recaptcha="off")
+    proc = BridgeProcess(arena.url, str(tmp_path), env={"BRIDGE_ACCOUNT_RPH": "1"}).start()
+    try:
+        proc.wait_for_models()
+        arena.fault(times=1, path="page", status=500, first_byte_delay=1.0)   # a slow refresh, then the grant's
+        proc.set_accounts(arena.new_session(lifetime=-60))
+        key = proc.create_key()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda i: post(proc, key, {**GOOD, "messages": [{"role": "user", "content": f"r{i}"}]}),
+                                    range(2)))
+        assert sorted(r.status_code for r in replies) == [200, 429]
+        assert max(replies, key=lambda r: r.status_code).json()["error"]["code"] == "accounts_paced"
+        assert len(arena.chat_requests()) == 1
+    finally:
+        proc.stop()
+
+
 # --- with the real sidecar and Chromium: U1, U2, U4 zero setup, U8 -------------------------------------------------------
 
 BROWSER = os.environ.get("BRIDGE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
