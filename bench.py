@@ -230,10 +230,11 @@ class Bridge:
 
     def launch(self, timeout: float = 30.0) -> float:
         self.port = free_port()
-        # BRIDGE_ACCOUNT_RPH=0: the bench sends thousands of chats from one emulator account, far beyond the
-        # hourly budget the bridge keeps for a real LM Arena account by default.
+        # The bench sends thousands of chats from one emulator account, far beyond the hourly budget the bridge
+        # keeps for a real LM Arena account (BRIDGE_ACCOUNT_RPH): a budget it cannot reach, so that each chat
+        # still pays for the budget's bookkeeping, as it does in a deployment.
         env = {**os.environ, "BRIDGE_SIDECAR": "off", "BRIDGE_LOG_LEVEL": "info", "BRIDGE_ANONYMOUS": "off",
-               "BRIDGE_ACCOUNT_RPH": "0", "PYTHONPATH": ROOT}
+               "BRIDGE_ACCOUNT_RPH": "100000000", "PYTHONPATH": ROOT}
         env.pop("ARENA_AUTH_TOKENS", None)
         started = time.perf_counter()
         with open(self.log_path, "ab") as log:

@@ -10,7 +10,7 @@ Contents:
     Settings                flags and environment, one frozen object
     Tools                   time, a sliding window, request traces, a prefetching queue
     Schema                  the SQLite schema's migrations, in order
-    Store                   the one SQLite file: accounts, keys, usage, models, site parameters, conversations
+    Store                   the one SQLite file: accounts and their budgets, keys, usage, models, site parameters, conversations
 
   Part II: LM Arena (the upstream; names failures, never chooses a client's status)
     Site discovery          pure: the page and its JS chunks in, site parameters out
@@ -596,8 +596,15 @@ def _migrate_v5(db: sqlite_utils.Database) -> None:
     }, pk="account_id", defaults={"jobs": 0, "failures": 0})
 
 
+def _migrate_v6(db: sqlite_utils.Database) -> None:
+    """Each chat request sent on an account, for its hourly budget (BRIDGE_ACCOUNT_RPH): kept in memory only,
+    the budget was forgiven by every restart, and a burst right after one could put each account in penalty (U2)."""
+    db.table("account_requests").create({"account_id": int, "ts": float}, not_null={"account_id", "ts"})
+    db.table("account_requests").create_index(["ts"])
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, _migrate_v2, _migrate_v3,
-                                                                   _migrate_v4, _migrate_v5)
+                                                                   _migrate_v4, _migrate_v5, _migrate_v6)
 
 
 # =====================================================================================================
@@ -606,6 +613,7 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_v1, 
 
 ACCOUNT_PUBLIC_FIELDS = ("id", "label", "kind", "form", "expires_at", "state", "cooldown_until",
                          "cooldown_reason", "failures", "last_error", "last_used", "needs_browser")
+BUDGET_WINDOW = 3600.0      # seconds: an account's budget counts the chat requests it sent in the last hour (U2)
 
 
 class Store:
@@ -746,7 +754,39 @@ class Store:
             self.db.execute("DELETE FROM uploads WHERE account_id = ?", [account_id])
             self.db.execute("DELETE FROM quotas WHERE account_id = ?", [account_id])
             self.db.execute("DELETE FROM browser_executors WHERE account_id = ?", [account_id])
+            self.db.execute("DELETE FROM account_requests WHERE account_id = ?", [account_id])
+            self._sent = None
             return self.db.execute("DELETE FROM accounts WHERE id = ?", [account_id]).rowcount == 1
+
+    # --- chat requests sent per account: the hourly budget (U2) ---------------------------------------
+    _sent: tuple[int, dict[int, collections.deque[float]]] | None = None
+
+    def sent_requests(self) -> dict[int, collections.deque[float]]:
+        """When each account sent its chat requests of the last BUDGET_WINDOW, oldest first (times that left
+        the window since the last request stay until the next one: readers skip them). The table is the
+        truth, which a restart keeps; this copy of it, read once and written through by record_request,
+        spares each choice of an account a query. It is read again when another connection wrote the file
+        (PRAGMA data_version: a `doctor` CLI beside a server)."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if self._sent is None or self._sent[0] != version:
+            sent: dict[int, collections.deque[float]] = {}
+            for account_id, at in self.db.execute("SELECT account_id, ts FROM account_requests WHERE ts > ? "
+                                                  "ORDER BY ts", [now() - BUDGET_WINDOW]):
+                sent.setdefault(account_id, collections.deque()).append(at)
+            self._sent = (version, sent)
+        return self._sent[1]
+
+    def record_request(self, account_id: int) -> None:
+        """A chat request is sent on the account now; the requests older than the window are forgotten."""
+        sent = self.sent_requests()     # brought up to date first: this connection's own write leaves it so
+        at = now()
+        with self.db.conn:
+            forgotten = self.db.execute("DELETE FROM account_requests WHERE ts <= ?", [at - BUDGET_WINDOW]).rowcount
+            self.db.execute("INSERT INTO account_requests (account_id, ts) VALUES (?, ?)", [account_id, at])
+        for times in sent.values() if forgotten else ():
+            while times and times[0] <= at - BUDGET_WINDOW:
+                times.popleft()
+        sent.setdefault(account_id, collections.deque()).append(at)
 
     # --- quotas per account and modality (U7) ---------------------------------------------------------
     def set_quota(self, account_id: int, modality: str, until: float, reason: str) -> None:
@@ -3611,8 +3651,6 @@ class AccountPool:
         self.sidecar = sidecar
         self.refresh_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.signup_lock = asyncio.Lock()
-        # Chat requests per account in the last hour, against BRIDGE_ACCOUNT_RPH (U2: 10-20 an hour reported).
-        self.budget = SlidingWindow(3600.0)
         # Accounts taken for a chat request (chosen, their session maybe refreshing, or the request sent)
         # whose answer's status is not yet in. A burst waits for them rather than sending a second request
         # on one account before the first says whether it is refused: on the late-2026 site each refused
@@ -3669,14 +3707,19 @@ class AccountPool:
                 and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
 
     def budget_wait(self, account: dict) -> float:
-        """Seconds until the account's hourly budget allows another chat request (0: it does now)."""
+        """Seconds until the account's hourly budget (BRIDGE_ACCOUNT_RPH, U2: 10-20 an hour reported) allows
+        another chat request (0: it does now). The requests it sent are in the store: a restart forgives none."""
         rph = self.settings.account_rph
-        return self.budget.full(account["id"], rph) if rph > 0 else 0.0
+        if rph <= 0:
+            return 0.0
+        at = now()
+        recent = [t for t in self.store.sent_requests().get(account["id"], ()) if at - t < BUDGET_WINDOW]
+        return BUDGET_WINDOW - (at - recent[-rph]) if len(recent) >= rph else 0.0
 
     def spend(self, account: dict) -> None:
         """One chat request is sent on the account: it counts against its hourly budget."""
         if self.settings.account_rph > 0:
-            self.budget.admit(account["id"], self.settings.account_rph)
+            self.store.record_request(account["id"])
 
     def soonest_budget(self, exclude: set[int]) -> float | None:
         """Seconds until the first account held back only by its budget may send; None: no account is."""

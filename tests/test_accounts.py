@@ -164,6 +164,58 @@ def test_sessions_of_different_users_are_different_accounts(tmp_path):
     assert len(store.accounts()) == 2
 
 
+# --- the chat requests each account sent, for its hourly budget (U2) -----------------------------------------------
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The store's wall clock, moved by the test."""
+    at = [1_800_000_000.0]
+    monkeypatch.setattr(bridge, "now", lambda: at[0])
+    return at
+
+
+def sent(store) -> dict:
+    return {account_id: list(times) for account_id, times in store.sent_requests().items()}
+
+
+def test_chat_requests_recorded_on_an_account_are_read_back_by_a_store_opened_later_on_the_file(tmp_path, clock):
+    store = bridge.Store(str(tmp_path / "a.db"))
+    store.record_request(1)
+    clock[0] += 10
+    store.record_request(1)
+    store.record_request(2)
+    store.close()
+    assert sent(bridge.Store(str(tmp_path / "a.db"))) == {1: [clock[0] - 10, clock[0]], 2: [clock[0]]}
+
+
+def test_chat_requests_older_than_the_budget_window_are_not_read_and_are_deleted_by_the_next_one(tmp_path, clock):
+    store = bridge.Store(str(tmp_path / "a.db"))
+    store.record_request(1)
+    clock[0] += bridge.BUDGET_WINDOW
+    assert sent(bridge.Store(str(tmp_path / "a.db"))) == {}
+    store.record_request(2)
+    assert store.rows("SELECT account_id, ts FROM account_requests") == [{"account_id": 2, "ts": clock[0]}]
+    assert sent(store) == {1: [], 2: [clock[0]]}
+
+
+def test_a_chat_request_another_connection_recorded_is_seen_without_reopening_the_store(tmp_path, clock):
+    server, cli = bridge.Store(str(tmp_path / "a.db")), bridge.Store(str(tmp_path / "a.db"))
+    assert sent(server) == {}
+    cli.record_request(1)           # e.g. `python bridge.py doctor` beside a running server
+    assert sent(server) == {1: [clock[0]]}
+    server.record_request(1)
+    assert sent(server) == {1: [clock[0], clock[0]]} and sent(cli) == sent(server)
+
+
+def test_removing_an_account_forgets_the_chat_requests_it_sent(tmp_path, clock):
+    store = bridge.Store(str(tmp_path / "a.db"))
+    account_id, _ = bridge.add_account(store, parse_account_input(user_session("user-1")))
+    store.record_request(account_id)
+    assert store.remove_account(account_id)
+    assert sent(store) == {} and store.rows("SELECT * FROM account_requests") == []
+
+
 def test_a_session_too_long_for_one_browser_cookie_is_sent_in_chunks():
     value = "base64-" + "A" * 5000
     cookies = bridge.Session(value, "whole").cookies()

@@ -379,6 +379,43 @@ def test_u2_requests_are_spread_over_the_accounts_and_past_their_budget_get_429_
         proc.stop()
 
 
+@contextlib.contextmanager
+def budget_bridge(arena, folder, rph: int):
+    """A bridge with an hourly budget of `rph` chats per account, and one account."""
+    arena.reset()
+    arena.configure(recaptcha="off")
+    proc = BridgeProcess(arena.url, str(folder), env={"BRIDGE_ACCOUNT_RPH": str(rph)}).start()
+    try:
+        proc.wait_for_models()
+        proc.set_accounts(arena.new_session())
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_u2_a_bridge_restarted_on_the_same_database_still_refuses_an_account_whose_budget_was_spent(arena, tmp_path):
+    with budget_bridge(arena, tmp_path, rph=2) as proc:
+        key = proc.create_key()
+        for i in range(2):
+            assert post(proc, key, {**GOOD, "messages": [{"role": "user", "content": f"spent {i}"}]}).status_code == 200
+        proc.restart()              # a crash, a deploy: the budget is in the database, not forgiven
+        refused = post(proc, key, GOOD)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "accounts_paced"
+        assert 3500 < int(refused.headers["retry-after"]) <= 3601
+        assert len(arena.chat_requests()) == 2
+
+
+def test_u2_chat_requests_sent_more_than_an_hour_before_a_restart_no_longer_count(arena, tmp_path):
+    with budget_bridge(arena, tmp_path, rph=1) as proc:
+        key = proc.create_key()
+        assert post(proc, key, GOOD).status_code == 200
+        proc.stop()
+        proc.store.write("UPDATE account_requests SET ts = ts - 3600")    # as if it had been sent an hour ago
+        proc.start()
+        assert post(proc, key, {**GOOD, "messages": [{"role": "user", "content": "an hour later"}]}).status_code == 200
+        assert len(arena.chat_requests()) == 2
+
+
 def test_u2_a_request_arriving_while_the_picked_account_refreshes_its_session_cannot_overspend_its_budget(
         arena, tmp_path):
     """pick -> refresh -> send: the refresh awaits LM Arena, and the account must count as taken meanwhile
