@@ -3712,9 +3712,9 @@ class AccountPool:
         rph = self.settings.account_rph
         if rph <= 0:
             return 0.0
-        at = now()
-        recent = [t for t in self.store.sent_requests().get(account["id"], ()) if at - t < BUDGET_WINDOW]
-        return BUDGET_WINDOW - (at - recent[-rph]) if len(recent) >= rph else 0.0
+        sent = self.store.sent_requests().get(account["id"]) or ()
+        # It has sent rph in the window when its rph-th latest is in it: the wait is until that one leaves.
+        return max(0.0, BUDGET_WINDOW - (now() - sent[-rph])) if len(sent) >= rph else 0.0
 
     def spend(self, account: dict) -> None:
         """One chat request is sent on the account: it counts against its hourly budget."""

@@ -150,3 +150,23 @@ def test_a_refusal_whose_body_never_ends_is_given_up_after_the_idle_timeout_and_
     response = Hanging()
     assert asyncio.run(asyncio.wait_for(bridge.TurnRunner.refusal_text(runner, response), 5)) == ""
     assert closed == [response]
+
+
+def test_an_account_over_its_budget_waits_until_enough_of_its_requests_leave_the_hour(tmp_path, monkeypatch):
+    """Requests sent past the budget count too (a follow-up, the doctor): with 2 an hour and 4 sent, the
+    account may send again once its first three have left the window, not its first alone."""
+    at = [1_800_000_000.0]
+    monkeypatch.setattr(bridge, "now", lambda: at[0])
+    settings, store, site = parts(tmp_path, BRIDGE_ACCOUNT_RPH="2")
+    pool = bridge.AccountPool(settings, store, site, site.sidecar)
+    account = {"id": 7}
+    pool.spend(account)
+    assert pool.budget_wait(account) == 0
+    for _ in range(3):
+        at[0] += 100
+        pool.spend(account)
+    at[0] += 100
+    assert pool.budget_wait(account) == bridge.BUDGET_WINDOW - 200        # until the third one leaves
+    at[0] += bridge.BUDGET_WINDOW - 200
+    assert pool.budget_wait(account) == 0
+    assert pool.budget_wait({"id": 8}) == 0
