@@ -4740,6 +4740,7 @@ class BridgeState:
     executors: BrowserExecutors
     bodies: BodyBudget
     executor_auth: GuessThrottle        # wrong pairing secrets, throttled like sign-ins
+    chat_tools: Memo                    # chat requests' tools, read once per tool set (parse_chat_tools)
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
     async def models(self) -> list[dict]:
@@ -5428,7 +5429,9 @@ class ToolSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ToolConfig:
-    """A request's tools and how the model may use them.
+    """A request's tools and how the model may use them, with the instructions that teach them to the
+    model, rendered once when the config is made: a config the chat route keeps for an agent's next turn
+    (parse_chat_tools) brings its rendering along.
 
     choice: auto | none | required | function (then `function` names the one it must call).
     parallel: several calls in one reply, or only the first."""
@@ -5436,7 +5439,10 @@ class ToolConfig:
     choice: str = "auto"
     function: str | None = None
     parallel: bool = True
-    key: str = dataclasses.field(default="", compare=False, repr=False)   # see TOOL_RENDERINGS; "": none
+    instructions: str = dataclasses.field(init=False, default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "instructions", tool_instructions(self))   # frozen: set once, here
 
     @property
     def callable(self) -> tuple[ToolSpec, ...]:
@@ -5479,7 +5485,7 @@ def tool_spec(name: Any, description: Any, parameters: Any, param: str) -> ToolS
 
 
 def tool_config(tools: list[ToolSpec], choice: str = "auto", function: str | None = None,
-                parallel: bool = True, param: str = "tool_choice", key: str = "") -> ToolConfig:
+                parallel: bool = True, param: str = "tool_choice") -> ToolConfig:
     """A checked ToolConfig: names unique, the choice known, a named or required call possible."""
     names = [t.name for t in tools]
     duplicate = next((n for n in names if names.count(n) > 1), None)
@@ -5488,7 +5494,7 @@ def tool_config(tools: list[ToolSpec], choice: str = "auto", function: str | Non
     problem = tool_choice_problem(choice, function, names)
     if problem:
         raise ApiError(400, f"`{param}` {problem}.", "invalid_value", param)
-    return ToolConfig(tuple(tools), choice, function if choice == "function" else None, parallel, key)
+    return ToolConfig(tuple(tools), choice, function if choice == "function" else None, parallel)
 
 
 def tool_choice_problem(choice: str, function: str | None, names: list[str]) -> str:
@@ -5591,22 +5597,9 @@ def function_lines(tools: tuple[ToolSpec, ...]) -> list[str]:
     return lines
 
 
-# An agent sends the same tools with every turn of its loop, and reading and rendering 20 of them was
-# most of a request's own CPU time: both are kept by the request fields they come from (ToolConfig.key),
-# for a few tool sets at once (several agents), none over 128 kB of JSON (Claude Code's are about 60 kB),
-# so that the memos hold a few MB at most whatever clients send.
-TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST = 8, 128 * 1024
-TOOL_RENDERINGS = Memo(TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST)
-
-
 def tool_instructions(config: ToolConfig) -> str:
-    """The system-part text that teaches the model the tools; empty when the request has none."""
-    if config.key:
-        return TOOL_RENDERINGS.get(config.key, lambda: render_tools(config))
-    return render_tools(config)
-
-
-def render_tools(config: ToolConfig) -> str:
+    """The system-part text that teaches the model the tools (ToolConfig.instructions); empty when the
+    request has none."""
     if not config.tools:
         return ""
     if not config.callable:
@@ -5662,7 +5655,7 @@ def agent_messages(messages: list[Message], config: ToolConfig, output: OutputFo
     as the last system message (after the client's own, which they refine). A trailing assistant message
     is a prefill: the model is asked to continue it."""
     prefill = PREFILL_RULE if messages and messages[-1].role == "assistant" else ""
-    parts = (tool_instructions(config), format_instructions(output), prefill)
+    parts = (config.instructions, format_instructions(output), prefill)
     instructions = "\n\n".join(part for part in parts if part)
     rendered = render_tool_history(messages)
     return [*rendered, Message("system", instructions, [])] if instructions else rendered
@@ -6108,19 +6101,24 @@ def chat_tool_choice(raw: Any) -> tuple[str, str | None]:
 
 
 CHAT_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
-CHAT_TOOLS = Memo(TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST)     # read once while an agent's loop runs (TOOL_RENDERINGS)
+# An agent sends the same tools with every turn of its loop, and reading and rendering 20 of them was
+# most of a request's own CPU time: a chat request's ToolConfig, its rendering included, is kept by the
+# JSON text of the fields it comes from, in a memo of each app's own (BridgeState.chat_tools: two bridges
+# in one process share none), for a few tool sets at once (several agents), none over 128 kB of JSON
+# (Claude Code's are about 60 kB), so that the memo holds a few MB at most whatever clients send.
+TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST = 8, 128 * 1024
 
 
-def parse_chat_tools(body: dict) -> ToolConfig:
-    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request, kept by their JSON text."""
+def parse_chat_tools(body: dict, memo: Memo) -> ToolConfig:
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request, read once per tool set: `memo`
+    keeps them by their JSON text (a changed field is a new key, so none is ever stale)."""
     fields = [body.get(field) for field in CHAT_TOOL_FIELDS]
     if fields == [None, None, None]:
         return ToolConfig()
-    key = "chat:" + compact_json(fields)
-    return CHAT_TOOLS.get(key, lambda: read_chat_tools(body, key))
+    return memo.get("chat:" + compact_json(fields), lambda: read_chat_tools(body))
 
 
-def read_chat_tools(body: dict, key: str) -> ToolConfig:
+def read_chat_tools(body: dict) -> ToolConfig:
     raw = body.get("tools") or []
     if not isinstance(raw, list):
         raise ApiError(400, "`tools` must be an array.", "invalid_type", "tools")
@@ -6131,7 +6129,7 @@ def read_chat_tools(body: dict, key: str) -> ToolConfig:
         raise ApiError(400, "`parallel_tool_calls` must be a boolean.", "invalid_type", "parallel_tool_calls")
     if not tools and choice == "none":
         return ToolConfig()
-    return tool_config(tools, choice, function, parallel is not False, key=key)
+    return tool_config(tools, choice, function, parallel is not False)
 
 
 def parse_response_format(raw: Any) -> OutputFormat:
@@ -6712,10 +6710,10 @@ def recorded_refusals(route: str, state: BridgeState, key: dict, model: str, sta
         raise
 
 
-def chat_inputs(body: dict, chat: ChatRequest) -> tuple[ToolConfig, OutputFormat]:
+def chat_inputs(body: dict, chat: ChatRequest, tool_memo: Memo) -> tuple[ToolConfig, OutputFormat]:
     """The checks of a chat body beside its messages: what is not supported, tools, the format, the loop guard."""
     refuse_unsupported(body)
-    tools, output = parse_chat_tools(body), parse_response_format(body.get("response_format"))
+    tools, output = parse_chat_tools(body, tool_memo), parse_response_format(body.get("response_format"))
     check_tool_loop(chat.messages)
     return tools, output
 
@@ -6725,7 +6723,7 @@ async def chat_completions(request: Request) -> Response:
     large = large_body(request)
     chat = await off_loop(large, parse_chat_request, body)
     with recorded_refusals(CHAT_ROUTE, state, key, chat.model, started):
-        tools, output = await off_loop(large, chat_inputs, body, chat)
+        tools, output = await off_loop(large, chat_inputs, body, chat, state.chat_tools)
         model = resolve_model(await state.models(), chat.model, with_images=bool(chat.messages[-1].images))
         draft = await off_loop(large, draft_turn, key["id"], chat, state.settings.max_prompt_chars, tools, output)
         plan = plan_turn(state, key, chat, model, tools, output, draft)
@@ -9714,7 +9712,8 @@ def bridge_state(settings: Settings, store: Store) -> BridgeState:
                        logins=GuessThrottle(settings.login_attempts, settings.login_budget), metrics=metrics,
                        failures=failures, executors=executors,
                        executor_auth=GuessThrottle(settings.login_attempts, settings.login_budget),
-                       bodies=BodyBudget(settings.max_inflight_body_mb * 2 ** 20))
+                       bodies=BodyBudget(settings.max_inflight_body_mb * 2 ** 20),
+                       chat_tools=Memo(TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST))
 
 
 def create_app(settings: Settings) -> Starlette:

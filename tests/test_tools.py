@@ -429,19 +429,28 @@ def chat_body(**fields):
     return {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
 
 
+def tool_memo() -> bridge.Memo:
+    """A memo as each app has its own (BridgeState.chat_tools)."""
+    return bridge.Memo(bridge.TOOL_MEMO_ENTRIES, bridge.TOOL_MEMO_LONGEST)
+
+
+def parse_chat_tools(body: dict) -> ToolConfig:
+    return bridge.parse_chat_tools(body, tool_memo())
+
+
 FUNCTION = {"type": "function", "function": {"name": "get_weather", "description": "weather",
                                              "parameters": WEATHER.parameters}}
 
 
 def test_chat_tools_choice_and_parallel_calls_are_read():
-    config = bridge.parse_chat_tools(chat_body(tools=[FUNCTION], tool_choice={
+    config = parse_chat_tools(chat_body(tools=[FUNCTION], tool_choice={
         "type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False))
     assert config == ToolConfig((WEATHER.__class__("get_weather", "weather", WEATHER.parameters),), "function",
                                 "get_weather", False)
 
 
 def test_no_tools_is_an_empty_config_even_with_tool_choice_none():
-    assert bridge.parse_chat_tools(chat_body(tool_choice="none")) == ToolConfig()
+    assert parse_chat_tools(chat_body(tool_choice="none")) == ToolConfig()
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -454,7 +463,7 @@ def test_no_tools_is_an_empty_config_even_with_tool_choice_none():
 ])
 def test_bad_chat_tool_fields_are_400s(fields, param):
     with pytest.raises(ApiError) as caught:
-        bridge.parse_chat_tools(chat_body(**fields))
+        parse_chat_tools(chat_body(**fields))
     assert caught.value.status == 400 and caught.value.param == param
 
 
@@ -543,7 +552,7 @@ def test_call_ids_take_the_apis_prefix():
     assert event.call.id.startswith("toolu_") and event.call.id == call_id("msg_1", 0, "toolu_")
 
 
-# The memos of a chat request's tools (an agent sends the same ones every turn).
+# The memo of a chat request's tools (an agent sends the same ones every turn).
 
 def function_tool(name="get_weather", description="weather", parameters=None):
     return {"type": "function", "function": {"name": name, "description": description,
@@ -551,9 +560,10 @@ def function_tool(name="get_weather", description="weather", parameters=None):
 
 
 def test_the_same_tools_sent_again_are_read_and_rendered_once():
-    first = bridge.parse_chat_tools(chat_body(tools=[function_tool()]))
-    again = bridge.parse_chat_tools(json.loads(json.dumps(chat_body(tools=[function_tool()]))))
-    assert again is first and tool_instructions(again) is tool_instructions(first)
+    memo = tool_memo()
+    first = bridge.parse_chat_tools(chat_body(tools=[function_tool()]), memo)
+    again = bridge.parse_chat_tools(json.loads(json.dumps(chat_body(tools=[function_tool()]))), memo)
+    assert again is first and again.instructions is first.instructions and "get_weather" in first.instructions
 
 
 @pytest.mark.parametrize("change", [
@@ -565,20 +575,33 @@ def test_the_same_tools_sent_again_are_read_and_rendered_once():
     {"tools": [function_tool()], "parallel_tool_calls": False},
 ])
 def test_a_changed_tools_list_or_choice_is_never_served_a_stale_rendering(change):
-    bridge.parse_chat_tools(chat_body(tools=[function_tool()]))
-    changed = bridge.parse_chat_tools(chat_body(**change))
-    fresh = bridge.read_chat_tools(chat_body(**change), key="")     # read and rendered without the memos
-    assert changed == fresh and tool_instructions(changed) == tool_instructions(fresh)
+    memo = tool_memo()
+    bridge.parse_chat_tools(chat_body(tools=[function_tool()]), memo)
+    changed = bridge.parse_chat_tools(chat_body(**change), memo)
+    fresh = bridge.read_chat_tools(chat_body(**change))     # read and rendered without the memo
+    assert changed == fresh and changed.instructions == tool_instructions(fresh)
 
 
-def test_the_tool_memos_stay_bounded_and_keep_no_huge_tools_list():
+def test_the_tool_memo_stays_bounded_and_keeps_no_huge_tools_list():
+    memo = tool_memo()
     for i in range(3 * bridge.TOOL_MEMO_ENTRIES):
-        tool_instructions(bridge.parse_chat_tools(chat_body(tools=[function_tool(f"tool_{i}")])))
-    huge = function_tool(description="d" * bridge.TOOL_MEMO_LONGEST)
-    tool_instructions(bridge.parse_chat_tools(chat_body(tools=[huge])))
-    for memo in (bridge.CHAT_TOOLS, bridge.TOOL_RENDERINGS):
-        assert len(memo.results) == bridge.TOOL_MEMO_ENTRIES
-        assert max(map(len, memo.results)) <= bridge.TOOL_MEMO_LONGEST
+        bridge.parse_chat_tools(chat_body(tools=[function_tool(f"tool_{i}")]), memo)
+    bridge.parse_chat_tools(chat_body(tools=[function_tool(description="d" * bridge.TOOL_MEMO_LONGEST)]), memo)
+    assert len(memo.results) == bridge.TOOL_MEMO_ENTRIES
+    assert max(map(len, memo.results)) <= bridge.TOOL_MEMO_LONGEST
+
+
+def test_two_bridges_in_one_process_keep_their_own_tool_memos(tmp_path):
+    first, second = (bridge.bridge_state(bridge.Settings.load(env={"BRIDGE_DB": str(tmp_path / f"{name}.db"),
+                                                                   "BRIDGE_SIDECAR": "off"}),
+                                         bridge.Store(str(tmp_path / f"{name}.db"))) for name in ("a", "b"))
+    try:
+        seen_by_first = bridge.parse_chat_tools(chat_body(tools=[function_tool()]), first.chat_tools)
+        assert len(first.chat_tools.results) == 1 and len(second.chat_tools.results) == 0
+        assert bridge.parse_chat_tools(chat_body(tools=[function_tool()]), second.chat_tools) is not seen_by_first
+    finally:
+        first.store.close()
+        second.store.close()
 
 
 def test_a_memo_drops_the_least_recently_used_result_and_keeps_no_failure():
@@ -587,7 +610,7 @@ def test_a_memo_drops_the_least_recently_used_result_and_keeps_no_failure():
         memo.get(key, lambda key=key: key.upper())
     assert list(memo.results) == ["a", "c"]
     with pytest.raises(ApiError):
-        memo.get("bad", lambda: bridge.read_chat_tools(chat_body(tools={"a": 1}), key="bad"))
+        memo.get("bad", lambda: bridge.read_chat_tools(chat_body(tools={"a": 1})))
     assert "bad" not in memo.results and memo.get("x" * 11, lambda: 1) == 1 and "x" * 11 not in memo.results
 
 
