@@ -4398,6 +4398,7 @@ TROUBLESHOOTING = {
     "images": "#image-uploads-fail",
     "executor": "#browser-executor-not-connected",
     "userscript": "#bridge-on-a-server-browser-at-home",
+    "client_left": "#clients-that-hang-up",
 }
 
 # What a failure means, by its code (an upstream failure kind, or the API error code a request ended
@@ -4423,7 +4424,10 @@ FAILURE_CAUSES: dict[str, tuple[str, str]] = {
     "discovery_failed": ("network", "network"),
     "site_changed": ("site_changed", "discovery"),
     "upload_failed": ("upload", "images"),
-    "client": ("client_error", "upstream"),
+    "client": ("client_error", "upstream"),     # a 4xx of LM Arena's that no other kind names
+    # A client that hung up (CLIENT_LEFT, the code of ClientLeft): not bad input, so counted apart from
+    # client_error (a burst of them is a client's or a proxy's timeout, not a broken request).
+    "client_disconnected": ("client_left", "client_left"),
 }
 
 

@@ -59,6 +59,14 @@ def test_errors_are_counted_by_cause_from_the_upstream_failure_kind():
     assert value(metrics, "bridge_requests_total", route=route, model="gpt-5", status="503") == 2
 
 
+def test_a_client_that_hung_up_is_counted_as_client_left_not_client_error():
+    metrics = new_metrics()
+    metrics.request("/v1/chat/completions", "gpt-5", 499, 0.1, dx.CLIENT_LEFT)
+    route = "/v1/chat/completions"
+    assert value(metrics, "bridge_errors_total", route=route, model="gpt-5", cause="client_left") == 1
+    assert value(metrics, "bridge_errors_total", route=route, model="gpt-5", cause="client_error") == 0
+
+
 def test_a_model_name_lm_arena_does_not_publish_is_counted_as_other():
     metrics = new_metrics()
     metrics.request("/v1/chat/completions", "made-up-model", 404, 0.01, "model_not_found")
@@ -180,3 +188,17 @@ def test_streams_measure_time_to_first_token(fresh, api_key):
         assert response.status_code == 200 and "[DONE]" in response.read().decode()
     after = scrape(fresh, api_key)
     assert moved(before, after, "bridge_time_to_first_token_seconds_count", route="/v1/chat/completions") == 1
+
+
+def test_a_client_that_leaves_mid_stream_is_counted_as_client_left_not_client_error(fresh, api_key, arena):
+    arena.configure(lines=3, line_delay=60)
+    before = scrape(fresh, api_key)
+    received, _ = fresh.hang_up(api_key, "/v1/chat/completions", {"model": "gemini-3-pro", "stream": True,
+                                "messages": [{"role": "user", "content": "x"}]}, after=1.5)
+    assert b"line 1" in received        # the answer had begun
+    route, deadline = "/v1/chat/completions", time.time() + 10
+    while moved(before, after := scrape(fresh, api_key), "bridge_errors_total", route=route, model="gemini-3-pro",
+                cause="client_left") == 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert moved(before, after, "bridge_errors_total", route=route, model="gemini-3-pro", cause="client_left") == 1
+    assert moved(before, after, "bridge_errors_total", route=route, model="gemini-3-pro", cause="client_error") == 0
