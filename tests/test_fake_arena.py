@@ -4,8 +4,14 @@ They check the emulator against the protocol document, so that bridge tests can 
 per module, ``reset()`` between tests.
 """
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +27,9 @@ from emulator_client import (
     post_chat,
 )
 from fake_arena import AUTH_COOKIE, FakeArena
+
+BROWSER = os.environ.get("BRIDGE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
+SOLVE = "/cdn-cgi/challenge-platform/solve"
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +334,80 @@ def test_user_fault_retry_heartbeat_r2_cap(arena, client):
     assert client.options(up).status_code == 204
     assert client.put(up, content=b"x" * (10 * 1024 * 1024 + 1)).status_code == 413
     assert client.put(up + "0", content=b"x").status_code == 403
+
+
+# --- Cloudflare's interactive challenge (cloudflare_interactive) -----------------------------------------------------
+
+
+def widget_of(challenge_page: str) -> str:
+    """The id in the challenge iframe's src (…/turnstile/if/ov2/<id>/normal)."""
+    match = re.search(r"/turnstile/if/ov2/([0-9a-f]+)/normal", challenge_page)
+    assert match, challenge_page
+    return match.group(1)
+
+
+def test_interactive_solve_wants_the_widget_of_a_shown_challenge_once(arena, client):
+    arena.configure(cloudflare=True, cloudflare_interactive=True)
+    page = client.get(arena.url + "/", headers={"User-Agent": UA})
+    assert page.status_code == 403 and "Just a moment..." in page.text and "setTimeout" not in page.text
+    widget = widget_of(page.text)
+    frame = client.get(arena.url + f"/cdn-cgi/challenge-platform/challenges.cloudflare.com/turnstile/if/ov2/"
+                                   f"{widget}/normal")
+    assert 'type=checkbox id="cf-chl-widget">' in frame.text and "checked" not in frame.text
+    for refused in ({}, {"widget": "0123abcd"}):  # the delay's solve, a widget no challenge showed
+        r = client.post(arena.url + SOLVE, json=refused, headers={"User-Agent": UA})
+        assert r.status_code == 403 and "cf_clearance" not in r.cookies
+    assert arena.requests[-1]["note"] == "cloudflare: no click on a shown challenge widget"
+    r = client.post(arena.url + SOLVE, json={"widget": widget}, headers={"User-Agent": UA})
+    cf = r.cookies["cf_clearance"]
+    assert r.status_code == 200 and "HttpOnly" in r.headers["set-cookie"]
+    assert client.get(arena.url + "/", headers={"User-Agent": UA, "Cookie": f"cf_clearance={cf}"}).status_code == 200
+    assert client.get(arena.url + "/", headers={"User-Agent": "other", "Cookie": f"cf_clearance={cf}"}
+                      ).status_code == 403
+    assert client.post(arena.url + SOLVE, json={"widget": widget}, headers={"User-Agent": UA}).status_code == 403
+
+
+@contextlib.contextmanager
+def challenged_page(arena: FakeArena) -> Iterator[Any]:
+    """A headless Chromium page on the interactive challenge (its widget loaded)."""
+    from playwright.sync_api import sync_playwright
+    arena.configure(cloudflare=True, cloudflare_interactive=True, cloudflare_delay=0.2)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=BROWSER, headless=True)
+        try:
+            page = browser.new_context(user_agent=UA).new_page()
+            page.goto(arena.url + "/", wait_until="load")
+            assert page.title() == "Just a moment..."
+            yield page
+        finally:
+            browser.close()
+
+
+def widget_frame(page: Any) -> Any:
+    return next(f for f in page.frames if "challenges.cloudflare.com" in f.url)
+
+
+@pytest.mark.skipif(not BROWSER, reason="needs Chromium")
+def test_interactive_challenge_never_clears_by_waiting_or_by_a_scripted_click(arena):
+    with challenged_page(arena) as page:
+        time.sleep(1.5)  # well past cloudflare_delay
+        widget_frame(page).evaluate("() => document.getElementById('cf-chl-widget').click()")  # untrusted
+        time.sleep(1.0)
+        assert page.title() == "Just a moment..."
+        assert "cf_clearance" not in {c["name"] for c in page.context.cookies()}
+    assert not [e for e in arena.requests if e["path"] == SOLVE]
+
+
+@pytest.mark.skipif(not BROWSER, reason="needs Chromium")
+def test_interactive_challenge_clears_on_a_click_with_a_clearance_bound_to_the_browser(arena, client):
+    with challenged_page(arena) as page:
+        with page.expect_navigation():
+            widget_frame(page).click("#cf-chl-widget")
+        assert page.title() == "LMArena"
+        [cf] = [c for c in page.context.cookies() if c["name"] == "cf_clearance"]
+        assert cf["httpOnly"]
+    [solve] = [e for e in arena.requests if e["path"] == SOLVE]
+    assert solve["status"] == 200 and solve["headers"]["user-agent"] == UA
+    jar = f"cf_clearance={cf['value']}"
+    assert client.get(arena.url + "/", headers={"User-Agent": UA, "Cookie": jar}).status_code == 200
+    assert client.get(arena.url + "/", headers={"User-Agent": "other", "Cookie": jar}).status_code == 403

@@ -21,7 +21,10 @@ from .common import (
 )
 from .core import Core
 from .http import Handler, Request, send
-from .scripts import GRECAPTCHA_JS, TURNSTILE_JS, challenge_html
+from .scripts import GRECAPTCHA_JS, TURNSTILE_JS, challenge_html, widget_html
+
+# How long an interactive challenge's widget can be solved after the page showed it.
+WIDGET_LIFETIME = 600.0
 
 # U2 defaults: K requests within W seconds pass, the next flags the account for P seconds; a failed token flags too.
 PENALTY_DEFAULTS = {"k": 3, "w": 60.0, "p": 1200.0, "on_fail": True}
@@ -253,11 +256,15 @@ class Turnstile:
 
 
 class Cloudflare:
-    """The interstitial and ``cf_clearance`` bound to the UA and IP that solved it."""
+    """The interstitial and ``cf_clearance`` bound to the UA and IP that solved it.
+
+    With ``cloudflare_interactive`` the page never solves itself: only a click on its widget's checkbox posts
+    the widget's id, which the solve endpoint wants (issued by a challenge page, unexpired, used once)."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
         self.clearances: dict[str, dict] = {}
+        self.widgets: dict[str, float] = {}  # interactive widget id -> when its challenge page was served
 
     def issue(self, ua: str, ip: str = "127.0.0.1") -> str:
         """A cf_clearance value bound to this UA and IP (for tests that do not run a browser)."""
@@ -272,20 +279,45 @@ class Cloudflare:
         rec = self.clearances.get(req.cookies.get("cf_clearance", ""))
         return bool(rec and rec["ua"] == req.ua and rec["ip"] == req.ip and rec["exp"] > self.core.now())
 
+    def _new_widget(self) -> str:
+        widget_id, now = self.core.hex(8), self.core.now()
+        with self.core.lock:
+            for old, shown in list(self.widgets.items()):
+                if shown < now - WIDGET_LIFETIME:
+                    del self.widgets[old]
+            self.widgets[widget_id] = now
+        return widget_id
+
+    def _widget_shown(self, widget_id: object, spend: bool) -> bool:
+        with self.core.lock:
+            ok = isinstance(widget_id, str) and self.widgets.get(widget_id, 0.0) > self.core.now() - WIDGET_LIFETIME
+            if ok and spend:
+                del self.widgets[str(widget_id)]
+        return ok
+
     def challenge(self, h: Handler, req: Request) -> None:
-        html = challenge_html(req.headers.get("host", ""), self.core.hex(8),
-                              int(float(self.core.knobs["cloudflare_delay"]) * 1000))
+        interactive = bool(self.core.knobs["cloudflare_interactive"])
+        widget_id = self._new_widget() if interactive else self.core.hex(8)
+        html = challenge_html(req.headers.get("host", ""), widget_id,
+                              int(float(self.core.knobs["cloudflare_delay"]) * 1000), interactive)
         send(h, 403, html, "text/html; charset=UTF-8",
              headers=[("cf-mitigated", "challenge"), ("Cache-Control", "private, no-store"),
                       ("cf-ray", self.core.hex(16) + "-AMS")])
 
+    def _solve(self, h: Handler, req: Request) -> None:
+        if self.core.knobs["cloudflare_interactive"] and not self._widget_shown(req.obj.get("widget"), spend=True):
+            req.log["note"] = "cloudflare: no click on a shown challenge widget"
+            return send(h, 403, {"ok": False})
+        value = self.issue(req.ua, req.ip)
+        lifetime = float(self.core.knobs["cf_clearance_lifetime"])
+        expires = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + lifetime))
+        return send(h, 200, {"ok": True}, cookies=[f"cf_clearance={value}; Path=/; Expires={expires}; HttpOnly"])
+
     def endpoints(self, h: Handler, req: Request) -> None:
         if req.path == "/cdn-cgi/challenge-platform/solve" and req.method == "POST":
-            value = self.issue(req.ua, req.ip)
-            lifetime = float(self.core.knobs["cf_clearance_lifetime"])
-            expires = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + lifetime))
-            return send(h, 200, {"ok": True}, cookies=[f"cf_clearance={value}; Path=/; Expires={expires}; HttpOnly"])
+            return self._solve(h, req)
         if "challenges.cloudflare.com" in req.path:
-            return send(h, 200, "<!DOCTYPE html><html><body><label><input type=checkbox checked> "
-                                "Verifying...</label></body></html>", "text/html")
+            widget_id = req.path.rstrip("/").split("/")[-2]
+            interactive = self.core.knobs["cloudflare_interactive"] and self._widget_shown(widget_id, spend=False)
+            return send(h, 200, widget_html(widget_id if interactive else None), "text/html")
         return send(h, 404, "Not Found", "text/plain")

@@ -58,6 +58,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     # --- Cloudflare / hosts ---
     "cloudflare": False,
     "cloudflare_delay": 0.5,
+    "cloudflare_interactive": False,    # the challenge passes only by a click on its widget's checkbox
     "cf_clearance_lifetime": 1800.0,
     "legacy_redirect": False,
     # --- accounts ---

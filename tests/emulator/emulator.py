@@ -142,7 +142,8 @@ class FakeArena:
     # --- knobs, faults, log ------------------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Knobs back to defaults, log and faults cleared, clock offset 0, score state cleared.
+        """Knobs back to defaults, log and faults cleared, clock offset 0, score state and Cloudflare clearances
+        cleared (a browser that solved a challenge in an earlier test has to solve it again).
 
         Accounts, evaluations, R2 objects, sitekey and build ids are kept."""
         with self.core.lock:
@@ -150,6 +151,8 @@ class FakeArena:
             self.faults.queue.clear()
             self.core.requests.clear()
             self.recaptcha.penalty.clear()
+            self.cloudflare.clearances.clear()
+            self.cloudflare.widgets.clear()
             self.chat.quota.days.clear()
             self.core.clock_offset = 0.0
 

@@ -73,7 +73,17 @@ if(C.onload&&typeof window[C.onload]==='function')setTimeout(window[C.onload],0)
 })();"""
 
 
-def challenge_html(host: str, widget_id: str, delay_ms: int) -> str:
+# Posted by the interactive widget to the challenge page once its click was accepted.
+SOLVED_MESSAGE = "cf-challenge-solved"
+
+
+def challenge_html(host: str, widget_id: str, delay_ms: int, interactive: bool = False) -> str:
+    """The interstitial. It solves itself after ``delay_ms``, or (``interactive``) only reloads once its widget
+    posts that a click on the checkbox was accepted."""
+    solve = ("addEventListener('message',function(e){if(e.origin===location.origin&&"
+             f"e.data==='{SOLVED_MESSAGE}')location.reload()}});" if interactive else
+             "setTimeout(function(){fetch('/cdn-cgi/challenge-platform/solve',{method:'POST',"
+             f"credentials:'same-origin'}}).then(function(){{location.reload()}})}},{delay_ms});")
     return ("<!DOCTYPE html><html lang=\"en-US\"><head><title>Just a moment...</title>"
             "<meta http-equiv=\"Content-Type\" content=\"text/html; charset=UTF-8\">"
             "<meta name=\"robots\" content=\"noindex,nofollow\"></head><body>"
@@ -85,6 +95,20 @@ def challenge_html(host: str, widget_id: str, delay_ms: int) -> str:
             "<div id=\"cf-turnstile\"><iframe title=\"Widget containing a Cloudflare security challenge\" "
             f"src=\"/cdn-cgi/challenge-platform/challenges.cloudflare.com/turnstile/if/ov2/{widget_id}/normal\" "
             "width=\"300\" height=\"65\"></iframe></div></div></div>"
-            "<script>setTimeout(function(){fetch('/cdn-cgi/challenge-platform/solve',{method:'POST',"
-            f"credentials:'same-origin'}}).then(function(){{location.reload()}})}},{delay_ms});</script>"
-            "</body></html>")
+            f"<script>{solve}</script></body></html>")
+
+
+def widget_html(widget_id: str | None) -> str:
+    """The challenge iframe: a spinner that is already ticked (``None``: the delay solves it), or an unticked
+    checkbox whose first trusted click (a real or CDP-driven input event, not a script's ``el.click()``) posts
+    the widget's id to the solve endpoint and tells the page (a refused id reloads it: a new challenge)."""
+    if widget_id is None:
+        return "<!DOCTYPE html><html><body><label><input type=checkbox checked> Verifying...</label></body></html>"
+    return ("<!DOCTYPE html><html><body><label><input type=checkbox id=\"cf-chl-widget\"> Verify you are human"
+            "</label><script>var box=document.getElementById('cf-chl-widget');"
+            "box.addEventListener('click',function(e){if(!e.isTrusted){e.preventDefault();return}box.disabled=true;"
+            "fetch('/cdn-cgi/challenge-platform/solve',{method:'POST',credentials:'same-origin',"
+            f"headers:{{'Content-Type':'application/json'}},body:JSON.stringify({{widget:'{widget_id}'}})}})"
+            f".then(function(r){{if(r.ok)parent.postMessage('{SOLVED_MESSAGE}',location.origin);"
+            "else parent.location.reload()})});"
+            "</script></body></html>")
