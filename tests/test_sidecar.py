@@ -190,6 +190,21 @@ def test_clearance_passes_the_cloudflare_interstitial(arena, sidecar):
     assert sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"}).status_code == 200
 
 
+def test_clearance_passes_the_interactive_challenge_by_clicking_its_checkbox(arena, sidecar):
+    """The challenge clears only on a click of its widget (test_fake_arena: never by waiting); the reset before
+    this test voided any clearance the browser already held."""
+    arena.configure(cloudflare=True, cloudflare_interactive=True)
+    r = sidecar.post("/clearance", {})
+    assert r.status_code == 200, r.text
+    cookies, ua = r.json()["cookies"], r.json()["user_agent"]
+    [solve] = [e for e in arena.requests if e["path"] == "/cdn-cgi/challenge-platform/solve"]
+    assert solve["status"] == 200 and solve["json"]["widget"] and solve["headers"]["user-agent"] == ua
+    jar = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    assert httpx.get(arena.url + "/", headers={"Cookie": jar, "User-Agent": ua}).status_code == 200
+    assert httpx.get(arena.url + "/", headers={"Cookie": jar, "User-Agent": "curl/8"}).status_code == 403
+    assert sidecar.post("/token", {"sitekey": arena.sitekey, "action": "chat_submit"}).status_code == 200
+
+
 def test_fetch_relays_the_stream_as_it_arrives(arena, sidecar):
     arena.configure(lines=6, line_delay=0.25)
     request = {"url": "/nextjs-api/stream/create-evaluation", "method": "POST",
