@@ -119,12 +119,29 @@ def test_sitekey_rotation_heals_without_a_restart(bb, key, arena):
     assert len(arena.chat_requests()) <= 2
 
 
+def challenge_the_next_chat(bb, key, arena, **knobs):
+    """The sidecar's page loaded before the challenge is switched on, so that the chat itself meets it first
+    (a page loaded behind it would clear it before the chat is sent, as when this test runs alone)."""
+    assert content(post(bb, key)) == "turn 1: x"
+    arena.configure(cloudflare=True, **knobs)
+    arena.clear_log()
+
+
 def test_cloudflare_interstitial_is_passed_and_the_chat_retried_with_its_user_agent(bb, key, arena):
-    arena.configure(cloudflare=True)
+    challenge_the_next_chat(bb, key, arena)
     assert content(post(bb, key)) == "turn 1: x"
     blocked, passed = [r for r in arena.chat_requests()][-2:]
     assert blocked["status"] == 403 and passed["status"] == 200
     assert "cf_clearance" in passed["cookies"] and "Headless" not in passed["headers"]["user-agent"]
+
+
+def test_an_interactive_cloudflare_challenge_is_clicked_through_and_the_chat_retried(bb, key, arena):
+    challenge_the_next_chat(bb, key, arena, cloudflare_interactive=True)
+    assert content(post(bb, key)) == "turn 1: x"
+    blocked, passed = arena.chat_requests()
+    assert blocked["status"] == 403 and passed["status"] == 200 and "cf_clearance" in passed["cookies"]
+    [solve] = [e for e in arena.requests if e["path"] == "/cdn-cgi/challenge-platform/solve"]
+    assert solve["status"] == 200 and solve["headers"]["user-agent"] == passed["headers"]["user-agent"]
 
 
 def test_killing_the_sidecar_mid_run_restarts_it_on_the_next_request(bb, key, arena):
