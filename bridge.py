@@ -1246,7 +1246,11 @@ class Session:
     @classmethod
     def from_signup(cls, cookies: dict[str, str], body: Any) -> Session:
         """The session a sign-up gave (arena-protocol §4.6): its cookie, whole or chunked, else the session
-        in the body, at the top level or under session, data or data.session, or a body that is the value."""
+        in the body (its text, or the JSON in it), at the top level or under session, data or data.session,
+        or a body that is the value."""
+        if isinstance(body, str):
+            with contextlib.suppress(ValueError):
+                body = json.loads(body)
         if cookies.get(AUTH_COOKIE):
             return cls(cookies[AUTH_COOKIE])
         if chunked := join_chunks(cookies):
@@ -2217,6 +2221,29 @@ def write_page_agent(path: str) -> str:
     return path
 
 
+class PageFetchFailed(Exception):
+    """A page agent's chat() ended with an error event (its message), or its events ended before the last."""
+
+
+async def page_fetch_items(events: AsyncIterator[dict]) -> AsyncGenerator[tuple[int, dict[str, str]] | str | dict, None]:
+    """A chat()'s events (PAGE_AGENT_JS), from the sidecar's page or the user's, as a stream of the in-page
+    fetch yields them: (status, headers), then the body's text as the page reads it, and last the cookie jar
+    a done event carries (the sidecar's does: the site may rotate the session while answering)."""
+    async for event in events:
+        kind = event.get("type")
+        if kind == "head":
+            yield int(event.get("status") or 0), {str(k): str(v) for k, v in (event.get("headers") or {}).items()}
+        elif kind == "chunk":
+            yield str(event.get("text") or "")
+        elif kind == "done":
+            if event.get("cookies"):
+                yield dict(event["cookies"])
+            return
+        else:
+            raise PageFetchFailed(str(event.get("message") or "failed")[:300])
+    raise PageFetchFailed("its events ended without finishing")
+
+
 # =====================================================================================================
 # Sidecar client
 # =====================================================================================================
@@ -2231,6 +2258,22 @@ def headful_wanted(setting: bool | None, environ: Mapping[str, str], xvfb_run: s
     if setting is not None:
         return setting
     return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY") or xvfb_run)
+
+
+def tree_pss_mb(root_pid: int) -> float:
+    """MiB of a process and its descendants (the sidecar, Playwright's driver, Chromium's processes): their
+    PSS, as Chromium's processes share most of their pages. Linux's /proc; 0 where it is not readable."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError), open(f"/proc/{entry}/stat") as f:
+            children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    total_kb, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+            total_kb += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    return round(total_kb / 1024, 1)
 
 
 class SidecarClient:
@@ -2298,12 +2341,13 @@ class SidecarClient:
         return "stopped"
 
     async def status(self) -> dict:
-        """The client state plus the sidecar's own /status when it runs. Never starts anything."""
+        """The client state plus the sidecar's own /status and its memory when it runs. Never starts anything."""
         result: dict[str, Any] = {"state": self.state}
-        if self.alive and not self._starting and self._http is not None:
+        if self.alive and not self._starting and self._http is not None and self._proc is not None:
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 response = await self._http.get("/status", timeout=self.STATUS_TIMEOUT)
                 result.update({k: v for k, v in response.json().items() if k != "ok"})
+            result["memory_mb"] = tree_pss_mb(self._proc.pid)
         return result
 
     # --- public calls --------------------------------------------------------------------------------
@@ -2318,7 +2362,7 @@ class SidecarClient:
             if time.monotonic() - minted_at < self.TOKEN_MAX_AGE:
                 self._refill(key)
                 return token
-        result = await self._call("/token", {"sitekey": sitekey, "action": action, "v2": False})
+        result = await self._call("/token", {"sitekey": sitekey, "action": action})
         self._refill(key)
         return self._field(result, "token")
 
@@ -2328,10 +2372,14 @@ class SidecarClient:
         return dict(result.get("cookies") or {}), self._field(result, "user_agent")
 
     async def signup(self, turnstile_sitekey: str | None, recaptcha_sitekey: str | None) -> dict:
-        """A new anonymous account as the site answered it: {"cookies", "body", "user_agent", "bodies"}
+        """A new anonymous account as the site answered it: {"status", "text", "cookies", "user_agent", "bodies"}
         (the sign-up bodies sent: the 2026 one, then the Turnstile one when the site refused it)."""
-        return await self._call("/signup", {"turnstile_sitekey": turnstile_sitekey,
-                                            "recaptcha_sitekey": recaptcha_sitekey, "recaptcha_action": "sign_up"})
+        result = await self._call("/signup", {"turnstile_sitekey": turnstile_sitekey,
+                                              "recaptcha_sitekey": recaptcha_sitekey, "recaptcha_action": "sign_up"})
+        if not 200 <= int(result.get("status") or 0) < 400:
+            raise SidecarError(f"sign-up ({'+'.join(result.get('bodies') or [])} body) answered "
+                               f"{result.get('status')}: {str(result.get('text'))[:200]}")
+        return result
 
     async def sitekeys(self) -> list[str]:
         """The reCAPTCHA sitekeys a freshly loaded page of the site uses (its live configuration, U8); none
@@ -2344,8 +2392,7 @@ class SidecarClient:
         return [key for key in result.get("sitekeys") or [] if isinstance(key, str) and key]
 
     async def fetch_stream(self, request: dict) -> AsyncGenerator[tuple[int, dict] | str | dict, None]:
-        """Run a request with the page's own fetch(): yields (status, headers) first, then text chunks, and
-        last the page's cookies as a dict (the site may have rotated the session while answering).
+        """Run a request with the page agent's chat() in the sidecar's page: what page_fetch_items yields.
 
         Closing the iterator early closes the connection, and the sidecar aborts the page's fetch."""
         self._check_enabled()
@@ -2353,19 +2400,10 @@ class SidecarClient:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 lines = await self._open_stream(request, stack)
-                async for line in lines:
-                    item = json.loads(line)
-                    if "status" in item:
-                        yield int(item["status"]), dict(item.get("headers") or {})
-                    elif "chunk" in item:
-                        yield item["chunk"]
-                    elif "error" in item:
-                        raise SidecarError(f"browser sidecar: in-page fetch failed: {item['error']}")
-                    elif item.get("done"):
-                        if item.get("cookies"):
-                            yield dict(item["cookies"])
-                        return
-                raise SidecarError("browser sidecar: the in-page fetch ended without finishing")
+                async for item in page_fetch_items(json.loads(line) async for line in lines):
+                    yield item
+        except PageFetchFailed as exc:
+            raise SidecarError(f"browser sidecar: in-page fetch failed: {exc}") from None
         except httpx.HTTPError as exc:
             raise SidecarError(f"browser sidecar: the in-page fetch broke off ({type(exc).__name__})") from exc
         finally:
@@ -2565,7 +2603,7 @@ class SidecarClient:
             if len(pool) >= self.TOKEN_POOL_SIZE or not self.alive:
                 return
             try:
-                result = await self._call("/token", {"sitekey": key[0], "action": key[1], "v2": False}, start=False)
+                result = await self._call("/token", {"sitekey": key[0], "action": key[1]}, start=False)
             except SidecarError as exc:
                 log.debug("token pool refill failed: %s", exc)
                 return
@@ -2780,32 +2818,29 @@ class BrowserExecutors:
         error: str | None = None
         ended = False
         try:
-            while True:
-                event = await self.next_event(job)
-                kind = event.get("type")
-                if kind == "head":
-                    yield int(event.get("status") or 0), {str(k): str(v) for k, v in (event.get("headers") or {}).items()}
-                elif kind == "chunk":
-                    yield str(event.get("text") or "")
-                elif kind == "done":
-                    ended = True
-                    return
-                else:
-                    ended, error = True, str(event.get("message") or "failed")[:300]
-                    raise ExecutorUnavailable(f"the browser executor's page failed: {error}")
+            async for item in page_fetch_items(self.events(job)):
+                if not isinstance(item, dict):  # a cookie jar: the session stays in the user's browser
+                    yield item
+            ended = True
+        except PageFetchFailed as failed:
+            ended, error = True, str(failed)
+            raise ExecutorUnavailable(f"the browser executor's page failed: {error}") from None
         except ExecutorUnavailable as failed:
-            ended, error = True, error or failed.message
+            ended, error = True, failed.message
             raise
         finally:
             self.finish(conn, job, ended, error)
 
-    async def next_event(self, job: ExecutorJob) -> dict:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await job.events.get()
-        except TimeoutError:
-            what = "answer" if job.taken else "take the job"
-            raise ExecutorUnavailable(f"the browser executor did not {what} within {self.timeout:.0f} s") from None
+    async def events(self, job: ExecutorJob) -> AsyncIterator[dict]:
+        """The job's events as its page delivers them; one not delivered within the timeout fails the job."""
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    event = await job.events.get()
+            except TimeoutError:
+                what = "answer" if job.taken else "take the job"
+                raise ExecutorUnavailable(f"the browser executor did not {what} within {self.timeout:.0f} s") from None
+            yield event
 
     def finish(self, conn: ExecutorConnection, job: ExecutorJob, ended: bool, error: str | None) -> None:
         """Forget the job and count it; one that did not end by itself (its client left) is aborted in the page."""
@@ -3983,7 +4018,7 @@ class AccountPool:
             try:
                 result = await self.sidecar.signup(self.site.params.get("turnstile_sitekey") or FALLBACK_TURNSTILE_SITEKEY,
                                                    await self.site.mint_sitekey())
-                found = Session.from_signup(result.get("cookies") or {}, result.get("body"))
+                found = Session.from_signup(result.get("cookies") or {}, result.get("text"))
                 parsed = parse_account_input(found.value)
             except (SidecarError, ValueError) as exc:
                 raise ArenaError("signup_failed", f"Could not create an anonymous LM Arena account: {exc}",

@@ -4,16 +4,16 @@ lazily by the bridge as a child process, serving HTTP/1.1 on a Unix socket (mode
     GET  /status      process and browser state; never launches the browser
     POST /token       {"sitekey", "action"}: a reCAPTCHA v3 token minted with the site's own script
     POST /clearance   pass a Cloudflare interstitial; the host's cookies + the browser's exact User-Agent
-    POST /signup      {"turnstile_sitekey"?, "recaptcha_sitekey", "recaptcha_action"}: an anonymous account
-                      made by the page agent in a fresh context; {"cookies", "body", "user_agent", "bodies"}
+    POST /signup      {"turnstile_sitekey"?, "recaptcha_sitekey", "recaptcha_action"}: the page agent's sign-up
+                      in a fresh context, as the site answered it; {"status", "text", "bodies", "cookies", "user_agent"}
     POST /sitekeys    the reCAPTCHA sitekeys a freshly loaded page uses (its live ___grecaptcha_cfg)
-    POST /fetch       {"url", "method", "headers", "body", "cookies", "sitekey", "action"}: one request
-                      run with the page's own fetch(), relayed as NDJSON lines as the page reads them
+    POST /fetch       {"url", "method", "headers", "body", "cookies", "sitekey", "action"}: one request run
+                      by the page agent's chat(), its events relayed as NDJSON lines as the page emits them
     POST /shutdown    close the browser and exit 0
 
 Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browser or page failure) or 504
-(timeout). A /fetch answer is NDJSON: ``{"status", "headers"}``, ``{"chunk": "<text>"}``…, then ``{"done": true,
-"cookies": {…the host's jar after the call…}}`` or ``{"error": "…"}``; closing the connection aborts the fetch.
+(timeout). /fetch answers 200 with the "head" event first ("done" adds "cookies": the host's jar after the call),
+or a failure before it as an error; closing the connection aborts the fetch.
 
 In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too) from --page-agent's
 file; its events come back through a Playwright binding. The kernel ends us when the bridge dies
@@ -84,7 +84,6 @@ OP_TIMEOUT = 30.0  # default bound for one browser operation
 LAUNCH_TIMEOUT = 45.0
 CLEARANCE_TIMEOUT = 30.0
 CLOUDFLARE_COOKIES = ("cf_clearance", "__cf_bm", "_cfuvid")
-STATUS_FIELDS = ("user_agent", "version", "page_url", "webdriver", "headful", "launch_seconds")
 XVFB_SCREEN = "-screen 0 1920x1080x24"
 
 
@@ -119,21 +118,6 @@ def need(body: dict, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise OpError(f"{key!r} is required", 400)
     return value
-
-
-def rss_mb(root_pid: int) -> float:
-    """MiB of a process and its descendants: PSS, as Chromium's processes share most of their pages."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError, IndexError), open(f"/proc/{entry}/stat") as f:
-            children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    total_kb, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
-            total_kb += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-    return round(total_kb / 1024, 1)
 
 
 def find_browser(explicit: str | None, playwright_path: str | None) -> str:
@@ -175,11 +159,6 @@ CHAT_JS = "([id, req]) => window.__arenaBridge.chat(id, req, event => window.__a
 GRECAPTCHA_JS = "() => window.__arenaBridge.state().grecaptcha"
 SITEKEYS_JS = "() => window.__arenaBridge.state().sitekeys.length > 0"
 PASSED_JS = "() => !window.__arenaBridge.state().interstitial"
-# A page agent event as a /fetch line ("done" adds the cookie jar).
-FETCH_LINES: dict[str, Callable[[dict], dict]] = {
-    "head": lambda e: {"status": e["status"], "headers": e["headers"]},
-    "chunk": lambda e: {"chunk": e["text"]},
-    "error": lambda e: {"error": e["message"]}}
 # requestWillBeSent names a request; its requestWillBeSentExtraInfo (the headers sent) says it left.
 NETWORK_EVENTS = ("Network.requestWillBeSent", "Network.requestWillBeSentExtraInfo")
 
@@ -360,7 +339,7 @@ class ArenaPage:
         """The browser's part of /status; never launches it."""
         c, page = self.chromium, self._page
         if not c.running:
-            return {"browser": "not started", **dict.fromkeys(STATUS_FIELDS)}
+            return {"browser": "not started"}
         return {"browser": "running", "user_agent": c.user_agent, "version": c.browser.version,
                 "page_url": page.url if page and not page.is_closed() else None, "webdriver": self.webdriver,
                 "headful": c.headful, "launch_seconds": c.launch_seconds}
@@ -526,16 +505,12 @@ class ArenaPage:
         finally:
             with contextlib.suppress(PlaywrightError):
                 await ctx.close()
-        status, text, bodies = result["status"], result["text"], "+".join(result["bodies"])
-        log.info("sign-up (%s body) answered %s with %d cookies", bodies, status, len(cookies))
-        if status >= 400:
-            raise OpError(f"sign-up ({bodies} body) answered {status}: {text[:200]}")
-        with contextlib.suppress(ValueError):  # the session is in cookies or the body: the bridge reads it
-            text = json.loads(text) if text.strip() else None
-        return {"cookies": cookies, "body": text, "user_agent": self.chromium.user_agent, "bodies": result["bodies"]}
+        log.info("sign-up (%s body) answered %s with %d cookies", "+".join(result["bodies"]), result["status"],
+                 len(cookies))
+        return {**result, "cookies": cookies, "user_agent": self.chromium.user_agent}
 
     async def fetch(self, spec: dict) -> AsyncGenerator[dict, None]:
-        """Run spec's request with the page's fetch(); yield the /fetch lines until done or error."""
+        """Run spec's request with the page agent's chat(); yield its events up to done or error."""
         request = {k: spec.get(k) for k in ("url", "method", "headers", "body")}
         if spec.get("sitekey") and isinstance(spec.get("body"), str):
             # Minted before taking the session lock: chats on other accounts need not wait for it.
@@ -551,10 +526,9 @@ class ArenaPage:
                 job.close()  # cancelled: the client left before the request did
                 raise
         async for event in job.events():
-            if event["type"] in FETCH_LINES:
-                yield FETCH_LINES[event["type"]](event)
-            else:  # done: the site may have rotated cookies while answering (Set-Cookie is not visible to JS)
-                yield {"done": True, "cookies": await self.chromium.cookies()}
+            if event["type"] == "done":  # the site may have rotated cookies while answering (JS sees no Set-Cookie)
+                event = {**event, "cookies": await self.chromium.cookies()}
+            yield event
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,15 +617,15 @@ async def fetch_lines(page: ArenaPage, body: dict) -> Response:
         raise OpError("'cookies' and 'headers' must be objects", 400)
     stream = page.fetch(body)
     first = await anext(stream)  # within the handler's bound
-    if "error" in first:
+    if first["type"] == "error":
         await stream.aclose()
-        return error(first["error"], 502)
+        return error(first["message"], 502)
     return FetchStream(first, stream)
 
 
 def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
     async def status(_: dict) -> dict:
-        return {"ok": True, "pid": os.getpid(), "rss_mb": rss_mb(os.getpid()), **page.status()}
+        return {"ok": True, "pid": os.getpid(), **page.status()}
 
     async def token(body: dict) -> dict:
         action = body.get("action") or "chat_submit"
