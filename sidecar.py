@@ -12,8 +12,8 @@ lazily by the bridge as a child process, serving HTTP/1.1 on a Unix socket (mode
     POST /shutdown    close the browser and exit 0
 
 Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browser or page failure) or 504
-(timeout). /fetch answers 200 with the "head" event first ("done" adds "cookies": the host's jar after the call),
-or a failure before it as an error; closing the connection aborts the fetch.
+(timeout). /fetch's NDJSON lines are the page agent's chat() events, "done" with "cookies" (the host's jar after the
+call), a failure before the page's answer began an "error" event too; closing the connection aborts the fetch.
 
 In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too) from --page-agent's
 file; its events come back through a Playwright binding. The kernel ends us when the bridge dies
@@ -540,32 +540,9 @@ def error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-class FetchStream(StreamingResponse):
-    """The page's fetch relayed as NDJSON lines, after its first event. The fetch is closed however the
-    response ends (aborted in the page unless it is done), also when the client leaves before the body
-    begins: the body's generator is then dropped unstarted, and its own clean-up would never run."""
-
-    def __init__(self, first: dict, stream: AsyncGenerator[dict, None]):
-        super().__init__(self.lines(first, stream), media_type="application/x-ndjson",
-                         headers={"cache-control": "no-cache"})
-        self.stream = stream
-
-    @staticmethod
-    async def lines(first: dict, stream: AsyncGenerator[dict, None]) -> AsyncIterator[bytes]:
-        yield (json.dumps(first) + "\n").encode()
-        async for item in stream:
-            yield (json.dumps(item) + "\n").encode()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.stream.aclose()
-
-
 async def unless_client_leaves(call: Awaitable[Any], receive: Any) -> Any:
     """`call`'s answer, unless the bridge hangs up first (its own client left): `call` is then cancelled at
-    once, so an in-page fetch still waiting for LM Arena's answer is aborted, and nothing is answered."""
+    once, so a mint or a sign-up in the page ends with it, and nothing is answered."""
     async def hang_up() -> None:  # the request body was read whole before: only a disconnect comes now
         while (await receive())["type"] != "http.disconnect":
             pass
@@ -582,8 +559,6 @@ async def unless_client_leaves(call: Awaitable[Any], receive: Any) -> Any:
         return work.result()
     work.cancel()
     await asyncio.wait({work})
-    if not work.cancelled() and work.exception() is None and isinstance(work.result(), FetchStream):
-        await work.result().stream.aclose()
     return Response(status_code=499)
 
 
@@ -610,17 +585,34 @@ def handler(fn: Callable[[dict], Awaitable[Any]], timeout: float | None) -> Any:
     return endpoint
 
 
-async def fetch_lines(page: ArenaPage, body: dict) -> Response:
-    """POST /fetch: the page's answer as NDJSON lines; a failure before its status line is a plain error."""
+def ndjson(item: dict) -> bytes:
+    return (json.dumps(item) + "\n").encode()
+
+
+async def fetch_lines(page: ArenaPage, body: dict, bound: float) -> AsyncIterator[bytes]:
+    """POST /fetch's body, all of its work: the page agent's chat() events; a failure before the page's
+    answer began (no page, no token, `bound` passed) is the error event the agent would send. Starlette
+    cancels it when the bridge hangs up, which aborts the page's fetch (a body not begun has run nothing)."""
+    events = page.fetch(body)
+    try:
+        async with asyncio.timeout(bound):  # until the answer begins; then as long as LM Arena streams
+            first = await anext(events)
+        yield ndjson(first)
+        async for event in events:
+            yield ndjson(event)
+    except (TimeoutError, OpError, PlaywrightError, OSError) as exc:
+        log.warning("/fetch failed: %s", first_line(exc) or type(exc).__name__)
+        yield ndjson({"type": "error", "message": first_line(exc) or f"no answer within {bound:.0f}s"})
+    finally:
+        await events.aclose()
+
+
+async def fetch(page: ArenaPage, body: dict, bound: float) -> StreamingResponse:
     need(body, "url")
     if not isinstance(body.get("cookies") or {}, dict) or not isinstance(body.get("headers") or {}, dict):
         raise OpError("'cookies' and 'headers' must be objects", 400)
-    stream = page.fetch(body)
-    first = await anext(stream)  # within the handler's bound
-    if first["type"] == "error":
-        await stream.aclose()
-        return error(first["message"], 502)
-    return FetchStream(first, stream)
+    return StreamingResponse(fetch_lines(page, body, bound), media_type="application/x-ndjson",
+                             headers={"cache-control": "no-cache"})
 
 
 def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
@@ -645,7 +637,7 @@ def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
         ("/signup", "POST", lambda b: page.signup(b.get("turnstile_sitekey"), b.get("recaptcha_sitekey"),
                                                   b.get("recaptcha_action") or "sign_up"), bound + OP_TIMEOUT),
         ("/sitekeys", "POST", lambda _: page.sitekeys(), bound),
-        ("/fetch", "POST", lambda b: fetch_lines(page, b), bound), ("/shutdown", "POST", stop, None)]
+        ("/fetch", "POST", lambda b: fetch(page, b, bound), None), ("/shutdown", "POST", stop, None)]
     return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method])
                              for path, method, fn, timeout in routes])
 

@@ -227,12 +227,23 @@ def test_fetch_relays_the_stream_as_it_arrives(arena, sidecar):
     assert len(chunks) >= 4
 
 
-def test_fetch_errors_before_the_status_and_http_errors_pass_through(arena, sidecar):
+def test_fetch_errors_before_the_status_are_the_last_event_and_http_errors_pass_through(arena, sidecar):
     r = sidecar.post("/fetch", {"url": "/nowhere", "method": "GET"})
-    assert r.status_code == 200  # the page's fetch answered (404): not an error of the sidecar
+    assert r.status_code == 200 and json.loads(r.text.splitlines()[0])["status"] == 404  # not the sidecar's error
     # The page agent runs requests on the page's own origin only.
     r = sidecar.post("/fetch", {"url": "http://127.0.0.1:9/nowhere", "method": "GET"})
-    assert r.status_code == 502 and "is not this page's origin" in r.json()["error"]
+    [event] = [json.loads(line) for line in r.text.splitlines()]
+    assert r.status_code == 200 and event["type"] == "error" and "is not this page's origin" in event["message"]
+    # A token the page cannot mint fails the fetch before it is sent, the same way.
+    arena.configure(grecaptcha_execute_rejects=True)
+    sidecar.post("/clearance", {})  # reloads the page: it gets the broken script
+    r = sidecar.post("/fetch", {"url": "/nextjs-api/stream/create-evaluation", "method": "POST", "body": "{}",
+                                "sitekey": arena.sitekey, "action": "chat_submit"})
+    [event] = [json.loads(line) for line in r.text.splitlines()]
+    assert event["type"] == "error" and "reCAPTCHA execute failed" in event["message"], event
+    assert not arena.chat_requests()
+    arena.reset()
+    assert sidecar.post("/fetch", {"url": "/", "headers": "Accept: */*"}).status_code == 400
     with sidecar.http.stream("POST", "/fetch", json={"url": "/nextjs-api/stream/create-evaluation",
                                                       "method": "POST", "body": json.dumps(create_body()),
                                                       "cookies": {AUTH_COOKIE: arena.new_session()}}) as resp:
