@@ -2253,11 +2253,12 @@ class SidecarError(Exception):
 
 
 def headful_wanted(setting: bool | None, environ: Mapping[str, str], xvfb_run: str | None) -> bool:
-    """The explicit setting, else headful wherever a window can be had (a display, or xvfb-run for a virtual
-    one): LM Arena's reCAPTCHA scores a headful browser better than a headless one."""
-    if setting is not None:
-        return setting
-    return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY") or xvfb_run)
+    """Headful wherever a window can be had (a display, or xvfb-run for a virtual one) unless the setting says
+    no: LM Arena's reCAPTCHA scores a headful browser better than a headless one."""
+    window = bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY") or xvfb_run)
+    if setting and not window:
+        log.warning("BRIDGE_HEADFUL=1 without a display and without xvfb-run (apt-get install xvfb): headless")
+    return window if setting is None else setting and window
 
 
 def tree_pss_mb(root_pid: int) -> float:
@@ -2552,12 +2553,10 @@ class SidecarClient:
         proc, http = self._proc, self._http
         self._proc, self._http = None, None
         if proc is not None and proc.returncode is None:
-            if force:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()  # its driver, browser and display end when its pipes close
-            elif http is not None:
-                with contextlib.suppress(httpx.HTTPError):
-                    await http.post("/shutdown", timeout=1.0)
+            # SIGTERM: it closes its browser and exits. After SIGKILL, its driver, browser and display end as
+            # its pipes close.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL if force else signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.STOP_TIMEOUT)
             except TimeoutError:

@@ -9,15 +9,15 @@ lazily by the bridge as a child process, serving HTTP/1.1 on a Unix socket (mode
     POST /sitekeys    the reCAPTCHA sitekeys a freshly loaded page uses (its live ___grecaptcha_cfg)
     POST /fetch       {"url", "method", "headers", "body", "cookies", "sitekey", "action"}: one request run
                       by the page agent's chat(), its events relayed as NDJSON lines as the page emits them
-    POST /shutdown    close the browser and exit 0
 
 Errors are ``{"error": "<message>"}`` with status 400 (bad request), 502 (browser or page failure) or 504
 (timeout). /fetch's NDJSON lines are the page agent's chat() events, "done" with "cookies" (the host's jar after the
 call), a failure before the page's answer began an "error" event too; closing the connection aborts the fetch.
 
 In-page code is the bridge's page agent (``window.__arenaBridge``, the userscript's too) from --page-agent's
-file; its events come back through a Playwright binding. The kernel ends us when the bridge dies
-(PR_SET_PDEATHSIG); the driver, Chromium and Xvfb end with us as their pipes close. Secrets are never logged.
+file; its events come back through a Playwright binding. SIGTERM closes the browser and exits 0; the kernel
+sends it when the bridge dies (PR_SET_PDEATHSIG); the driver, Chromium and Xvfb end with us as their pipes
+close. Secrets are never logged.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 PR_SET_PDEATHSIG = 1
 
@@ -90,15 +90,10 @@ XVFB_SCREEN = "-screen 0 1920x1080x24"
 @dataclasses.dataclass(frozen=True)
 class Settings:
     socket: str
-    arena_url: str
+    arena_url: str  # LM Arena's origin
     page_agent: str  # the page agent's JavaScript source
     browser: str | None = None
     headful: bool = False
-
-    @property
-    def origin(self) -> str:
-        parts = urlsplit(self.arena_url)
-        return f"{parts.scheme}://{parts.netloc}"
 
 
 class OpError(Exception):
@@ -261,9 +256,6 @@ class Chromium:
         """Headful: the display we have, else one from xvfb-run; None: run headless."""
         if not self.s.headful or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
             return {} if self.s.headful else None
-        if not shutil.which("xvfb-run"):
-            log.warning("headful mode without a display and without xvfb-run (apt-get install xvfb): headless")
-            return None
         if self._xvfb is None or self._xvfb[0].returncode is not None:
             self._xvfb = await start_xvfb()
         return self._xvfb[1]
@@ -308,7 +300,7 @@ class Chromium:
             await self.context.clear_cookies(name=re.compile(r"^arena-auth-prod-v1"))
         if cookies:
             await self.context.add_cookies(
-                [{"name": k, "value": str(v), "url": self.s.origin + "/"} for k, v in cookies.items()])
+                [{"name": k, "value": str(v), "url": self.s.arena_url + "/"} for k, v in cookies.items()])
 
     async def close(self) -> None:
         with contextlib.suppress(PlaywrightError):
@@ -410,7 +402,9 @@ class ArenaPage:
 
     async def mint(self, page: Any, sitekey: str, action: str) -> str:
         await self.recaptcha_ready(page, sitekey)
-        return await page.evaluate(AGENT_JS, ["mint", action, sitekey, int(OP_TIMEOUT * 1000)])
+        token = await page.evaluate(AGENT_JS, ["mint", action, sitekey, int(OP_TIMEOUT * 1000)])
+        log.info("minted a %s token (%d chars)", action, len(token))
+        return token
 
     async def token(self, sitekey: str, action: str) -> str:
         page = await self.page()
@@ -466,7 +460,7 @@ class ArenaPage:
         while await self.is_interstitial(page):
             if time.monotonic() > deadline:
                 raise TimeoutError("the Cloudflare challenge did not clear")
-            log.info("Cloudflare interstitial on %s; waiting for it to clear", self.s.origin)
+            log.info("Cloudflare interstitial on %s; waiting for it to clear", self.s.arena_url)
             await self._click_turnstile(page)
             with contextlib.suppress(PlaywrightError):
                 await page.wait_for_function(PASSED_JS, timeout=2000)
@@ -615,20 +609,12 @@ async def fetch(page: ArenaPage, body: dict, bound: float) -> StreamingResponse:
                              headers={"cache-control": "no-cache"})
 
 
-def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
+def build_app(page: ArenaPage) -> Starlette:
     async def status(_: dict) -> dict:
         return {"ok": True, "pid": os.getpid(), **page.status()}
 
     async def token(body: dict) -> dict:
-        action = body.get("action") or "chat_submit"
-        value = await page.token(need(body, "sitekey"), action)
-        log.info("minted a %s token (%d chars)", action, len(value))
-        return {"token": value}
-
-    async def stop(_: dict) -> dict:
-        log.info("shutdown requested")
-        asyncio.get_running_loop().call_later(0.1, shutdown.set)
-        return {"ok": True}
+        return {"token": await page.token(need(body, "sitekey"), body.get("action") or "chat_submit")}
 
     bound = LAUNCH_TIMEOUT + OP_TIMEOUT  # a first call also launches the browser
     routes: list[tuple[str, str, Callable[[dict], Awaitable[Any]], float | None]] = [
@@ -637,7 +623,7 @@ def build_app(page: ArenaPage, shutdown: asyncio.Event) -> Starlette:
         ("/signup", "POST", lambda b: page.signup(b.get("turnstile_sitekey"), b.get("recaptcha_sitekey"),
                                                   b.get("recaptcha_action") or "sign_up"), bound + OP_TIMEOUT),
         ("/sitekeys", "POST", lambda _: page.sitekeys(), bound),
-        ("/fetch", "POST", lambda b: fetch(page, b, bound), None), ("/shutdown", "POST", stop, None)]
+        ("/fetch", "POST", lambda b: fetch(page, b, bound), None)]
     return Starlette(routes=[Route(path, handler(fn, timeout), methods=[method])
                              for path, method, fn, timeout in routes])
 
@@ -652,7 +638,7 @@ async def serve_until_shutdown(settings: Settings) -> None:
     config = HypercornConfig.from_mapping(bind=[f"unix:{settings.socket}"], umask=0o177, accesslog=None,
                                           errorlog=logging.getLogger("sidecar.server"), graceful_timeout=2.0)
     chromium = Chromium(settings)
-    app: Any = build_app(ArenaPage(chromium), shutdown)
+    app: Any = build_app(ArenaPage(chromium))
     try:
         await serve(app, config, shutdown_trigger=shutdown.wait)
     finally:
@@ -665,11 +651,11 @@ async def serve_until_shutdown(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Playwright browser sidecar for the LM Arena bridge")
     p.add_argument("--socket", required=True, help="Unix socket path")
-    p.add_argument("--arena-url", required=True, help="LM Arena base URL")
+    p.add_argument("--arena-url", required=True, help="LM Arena's origin (scheme://host[:port])")
     p.add_argument("--page-agent", required=True, type=argparse.FileType(encoding="utf-8"),
                    help="file with the page agent's JavaScript (written by the bridge)")
     p.add_argument("--browser", help="Chromium/Chrome binary (default: Playwright's, else one on PATH)")
-    p.add_argument("--headful", action="store_true", help="a browser with a window (under xvfb-run if no display)")
+    p.add_argument("--headful", action="store_true", help="a browser with a window (needs a display or xvfb-run)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

@@ -257,7 +257,7 @@ def test_an_unknown_request_path_is_refused_at_start():
     (None, {"DISPLAY": ":0"}, None, True),
     (None, {}, None, False),
     (False, {"DISPLAY": ":0"}, "/usr/bin/xvfb-run", False),
-    (True, {}, None, True),
+    (True, {}, None, False),
 ])
 def test_headful_by_default_wherever_a_window_can_be_had(setting, environ, xvfb, headful):
     assert bridge.headful_wanted(setting, environ, xvfb) is headful
