@@ -2400,8 +2400,7 @@ class SidecarClient:
         self._active += 1
         try:
             async with contextlib.AsyncExitStack() as stack:
-                lines = await self._open_stream(request, stack)
-                async for item in page_fetch_items(json.loads(line) async for line in lines):
+                async for item in page_fetch_items(await self._open_stream(request, stack)):
                     yield item
         except PageFetchFailed as exc:
             raise SidecarError(f"browser sidecar: in-page fetch failed: {exc}") from None
@@ -2487,15 +2486,21 @@ class SidecarClient:
             raise SidecarError(f"browser sidecar: {message or f'HTTP {response.status_code}'}")
         return body
 
-    async def _open_stream(self, request: dict, stack: contextlib.AsyncExitStack) -> AsyncIterator[str]:
-        """Open POST /fetch; bounded until the status line arrives."""
-        async def send(http: httpx.AsyncClient) -> AsyncIterator[str]:
+    async def _open_stream(self, request: dict, stack: contextlib.AsyncExitStack) -> AsyncIterator[dict]:
+        """POST /fetch's events, bounded (start-up included) until the first: the page's answer began or failed."""
+        async def send(http: httpx.AsyncClient) -> AsyncIterator[dict]:
             response = await stack.enter_async_context(
                 http.stream("POST", "/fetch", json=request, timeout=httpx.Timeout(None)))
             if response.status_code != 200:
                 await response.aread()
                 self._decode(response)
-            return response.aiter_lines()
+            lines = response.aiter_lines()
+
+            async def events(first: str) -> AsyncIterator[dict]:
+                yield json.loads(first)
+                async for line in lines:
+                    yield json.loads(line)
+            return events(await anext(lines, '{"type": "error", "message": "it answered nothing"}'))
 
         return await self._with_sidecar(send)
 
