@@ -327,12 +327,12 @@ class ArenaPage:
         self._cdp: Any = None
         self.webdriver: bool | None = None  # navigator.webdriver as the site sees it (must be false)
 
-    def status(self) -> dict[str, Any]:
-        """The browser's part of /status; never launches it."""
-        c, page = self.chromium, self._page
+    async def status(self) -> dict[str, Any]:
+        """/status: the process and the browser; never launches it."""
+        c, page, process = self.chromium, self._page, {"ok": True, "pid": os.getpid()}
         if not c.running:
-            return {"browser": "not started"}
-        return {"browser": "running", "user_agent": c.user_agent, "version": c.browser.version,
+            return {**process, "browser": "not started"}
+        return {**process, "browser": "running", "user_agent": c.user_agent, "version": c.browser.version,
                 "page_url": page.url if page and not page.is_closed() else None, "webdriver": self.webdriver,
                 "headful": c.headful, "launch_seconds": c.launch_seconds}
 
@@ -400,13 +400,14 @@ class ArenaPage:
         await page.add_script_tag(url=f"{base}/recaptcha/enterprise.js?render={sitekey}")
         await page.wait_for_function(GRECAPTCHA_JS, timeout=OP_TIMEOUT * 1000)
 
-    async def mint(self, page: Any, sitekey: str, action: str) -> str:
+    async def mint(self, page: Any, sitekey: str, action: str) -> dict[str, str]:
+        """{"token"}: /token's answer, and the page agent's chat() request's "recaptcha"."""
         await self.recaptcha_ready(page, sitekey)
         token = await page.evaluate(AGENT_JS, ["mint", action, sitekey, int(OP_TIMEOUT * 1000)])
         log.info("minted a %s token (%d chars)", action, len(token))
-        return token
+        return {"token": token}
 
-    async def token(self, sitekey: str, action: str) -> str:
+    async def token(self, sitekey: str, action: str) -> dict[str, str]:
         page = await self.page()
         if await self.is_interstitial(page):  # no grecaptcha behind a Cloudflare challenge
             await self.clearance()
@@ -508,7 +509,7 @@ class ArenaPage:
         request = {k: spec.get(k) for k in ("url", "method", "headers", "body")}
         if spec.get("sitekey") and isinstance(spec.get("body"), str):
             # Minted before taking the session lock: chats on other accounts need not wait for it.
-            request["recaptcha"] = {"token": await self.token(spec["sitekey"], spec.get("action") or "chat_submit")}
+            request["recaptcha"] = await self.token(spec["sitekey"], spec.get("action") or "chat_submit")
         page = await self.page()  # after the mint, which may have replaced a broken page
         async with self._session_lock:
             await self.chromium.set_cookies(spec.get("cookies") or {})
@@ -610,15 +611,10 @@ async def fetch(page: ArenaPage, body: dict, bound: float) -> StreamingResponse:
 
 
 def build_app(page: ArenaPage) -> Starlette:
-    async def status(_: dict) -> dict:
-        return {"ok": True, "pid": os.getpid(), **page.status()}
-
-    async def token(body: dict) -> dict:
-        return {"token": await page.token(need(body, "sitekey"), body.get("action") or "chat_submit")}
-
     bound = LAUNCH_TIMEOUT + OP_TIMEOUT  # a first call also launches the browser
     routes: list[tuple[str, str, Callable[[dict], Awaitable[Any]], float | None]] = [
-        ("/status", "GET", status, None), ("/token", "POST", token, bound),
+        ("/status", "GET", lambda _: page.status(), None),
+        ("/token", "POST", lambda b: page.token(need(b, "sitekey"), b.get("action") or "chat_submit"), bound),
         ("/clearance", "POST", lambda _: page.clearance(), bound + CLEARANCE_TIMEOUT),
         ("/signup", "POST", lambda b: page.signup(b.get("turnstile_sitekey"), b.get("recaptcha_sitekey"),
                                                   b.get("recaptcha_action") or "sign_up"), bound + OP_TIMEOUT),
