@@ -580,11 +580,7 @@ def handler(fn: Callable[[dict], Awaitable[Any]], timeout: float | None) -> Any:
     return endpoint
 
 
-def ndjson(item: dict) -> bytes:
-    return (json.dumps(item) + "\n").encode()
-
-
-async def fetch_lines(page: ArenaPage, body: dict, bound: float) -> AsyncIterator[bytes]:
+async def fetch_events(page: ArenaPage, body: dict, bound: float) -> AsyncIterator[dict]:
     """POST /fetch's body, all of its work: the page agent's chat() events; a failure before the page's
     answer began (no page, no token, `bound` passed) is the error event the agent would send. Starlette
     cancels it when the bridge hangs up, which aborts the page's fetch (a body not begun has run nothing)."""
@@ -592,12 +588,12 @@ async def fetch_lines(page: ArenaPage, body: dict, bound: float) -> AsyncIterato
     try:
         async with asyncio.timeout(bound):  # until the answer begins; then as long as LM Arena streams
             first = await anext(events)
-        yield ndjson(first)
+        yield first
         async for event in events:
-            yield ndjson(event)
+            yield event
     except (TimeoutError, OpError, PlaywrightError, OSError) as exc:
         log.warning("/fetch failed: %s", first_line(exc) or type(exc).__name__)
-        yield ndjson({"type": "error", "message": first_line(exc) or f"no answer within {bound:.0f}s"})
+        yield {"type": "error", "message": first_line(exc) or f"no answer within {bound:.0f}s"}
     finally:
         await events.aclose()
 
@@ -606,8 +602,8 @@ async def fetch(page: ArenaPage, body: dict, bound: float) -> StreamingResponse:
     need(body, "url")
     if not isinstance(body.get("cookies") or {}, dict) or not isinstance(body.get("headers") or {}, dict):
         raise OpError("'cookies' and 'headers' must be objects", 400)
-    return StreamingResponse(fetch_lines(page, body, bound), media_type="application/x-ndjson",
-                             headers={"cache-control": "no-cache"})
+    return StreamingResponse((json.dumps(event) + "\n" async for event in fetch_events(page, body, bound)),
+                             media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
 
 
 def build_app(page: ArenaPage) -> Starlette:
