@@ -253,6 +253,13 @@ def test_fetch_errors_before_the_status_are_the_last_event_and_http_errors_pass_
     assert "recaptcha validation failed" in "".join(i.get("text", "") for i in items)
 
 
+def test_an_unexpected_fetch_failure_is_its_error_event_not_a_cut_stream(arena, sidecar):
+    # A cut stream reads to the bridge like a dead sidecar: it would restart it and send the request again.
+    r = sidecar.post("/fetch", {"url": "/nowhere", "method": 5})
+    [event] = [json.loads(line) for line in r.text.splitlines()]
+    assert r.status_code == 200 and event["type"] == "error", r.text
+
+
 def test_fetch_client_disconnect_aborts_the_page_fetch(arena, sidecar):
     arena.configure(lines=12, line_delay=0.2)
     body = create_body("abandoned")
