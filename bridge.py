@@ -2487,22 +2487,29 @@ class SidecarClient:
         return body
 
     async def _open_stream(self, request: dict, stack: contextlib.AsyncExitStack) -> AsyncIterator[dict]:
-        """POST /fetch's events, bounded (start-up included) until the first: the page's answer began or failed."""
-        async def send(http: httpx.AsyncClient) -> AsyncIterator[dict]:
+        """POST /fetch's events, bounded (start-up included) until the first: the page's answer began or failed.
+        Only opening it is retried on a restarted sidecar: once it answered, the page may have sent the chat."""
+        async def send(http: httpx.AsyncClient) -> AsyncIterator[str]:
             response = await stack.enter_async_context(
                 http.stream("POST", "/fetch", json=request, timeout=httpx.Timeout(None)))
             if response.status_code != 200:
                 await response.aread()
                 self._decode(response)
-            lines = response.aiter_lines()
+            return response.aiter_lines()
 
-            async def events(first: str) -> AsyncIterator[dict]:
-                yield json.loads(first)
-                async for line in lines:
-                    yield json.loads(line)
-            return events(await anext(lines, '{"type": "error", "message": "it answered nothing"}'))
+        deadline = time.monotonic() + self.request_timeout
+        lines = await self._with_sidecar(send)
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                first = await anext(lines, '{"type": "error", "message": "it answered nothing"}')
+        except TimeoutError:
+            raise SidecarError(f"browser sidecar did not answer within {self.request_timeout:.0f}s") from None
 
-        return await self._with_sidecar(send)
+        async def events() -> AsyncIterator[dict]:
+            yield json.loads(first)
+            async for line in lines:
+                yield json.loads(line)
+        return events()
 
     # --- the child process ---------------------------------------------------------------------------
 
@@ -2537,8 +2544,10 @@ class SidecarClient:
         if self.headful:
             args.append("--headful")
         log.info("starting the browser sidecar")
+        # A session of its own: Ctrl-C in a terminal reaches the bridge only, which drains its streams and then
+        # stops the sidecar. Logs go to our stderr.
         self._proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)  # logs go to our stderr
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, start_new_session=True)
         self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.socket_path),
                                        base_url="http://sidecar")
         # Ready when /status answers; the caller's deadline bounds this loop.

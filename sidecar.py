@@ -593,7 +593,8 @@ async def fetch_events(page: ArenaPage, body: dict, bound: float) -> AsyncIterat
             yield event
     except Exception as exc:  # noqa: BLE001 - a stream cut before its first line reads as a dead sidecar
         log.warning("/fetch failed: %s", first_line(exc) or type(exc).__name__)
-        yield {"type": "error", "message": first_line(exc) or f"no answer within {bound:.0f}s"}
+        timed_out = isinstance(exc, TimeoutError) and f"no answer within {bound:.0f}s"
+        yield {"type": "error", "message": first_line(exc) or timed_out or type(exc).__name__}
     finally:
         await events.aclose()
 

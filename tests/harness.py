@@ -39,7 +39,7 @@ def validate(name: str, instance: dict) -> None:
 
 class BridgeProcess:
     def __init__(self, arena_url: str, folder: str, env: dict | None = None, args: tuple = (),
-                 sidecar: str = "off"):
+                 sidecar: str = "off", new_session: bool = False):
         self.port = free_port()
         self.folder = folder
         self.db = os.path.join(folder, "bridge.db")
@@ -51,6 +51,7 @@ class BridgeProcess:
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), "--db", self.db,
                      "--arena-url", arena_url, *args]
         self.process: subprocess.Popen | None = None
+        self.new_session = new_session  # a process group of its own, as a shell runs it: Ctrl-C can be sent to it
         self.url = f"http://127.0.0.1:{self.port}"
         self._store: bridge.Store | None = None
         self._health_key: str | None = None
@@ -58,7 +59,8 @@ class BridgeProcess:
     def start(self, timeout: float = 20.0) -> BridgeProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "bridge.py"), *self.args],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+                                            start_new_session=self.new_session)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

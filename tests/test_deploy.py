@@ -407,8 +407,10 @@ def lifecycle(arena, tmp_path):
     arena.configure(recaptcha="off")
     procs: list[BridgeProcess] = []
 
-    def start(*args: str, sidecar: str = "off", env: dict | None = None) -> tuple[BridgeProcess, str]:
-        proc = BridgeProcess(arena.url, str(tmp_path / f"b{len(procs)}"), args=args, sidecar=sidecar, env=env)
+    def start(*args: str, sidecar: str = "off", env: dict | None = None,
+              new_session: bool = False) -> tuple[BridgeProcess, str]:
+        proc = BridgeProcess(arena.url, str(tmp_path / f"b{len(procs)}"), args=args, sidecar=sidecar, env=env,
+                             new_session=new_session)
         os.makedirs(proc.folder, exist_ok=True)
         procs.append(proc.start())
         proc.wait_for_models()
@@ -545,9 +547,14 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(_browser() is None, reason="no Chromium/Chrome binary found")
-def test_sigterm_stops_the_sidecar_and_its_browser(arena, lifecycle):
-    proc, key = lifecycle("--shutdown-timeout", "15", sidecar="auto", env={"BRIDGE_BROWSER": _browser()})
-    arena.configure(recaptcha="required", lines=8, line_delay=0.25)  # needs a token: the sidecar starts
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_sigterm_stops_the_sidecar_and_its_browser(arena, lifecycle, stop):
+    """Also Ctrl-C in a terminal (SIGINT to the whole foreground group): the sidecar, in a session of its own,
+    is not cut off under the in-page stream while the bridge drains it; the bridge stops it afterwards."""
+    proc, key = lifecycle("--shutdown-timeout", "15", sidecar="auto", env={"BRIDGE_BROWSER": _browser()},
+                          new_session=stop == "ctrl-c")
+    # A token is needed: the sidecar starts. 6 s of reply: longer than the sidecar's own 2 s of grace.
+    arena.configure(recaptcha="required", lines=24, line_delay=0.25)
     stream = SlowStream(proc.url, key)
     stream.start()
     assert stream.started.wait(60), proc.log()
@@ -559,10 +566,15 @@ def test_sigterm_stops_the_sidecar_and_its_browser(arena, lifecycle):
         tree |= {child for pid in tree for child in _children(pid)}
     socket_path = os.path.join(proc.folder, "bridge-sidecar.sock")
     assert os.path.exists(socket_path)
-    proc.process.send_signal(signal.SIGTERM)
+    if stop == "ctrl-c":
+        os.killpg(proc.process.pid, signal.SIGINT)
+    else:
+        proc.process.send_signal(signal.SIGTERM)
     assert proc.process.wait(15 + 10) == 0, proc.log()
     stream.join(5)
     assert stream.events[-1] == "[DONE]", stream.events[-3:]
+    assert all(f"line {i}\n" in stream.text for i in range(1, 25)), stream.events[-3:]  # whole, not cut off
+    assert stream.events[-2]["choices"][0]["finish_reason"] == "stop"
     deadline = time.monotonic() + 5
     while any(map(_alive, tree)) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -63,9 +63,15 @@ class Sidecar:
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://sidecar",
                                  timeout=60)
         deadline = time.time() + 15
-        while not os.path.exists(self.socket):
+        while not self.answers():  # the socket exists a moment before it is listened on
             assert self.proc.poll() is None and time.time() < deadline, self.log()
             time.sleep(0.05)
+
+    def answers(self) -> bool:
+        try:
+            return os.path.exists(self.socket) and self.http.get("/status", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -568,6 +574,34 @@ def test_client_idle_stop(arena, tmp_path):
                     break
                 await asyncio.sleep(0.1)
             assert client.state == "stopped" and _pid_gone(pid)
+        finally:
+            await client.aclose()
+    asyncio.run(run())
+
+
+def test_client_never_resends_an_in_page_chat_once_the_sidecar_took_it(arena, tmp_path):
+    """A sidecar that dies while LM Arena has not answered yet: its page may have sent the chat, so the call
+    fails as broken off instead of running the chat again on a restarted sidecar."""
+    arena.configure(first_byte_delay=3.0)
+
+    async def run():
+        client = make_client(arena, tmp_path)
+        try:
+            await client.token(arena.sitekey, "chat_submit")  # the sidecar and its page are up
+            pid = (await client.status())["pid"]
+            stream = client.fetch_stream({"url": "/nextjs-api/stream/create-evaluation", "method": "POST",
+                                          "body": json.dumps(create_body("once")), "sitekey": arena.sitekey,
+                                          "cookies": {AUTH_COOKIE: arena.new_session()}, "action": "chat_submit"})
+            head = asyncio.ensure_future(stream.__anext__())
+            for _ in range(100):
+                if arena.chat_requests():
+                    break
+                await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(SidecarError, match="broke off"):
+                await head
+            await asyncio.sleep(3.5)
+            assert len(arena.chat_requests()) == 1 and client._proc is not None and client._proc.pid == pid
         finally:
             await client.aclose()
     asyncio.run(run())
