@@ -192,7 +192,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("sidecar_timeout", "--sidecar-timeout", ("BRIDGE_SIDECAR_TIMEOUT",), float, 45.0,
            "seconds a request waits for the sidecar before failing with 503"),
     Option("headful", "--headful", ("BRIDGE_HEADFUL",), _bool_or_auto, None,
-           "run the sidecar's Chromium with a window (under Xvfb when there is no display); auto (the default): "
+           "run the sidecar's Chromium with a window (under Xvfb when there is no display; headless, with a "
+           "warning, where neither is); auto (the default): "
            "headful when xvfb-run or a display exists, since LM Arena scores a headful browser better"),
     Option("request_timeout", "--request-timeout", ("BRIDGE_REQUEST_TIMEOUT",), float, 120.0,
            "seconds a chat request may take until LM Arena starts answering (all attempts together)"),
