@@ -66,7 +66,7 @@ from starlette.routing import Route
 log = logging.getLogger("sidecar")
 
 # ---------------------------------------------------------------------------------------------
-# Settings and the process: errors, memory, the browser binary, a virtual display
+# Settings and the process: errors, the browser binary, a virtual display
 # ---------------------------------------------------------------------------------------------
 
 # --no-sandbox: the sandbox needs user namespaces or a setuid helper, which root (CI) and Docker's seccomp
