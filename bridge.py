@@ -80,11 +80,13 @@ import gc
 import hashlib
 import hmac
 import html
+import io
 import ipaddress
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -365,19 +367,31 @@ def sha256_hex(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
 
+def value_key(value: Any) -> bytes:
+    """An exact key for a JSON value (a Memo's), cheap: its pickle, whose C writer is about eight times
+    faster than compact_json. Equal bytes are equal values of equal types (1, 1.0 and true differ). Fast
+    mode (no pickle memo) makes the bytes the value's alone, not which objects it shares (a body parsed in
+    one piece shares its key strings, one parsed in pieces shares fewer). Only compared, never unpickled."""
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, 5)
+    pickler.fast = True         # documented as deprecated, yet the one switch for this; JSON has no cycles
+    pickler.dump(value)
+    return out.getvalue()
+
+
 class Memo:
     """The latest results of a pure computation, by a key that spells out all of its input: a changed
     input is a new key, so no result is ever stale. Bounded twice, so that what it holds stays small
     whatever clients send: at most `entries` results (the least recently used goes first), and none kept
-    for a key longer than `longest` characters. Locked: a large request's steps call it from a worker thread
+    for a key longer than `longest` characters (bytes, for a bytes key). Locked: a large request's steps call it from a worker thread
     (off_loop), and a key evicted between another caller's lookup and its move_to_end was a KeyError."""
 
     def __init__(self, entries: int, longest: int) -> None:
         self.entries, self.longest = entries, longest
-        self.results: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.results: collections.OrderedDict[str | bytes, Any] = collections.OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+    def get(self, key: str | bytes, compute: Callable[[], Any]) -> Any:
         with self.lock:
             if key in self.results:
                 self.results.move_to_end(key)
@@ -4794,6 +4808,8 @@ class BridgeState:
     bodies: BodyBudget
     executor_auth: GuessThrottle        # wrong pairing secrets, throttled like sign-ins
     chat_tools: Memo                    # chat requests' tools, read once per tool set (parse_chat_tools)
+    anthropic_tools: Memo               # Messages requests' tools (parse_anthropic_request)
+    responses_tools: Memo               # Responses requests' tools (parse_responses_request)
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
     async def models(self) -> list[dict]:
@@ -5560,6 +5576,28 @@ def tool_choice_problem(choice: str, function: str | None, names: list[str]) -> 
     return ""
 
 
+# An agent sends the same tools with every turn of its loop (Claude Code and Codex about 60 kB of them),
+# and reading, checking and rendering them was most of a request's own CPU time. So what each API makes of
+# a request's tool fields is kept by them, in memos of each app's own (BridgeState.chat_tools,
+# anthropic_tools, responses_tools: two bridges in one process share none), for a few tool sets at once
+# (several agents), none for fields over 128 kB, so that the memos hold a few MB at most whatever clients send.
+TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST = 8, 128 * 1024
+
+
+def tool_memo() -> Memo:
+    return Memo(TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST)
+
+
+def kept_tools(body: dict, fields: tuple[str, ...], read: Callable[[dict], Any], memo: Memo) -> Any:
+    """`read(body)`, which reads only `fields` of the body, once per tool set: `memo` keeps it by the
+    fields present (value_key), so a changed, added or removed field is a new key and no result is ever
+    stale (a null is not a missing field, and 1 is not true)."""
+    present = {field: body[field] for field in fields if field in body}
+    if not present:
+        return read(body)
+    return memo.get(value_key(present), lambda: read(body))
+
+
 def output_format(kind: Any, name: Any = None, schema: Any = None, param: str = "response_format") -> OutputFormat:
     """A checked OutputFormat. A schema is checked here, so that a broken one is the client's 400 and not
     the model's invalid_model_output later."""
@@ -6154,21 +6192,12 @@ def chat_tool_choice(raw: Any) -> tuple[str, str | None]:
 
 
 CHAT_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
-# An agent sends the same tools with every turn of its loop, and reading and rendering 20 of them was
-# most of a request's own CPU time: a chat request's ToolConfig, its rendering included, is kept by the
-# JSON text of the fields it comes from, in a memo of each app's own (BridgeState.chat_tools: two bridges
-# in one process share none), for a few tool sets at once (several agents), none over 128 kB of JSON
-# (Claude Code's are about 60 kB), so that the memo holds a few MB at most whatever clients send.
-TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST = 8, 128 * 1024
 
 
 def parse_chat_tools(body: dict, memo: Memo) -> ToolConfig:
-    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request, read once per tool set: `memo`
-    keeps them by their JSON text (a changed field is a new key, so none is ever stale)."""
-    fields = [body.get(field) for field in CHAT_TOOL_FIELDS]
-    if fields == [None, None, None]:
-        return ToolConfig()
-    return memo.get("chat:" + compact_json(fields), lambda: read_chat_tools(body))
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request, read once per tool set (kept_tools):
+    the ToolConfig, its rendering included."""
+    return kept_tools(body, CHAT_TOOL_FIELDS, read_chat_tools, memo)
 
 
 def read_chat_tools(body: dict) -> ToolConfig:
@@ -7144,7 +7173,7 @@ def anthropic_system(raw: Any) -> list[Message]:
     return [Message("system", text, [])] if text else []
 
 
-def anthropic_tools(raw: Any) -> list[ToolSpec]:
+def anthropic_tool_specs(raw: Any) -> list[ToolSpec]:
     """Custom tools (no `type`, or `custom`). Anthropic's own tools, server tools such as web search and
     code execution and schema-less ones such as bash_20250124, are left out: LM Arena cannot run them."""
     if raw is None:
@@ -7160,7 +7189,13 @@ def anthropic_tools(raw: Any) -> list[ToolSpec]:
     return specs
 
 
-def anthropic_tool_config(raw: Any, tools: list[ToolSpec]) -> ToolConfig:
+ANTHROPIC_TOOL_FIELDS = ("tools", "tool_choice")
+
+
+def read_anthropic_tools(body: dict) -> ToolConfig:
+    """`tools` and `tool_choice`, read once per tool set (parse_anthropic_request keeps them, kept_tools)."""
+    tools = anthropic_tool_specs(body.get("tools"))
+    raw = body.get("tool_choice")
     choice = raw if raw is not None else {"type": "auto"}
     if not isinstance(choice, dict) or choice.get("type") not in ANTHROPIC_TOOL_CHOICES:
         raise ApiError(400, "`tool_choice.type` must be auto, any, tool or none.", "invalid_value", "tool_choice")
@@ -7181,8 +7216,9 @@ def anthropic_output(body: dict) -> OutputFormat:
     return output_format("json_schema", None, raw.get("schema"), "output_config.format")
 
 
-def parse_anthropic_request(body: Any) -> AgentRequest:
-    """A Messages (or count_tokens) body. `thinking`, `max_tokens`, `metadata`, `cache_control`,
+def parse_anthropic_request(body: Any, tool_memo: Memo) -> AgentRequest:
+    """A Messages (or count_tokens) body, its tools read once per tool set (`tool_memo`: the app's, an
+    agent sends the same ones every turn). `thinking`, `max_tokens`, `metadata`, `cache_control`,
     `context_management` and other fields LM Arena cannot honour are accepted and ignored."""
     body = json_object(body)
     model = required_string(body, "model")
@@ -7194,9 +7230,8 @@ def parse_anthropic_request(body: Any) -> AgentRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "`stream` must be a boolean.", "invalid_type", "stream")
-    tools = anthropic_tools(body.get("tools"))
-    return AgentRequest(model, messages, anthropic_tool_config(body.get("tool_choice"), tools),
-                        anthropic_output(body), stream)
+    tools = kept_tools(body, ANTHROPIC_TOOL_FIELDS, read_anthropic_tools, tool_memo)
+    return AgentRequest(model, messages, tools, anthropic_output(body), stream)
 
 
 # =====================================================================================================
@@ -7451,7 +7486,7 @@ def responses_input(raw: Any, param: str) -> list[Message]:
     return messages
 
 
-def responses_tools(raw: Any) -> list[ToolSpec]:
+def responses_tool_specs(raw: Any) -> list[ToolSpec]:
     """Function tools. Hosted tools (web_search, file_search, ...), namespaces and custom tools are left
     out: LM Arena cannot run them, and Codex sends some with every request."""
     if raw is None:
@@ -7478,6 +7513,16 @@ def responses_tool_config(body: dict, tools: list[ToolSpec]) -> ToolConfig:
                    "tool_choice")
 
 
+RESPONSES_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def read_responses_tools(body: dict) -> tuple[tuple[ToolSpec, ...], ToolConfig]:
+    """The function tools (all of them, which a response repeats) and the config of a body's tool fields,
+    read once per tool set (parse_responses_request keeps them, kept_tools)."""
+    tools = responses_tool_specs(body.get("tools"))
+    return tuple(tools), responses_tool_config(body, tools)
+
+
 def responses_output(raw: Any) -> OutputFormat:
     text = raw if isinstance(raw, dict) else {}
     fmt = text.get("format") or {}
@@ -7498,9 +7543,10 @@ def responses_tool_choice(config: ToolConfig) -> str | dict:
     return {"type": "function", "name": config.function} if config.choice == "function" else config.choice
 
 
-def parse_responses_request(body: Any) -> ResponsesRequest:
-    """A Responses body. `reasoning`, `include`, `max_output_tokens`, `prompt_cache_key` and other fields
-    LM Arena cannot honour are accepted and ignored."""
+def parse_responses_request(body: Any, tool_memo: Memo) -> ResponsesRequest:
+    """A Responses body, its tools read once per tool set (`tool_memo`: the app's, an agent sends the same
+    ones every turn). `reasoning`, `include`, `max_output_tokens`, `prompt_cache_key` and other fields LM
+    Arena cannot honour are accepted and ignored."""
     body = json_object(body)
     model = required_string(body, "model")
     instructions = body.get("instructions")
@@ -7513,8 +7559,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
                               ("previous_response_id", previous, (str, type(None)))):
         if not isinstance(value, kind):
             raise ApiError(400, f"`{name}` has the wrong type.", "invalid_type", name)
-    tools = responses_tools(body.get("tools"))
-    config = responses_tool_config(body, tools)
+    tools, config = kept_tools(body, RESPONSES_TOOL_FIELDS, read_responses_tools, tool_memo)
     output = responses_output(body.get("text"))
     echo = {"instructions": instructions if isinstance(instructions, str) else None,
             "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
@@ -7802,7 +7847,7 @@ def anthropic_shaped(handler: Callable[[Request], Awaitable[Response]]) -> Calla
 
 async def anthropic_messages(request: Request) -> Response:
     state, key, started, body = await accepted_post(request)
-    turn = await off_loop(large_body(request), parse_anthropic_request, body)
+    turn = await off_loop(large_body(request), parse_anthropic_request, body, state.anthropic_tools)
     message_id = "msg_" + uuid.uuid4().hex
     job = await agent_job(state, key, started, turn, MESSAGES_ROUTE, "toolu_", message_id, request)
 
@@ -7817,7 +7862,7 @@ async def anthropic_count_tokens(request: Request) -> Response:
     """The prompt's tokens, estimated as for usage (tool definitions and earlier calls included), without
     a request to LM Arena."""
     state, key, started, body = await accepted_post(request)
-    turn = await off_loop(large_body(request), parse_anthropic_request, body)
+    turn = await off_loop(large_body(request), parse_anthropic_request, body, state.anthropic_tools)
     tokens = await off_loop(large_body(request), agent_prompt_tokens, turn.messages, turn.tools, turn.output,
                             state.settings.max_prompt_chars)
     state.usage.add(COUNT_TOKENS_ROUTE, key["id"], turn.model, 200, started)
@@ -7862,7 +7907,7 @@ def history_json(messages: list[Message]) -> str:
 
 async def responses(request: Request) -> Response:
     state, key, started, body = await accepted_post(request)
-    ask = await off_loop(large_body(request), parse_responses_request, body)
+    ask = await off_loop(large_body(request), parse_responses_request, body, state.responses_tools)
     response_id, created = "resp_" + uuid.uuid4().hex, int(now())
     encoder = ResponsesEncoder(response_id, created, ask)
     if ask.probe:
@@ -9766,7 +9811,7 @@ def bridge_state(settings: Settings, store: Store) -> BridgeState:
                        failures=failures, executors=executors,
                        executor_auth=GuessThrottle(settings.login_attempts, settings.login_budget),
                        bodies=BodyBudget(settings.max_inflight_body_mb * 2 ** 20),
-                       chat_tools=Memo(TOOL_MEMO_ENTRIES, TOOL_MEMO_LONGEST))
+                       chat_tools=tool_memo(), anthropic_tools=tool_memo(), responses_tools=tool_memo())
 
 
 def create_app(settings: Settings) -> Starlette:

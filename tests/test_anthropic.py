@@ -6,6 +6,7 @@ import anthropic.types
 import pytest
 from pydantic import TypeAdapter
 
+import bridge
 from bridge import (
     AnthropicEncoder,
     ApiError,
@@ -13,7 +14,6 @@ from bridge import (
     anthropic_error_body,
     anthropic_message_body,
     anthropic_stop_reason,
-    parse_anthropic_request,
 )
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -25,6 +25,11 @@ ERROR: TypeAdapter = TypeAdapter(anthropic.types.ErrorResponse)
 def request(*messages: dict, **fields) -> dict:
     return {"model": "m", "max_tokens": 100, "messages": list(messages) or [{"role": "user", "content": "hi"}],
             **fields}
+
+
+def parse_anthropic_request(body) -> bridge.AgentRequest:
+    """A body read with a tool memo of its own, as each app has one (BridgeState.anthropic_tools)."""
+    return bridge.parse_anthropic_request(body, bridge.tool_memo())
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -196,6 +201,60 @@ def test_invalid_requests_are_400_with_the_param(body, param):
     with pytest.raises(ApiError) as caught:
         parse_anthropic_request(body)
     assert caught.value.status == 400 and caught.value.param == param
+
+
+# The memo of a request's tools (Claude Code sends the same 60 kB of them every turn).
+
+def tool(name="Bash", description="run", schema=None) -> dict:
+    return {"name": name, "description": description, "input_schema": schema or {"type": "object", "properties": {
+        "command": {"type": "string"}}}, "cache_control": {"type": "ephemeral"}}
+
+
+def test_the_same_tools_sent_again_are_read_and_rendered_once():
+    memo = bridge.tool_memo()
+    first = bridge.parse_anthropic_request(request(tools=[tool()], tool_choice={"type": "auto"}), memo).tools
+    next_turn = request({"role": "user", "content": "hi"}, {"role": "assistant", "content": "done"},
+                        {"role": "user", "content": "again"}, tools=[tool()], tool_choice={"type": "auto"})
+    again = bridge.parse_anthropic_request(json.loads(json.dumps(next_turn)), memo).tools
+    assert again is first and again.instructions is first.instructions and "Bash" in first.instructions
+
+
+@pytest.mark.parametrize("change", [
+    {"tools": [tool(description="run a command")]},
+    {"tools": [tool(schema={"type": "object", "properties": {"cmd": {"type": "integer"}}})]},
+    {"tools": [tool(), tool("Read")]},
+    {"tools": [tool("Read")]},
+    {"tools": [tool()], "tool_choice": {"type": "any"}},
+    {"tools": [tool()], "tool_choice": {"type": "tool", "name": "Bash"}},
+    {"tools": [tool()], "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}},
+    {"tools": [tool()], "tool_choice": {"type": "none"}},
+    {},
+])
+def test_changed_tools_or_tool_choice_are_never_served_a_stale_rendering(change):
+    memo = bridge.tool_memo()
+    bridge.parse_anthropic_request(request(tools=[tool()]), memo)
+    changed = bridge.parse_anthropic_request(request(**change), memo).tools
+    fresh = bridge.read_anthropic_tools(request(**change))       # read and rendered without the memo
+    assert changed == fresh and changed.instructions == fresh.instructions
+
+
+def test_a_refused_tool_choice_is_refused_again_after_a_good_one():
+    memo = bridge.tool_memo()
+    bridge.parse_anthropic_request(request(tools=[tool()], tool_choice={"type": "tool", "name": "Bash"}), memo)
+    for _ in range(2):
+        with pytest.raises(ApiError) as caught:
+            bridge.parse_anthropic_request(request(tools=[tool()], tool_choice={"type": "tool", "name": "Read"}),
+                                           memo)
+        assert caught.value.param == "tool_choice"
+
+
+def test_the_tool_memo_stays_bounded_and_keeps_no_huge_tools_list():
+    memo = bridge.tool_memo()
+    for i in range(3 * bridge.TOOL_MEMO_ENTRIES):
+        bridge.parse_anthropic_request(request(tools=[tool(f"tool_{i}")]), memo)
+    bridge.parse_anthropic_request(request(tools=[tool(description="d" * bridge.TOOL_MEMO_LONGEST)]), memo)
+    assert len(memo.results) == bridge.TOOL_MEMO_ENTRIES
+    assert max(map(len, memo.results)) <= bridge.TOOL_MEMO_LONGEST
 
 
 def test_a_text_stream_has_anthropics_event_order():

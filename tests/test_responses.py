@@ -7,12 +7,12 @@ import pytest
 from harness import validate
 from pydantic import TypeAdapter
 
+import bridge
 from bridge import (
     ApiError,
     Message,
     ResponsesEncoder,
     ToolCall,
-    parse_responses_request,
     response_object,
     responses_body,
 )
@@ -22,6 +22,11 @@ EVENT: TypeAdapter = TypeAdapter(types.ResponseStreamEvent)
 RESPONSE: TypeAdapter = TypeAdapter(types.Response)
 FUNCTION = {"type": "function", "name": "exec_command", "description": "run", "strict": False,
             "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}
+
+
+def parse_responses_request(body) -> bridge.ResponsesRequest:
+    """A body read with a tool memo of its own, as each app has one (BridgeState.responses_tools)."""
+    return bridge.parse_responses_request(body, bridge.tool_memo())
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -177,6 +182,68 @@ def test_invalid_requests_are_400_with_the_param(body, param):
     with pytest.raises(ApiError) as caught:
         parse_responses_request(body)
     assert caught.value.status == 400 and caught.value.param == param
+
+
+# The memo of a request's tools (Codex sends the same ones every turn).
+
+def codex_body() -> dict:
+    with open(os.path.join(FIXTURES, "codex-request.json")) as file:
+        return json.load(file)["body"]
+
+
+def test_the_same_tools_sent_again_are_read_and_rendered_once():
+    memo = bridge.tool_memo()
+    first = bridge.parse_responses_request(codex_body(), memo)
+    next_turn = codex_body()
+    next_turn["input"].append({"type": "function_call_output", "call_id": "c2", "output": "ok"})
+    again = bridge.parse_responses_request(next_turn, memo)
+    assert again.turn.tools is first.turn.tools and again.turn.tools.instructions is first.turn.tools.instructions
+    assert again.echo["tools"] == first.echo["tools"] and "exec_command" in first.turn.tools.instructions
+
+
+OTHER = {**FUNCTION, "name": "view_image", "description": "look"}
+
+
+@pytest.mark.parametrize("change", [
+    {"tools": [{**FUNCTION, "description": "run a command"}]},
+    {"tools": [{**FUNCTION, "parameters": {"type": "object", "properties": {"cmd": {"type": "integer"}}}}]},
+    {"tools": [FUNCTION, OTHER]},
+    {"tools": [OTHER]},
+    {"tools": [FUNCTION], "tool_choice": "required"},
+    {"tools": [FUNCTION], "tool_choice": "none"},
+    {"tools": [FUNCTION], "tool_choice": {"type": "function", "name": "exec_command"}},
+    {"tools": [FUNCTION, OTHER], "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [
+        {"type": "function", "name": "view_image"}]}},
+    {"tools": [FUNCTION], "parallel_tool_calls": False},
+    {},
+])
+def test_changed_tools_or_tool_choice_are_never_served_a_stale_rendering(change):
+    memo = bridge.tool_memo()
+    bridge.parse_responses_request(request(tools=[FUNCTION]), memo)
+    changed = bridge.parse_responses_request(request(**change), memo)
+    fresh = parse_responses_request(request(**change))          # read and rendered with an empty memo
+    assert changed.turn.tools == fresh.turn.tools and changed.echo == fresh.echo
+    assert changed.turn.tools.instructions == fresh.turn.tools.instructions
+
+
+@pytest.mark.parametrize("field,value", [("tool_choice", None), ("parallel_tool_calls", None),
+                                         ("parallel_tool_calls", 1)])
+def test_a_null_or_a_value_of_another_type_is_not_taken_for_the_kept_one(field, value):
+    memo = bridge.tool_memo()
+    bridge.parse_responses_request(request(tools=[FUNCTION], tool_choice="auto", parallel_tool_calls=True), memo)
+    bridge.parse_responses_request(request(tools=[FUNCTION]), memo)
+    with pytest.raises(ApiError) as caught:
+        bridge.parse_responses_request(request(tools=[FUNCTION], **{field: value}), memo)
+    assert caught.value.status == 400 and caught.value.param == field
+
+
+def test_the_tool_memo_stays_bounded_and_keeps_no_huge_tools_list():
+    memo = bridge.tool_memo()
+    for i in range(3 * bridge.TOOL_MEMO_ENTRIES):
+        bridge.parse_responses_request(request(tools=[{**FUNCTION, "name": f"tool_{i}"}]), memo)
+    bridge.parse_responses_request(request(tools=[{**FUNCTION, "description": "d" * bridge.TOOL_MEMO_LONGEST}]), memo)
+    assert len(memo.results) == bridge.TOOL_MEMO_ENTRIES
+    assert max(map(len, memo.results)) <= bridge.TOOL_MEMO_LONGEST
 
 
 def test_a_text_stream_has_the_responses_event_sequence():

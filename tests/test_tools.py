@@ -431,7 +431,7 @@ def chat_body(**fields):
 
 def tool_memo() -> bridge.Memo:
     """A memo as each app has its own (BridgeState.chat_tools)."""
-    return bridge.Memo(bridge.TOOL_MEMO_ENTRIES, bridge.TOOL_MEMO_LONGEST)
+    return bridge.tool_memo()
 
 
 def parse_chat_tools(body: dict) -> ToolConfig:
@@ -602,6 +602,14 @@ def test_two_bridges_in_one_process_keep_their_own_tool_memos(tmp_path):
     finally:
         first.store.close()
         second.store.close()
+
+
+def test_a_value_key_is_the_values_alone_and_tells_types_apart():
+    shared = {"type": "string"}
+    assert bridge.value_key({"a": shared, "b": shared}) == bridge.value_key(json.loads('{"a": {"type": "string"}, '
+                                                                                       '"b": {"type": "string"}}'))
+    keys = [bridge.value_key(v) for v in (1, 1.0, True, "1", None, [1], {"1": 1}, {"parallel_tool_calls": None}, {})]
+    assert len(set(keys)) == len(keys)
 
 
 def test_a_memo_drops_the_least_recently_used_result_and_keeps_no_failure():

@@ -132,8 +132,9 @@ def test_fingerprint_ignores_whitespace_and_the_sources_footer():
 
 
 @pytest.mark.parametrize("role", [{"name": "user"}, ["user"]])
-@pytest.mark.parametrize("parse", [bridge.parse_chat_request, bridge.parse_anthropic_request,
-                                   bridge.parse_responses_request])
+@pytest.mark.parametrize("parse", [bridge.parse_chat_request,
+                                   lambda body: bridge.parse_anthropic_request(body, bridge.tool_memo()),
+                                   lambda body: bridge.parse_responses_request(body, bridge.tool_memo())])
 def test_a_role_that_is_an_object_or_an_array_is_a_400_in_every_api(parse, role):
     message = {"role": role, "content": "x"}
     body = {"model": "m", "max_tokens": 5, "messages": [message], "input": [{**message, "type": "message"}]}
