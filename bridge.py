@@ -383,8 +383,9 @@ class Memo:
     """The latest results of a pure computation, by a key that spells out all of its input: a changed
     input is a new key, so no result is ever stale. Bounded twice, so that what it holds stays small
     whatever clients send: at most `entries` results (the least recently used goes first), and none kept
-    for a key longer than `longest` characters (bytes, for a bytes key). Locked: a large request's steps call it from a worker thread
-    (off_loop), and a key evicted between another caller's lookup and its move_to_end was a KeyError."""
+    for a key longer than `longest` characters (bytes, for a bytes key). Locked: a large request's steps
+    call it from a worker thread (off_loop), and a key evicted between another caller's lookup and its
+    move_to_end was a KeyError."""
 
     def __init__(self, entries: int, longest: int) -> None:
         self.entries, self.longest = entries, longest
@@ -5591,11 +5592,14 @@ def tool_memo() -> Memo:
 def kept_tools(body: dict, fields: tuple[str, ...], read: Callable[[dict], Any], memo: Memo) -> Any:
     """`read(body)`, which reads only `fields` of the body, once per tool set: `memo` keeps it by the
     fields present (value_key), so a changed, added or removed field is a new key and no result is ever
-    stale (a null is not a missing field, and 1 is not true)."""
+    stale (a null is not a missing field, and 1 is not true). Fields nested deeper than pickle goes (two
+    frames a level, json.loads one: past about 500) are read and not kept, rather than a RecursionError."""
     present = {field: body[field] for field in fields if field in body}
-    if not present:
-        return read(body)
-    return memo.get(value_key(present), lambda: read(body))
+    try:
+        key = value_key(present) if present else None
+    except RecursionError:
+        key = None
+    return read(body) if key is None else memo.get(key, lambda: read(body))
 
 
 def output_format(kind: Any, name: Any = None, schema: Any = None, param: str = "response_format") -> OutputFormat:

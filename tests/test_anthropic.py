@@ -257,6 +257,14 @@ def test_the_tool_memo_stays_bounded_and_keeps_no_huge_tools_list():
     assert max(map(len, memo.results)) <= bridge.TOOL_MEMO_LONGEST
 
 
+def test_tools_nested_deeper_than_a_memo_key_goes_are_read_and_not_kept():
+    deep = "[" * 700 + "]" * 700        # json.loads takes it, pickle (two frames a level) does not
+    body = bridge.parse_json_body(json.dumps(request(tools=[tool()])).replace('"properties"', f'"x": {deep}, '
+                                                                                            '"properties"').encode())
+    memo = bridge.tool_memo()
+    assert bridge.parse_anthropic_request(body, memo).tools.tools[0].name == "Bash" and not memo.results
+
+
 def test_a_text_stream_has_anthropics_event_order():
     encoder = AnthropicEncoder("msg_1", "m", 12)
     sse = encoder.start() + encoder.text("Hel") + encoder.text("lo") + encoder.finish("stop", usage(12, 2))
