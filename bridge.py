@@ -3765,20 +3765,26 @@ class AccountPool:
     # --- choice and pacing --------------------------------------------------------------------------
     def usable(self, exclude: set[int], modality: str = "chat") -> list[dict]:
         at = now()
-        quotas = self.store.quotas(at)
+        quotas, sent = self.store.quotas(at), self.sent_requests()
         return [a for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)
-                and (a["id"], modality) not in quotas and not self.budget_wait(a)
+                and (a["id"], modality) not in quotas and not self.budget_wait(a, sent)
                 and at - (a["last_used"] or 0) >= self.settings.account_min_interval]
 
-    def budget_wait(self, account: dict) -> float:
+    def sent_requests(self) -> dict[int, collections.deque[float]]:
+        """The store's chat requests per account when there is a budget to read them for (a query: read it
+        once for all the accounts of one choice); none without one."""
+        return self.store.sent_requests() if self.settings.account_rph > 0 else {}
+
+    def budget_wait(self, account: dict, sent: dict[int, collections.deque[float]] | None = None) -> float:
         """Seconds until the account's hourly budget (BRIDGE_ACCOUNT_RPH, U2: 10-20 an hour reported) allows
-        another chat request (0: it does now). The requests it sent are in the store: a restart forgives none."""
+        another chat request (0: it does now). The requests it sent are in the store (`sent`: read already):
+        a restart forgives none."""
         rph = self.settings.account_rph
         if rph <= 0:
             return 0.0
-        sent = self.store.sent_requests().get(account["id"]) or ()
+        times = (self.store.sent_requests() if sent is None else sent).get(account["id"]) or ()
         # It has sent rph in the window when its rph-th latest is in it: the wait is until that one leaves.
-        return max(0.0, BUDGET_WINDOW - (now() - sent[-rph])) if len(sent) >= rph else 0.0
+        return max(0.0, BUDGET_WINDOW - (now() - times[-rph])) if len(times) >= rph else 0.0
 
     def spend(self, account: dict) -> None:
         """One chat request is sent on the account: it counts against its hourly budget."""
@@ -3789,8 +3795,8 @@ class AccountPool:
         """Seconds until the first account held back only by its budget may send; None: no account is."""
         if self.settings.account_rph <= 0:
             return None
-        at = now()
-        waits = [self.budget_wait(a) for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)]
+        at, sent = now(), self.sent_requests()
+        waits = [self.budget_wait(a, sent) for a in self.store.accounts() if a["id"] not in exclude and is_usable(a, at)]
         waits = [w for w in waits if w > 0]
         return min(waits) if waits else None
 
